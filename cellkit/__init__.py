@@ -1,0 +1,15 @@
+"""cellkit: cell instance segmentation for the Kaggle Sartorius competition on detectron2.
+
+Modules, one stage each (see README): ``rle`` (mask strings), ``data`` (dataset dicts), ``synth`` (demo data),
+``folds``, ``metric``, ``submission``; model stages live in ``config``, ``modeling``, ``train``, ``tta``,
+``predictions``, ``postprocess`` and ``search``.
+"""
+
+__version__ = "0.1.0"
+
+SHAPE = (520, 704)
+"""(height, width) of every Sartorius image."""
+
+CELL_TYPES = ("shsy5y", "astro", "cort")
+"""The competition's cell types, in category-id order (0, 1, 2)."""
+

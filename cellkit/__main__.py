@@ -1,0 +1,5 @@
+import sys
+
+from cellkit.cli import main
+
+sys.exit(main())

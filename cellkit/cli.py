@@ -1,0 +1,46 @@
+"""``python -m cellkit COMMAND ...``: one thin driver per stage.
+
+Each command lives in ``cellkit/commands/<name>.py`` and defines ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int`` (the exit code). Commands are imported only when used, so ``cellkit score`` does not pay
+for importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "synth": "generate the synthetic competition-format demo dataset",
+    "folds": "write folds.csv (StratifiedGroupKFold by cell type, grouped by sample_id)",
+    "score": "score a submission CSV against a truth CSV with the competition metric",
+    "validate": "check a submission.csv against a folder of test images",
+}
+
+
+class CellkitError(Exception):
+    """A user-facing error: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"cellkit.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except (CellkitError, ValueError, FileNotFoundError) as exc:
+        print(f"cellkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
