@@ -1,0 +1,317 @@
+"""Writing and validating the competition's ``submission.csv``.
+
+Format: a header ``id,predicted``, then one row per predicted cell: the image id (file stem of the test image) and
+its mask as a competition RLE string (see :mod:`cellkit.rle`: 1-indexed, row-major). An image without any cell is
+listed once with an empty ``predicted``. Masks of one image must not overlap, and every test image must be listed.
+
+Overlaps are found on runs, never on dense masks (:func:`overlapping_pairs`): after sorting all runs of an image by
+start, run ``k`` overlaps exactly the later runs whose start is before its end, so one ``searchsorted`` finds every
+overlapping pair of runs.
+
+Problem lines of :func:`validate_submission` name the CSV **line number, 1-based, counting the header as line 1**
+(the number an editor shows), then the image id, e.g. ``line 7: id 7ae19de7bc2a: bad RLE: ...``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellkit import SHAPE, rle
+
+__all__ = [
+    "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes",
+    "SubmissionReport", "check_submission", "validate_submission",
+]
+
+HEADER = ("id", "predicted")
+"""The submission's columns."""
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+"""Files of an image directory that count as images (their stem is the image id)."""
+
+_UNBOUNDED = (1, 2 ** 62)  # shape for parsing an RLE's syntax without a bounds check
+
+
+def overlapping_pairs(runs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, int, int]]:
+    """Every pair of masks that share pixels, from their runs.
+
+    Args:
+        runs: one ``(starts, lengths)`` per mask (int64, 0-indexed flat starts, as :func:`cellkit.rle.parse` and
+            :func:`cellkit.rle.encode_runs` return); the runs of one mask must not overlap each other.
+
+    Returns:
+        ``(i, j, n_pixels)`` for each pair of masks ``i < j`` that overlap, with the number of shared pixels,
+        sorted by ``(i, j)``. Empty when no two masks overlap.
+    """
+    if len(runs) < 2:
+        return []
+    starts = np.concatenate([np.asarray(s, dtype=np.int64) for s, _ in runs])
+    lengths = np.concatenate([np.asarray(n, dtype=np.int64) for _, n in runs])
+    owner = np.repeat(np.arange(len(runs)), [len(s) for s, _ in runs])
+    order = np.argsort(starts, kind="stable")
+    starts, ends, owner = starts[order], starts[order] + lengths[order], owner[order]
+    # run k overlaps run m > k (sorted by start) iff starts[m] < ends[k]
+    last = np.searchsorted(starts, ends, side="left")
+    count = last - np.arange(1, len(starts) + 1)
+    count = np.maximum(count, 0)
+    if not count.any():
+        return []
+    k = np.repeat(np.arange(len(starts)), count)
+    m = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + k + 1
+    shared = np.minimum(ends[k], ends[m]) - starts[m]
+    a, b = np.minimum(owner[k], owner[m]), np.maximum(owner[k], owner[m])
+    keys = a * len(runs) + b
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    totals = np.bincount(inverse, weights=shared).astype(np.int64)
+    return [(int(u // len(runs)), int(u % len(runs)), int(t)) for u, t in zip(uniq, totals)]
+
+
+def _mask_runs(mask, shape: tuple[int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of one submitted mask (RLE string or 2-D array); ValueError prefixed with ``where``."""
+    if isinstance(mask, str):
+        try:
+            return rle.parse(mask, shape)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"{where}: expected an RLE string or a 2-D mask, got {type(mask).__name__} "
+                         f"of shape {arr.shape}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{where}: mask shape {arr.shape} != image shape {tuple(shape)} (out of bounds)")
+    return rle.encode_runs(arr)
+
+
+def _check_id(image_id) -> str:
+    image_id = str(image_id)
+    if not image_id or any(c in image_id for c in ",\r\n\"") or image_id != image_id.strip():
+        raise ValueError(f"image id {image_id!r} is not a valid submission id")
+    return image_id
+
+
+def _as_mapping(rows_or_dict) -> dict[str, list]:
+    """``{id: [mask, ...]}`` from a mapping or from ``(id, mask)`` rows (``None``/``""`` = no cell)."""
+    if isinstance(rows_or_dict, Mapping):
+        return {str(k): [] if v is None else list(v) for k, v in rows_or_dict.items()}
+    grouped: dict[str, list] = {}
+    for n, row in enumerate(rows_or_dict):
+        try:
+            image_id, mask = row
+        except (TypeError, ValueError):
+            raise ValueError(f"submission row {n}: expected an (image_id, mask) pair") from None
+        masks = grouped.setdefault(str(image_id), [])
+        if mask is not None:
+            masks.append(mask)
+    return grouped
+
+
+def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) -> Path:
+    """Check and write a submission CSV atomically.
+
+    Args:
+        rows_or_dict: ``{image_id: [mask, ...]}`` or an iterable of ``(image_id, mask)`` rows. A mask is a
+            competition RLE string or a 2-D array (nonzero = cell) of the image's shape. Masks without pixels are
+            dropped (an empty ``predicted`` means "no cell", not an empty cell).
+        image_ids: every test image, in output order. Each gets its rows; an image without masks gets one row
+            with an empty ``predicted``.
+        path: the CSV to write (its directory must exist).
+        shape: ``(height, width)`` of every image, or a mapping ``image_id -> (height, width)``.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: naming the image id and 0-based mask index: a bad RLE, a mask out of the image's bounds, two
+            masks of one image that overlap; also an id not in ``image_ids``, or a duplicated image id. Nothing is
+            written then; an error while writing leaves no file (and any previous file untouched).
+    """
+    path = Path(path)
+    ids = [_check_id(i) for i in image_ids]
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise ValueError(f"write_submission: image ids listed more than once: {dup[:5]}")
+    masks_by_id = _as_mapping(rows_or_dict)
+    unknown = sorted(set(masks_by_id) - set(ids))
+    if unknown:
+        raise ValueError(f"write_submission: predictions for {len(unknown)} image(s) not in image_ids, e.g. "
+                         f"{unknown[:5]}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HEADER)
+    for image_id in ids:
+        image_shape = tuple(shape[image_id]) if isinstance(shape, Mapping) else tuple(shape)
+        runs = [_mask_runs(m, image_shape, f"image {image_id} mask {i}")
+                for i, m in enumerate(masks_by_id.get(image_id, []))]
+        index = [i for i, r in enumerate(runs) if len(r[0])]
+        runs = [runs[i] for i in index]
+        pairs = overlapping_pairs(runs)
+        if pairs:
+            i, j, n = pairs[0]
+            raise ValueError(f"image {image_id}: masks {index[i]} and {index[j]} overlap by {n} pixels "
+                             f"({len(pairs)} overlapping pair(s) in this image)")
+        if not runs:
+            writer.writerow((image_id, ""))
+        for starts, lengths in runs:
+            writer.writerow((image_id, rle.runs_to_string(starts, lengths)))
+    text = buf.getvalue()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def image_sizes(image_dir) -> dict[str, tuple[int, int]]:
+    """``{image id: (height, width)}`` for the images of a directory, read from their headers (PIL, lazily).
+
+    Ids are file stems of files ending in :data:`IMAGE_SUFFIXES` (case-insensitive).
+
+    Raises:
+        FileNotFoundError: the directory does not exist.
+        ValueError: it holds no image, two images share a stem, or an image's header cannot be read (naming it).
+    """
+    from PIL import Image
+
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: image directory does not exist")
+    sizes: dict[str, tuple[int, int]] = {}
+    seen: dict[str, Path] = {}
+    for p in sorted(image_dir.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+            continue
+        if p.stem in seen:
+            raise ValueError(f"{image_dir}: two images with id {p.stem!r}: {seen[p.stem].name}, {p.name}")
+        try:
+            with Image.open(p) as im:
+                width, height = im.size
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot read the image header ({exc})") from None
+        seen[p.stem] = p
+        sizes[p.stem] = (int(height), int(width))
+    if not sizes:
+        raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return sizes
+
+
+@dataclass
+class SubmissionReport:
+    """Result of :func:`check_submission`: the problem lines and counts of what was read."""
+
+    problems: list[str] = field(default_factory=list)
+    n_rows: int = 0  # data rows (header excluded)
+    n_masks: int = 0  # rows with a non-empty predicted
+    n_images: int = 0  # images in the image directory
+    n_empty_images: int = 0  # listed images whose rows are all empty
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_submission(csv_path, image_dir) -> SubmissionReport:
+    """Validate a submission CSV against a directory of test images.
+
+    Checks, each reported as one line naming the 1-based CSV line (header = line 1) and the id: bad header, a
+    row without exactly 2 fields, unknown id (no image of that id), bad RLE (the message of
+    :func:`cellkit.rle.parse`), out of bounds (a run past the end of that image), overlapping masks of one image
+    (one line per pair, naming both lines), and missing ids (an image with no row; line 0 = not in the file).
+
+    Raises:
+        FileNotFoundError: the CSV or the image directory does not exist.
+        ValueError: the image directory is unusable (see :func:`image_sizes`) or the CSV is not UTF-8 text.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: no such submission file")
+    sizes = image_sizes(image_dir)
+    report = SubmissionReport(n_images=len(sizes))
+    runs_by_id: dict[str, list[tuple[int, tuple[np.ndarray, np.ndarray]]]] = {}
+    listed: set[str] = set()
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            _check_rows(csv.reader(fh), sizes, report, runs_by_id, listed)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{csv_path}: not UTF-8 text ({exc})") from None
+    for image_id, items in runs_by_id.items():
+        for i, j, n in overlapping_pairs([r for _, r in items]):
+            report.problems.append(f"line {items[i][0]}: id {image_id}: mask overlaps the mask of line "
+                                   f"{items[j][0]} by {n} pixels")
+    report.n_empty_images = len(listed - set(runs_by_id))
+    report.problems.sort(key=lambda p: int(p.split(":", 1)[0].split()[1]))  # by line number (stable)
+    for image_id in sorted(set(sizes) - listed):
+        report.problems.append(f"line 0: id {image_id}: missing id: image in {image_dir} has no row "
+                               f"(list it with an empty predicted when it has no cell)")
+    return report
+
+
+def _check_rows(reader, sizes, report: SubmissionReport, runs_by_id: dict, listed: set) -> None:
+    """Check the header and every data row; fill ``report``, ``runs_by_id`` (line, runs) and ``listed``."""
+    header = next(reader, None)
+    if header is None:
+        report.problems.append("line 1: bad header: the file is empty (expected 'id,predicted')")
+        return
+    if [h.strip() for h in header] != list(HEADER):
+        report.problems.append(f"line 1: bad header {','.join(header)!r} (expected 'id,predicted')")
+        if len(header) != 2:
+            return  # columns unknown: the rows cannot be interpreted
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue  # a blank line
+        report.n_rows += 1
+        if len(row) != 2:
+            if row[0].strip() in sizes:
+                listed.add(row[0].strip())  # listed, though unreadable: not also "missing"
+            report.problems.append(f"line {line}: id {row[0]}: expected 2 fields (id,predicted), got {len(row)}")
+            continue
+        image_id, predicted = row[0].strip(), row[1]
+        if image_id not in sizes:
+            report.problems.append(f"line {line}: id {image_id}: unknown id (no image of that id)")
+            continue
+        listed.add(image_id)
+        if not predicted.strip():
+            continue
+        problem, runs = _check_rle(predicted, sizes[image_id])
+        if problem:
+            report.problems.append(f"line {line}: id {image_id}: {problem}")
+            continue
+        report.n_masks += 1
+        runs_by_id.setdefault(image_id, []).append((line, runs))
+
+
+def _check_rle(predicted: str, shape: tuple[int, int]) -> tuple[str | None, tuple | None]:
+    """``(problem, None)`` for a bad or out-of-bounds mask string, else ``(None, runs)``."""
+    try:
+        starts, lengths = rle.parse(predicted, _UNBOUNDED)
+    except ValueError as exc:
+        return f"bad RLE: {exc}", None
+    n_pixels = shape[0] * shape[1]
+    ends = starts + lengths  # 0-indexed, exclusive
+    past = np.flatnonzero(ends > n_pixels)
+    if past.size:
+        i = int(past[0])
+        return (f"out of bounds: RLE pair {i} (run {starts[i] + 1}+{lengths[i]}) ends at pixel {ends[i]} past the "
+                f"image end ({n_pixels} pixels for height x width {shape[0]}x{shape[1]})"), None
+    return None, (starts, lengths)
+
+
+def validate_submission(csv_path, image_dir) -> list[str]:
+    """Problem lines of a submission CSV checked against a directory of test images; empty when valid.
+
+    Each line names the 1-based CSV line number (the header is line 1; 0 for an image with no row) and the image
+    id. See :func:`check_submission` for the checks and the errors raised.
+    """
+    return check_submission(csv_path, image_dir).problems
