@@ -12,7 +12,8 @@ import numpy as np
 
 from cellkit import SHAPE
 
-__all__ = ["parse", "runs_to_string", "decode", "encode", "encode_runs", "to_coco", "from_coco", "area", "validate"]
+__all__ = ["parse", "parse_many", "MaskError", "runs_to_string", "runs_to_indices", "decode", "encode", "encode_runs",
+           "to_coco", "from_coco", "area", "validate"]
 
 
 def parse(rle: str, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
@@ -37,11 +38,18 @@ def parse(rle: str, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndar
             raise ValueError(f"RLE must be a string, got {type(rle).__name__}")
     n_pixels = int(shape[0]) * int(shape[1])
     values = _fast_ints(rle, n_pixels)
-    if values is None:  # something unusual: the slow path finds and names the problem
+    if values is not None:
+        if values.size == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        # every value is in [1, n_pixels]: bounds are [start, end) pairs, 0-indexed, that must not go backwards
+        bounds = values - 1
+        bounds[1::2] += values[0::2]
+        if bounds[-1] <= n_pixels and bool(np.all(bounds[2::2] >= bounds[1:-1:2])):
+            return bounds[0::2], values[1::2]
+    else:  # something unusual: the slow path finds and names the problem
         values = _slow_ints(rle)
-    if values.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy()
+        if values.size == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     starts, lengths = values[0::2], values[1::2]
     _check_runs(starts, lengths, shape)
     return starts - 1, lengths
@@ -85,11 +93,6 @@ def _slow_ints(rle: str) -> np.ndarray:
 def _check_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]) -> None:
     """Validate 1-indexed runs; raise ValueError naming the first offending pair (0-based pair index)."""
     n_pixels = int(shape[0]) * int(shape[1])
-    if (starts.size and starts.min() >= 1 and lengths.min() >= 1 and starts.max() <= n_pixels
-            and lengths.max() <= n_pixels):  # fast accept when sorted, disjoint and inside the image
-        ends = starts + (lengths - 1)  # no overflow: every value is bounded by n_pixels
-        if ends[-1] <= n_pixels and bool(np.all(starts[1:] > ends[:-1])):
-            return
     bad = np.flatnonzero(starts < 1)
     if bad.size:
         i = bad[0]
@@ -110,6 +113,92 @@ def _check_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int])
         i = bad[0] + 1
         kind = "unsorted" if starts[i] < starts[i - 1] else "overlapping"
         raise ValueError(f"RLE pair {i}: {kind} runs (start {starts[i]} after run {starts[i - 1]}+{lengths[i - 1]})")
+
+
+class MaskError(ValueError):
+    """A malformed mask string in a list: ``index`` is its position in the list, ``problem`` what :func:`parse` said."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"mask {index}: {problem}")
+        self.index = index
+        self.problem = problem
+
+
+_CANONICAL_CHARS = str.maketrans("", "", "0123456789 \n")
+
+
+def parse_many(rles, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parse and validate many mask strings of one image at once (same rules and results as :func:`parse`).
+
+    The common case (single spaces, ASCII digits) is parsed in one C call over the joined strings and validated with
+    vectorised checks; anything else goes through :func:`parse` string by string, which names the problem.
+
+    Args:
+        rles: sequence of competition mask strings (empty, None or NaN = empty mask).
+        shape: ``(height, width)``.
+
+    Returns:
+        ``(starts, lengths, counts)``: the runs of all masks concatenated (int64, 0-indexed starts, each mask's runs
+        sorted) and ``counts`` int64 ``(len(rles),)``, the number of runs of each mask (0 for an empty mask).
+
+    Raises:
+        MaskError: (a ValueError) naming the position of the first malformed string and the problem.
+    """
+    rles = list(rles)
+    n_pixels = int(shape[0]) * int(shape[1])
+    fast = _parse_many_fast(rles, n_pixels)
+    if fast is not None:
+        return fast
+    starts, lengths, counts = [], [], np.zeros(len(rles), dtype=np.int64)
+    for i, s in enumerate(rles):
+        try:
+            st, ln = parse(s, shape)
+        except ValueError as exc:
+            raise MaskError(i, str(exc)) from None
+        starts.append(st)
+        lengths.append(ln)
+        counts[i] = st.size
+    empty = [np.zeros(0, dtype=np.int64)]
+    return np.concatenate(starts or empty), np.concatenate(lengths or empty), counts
+
+
+def _parse_many_fast(rles: list, n_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`parse_many` for canonical, valid strings; None when any string needs the careful path."""
+    if not all(type(s) is str for s in rles):
+        return None
+    joined = "\n".join(rles)
+    if (joined.translate(_CANONICAL_CHARS) or "  " in joined or " \n" in joined or "\n " in joined
+            or joined.startswith(" ") or joined.endswith(" ")):
+        return None
+    # canonical: every non-empty string has exactly count(" ") + 1 tokens
+    tokens = np.array([s.count(" ") + 1 if s else 0 for s in rles], dtype=np.int64)
+    if (tokens % 2).any():
+        return None
+    if not joined.strip():
+        values = np.zeros(0, dtype=np.int64)
+    else:
+        try:
+            values = np.fromstring(joined, dtype=np.int64, sep=" ")
+        except (ValueError, AttributeError):
+            return None
+    if values.size != tokens.sum():
+        return None
+    counts = tokens // 2
+    if values.size == 0:
+        return values, values.copy(), counts
+    if values.min() < 1 or values.max() > n_pixels:
+        return None
+    starts = values[0::2] - 1
+    lengths = values[1::2]
+    ends = starts + lengths  # exclusive, 0-indexed
+    if ends.max() > n_pixels:
+        return None
+    ordered = starts[1:] >= ends[:-1]
+    first = np.cumsum(counts)[:-1]  # index of each mask's first run in the concatenation (after the first mask)
+    ordered[first[(first > 0) & (first < starts.size)] - 1] = True  # runs of different masks are not compared
+    if not ordered.all():
+        return None
+    return starts, lengths, counts
 
 
 def validate(rle: str, shape: tuple[int, int] = SHAPE) -> None:
