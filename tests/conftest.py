@@ -1,0 +1,38 @@
+"""Shared pytest fixtures (generic only).
+
+Real data lives in ``../shared/data`` next to the checkout (override with the env var ``CELLKIT_REAL_DATA``); tests that
+need it take the ``real_data`` (or ``real_train_csv``) fixture, are marked ``@pytest.mark.realdata`` and skip cleanly
+when it is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_root() -> Path:
+    """Where the real data should be: ``$CELLKIT_REAL_DATA`` or ``<repo>/../shared/data`` (may not exist)."""
+    env = os.environ.get("CELLKIT_REAL_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """Path of the real data folder (``sartorius/``, ``livecell/``); skips the test when it is absent."""
+    root = real_data_root()
+    if not (root / "sartorius").is_dir():
+        pytest.skip(f"real data not found at {root} (set CELLKIT_REAL_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_train_csv(real_data: Path) -> Path:
+    """Path of the real ``sartorius/train.csv``; skips when absent."""
+    path = real_data / "sartorius" / "train.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
