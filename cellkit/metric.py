@@ -1,0 +1,380 @@
+"""The competition metric: mean average precision over IoU thresholds 0.50, 0.55, ..., 0.95.
+
+Definition (exactly the Sartorius leaderboard metric): for one image and one threshold ``t``, a (prediction, truth)
+pair matches when ``IoU > t`` (strictly). TP is the size of a maximum one-to-one matching of that match graph (truth
+masks of this data overlap, so greedy matching is not always maximal), ``FP = n_pred - TP``, ``FN = n_truth - TP`` and
+``precision(t) = TP / (TP + FP + FN)``, 1.0 for an image with neither predictions nor truths. The image score is the
+mean over the ten thresholds; the dataset score is the mean over every image of the truth file, where an image without
+predictions scores 0 unless it has no truth either.
+
+Speed and memory: an image's masks are parsed in one batch (:func:`cellkit.rle.parse_many`) into flat pixel indices
+(:class:`MaskSet`, a CSR layout); intersections come from label maps of the predictions read at the truth pixels
+(layered where predictions overlap), so the cost grows with the covered pixels, never with
+``n_pred x n_truth x H x W``; only the non-zero IoU pairs are kept, and TP comes from a maximum bipartite matching on
+that sparse graph. :func:`score_frames` streams image by image, so peak memory is one image's masks.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.sparse.csgraph import maximum_bipartite_matching
+
+from cellkit import CELL_TYPES, SHAPE, rle
+
+__all__ = ["THRESHOLDS", "MaskSet", "iou_from_indices", "precision_per_threshold", "score_sets", "score_image",
+           "score_masks", "score_frames", "read_csv", "score_csv"]
+
+THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
+"""The ten IoU thresholds 0.50, 0.55, ..., 0.95 (float64, each the nearest double to its decimal)."""
+
+PRED_COLUMN = "predicted"
+TRUTH_COLUMN = "annotation"
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+class MaskSet(NamedTuple):
+    """The non-empty masks of one image in CSR layout: mask i covers flat pixels ``indices[indptr[i]:indptr[i+1]]``.
+
+    Attributes:
+        indices: int64 ``(total area,)``, flat row-major pixel indices, sorted within each mask.
+        indptr: int64 ``(n_masks + 1,)``, ``indptr[0] == 0``; ``np.diff(indptr)`` are the areas (all >= 1).
+    """
+
+    indices: np.ndarray
+    indptr: np.ndarray
+
+    def __len__(self) -> int:  # number of masks
+        return self.indptr.size - 1
+
+    @classmethod
+    def from_indices(cls, masks: Sequence[np.ndarray]) -> "MaskSet":
+        """From one flat index array per mask (indices unique within a mask; empty arrays dropped)."""
+        masks = [np.asarray(m, dtype=np.int64) for m in masks if np.size(m)]
+        indptr = np.zeros(len(masks) + 1, dtype=np.int64)
+        np.cumsum([m.size for m in masks], out=indptr[1:])
+        indices = np.concatenate(masks) if masks else np.zeros(0, dtype=np.int64)
+        return cls(indices, indptr)
+
+    @classmethod
+    def from_rles(cls, rles: Sequence[str], shape: tuple[int, int] = SHAPE) -> "MaskSet":
+        """From competition mask strings (validated; empty strings dropped).
+
+        Raises:
+            cellkit.rle.MaskError: (a ValueError) with the position of the first malformed string.
+        """
+        starts, lengths, counts = rle.parse_many(rles, shape)
+        first_run = np.cumsum(counts) - counts
+        areas = np.add.reduceat(lengths, first_run[counts > 0]) if lengths.size else lengths
+        indptr = np.zeros(areas.size + 1, dtype=np.int64)
+        np.cumsum(areas, out=indptr[1:])
+        return cls(rle.runs_to_indices(starts, lengths), indptr)
+
+    @classmethod
+    def from_masks(cls, masks) -> "MaskSet":
+        """From 2-D masks (a sequence of ``(H, W)`` arrays or one ``(N, H, W)`` array; nonzero = inside)."""
+        return cls.from_indices([np.flatnonzero(np.asarray(m).ravel()) for m in masks])
+
+
+def _owners(masks: MaskSet) -> np.ndarray:
+    """Mask index of each entry of ``masks.indices``, int64 ``(total area,)``."""
+    return np.repeat(np.arange(len(masks), dtype=np.int64), np.diff(masks.indptr))
+
+
+_MAX_DENSE_PAIRS = 1 << 22
+"""Above this many (prediction, truth) pairs, intersections are counted with np.unique instead of np.bincount."""
+
+
+def _intersections(pred: MaskSet, truth: MaskSet, n_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel counts of every non-empty (prediction, truth) intersection, through label maps.
+
+    A label map (int64, ``n_cols`` entries) records one prediction per pixel; reading it at every truth pixel gives
+    the (prediction, truth) pair of each shared pixel. Pixels claimed by several predictions go to further layers
+    (a pixel's k-th prediction lands in layer k), so overlapping predictions are exact too. Cost: about one pass
+    over the covered pixels per layer; nothing proportional to ``n_pred x n_truth x pixels``.
+
+    Returns:
+        ``(rows, cols, counts)`` int64: prediction index, truth index, intersection area (> 0).
+    """
+    n_truth = len(truth)
+    p_pix, p_own = pred.indices, _owners(pred)
+    t_pix, t_own = truth.indices, _owners(truth)
+    label = np.full(n_cols, -1, dtype=np.int64)
+    codes = []
+    while p_pix.size:
+        label[p_pix] = p_own  # where predictions share a pixel, one of them lands in this layer
+        hits = label[t_pix]
+        found = hits >= 0
+        codes.append(hits[found] * n_truth + t_own[found])
+        landed = label[p_pix] == p_own
+        label[p_pix] = -1
+        p_pix, p_own = p_pix[~landed], p_own[~landed]
+    codes = np.concatenate(codes)
+    if len(pred) * n_truth <= _MAX_DENSE_PAIRS:
+        counts = np.bincount(codes)
+        codes = np.flatnonzero(counts)
+        counts = counts[codes]
+    else:
+        codes, counts = np.unique(codes, return_counts=True)
+    return codes // n_truth, codes % n_truth, counts
+
+
+def _iou_pairs(pred: MaskSet, truth: MaskSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every (prediction, truth) pair that shares at least one pixel (see :func:`_intersections`).
+
+    Returns:
+        ``(rows, cols, iou)``: prediction index int64, truth index int64, IoU float64 in (0, 1]; pairs without
+        intersection are absent.
+    """
+    if not len(pred) or not len(truth):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    n_cols = 1 + int(max(pred.indices.max(), truth.indices.max()))
+    rows, cols, inter = _intersections(pred, truth, n_cols)
+    inter = inter.astype(np.float64)
+    union = np.diff(pred.indptr)[rows] + np.diff(truth.indptr)[cols] - inter
+    return rows, cols, inter / union
+
+
+def iou_from_indices(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> np.ndarray:
+    """IoU matrix of predicted and true masks given as flat pixel indices.
+
+    Args:
+        pred: one sorted flat int64 index array per predicted mask (as from :func:`cellkit.rle.runs_to_indices`;
+            any flattening works if it is the same for both lists).
+        truth: the same for the true masks.
+
+    Returns:
+        float64 array ``(len(pred), len(truth))`` (an empty mask has IoU 0 with everything); computed through sparse
+        intersections.
+    """
+    nonempty_p = np.flatnonzero([np.size(m) > 0 for m in pred]) if len(pred) else np.zeros(0, dtype=np.int64)
+    nonempty_t = np.flatnonzero([np.size(m) > 0 for m in truth]) if len(truth) else np.zeros(0, dtype=np.int64)
+    rows, cols, values = _iou_pairs(MaskSet.from_indices(pred), MaskSet.from_indices(truth))
+    iou = np.zeros((len(pred), len(truth)))
+    iou[nonempty_p[rows], nonempty_t[cols]] = values
+    return iou
+
+
+def _precision_from_pairs(rows: np.ndarray, cols: np.ndarray, iou: np.ndarray, n_pred: int,
+                          n_truth: int) -> np.ndarray:
+    """Precision at each of :data:`THRESHOLDS` from the nonzero IoU pairs of one image; float64 ``(10,)``."""
+    if n_pred == 0 and n_truth == 0:
+        return np.ones(len(THRESHOLDS))
+    tp = np.zeros(len(THRESHOLDS))
+    candidate = iou > THRESHOLDS[0]
+    rows, cols, iou = rows[candidate], cols[candidate], iou[candidate]
+    for k, t in enumerate(THRESHOLDS):
+        match = iou > t
+        if not match.any():
+            break  # higher thresholds match even fewer pairs
+        r, c = rows[match], cols[match]
+        if np.bincount(r).max() == 1 and np.bincount(c).max() == 1:
+            tp[k] = r.size  # the match graph is already a matching
+        else:
+            graph = sparse.csr_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n_pred, n_truth))
+            tp[k] = np.count_nonzero(maximum_bipartite_matching(graph, perm_type="column") >= 0)
+    return tp / (n_pred + n_truth - tp)
+
+
+def precision_per_threshold(iou) -> np.ndarray:
+    """Precision ``TP / (TP + FP + FN)`` at each of :data:`THRESHOLDS` for one image.
+
+    Args:
+        iou: ``(n_pred, n_truth)`` IoU matrix, dense ndarray or scipy sparse (absent entries = 0).
+
+    Returns:
+        float64 ``(10,)``. A pair matches when ``IoU > t``; TP is the size of a maximum one-to-one matching;
+        all ones when ``n_pred == n_truth == 0``.
+    """
+    n_pred, n_truth = iou.shape
+    if sparse.issparse(iou):
+        coo = sparse.coo_matrix(iou)
+        rows, cols, values = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data.astype(np.float64)
+    else:
+        iou = np.asarray(iou, dtype=np.float64)
+        rows, cols = np.nonzero(iou)
+        values = iou[rows, cols]
+    return _precision_from_pairs(rows, cols, values, n_pred, n_truth)
+
+
+def score_sets(pred: MaskSet, truth: MaskSet) -> np.ndarray:
+    """Precision at each threshold, float64 ``(10,)``, for one image's predicted and true :class:`MaskSet`."""
+    return _precision_from_pairs(*_iou_pairs(pred, truth), len(pred), len(truth))
+
+
+def score_image(pred_rles: Sequence[str], truth_rles: Sequence[str], shape: tuple[int, int] = SHAPE) -> np.ndarray:
+    """Precision at each threshold for one image given competition mask strings.
+
+    Args:
+        pred_rles: predicted masks (competition RLE); empty strings mean "no cell" and are ignored.
+        truth_rles: true masks, same format.
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        float64 ``(10,)``; its mean is the image score.
+
+    Raises:
+        ValueError: a malformed string (:class:`cellkit.rle.MaskError`, naming its position in its list).
+    """
+    return score_sets(MaskSet.from_rles(pred_rles, shape), MaskSet.from_rles(truth_rles, shape))
+
+
+def score_masks(pred_masks, truth, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Precision at each threshold for one image with predicted masks as arrays (for evaluators).
+
+    Args:
+        pred_masks: sequence of ``(H, W)`` masks or an ``(N, H, W)`` array (nonzero = inside; empty masks ignored).
+        truth: the true masks as the same kind of arrays, or as competition mask strings.
+        shape: ``(H, W)`` used to decode string truths; defaults to the shape of the predicted masks, else SHAPE.
+
+    Returns:
+        float64 ``(10,)``.
+    """
+    if not isinstance(truth, np.ndarray):
+        truth = list(truth)
+    if len(truth) and isinstance(truth[0], str):
+        if shape is None:
+            shape = tuple(np.shape(pred_masks[0])) if len(pred_masks) else SHAPE
+        truth_set = MaskSet.from_rles(truth, shape)
+    else:
+        truth_set = MaskSet.from_masks(truth)
+    return score_sets(MaskSet.from_masks(pred_masks), truth_set)
+
+
+# ---------------------------------------------------------------------------------------------------------- frames
+def _mask_column(frame: pd.DataFrame, preferred: str, other: str, role: str) -> str:
+    for column in (preferred, other):
+        if column in frame.columns:
+            return column
+    raise ValueError(f"{role} has no {preferred!r} (or {other!r}) column; columns: {list(frame.columns)}")
+
+
+def _image_shape(truth: pd.DataFrame, positions: np.ndarray, image_id: str, where: str) -> tuple[int, int]:
+    if "width" not in truth.columns or "height" not in truth.columns:
+        return SHAPE
+    heights = truth["height"].to_numpy()[positions]
+    widths = truth["width"].to_numpy()[positions]
+    try:
+        h, w = int(heights[0]), int(widths[0])
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} {truth.index[positions[0]]}, id {image_id}: width/height "
+                         f"{widths[0]!r}/{heights[0]!r} are not integers") from None
+    if (heights != heights[0]).any() or (widths != widths[0]).any() or h < 1 or w < 1:
+        raise ValueError(f"{where}s of id {image_id}: inconsistent or invalid width/height "
+                         f"(heights {sorted(set(heights.tolist()))}, widths {sorted(set(widths.tolist()))})")
+    return h, w
+
+
+def _mask_set(frame: pd.DataFrame, column: str, positions: np.ndarray, shape: tuple[int, int], image_id: str,
+              where: str) -> MaskSet:
+    values = frame[column].to_numpy()[positions]
+    try:
+        return MaskSet.from_rles(values, shape)
+    except rle.MaskError as exc:
+        raise ValueError(f"{where} {frame.index[positions[exc.index]]}, id {image_id}: {exc.problem}") from None
+
+
+def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False, truth_name: str = "truth",
+                 pred_name: str = "predictions", row_label: str = "row") -> dict:
+    """Score predictions against truth, image by image.
+
+    Args:
+        truth: one row per true mask: ``id``, ``annotation`` (or ``predicted``), optional ``width``/``height``
+            (else :data:`cellkit.SHAPE`) and ``cell_type``. An image with an empty annotation has no cell.
+            The index labels rows in error messages (:func:`read_csv` sets it to the CSV line number).
+        pred: one row per predicted mask: ``id``, ``predicted`` (or ``annotation``); empty = no cell.
+        progress: show a tqdm bar on stderr.
+        truth_name, pred_name, row_label: how error messages name the frames and their rows, e.g.
+            ``"train.csv line 12, id 0a1b: RLE pair 3: ..."``.
+
+    Returns:
+        ``{"mAP": float, "per_class": {cell type: float or None}, "per_threshold": [10 floats], "n_images": int,
+        "per_image": DataFrame(id, cell_type, score, n_truth, n_pred)}``, images in order of first appearance in
+        ``truth``. ``per_class`` is None for a class without images (all None without a ``cell_type`` column).
+
+    Raises:
+        ValueError: a missing column, a prediction for an id absent from the truth, or a malformed mask (naming the
+            frame, row and id).
+    """
+    truth_col = _mask_column(truth, TRUTH_COLUMN, PRED_COLUMN, truth_name)
+    pred_col = _mask_column(pred, PRED_COLUMN, TRUTH_COLUMN, pred_name)
+    truth_where, pred_where = f"{truth_name} {row_label}", f"{pred_name} {row_label}"
+    for frame, role in ((truth, truth_name), (pred, pred_name)):
+        if "id" not in frame.columns:
+            raise ValueError(f"{role} has no 'id' column; columns: {list(frame.columns)}")
+    truth_ids = truth["id"].astype(str)
+    pred_ids = pred["id"].astype(str)
+    truth_groups = truth_ids.groupby(truth_ids.to_numpy(), sort=False).indices
+    pred_groups = pred_ids.groupby(pred_ids.to_numpy(), sort=False).indices
+    unknown = [i for i in pred_groups if i not in truth_groups]
+    if unknown:
+        row = pred.index[pred_groups[unknown[0]][0]]
+        raise ValueError(f"{pred_where} {row}: id {unknown[0]!r} is not in {truth_name}"
+                         + (f" (and {len(unknown) - 1} more unknown ids)" if len(unknown) > 1 else ""))
+    has_type = "cell_type" in truth.columns
+    no_rows = np.zeros(0, dtype=np.int64)
+
+    records, per_threshold = [], []
+    ids = list(truth_groups)
+    if progress:
+        from tqdm import tqdm
+        ids = tqdm(ids, desc="score", unit="image")
+    for image_id in ids:
+        t_pos = truth_groups[image_id]
+        shape = _image_shape(truth, t_pos, image_id, truth_where)
+        t_set = _mask_set(truth, truth_col, t_pos, shape, image_id, truth_where)
+        p_set = _mask_set(pred, pred_col, pred_groups.get(image_id, no_rows), shape, image_id, pred_where)
+        precision = score_sets(p_set, t_set)
+        per_threshold.append(precision)
+        records.append((image_id, str(truth["cell_type"].iat[t_pos[0]]) if has_type else None,
+                        float(precision.mean()), len(t_set), len(p_set)))
+    per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "score", "n_truth", "n_pred"])
+    per_threshold = np.mean(per_threshold, axis=0) if per_threshold else np.full(len(THRESHOLDS), np.nan)
+    per_class = {}
+    for cell_type in CELL_TYPES:
+        scores = per_image.loc[per_image["cell_type"] == cell_type, "score"]
+        per_class[cell_type] = float(scores.mean()) if len(scores) else None
+    return {
+        "mAP": float(per_image["score"].mean()) if len(per_image) else float("nan"),
+        "per_class": per_class,
+        "per_threshold": [float(x) for x in per_threshold],
+        "n_images": int(len(per_image)),
+        "per_image": per_image,
+    }
+
+
+def read_csv(path, role: str) -> pd.DataFrame:
+    """Read a truth or submission CSV for scoring: ids as str, empty masks as ``""``, index = CSV line number.
+
+    Args:
+        path: the CSV file.
+        role: ``"truth"`` or ``"predictions"``, only for messages.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unreadable CSV or no ``id`` column, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{role} file not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values={"width": [""],
+                                                                                        "height": [""]})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read as CSV: {exc}") from None
+    if "id" not in frame.columns:
+        raise ValueError(f"{path}: no 'id' column; columns: {list(frame.columns)}")
+    frame.index = pd.RangeIndex(2, len(frame) + 2, name="line")  # line 1 is the header
+    return frame
+
+
+def score_csv(truth_path, pred_path, progress: bool = False) -> dict:
+    """:func:`score_frames` on two CSV files; errors name the file and the CSV line."""
+    truth = read_csv(truth_path, "truth")
+    pred = read_csv(pred_path, "predictions")
+    return score_frames(truth, pred, progress=progress, truth_name=str(truth_path), pred_name=str(pred_path),
+                        row_label="line")
