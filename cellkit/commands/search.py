@@ -1,0 +1,75 @@
+"""``python -m cellkit search --pred OOF --truth TRAIN.csv --out thresholds.json``: class-wise threshold search.
+
+Maximises the competition metric on out-of-fold predictions over a grid of score thresholds, pixel thresholds and
+minimum areas per class and the two post-processing options (see :mod:`cellkit.search`). Writes
+``thresholds.json`` (chosen values, options, metric before/after per class, the grid, provenance) and, next to it,
+a plot of the metric against each threshold per class (``--plot``, default ``<out stem>.png``).
+"""
+from __future__ import annotations
+
+import logging
+
+HELP = "search per-class score/mask/min-area thresholds on out-of-fold predictions -> thresholds.json"
+
+
+def _floats(text: str) -> list[float]:
+    """``"0.3,0.4,0.5"`` or ``"0.3:0.7:0.05"`` (start:stop:step, stop included) -> list of floats."""
+    import argparse
+
+    import numpy as np
+
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(np.floor((stop - start) / step + 1e-9)) + 1
+            return [round(start + i * step, 10) for i in range(n)]
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list 'a,b,c' or a range 'start:stop:step', got {text!r}")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--pred", required=True, metavar="DIR", help="out-of-fold predictions store (cellkit.predictions)")
+    parser.add_argument("--truth", required=True, metavar="CSV", help="competition train.csv with the true masks")
+    parser.add_argument("--out", required=True, metavar="JSON", help="thresholds.json to write")
+    parser.add_argument("--plot", metavar="PNG", help="plot of the metric vs each threshold (default: OUT with .png)")
+    parser.add_argument("--score-grid", type=_floats, metavar="LIST", help="score thresholds (default 0.1:0.9:0.05)")
+    parser.add_argument("--mask-grid", type=_floats, metavar="LIST", help="pixel thresholds (default 0.3:0.7:0.05)")
+    parser.add_argument("--min-area-grid", type=_floats, metavar="LIST",
+                        help="minimum areas (default 0,10,20,...,300)")
+    parser.add_argument("--options", choices=("all", "seed"), default="all",
+                        help="option sets to try: all four (vote x rescore) or only the seed's (default all)")
+    parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="coordinate-ascent rounds at most (default 3)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from cellkit import CELL_TYPES
+    from cellkit import postprocess as pp
+    from cellkit import search as S
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    grid = {"score": args.score_grid, "mask": args.mask_grid, "min_area": args.min_area_grid}
+    options = S.OPTION_SETS if args.options == "all" else S.OPTION_SETS[:1]
+    doc = S.search(args.pred, args.truth, grid=grid, option_sets=options, workers=args.workers,
+                   max_rounds=args.rounds, progress=not args.no_progress)
+    out = pp.save_thresholds(args.out, doc)
+    plot = S.plot_search(doc, args.plot or Path(args.out).with_suffix(".png"))
+    before, after = doc["metric"]["before"], doc["metric"]["after"]
+    print(f"{'class':8} {'score':>6} {'mask':>6} {'min_area':>8}   {'before':>7} {'after':>7}")
+    for name in CELL_TYPES:
+        t = doc["thresholds"][name]
+        b, a = before["per_class"][name], after["per_class"][name]
+        fmt = lambda v: f"{v:7.4f}" if v is not None else "      -"
+        print(f"{name:8} {t['score']:6.2f} {t['mask']:6.2f} {t['min_area']:8d}   {fmt(b)} {fmt(a)}")
+    print(f"{'mAP':8} {'':6} {'':6} {'':8}   {before['mAP']:7.4f} {after['mAP']:7.4f}")
+    opts = doc["options"]
+    print(f"options: image_class_vote={opts['image_class_vote']} rescore={opts['rescore']}; "
+          f"{doc['search']['n_images']} images, {doc['search']['seconds']} s")
+    print(f"wrote {out} and {plot}")
+    return 0

@@ -1,0 +1,65 @@
+"""``python -m cellkit submit --pred PRED --thresholds thresholds.json --images DIR --out submission.csv``.
+
+Post-processes each test image's predictions with the searched thresholds and options
+(:func:`cellkit.postprocess.apply_predictions`) and writes the submission through
+:func:`cellkit.submission.write_submission` (atomic; every image of ``--images`` listed, an empty ``predicted`` for an
+image without a kept cell), then checks it with :func:`cellkit.submission.validate_submission`.
+"""
+from __future__ import annotations
+
+import sys
+
+HELP = "post-process test predictions with thresholds.json and write a valid submission.csv"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--pred", required=True, metavar="DIR", help="test predictions store (cellkit.predictions)")
+    parser.add_argument("--thresholds", required=True, metavar="JSON", help="thresholds.json from `cellkit search`")
+    parser.add_argument("--images", required=True, metavar="DIR", help="folder of the test images")
+    parser.add_argument("--out", required=True, metavar="CSV", help="submission.csv to write")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from cellkit import CELL_TYPES
+    from cellkit import postprocess as pp
+    from cellkit import predictions as P
+    from cellkit.cli import CellkitError
+    from cellkit.submission import image_sizes, validate_submission, write_submission
+
+    doc = pp.load_thresholds(args.thresholds)
+    thresholds, options = doc["thresholds"], doc["options"]
+    log = [f"thresholds from {args.thresholds}: options image_class_vote={options['image_class_vote']} "
+           f"rescore={options['rescore']} vote_min_score={options['vote_min_score']}"]
+    for name in CELL_TYPES:
+        t = thresholds[name]
+        log.append(f"  {name:7} score >= {t['score']:.3f}  mask >= {t['mask']:.3f}  min_area {t['min_area']}")
+    print("\n".join(log), file=sys.stderr)
+    sizes = image_sizes(args.images)
+    ids = P.image_ids(args.pred)
+    unknown = sorted(set(ids) - set(sizes))
+    if unknown:
+        raise CellkitError(f"{args.pred}: predictions for {len(unknown)} image(s) not in {args.images}, "
+                           f"e.g. {unknown[:5]}")
+    missing = sorted(set(sizes) - set(ids))
+    if missing:
+        raise CellkitError(f"{args.pred}: no predictions for {len(missing)} image(s) of {args.images}, "
+                           f"e.g. {missing[:5]}")
+    masks, n_kept = {}, 0
+    for pred in tqdm(P.iter_dir(args.pred), total=len(ids), desc="submit", unit="image",
+                     disable=args.no_progress):
+        if (pred.height, pred.width) != sizes[pred.image_id]:
+            raise CellkitError(f"{args.pred}/{pred.image_id}.npz: size {pred.height}x{pred.width} differs from the "
+                               f"image's {sizes[pred.image_id][0]}x{sizes[pred.image_id][1]}")
+        kept = pp.apply_predictions(pred, thresholds, **options)
+        masks[pred.image_id] = kept.rles()
+        n_kept += len(kept)
+    out = write_submission(masks, sorted(sizes), args.out, shape=sizes)
+    problems = validate_submission(out, args.images)
+    if problems:  # cannot happen for masks from apply_predictions; never hand in an invalid file silently
+        raise CellkitError(f"{out}: written but invalid: {problems[0]} ({len(problems)} problem(s))")
+    empty = sum(1 for v in masks.values() if not v)
+    print(f"wrote {out}: {n_kept} masks, {len(sizes)} images ({empty} without cells); valid")
+    return 0

@@ -1,0 +1,542 @@
+"""Class-wise post-processing of instance predictions, in the seed's order.
+
+Per image, from instance predictions (class, score, probability mask) and per-class thresholds
+``{cell type: {"score": s, "mask": m, "min_area": a}}``:
+
+1. drop instances whose score is under their class's ``score`` threshold (kept when ``score >= s``);
+2. binarise each probability mask at its class's ``mask`` threshold (a pixel is kept when ``prob >= m``);
+3. remove overlaps: in descending score order (ties: lower input index first) each mask keeps only the pixels that no
+   higher-scoring kept mask took (an occupancy map over the image; masks dropped in step 4 still took theirs);
+4. drop masks whose remaining area is under their class's ``min_area`` (masks left with no pixel are always dropped:
+   an empty ``predicted`` means "no cell" in a submission).
+
+Two options, chosen by the threshold search (:mod:`cellkit.search`), not by hand; defaults follow the seed:
+
+- ``image_class_vote``: every Sartorius image holds one cell type, so every instance takes the image's class, the
+  majority vote of the image's confident detections (raw score ``>= vote_min_score``; all detections when none is
+  confident; ties go to the larger score sum, then the lower class id). Default: each instance's own class.
+- ``rescore``: the score of each instance becomes ``score x mean probability inside its binarised mask`` (step 2,
+  before overlaps; 0 for an empty mask). Steps 1 and 3 then use that score. Default: off.
+
+Two forms of the same computation (one core, :func:`_resolve`):
+
+- :func:`apply`: full-image float probability masks in, full-image bool masks out (the reference form);
+- :func:`apply_predictions`: a :class:`cellkit.predictions.InstancePredictions` (uint8 crops + windows) in, a
+  :class:`KeptMasks` out (residual crops, global runs, competition RLE strings). This is the fast path used by
+  ``submit`` and the threshold search; a uint8 crop value ``q`` means probability ``float32(q) * float32(1/255)``,
+  exactly as :meth:`InstancePredictions.prob` returns it.
+
+Thresholds files (``thresholds.json``, written by ``python -m cellkit search``) are read and written by
+:func:`load_thresholds` / :func:`save_thresholds`; they hold ``"thresholds"`` and ``"options"`` plus the search's
+report (metrics before/after, grid, provenance), which is kept as is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellkit import CELL_TYPES, rle
+
+__all__ = [
+    "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "validate_thresholds", "validate_options",
+    "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply", "apply_predictions",
+    "crop_runs", "crops_runs", "load_thresholds", "save_thresholds",
+]
+
+THRESHOLD_KEYS = ("score", "mask", "min_area")
+"""Keys of each class's thresholds."""
+
+SEED_THRESHOLDS = {c: {"score": 0.5, "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
+"""The seed's defaults, the "before" of the threshold search."""
+
+DEFAULT_OPTIONS = {"image_class_vote": False, "rescore": False, "vote_min_score": 0.5}
+"""The seed's options: each instance's own class, no rescoring (``vote_min_score`` only matters with the vote)."""
+
+_PROB_TABLE = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)  # uint8 q -> float32 probability
+_Q = np.arange(256, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def validate_thresholds(thresholds, where: str = "thresholds") -> dict[str, dict]:
+    """Check per-class thresholds and return a normalised copy.
+
+    Args:
+        thresholds: ``{cell type: {"score": float in [0, 1], "mask": float in (0, 1], "min_area": int >= 0}}``
+            with exactly the classes of :data:`cellkit.CELL_TYPES`. ``mask`` must be > 0 (a 0 threshold would keep
+            every pixel of the image). ``min_area`` may be a float with an integral value (JSON).
+        where: prefix of error messages (e.g. the file's path).
+
+    Returns:
+        ``{cell type: {"score": float, "mask": float, "min_area": int}}`` in CELL_TYPES order.
+
+    Raises:
+        ValueError: naming the class and key: not a mapping, a missing or unknown class or key, a value that is not
+            a number or out of range.
+    """
+    if not isinstance(thresholds, Mapping):
+        raise ValueError(f"{where}: expected a mapping of cell type -> thresholds, got {type(thresholds).__name__}")
+    unknown = [str(k) for k in thresholds if k not in CELL_TYPES]
+    if unknown:
+        raise ValueError(f"{where}: unknown class {unknown[0]!r} (expected {', '.join(CELL_TYPES)})")
+    out = {}
+    for name in CELL_TYPES:
+        if name not in thresholds:
+            raise ValueError(f"{where}: missing class {name!r} (every class of {', '.join(CELL_TYPES)} is needed)")
+        entry = thresholds[name]
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}: class {name!r}: expected a mapping with keys {', '.join(THRESHOLD_KEYS)}, "
+                             f"got {type(entry).__name__}")
+        extra = [str(k) for k in entry if k not in THRESHOLD_KEYS]
+        if extra:
+            raise ValueError(f"{where}: class {name!r}: unknown key {extra[0]!r} (expected {', '.join(THRESHOLD_KEYS)})")
+        for key in THRESHOLD_KEYS:
+            if key not in entry:
+                raise ValueError(f"{where}: class {name!r}: missing key {key!r}")
+        score = _number(entry["score"], f"{where}: class {name!r}: key 'score'")
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"{where}: class {name!r}: key 'score' = {score} is out of range [0, 1]")
+        mask = _number(entry["mask"], f"{where}: class {name!r}: key 'mask'")
+        if not 0.0 < mask <= 1.0:
+            raise ValueError(f"{where}: class {name!r}: key 'mask' = {mask} is out of range (0, 1] "
+                             f"(0 would keep every pixel of the image)")
+        area = _number(entry["min_area"], f"{where}: class {name!r}: key 'min_area'")
+        if area != int(area) or area < 0:
+            raise ValueError(f"{where}: class {name!r}: key 'min_area' = {entry['min_area']!r} must be an "
+                             f"integer >= 0")
+        out[name] = {"score": score, "mask": mask, "min_area": int(area)}
+    return out
+
+
+def validate_options(options, where: str = "options") -> dict:
+    """Check the post-processing options and return them completed with :data:`DEFAULT_OPTIONS`.
+
+    Raises:
+        ValueError: an unknown key, a non-bool ``image_class_vote``/``rescore``, ``vote_min_score`` outside [0, 1].
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(options).__name__}")
+    extra = [str(k) for k in options if k not in DEFAULT_OPTIONS]
+    if extra:
+        raise ValueError(f"{where}: unknown option {extra[0]!r} (expected {', '.join(DEFAULT_OPTIONS)})")
+    out = {**DEFAULT_OPTIONS, **options}
+    for key in ("image_class_vote", "rescore"):
+        if not isinstance(out[key], (bool, np.bool_)):
+            raise ValueError(f"{where}: option {key!r} must be true or false, got {out[key]!r}")
+        out[key] = bool(out[key])
+    vote = _number(out["vote_min_score"], f"{where}: option 'vote_min_score'")
+    if not 0.0 <= vote <= 1.0:
+        raise ValueError(f"{where}: option 'vote_min_score' = {vote} is out of range [0, 1]")
+    out["vote_min_score"] = vote
+    return out
+
+
+def class_ids(classes) -> np.ndarray:
+    """Cell-type names (or ids) -> int64 ids into CELL_TYPES; ValueError naming the first unknown one."""
+    out = np.empty(len(classes), dtype=np.int64)
+    for i, c in enumerate(classes):
+        if isinstance(c, str):
+            if c not in CELL_TYPES:
+                raise ValueError(f"instance {i}: unknown class {c!r} (expected {', '.join(CELL_TYPES)})")
+            out[i] = CELL_TYPES.index(c)
+        elif isinstance(c, numbers.Integral) and 0 <= int(c) < len(CELL_TYPES):
+            out[i] = int(c)
+        else:
+            raise ValueError(f"instance {i}: unknown class {c!r} (expected {', '.join(CELL_TYPES)})")
+    return out
+
+
+def _per_class(thresholds: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(score, mask, min_area)`` arrays indexed by class id."""
+    return (np.array([thresholds[c]["score"] for c in CELL_TYPES], dtype=np.float64),
+            np.array([thresholds[c]["mask"] for c in CELL_TYPES], dtype=np.float64),
+            np.array([thresholds[c]["min_area"] for c in CELL_TYPES], dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+def vote_class(classes: np.ndarray, scores: np.ndarray, min_score: float = 0.5) -> int | None:
+    """The image's class by majority vote of its confident detections.
+
+    Args:
+        classes: int ``(N,)`` class ids.
+        scores: float ``(N,)`` raw detection scores.
+        min_score: a detection is confident when ``score >= min_score``; when none is, all detections vote.
+
+    Returns:
+        The winning class id (ties: larger sum of scores, then lower id), or None when ``N == 0``.
+    """
+    classes = np.asarray(classes, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if classes.size == 0:
+        return None
+    voters = scores >= min_score
+    if not voters.any():
+        voters[:] = True
+    counts = np.bincount(classes[voters], minlength=len(CELL_TYPES))
+    sums = np.bincount(classes[voters], weights=scores[voters], minlength=len(CELL_TYPES))
+    best = max(range(len(counts)), key=lambda c: (counts[c], sums[c], -c))
+    return int(best)
+
+
+def effective_classes(classes: np.ndarray, scores: np.ndarray, image_class_vote: bool,
+                      vote_min_score: float = 0.5) -> np.ndarray:
+    """Class id whose thresholds each instance uses: its own, or the image's vote; int64 ``(N,)``."""
+    classes = np.asarray(classes, dtype=np.int64)
+    if not image_class_vote or classes.size == 0:
+        return classes.copy()
+    return np.full(classes.shape, vote_class(classes, scores, vote_min_score), dtype=np.int64)
+
+
+def binarize_table(mask_threshold: float) -> np.ndarray:
+    """bool ``(256,)``: ``table[q]`` is True when the uint8 probability ``q`` is kept at ``mask_threshold``.
+
+    ``q`` means ``float32(q) * float32(1/255)`` (as :meth:`InstancePredictions.prob`), compared with ``>=``.
+    """
+    return _PROB_TABLE >= np.float32(mask_threshold)
+
+
+def crop_runs(crop: np.ndarray, x0: int, y0: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of a bool crop placed at ``(x0, y0)`` in an image ``width`` pixels wide.
+
+    Returns:
+        ``(starts, lengths)`` int64, 0-indexed flat row-major starts in the image (as :func:`cellkit.rle.encode_runs`
+        gives for the full mask); a run never crosses a crop row.
+    """
+    h, w = crop.shape
+    padded = np.zeros((h, w + 1), dtype=bool)  # a False column ends every row's last run
+    padded[:, :w] = crop
+    starts, lengths = rle.encode_runs(padded)
+    row, col = np.divmod(starts, w + 1)
+    return (y0 + row) * int(width) + x0 + col, lengths
+
+
+def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of many bool crops at once (one encoding pass over all of them, as :func:`crop_runs` gives each).
+
+    Args:
+        crops: bool crops, ``crops[k]`` of window ``windows[k] = (x0, y0, x1, y1)``.
+        windows: int ``(K, 4)``.
+        width: image width W.
+
+    Returns:
+        ``(starts, lengths, counts)``: int64 runs of every crop concatenated in crop order (global 0-indexed
+        row-major starts), and int64 ``(K,)`` number of runs of each crop.
+    """
+    k = len(crops)
+    if k == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+    h = windows[:, 3] - windows[:, 1]
+    w1 = windows[:, 2] - windows[:, 0] + 1  # padded width: a False column ends every row's last run
+    sizes = h * w1
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    buf = np.zeros(int(offsets[-1]) + 1, dtype=np.int8)  # +1: a final 0 closes the last run
+    for j, c in enumerate(crops):
+        if c.size:
+            buf[offsets[j]:offsets[j + 1]].reshape(int(h[j]), int(w1[j]))[:, :-1] = c
+    edges = np.flatnonzero(np.diff(buf, prepend=np.int8(0)))
+    starts, ends = edges[0::2], edges[1::2]
+    owner = np.searchsorted(offsets, starts, side="right") - 1
+    row, col = np.divmod(starts - offsets[owner], w1[owner])
+    global_starts = (windows[owner, 1] + row) * int(width) + windows[owner, 0] + col
+    counts = np.bincount(owner, minlength=k).astype(np.int64)
+    return global_starts.astype(np.int64), (ends - starts).astype(np.int64), counts
+
+
+def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray], shape: tuple[int, int],
+             min_areas: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+    """Steps 3 and 4 on binarised crops.
+
+    Args:
+        order: instance indices that passed the score filter, in descending (effective) score order.
+        windows: int ``(N, 4)`` crop windows ``x0, y0, x1, y1``.
+        binary: bool crops, ``binary[i]`` of window ``windows[i]``.
+        shape: ``(H, W)``.
+        min_areas: int ``(N,)`` minimum area of each instance (its class's).
+
+    Returns:
+        ``(kept, residuals)``: kept instance indices (in ``order``'s order) and their residual bool crops.
+    """
+    occupied = np.zeros(shape, dtype=bool)
+    kept, residuals = [], []
+    for i in order:
+        x0, y0, x1, y1 = windows[i]
+        b = binary[i]
+        if not b.size:
+            continue
+        view = occupied[y0:y1, x0:x1]
+        residual = b & ~view
+        view |= b
+        area = int(np.count_nonzero(residual))
+        if area >= max(int(min_areas[i]), 1):
+            kept.append(int(i))
+            residuals.append(residual)
+    return kept, residuals
+
+
+@dataclass
+class KeptMasks:
+    """The masks kept by post-processing of one image, as residual crops (disjoint, in descending score order).
+
+    Attributes:
+        image_id: the image's id.
+        height, width: image size.
+        indices: int64 ``(K,)`` index of each kept mask in the input instances.
+        classes: int64 ``(K,)`` class id whose thresholds applied (own class or the image's vote).
+        scores: float64 ``(K,)`` score used for filtering and ordering (rescored when ``rescore``).
+        mask_boxes: int32 ``(K, 4)`` window ``x0, y0, x1, y1`` of each crop.
+        crops: K bool arrays, ``crops[k]`` of shape ``(y1 - y0, x1 - x0)``; no pixel is set in two crops.
+    """
+
+    image_id: str
+    height: int
+    width: int
+    indices: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    mask_boxes: np.ndarray
+    crops: list
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def areas(self) -> np.ndarray:
+        """int64 ``(K,)`` pixel count of each kept mask."""
+        return np.array([np.count_nonzero(c) for c in self.crops], dtype=np.int64)
+
+    def runs(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Global row-major runs ``(starts 0-indexed, lengths)`` of each kept mask."""
+        starts, lengths, counts = crops_runs(self.crops, self.mask_boxes, self.width)
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        return [(starts[a:b], lengths[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def rles(self) -> list[str]:
+        """Competition RLE string (1-indexed, row-major) of each kept mask (one batched conversion)."""
+        starts, lengths, counts = crops_runs(self.crops, self.mask_boxes, self.width)
+        pairs = np.empty(2 * starts.size, dtype=np.int64)
+        pairs[0::2] = starts + 1
+        pairs[1::2] = lengths
+        tokens = list(map(str, pairs.tolist()))
+        bounds = 2 * np.concatenate(([0], np.cumsum(counts)))
+        return [" ".join(tokens[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+    def indices_flat(self) -> list[np.ndarray]:
+        """Sorted flat pixel indices of each kept mask (the form :func:`cellkit.metric.iou_from_indices` takes)."""
+        return [rle.runs_to_indices(s, n) for s, n in self.runs()]
+
+    def full_masks(self) -> list[np.ndarray]:
+        """Each kept mask as a bool ``(H, W)`` array."""
+        out = []
+        for c, (x0, y0, x1, y1) in zip(self.crops, self.mask_boxes):
+            full = np.zeros((self.height, self.width), dtype=bool)
+            full[y0:y1, x0:x1] = c
+            out.append(full)
+        return out
+
+
+def _pipeline(class_ids_: np.ndarray, scores: np.ndarray, windows: np.ndarray, binarize, prob_mean,
+              shape: tuple[int, int], thresholds, options) -> tuple[list[int], list[np.ndarray], np.ndarray,
+                                                                   np.ndarray, list[np.ndarray]]:
+    """The four steps; ``binarize(i, m) -> bool crop`` and ``prob_mean(i, bool crop) -> float`` abstract the input."""
+    thresholds = validate_thresholds(thresholds)
+    options = validate_options(options)
+    score_thr, mask_thr, min_area = _per_class(thresholds)
+    scores = np.asarray(scores, dtype=np.float64)
+    eff = effective_classes(class_ids_, scores, options["image_class_vote"], options["vote_min_score"])
+    binary = [binarize(i, mask_thr[eff[i]]) for i in range(len(eff))]
+    if options["rescore"]:
+        eff_scores = np.array([scores[i] * prob_mean(i, binary[i]) for i in range(len(eff))], dtype=np.float64)
+    else:
+        eff_scores = scores
+    passed = np.flatnonzero(eff_scores >= score_thr[eff])
+    order = passed[np.argsort(-eff_scores[passed], kind="stable")]
+    kept, residuals = _resolve(order, windows, binary, shape, min_area[eff])
+    return kept, residuals, eff, eff_scores, binary
+
+
+# -------------------------------------------------------------------------------------------------- public forms
+def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, rescore: bool = False,
+                      vote_min_score: float = 0.5) -> KeptMasks:
+    """Post-process one image's :class:`~cellkit.predictions.InstancePredictions` (the fast, box-cropped form).
+
+    Args:
+        pred: the image's predictions (uint8 probability crops in integer windows).
+        thresholds: per-class thresholds (see :func:`validate_thresholds`).
+        image_class_vote, rescore, vote_min_score: options (module docstring).
+
+    Returns:
+        :class:`KeptMasks` (``.rles()`` for the submission, ``.runs()``, ``.full_masks()``).
+
+    Raises:
+        ValueError: invalid thresholds or options (naming class and key).
+    """
+    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score}
+    tables = {}
+
+    mask_of = {}
+
+    def binarize(i, m):
+        mask_of[i] = m
+        table = tables.get(m)
+        if table is None:
+            table = tables[m] = binarize_table(m)
+        return table[pred.masks[i]]
+
+    def prob_mean(i, b):  # exact: integer sum of the kept uint8 values via a histogram
+        hist = np.bincount(pred.masks[i].ravel(), minlength=256)
+        first = int(np.argmax(tables[mask_of[i]]))
+        n = int(hist[first:].sum())
+        return float(hist[first:] @ _Q[first:]) / (255.0 * n) if n else 0.0
+
+    windows = np.asarray(pred.mask_boxes, dtype=np.int64)
+    kept, residuals, eff, eff_scores, _ = _pipeline(pred.classes, pred.scores, windows, binarize, prob_mean,
+                                                    (pred.height, pred.width), thresholds, options)
+    kept = np.asarray(kept, dtype=np.int64)
+    return KeptMasks(pred.image_id, pred.height, pred.width, kept, eff[kept], eff_scores[kept],
+                     windows[kept].astype(np.int32).reshape(-1, 4), residuals)
+
+
+def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = False, rescore: bool = False,
+          vote_min_score: float = 0.5) -> list[np.ndarray]:
+    """Post-process one image given full-image probability masks (the reference form).
+
+    Args:
+        classes: ``(N,)`` cell-type names ('shsy5y', 'astro', 'cort') or their ids.
+        scores: float ``(N,)`` detection scores.
+        prob_masks: ``N`` float arrays ``(H, W)`` in [0, 1] (or one ``(N, H, W)`` array); a pixel is kept when its
+            probability is ``>= thresholds[class]["mask"]`` (compared in the array's dtype, e.g. float32).
+        thresholds: ``{name: {"score", "mask", "min_area"}}`` for every class (see :func:`validate_thresholds`).
+        image_class_vote: use the image's class (majority vote of detections with score >= ``vote_min_score``)
+            for every instance instead of its own.
+        rescore: score = score x mean probability inside the binarised mask.
+        vote_min_score: confidence of a voting detection.
+
+    Returns:
+        The kept masks, bool ``(H, W)`` each, disjoint, in descending (effective) score order.
+
+    Raises:
+        ValueError: unknown class names, mismatched lengths or shapes, invalid thresholds (naming class and key).
+    """
+    ids = class_ids(list(classes))
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(prob_masks) != len(ids) or len(scores) != len(ids):
+        raise ValueError(f"apply: {len(ids)} classes, {len(scores)} scores, {len(prob_masks)} masks: lengths differ")
+    if len(ids) == 0:
+        validate_thresholds(thresholds)
+        validate_options({"image_class_vote": image_class_vote, "rescore": rescore,
+                          "vote_min_score": vote_min_score})
+        return []
+    masks = [np.asarray(m) for m in prob_masks]
+    shape = masks[0].shape
+    for i, m in enumerate(masks):
+        if m.ndim != 2 or m.shape != shape:
+            raise ValueError(f"apply: mask {i} has shape {m.shape}, expected 2-D {shape} like mask 0")
+    windows = np.zeros((len(ids), 4), dtype=np.int64)
+
+    def binarize(i, m):
+        full = masks[i] >= m if masks[i].dtype != bool else masks[i].copy()
+        rows, cols = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
+        if not rows.size:
+            return np.zeros((0, 0), dtype=bool)
+        windows[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+        return full[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+    def prob_mean(i, b):
+        if not b.size:
+            return 0.0
+        x0, y0, x1, y1 = windows[i]
+        return float(masks[i][y0:y1, x0:x1][b].mean(dtype=np.float64))
+
+    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score}
+    kept, residuals, *_ = _pipeline(ids, scores, windows, binarize, prob_mean, shape, thresholds, options)
+    out = []
+    for i, r in zip(kept, residuals):
+        full = np.zeros(shape, dtype=bool)
+        x0, y0, x1, y1 = windows[i]
+        full[y0:y1, x0:x1] = r
+        out.append(full)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- thresholds.json
+def _check_document(doc, where: str) -> dict:
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{where}: expected a JSON object with 'thresholds' (and 'options'), got "
+                         f"{type(doc).__name__}")
+    if "thresholds" not in doc:
+        raise ValueError(f"{where}: missing key 'thresholds' (per-class score/mask/min_area)")
+    out = dict(doc)
+    out["thresholds"] = validate_thresholds(doc["thresholds"], f"{where}: thresholds")
+    out["options"] = validate_options(doc.get("options"), f"{where}: options")
+    return out
+
+
+def load_thresholds(path) -> dict:
+    """Read and validate a ``thresholds.json``.
+
+    Returns:
+        The document with ``"thresholds"`` normalised (:func:`validate_thresholds`) and ``"options"`` completed
+        with :data:`DEFAULT_OPTIONS` (absent options = the seed's); other keys (metrics, grid, provenance) as read.
+        Use as ``apply_predictions(pred, doc["thresholds"], **doc["options"])``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: invalid JSON, a missing class or key, values out of range; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such thresholds file")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    return _check_document(doc, str(path))
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def save_thresholds(path, doc: Mapping) -> Path:
+    """Validate ``doc`` (``{"thresholds": ..., "options": ..., ...}``) and write it atomically as JSON.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    doc = _check_document(doc, str(path))
+    text = json.dumps(doc, indent=2, default=_json_default) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,894 @@
+"""Class-wise threshold search on out-of-fold predictions -> ``thresholds.json``.
+
+For each of the four option sets (own class / image-class vote x rescoring off / on), the per-class thresholds
+``score``, ``mask`` and ``min_area`` are chosen on a grid to maximise the competition metric (mean over the images that
+have predictions), by coordinate ascent over the classes: one class's three thresholds are searched exhaustively with
+the other classes fixed, then the next class, until a round changes nothing (one round is exact when no image mixes
+classes, e.g. always with the vote). The option set with the best mAP wins (ties keep the seed's options).
+
+Exactness: the search evaluates exactly what :func:`cellkit.postprocess.apply_predictions` followed by
+:func:`cellkit.metric.score_image` gives (tested). Speed comes from sweeping the score threshold and the minimum
+area without re-running post-processing:
+
+- per image, once: the pixels of every probability crop at or above the smallest pixel threshold of the grid, as
+  flat entries ``(instance, pixel, uint8 probability, truth label)``; the per-instance sums for rescoring;
+- per image, class ``c`` and pixel threshold ``m`` (one *call*): which instance owns each pixel after overlap removal
+  depends on the score threshold ``s`` of ``c`` only through one switch per pixel: instances of the other classes
+  are fixed, instances of ``c`` that pass form a prefix of the score order, so a pixel belongs to its first covering
+  instance of ``c`` while that one passes (``s <= its score``), else to its first covering fixed instance. That turns
+  residual areas and intersections with the truth into step functions of ``s``, built with one difference array per
+  call (``bincount`` + ``cumsum``) for all grid values of ``s`` at once;
+- the minimum-area filter is then a comparison of residual areas, and the metric for every ``(s, min_area)`` is
+  counted from the pairs with IoU > 0.5: residual masks are disjoint, so no truth has two such partners and the
+  maximum matching of :mod:`cellkit.metric` counts the kept predictions whose best IoU exceeds ``t``.
+
+Work is sharded over processes by image (each holds its own images), so the peak memory is the entries of all images
+once (a few hundred MiB for the 392 real images with realistic generated predictions; see benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellkit import CELL_TYPES, rle
+from cellkit import metric
+from cellkit import postprocess as pp
+from cellkit import predictions as P
+
+__all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
+           "ThresholdSearch", "search", "plot_search"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRID = {
+    "score": [round(0.1 + 0.05 * i, 2) for i in range(17)],             # 0.10, 0.15, ..., 0.90
+    "mask": [round(0.3 + 0.05 * i, 2) for i in range(9)],               # 0.30, 0.35, ..., 0.70
+    "min_area": [0, 10, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300],
+}
+"""The default search grid (the seed's defaults 0.5 / 0.5 / 0 are always added)."""
+
+OPTION_SETS = [
+    {"image_class_vote": False, "rescore": False},
+    {"image_class_vote": False, "rescore": True},
+    {"image_class_vote": True, "rescore": False},
+    {"image_class_vote": True, "rescore": True},
+]
+"""The option sets tried, the seed's first (it wins ties)."""
+
+_N_CLASSES = len(CELL_TYPES)
+
+
+def make_grid(score=None, mask=None, min_area=None) -> dict[str, list]:
+    """A validated, sorted search grid that contains the seed's defaults (score 0.5, mask 0.5, min_area 0).
+
+    Raises:
+        ValueError: an empty axis or a value out of range (score in [0, 1], mask in (0, 1], min_area integer >= 0).
+    """
+    grid = {"score": DEFAULT_GRID["score"] if score is None else score,
+            "mask": DEFAULT_GRID["mask"] if mask is None else mask,
+            "min_area": DEFAULT_GRID["min_area"] if min_area is None else min_area}
+    out = {}
+    for key, seed in (("score", 0.5), ("mask", 0.5), ("min_area", 0)):
+        values = [float(v) for v in grid[key]]
+        if not values:
+            raise ValueError(f"search grid {key!r} is empty")
+        for v in values:  # same rules as a thresholds file
+            pp.validate_thresholds({c: {**pp.SEED_THRESHOLDS[c], key: v} for c in CELL_TYPES},
+                                   f"search grid {key!r}")
+        values = sorted(set(values) | {float(seed)})
+        out[key] = [int(v) for v in values] if key == "min_area" else values
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ per-image data
+@dataclass
+class ImageData:
+    """What the search needs of one image, computed once (see the module docstring).
+
+    Instances are those whose raw score reaches the smallest grid score threshold (rescoring only lowers scores).
+    Entries are the pixels of their crops with a probability at or above the smallest grid pixel threshold, sorted
+    by the instance's own class (``block`` offsets) and, within a class, by descending probability, so that the
+    entries kept at a pixel threshold are a prefix of each class block (``prefix[class, mask index]`` long).
+
+    Attributes:
+        image_id, cell_type: the image and its true cell type.
+        n_truth: number of true masks M; ``truth_area`` int64 ``(M,)``.
+        classes: int64 ``(N,)`` own class; ``scores``: float64 ``(N,)`` raw score.
+        vote: the image's voted class id from all its raw detections (-1 without detections).
+        inst, pix: int32 ``(L,)`` entry instance and flat row-major pixel; ``q``: uint8 ``(L,)`` probability x 255.
+        tlab: int32 ``(L,)`` first true mask covering the entry's pixel (-1 none); ``extra_entry``/``extra_truth``:
+            further true masks at entries whose pixel lies in several (true masks may overlap).
+        block: int64 ``(4,)`` entry offsets of the class blocks; ``prefix``: int64 ``(3, n_mask)``.
+        qsum, qcount: float64 / int64 ``(n_mask, N)`` sum of q and count over the pixels kept at each grid pixel
+            threshold (for rescoring; exactly as :func:`cellkit.postprocess.apply_predictions` computes them).
+        n_pixels: H x W.
+    """
+
+    image_id: str
+    cell_type: str
+    n_truth: int
+    truth_area: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    vote: int
+    inst: np.ndarray
+    pix: np.ndarray
+    q: np.ndarray
+    tlab: np.ndarray
+    extra_entry: np.ndarray
+    extra_truth: np.ndarray
+    block: np.ndarray
+    prefix: np.ndarray
+    qsum: np.ndarray
+    qcount: np.ndarray
+    n_pixels: int
+
+
+def _qthresholds(mask_grid) -> np.ndarray:
+    """Smallest uint8 value kept at each pixel threshold (256 when none is)."""
+    out = []
+    for m in mask_grid:
+        table = pp.binarize_table(m)
+        out.append(int(np.argmax(table)) if table.any() else 256)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: int):
+    """Primary truth label of each entry pixel and the (entry, truth) pairs of overlapping truths."""
+    tmap = np.full(n_pixels, -1, dtype=np.int32)
+    extra_pix, extra_lab = [], []
+    for k, idx in enumerate(truth_indices):
+        taken = tmap[idx] >= 0
+        if taken.any():
+            extra_pix.append(idx[taken])
+            extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
+            idx = idx[~taken]
+        tmap[idx] = k
+    tlab = tmap[pix]
+    if not extra_pix:
+        return tlab, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    xp, xl = np.concatenate(extra_pix), np.concatenate(extra_lab)
+    order = np.argsort(xp, kind="stable")
+    xp, xl = xp[order], xl[order]
+    in_extra = np.zeros(n_pixels, dtype=bool)
+    in_extra[xp] = True
+    cand = np.flatnonzero(in_extra[pix])
+    lo = np.searchsorted(xp, pix[cand], side="left")
+    n = np.searchsorted(xp, pix[cand], side="right") - lo
+    extra_entry = np.repeat(cand, n)
+    extra_truth = xl[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
+    return tlab, extra_entry.astype(np.int64), extra_truth.astype(np.int32)
+
+
+def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], cell_type: str, grid: dict,
+                  vote_min_score: float = 0.5) -> ImageData:
+    """Per-image precomputation for the search.
+
+    Args:
+        pred: the image's predictions.
+        truth_indices: sorted flat pixel indices of each true mask (empty masks excluded).
+        cell_type: the image's true cell type.
+        grid: the search grid (:func:`make_grid`).
+        vote_min_score: confidence of a voting detection.
+    """
+    qthr = _qthresholds(grid["mask"])
+    qmin = int(qthr.min())
+    scores = pred.scores.astype(np.float64)
+    vote = pp.vote_class(pred.classes, scores, vote_min_score)
+    alive = np.flatnonzero(scores >= min(grid["score"]))
+    n = alive.size
+    boxes = pred.mask_boxes[alive].astype(np.int64).reshape(-1, 4)
+    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    sizes = h * w
+    data = (np.concatenate([pred.masks[i].reshape(-1) for i in alive]) if n else np.zeros(0, dtype=np.uint8))
+    owner = np.repeat(np.arange(n), sizes)
+    # per-instance histograms of q -> sums and counts over q >= each threshold (for rescoring)
+    hist = np.bincount(owner * 256 + data, minlength=n * 256).reshape(n, 256)
+    ccount = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
+    csum = np.cumsum((hist * np.arange(256))[:, ::-1], axis=1)[:, ::-1]
+    ok = qthr < 256
+    qcount = np.zeros((len(qthr), n), dtype=np.int64)
+    qsum = np.zeros((len(qthr), n))
+    qcount[ok] = ccount[:, qthr[ok]].T
+    qsum[ok] = csum[:, qthr[ok]].T
+    # entries: crop pixels at or above the smallest pixel threshold
+    sel = np.flatnonzero(data >= qmin)
+    inst = owner[sel]
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    r, c = np.divmod(sel - offsets[inst], np.maximum(w[inst], 1))
+    pix = (boxes[inst, 1] + r) * pred.width + boxes[inst, 0] + c
+    q = data[sel]
+    cls = pred.classes[alive].astype(np.int64)
+    order = np.lexsort((-q.astype(np.int64), cls[inst]))  # by class, then descending probability
+    inst, pix, q = inst[order].astype(np.int32), pix[order].astype(np.int32), q[order]
+    block = np.searchsorted(cls[inst], np.arange(_N_CLASSES + 1), side="left").astype(np.int64)
+    prefix = np.zeros((_N_CLASSES, len(qthr)), dtype=np.int64)
+    for b in range(_N_CLASSES):
+        neg = -q[block[b]:block[b + 1]].astype(np.int64)  # ascending
+        prefix[b] = np.searchsorted(neg, -qthr, side="right")
+    tlab, extra_entry, extra_truth = _truth_labels(truth_indices, pix, pred.height * pred.width)
+    return ImageData(pred.image_id, cell_type, len(truth_indices),
+                     np.array([t.size for t in truth_indices], dtype=np.int64), cls, scores[alive],
+                     -1 if vote is None else vote, inst, pix, q, tlab, extra_entry, extra_truth, block, prefix,
+                     qsum, qcount, pred.height * pred.width)
+
+
+def effective(img: ImageData, vote: bool) -> np.ndarray:
+    """Class id whose thresholds each instance uses (own class or the image's vote)."""
+    if vote and img.vote >= 0:
+        return np.full(img.classes.shape, img.vote, dtype=np.int64)
+    return img.classes
+
+
+def _effective_scores(img: ImageData, rescore: bool, mask_of_instance: np.ndarray) -> np.ndarray:
+    """Score used for filtering and ordering: raw, or raw x mean kept probability (as postprocess computes it)."""
+    if not rescore:
+        return img.scores
+    cols = np.arange(img.scores.size)
+    cnt = img.qcount[mask_of_instance, cols]
+    mean = np.divide(img.qsum[mask_of_instance, cols], 255.0 * cnt, out=np.zeros(cnt.size), where=cnt > 0)
+    return img.scores * mean
+
+
+def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.ndarray, vote: bool) -> np.ndarray:
+    """Indices of the entries of the given class blocks (own classes) kept at the pixel threshold of their
+    effective class, of alive instances."""
+    block_mask = np.full(_N_CLASSES, mask_index[img.vote]) if (vote and img.vote >= 0) else mask_index
+    parts = [np.arange(img.block[b], img.block[b] + img.prefix[b, block_mask[b]]) for b in blocks]
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if alive[np.isin(img.classes, blocks)].all():
+        return idx
+    return idx[alive[img.inst[idx]]]
+
+
+_SCRATCH: dict[int, np.ndarray] = {}
+_NONE = np.iinfo(np.int32).max
+
+
+def _first_rank(pix: np.ndarray, rank: np.ndarray, n_pixels: int) -> np.ndarray:
+    """For each entry, the smallest rank among the entries at its pixel (int32), via a reused pixel buffer."""
+    buf = _SCRATCH.get(n_pixels)
+    if buf is None:
+        buf = _SCRATCH[n_pixels] = np.full(n_pixels, _NONE, dtype=np.int32)
+    np.minimum.at(buf, pix, rank)
+    out = buf[pix]
+    buf[pix] = _NONE
+    return out
+
+
+def _pair_values(keys: np.ndarray, hi: np.ndarray, weights: np.ndarray, ns: int):
+    """Aggregate items ``(key, hi, weight)`` meaning "weight for every score index k < hi".
+
+    Returns:
+        ``(unique keys, values float64 (n_keys, ns))``.
+    """
+    if keys.size == 0:
+        return keys, np.zeros((0, ns))
+    uniq, inv = np.unique(keys, return_inverse=True)
+    width = ns + 1
+    acc = np.bincount(inv * width + hi, weights=weights, minlength=uniq.size * width).reshape(uniq.size, width)
+    # value at k = sum of weights with hi > k
+    values = np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    return uniq, values
+
+
+def _dense_counts(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct keys, counts)`` of int keys in ``[0, n_keys)``."""
+    if n_keys <= 8 * keys.size or n_keys <= 4096:
+        counts = np.bincount(keys, minlength=n_keys)
+        nz = np.flatnonzero(counts)
+        return nz, counts[nz]
+    return np.unique(keys, return_counts=True)
+
+
+@dataclass
+class _Fixed:
+    """Ownership by the fixed (other-class) instances alone, shared by every pixel threshold of the swept class."""
+
+    alive: np.ndarray      # bool (N,)
+    order: np.ndarray      # fixed instance indices by descending score
+    first: np.ndarray | None  # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel
+    area: np.ndarray       # int64 (N,) residual area without the swept class
+    pair_keys: np.ndarray  # inst * M + truth
+    pair_counts: np.ndarray
+
+
+def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_score, blocks_c, vote) -> _Fixed:
+    n = img.classes.size
+    alive = (eff_class != c) & (eff_score >= fixed_score[eff_class])
+    fixed_blocks = [b for b in range(_N_CLASSES) if b not in blocks_c]
+    if not alive.any():
+        empty = np.zeros(0, dtype=np.int64)
+        return _Fixed(alive, empty, None, np.zeros(n, dtype=np.int64), empty, empty)
+    idx = np.flatnonzero(alive)
+    order = idx[np.argsort(-eff_score[idx], kind="stable")]
+    rank = np.full(n, order.size, dtype=np.int32)
+    rank[order] = np.arange(order.size)
+    e = _block_entries(img, fixed_blocks, mask_index, alive, vote)
+    e_rank = rank[img.inst[e]]
+    first = np.full(img.n_pixels, order.size, dtype=np.int32)
+    np.minimum.at(first, img.pix[e], e_rank)
+    owned = e[e_rank == first[img.pix[e]]]
+    o_inst = img.inst[owned].astype(np.int64)
+    area = np.bincount(o_inst, minlength=n).astype(np.int64)
+    keys = _truth_keys(img, owned, o_inst)
+    pair_keys, pair_counts = _dense_counts(keys, n * max(img.n_truth, 1))
+    return _Fixed(alive, order, first, area, pair_keys, pair_counts)
+
+
+def _extra_pairs(img: ImageData, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(position in entries, truth)`` of the further true masks at the given (sorted) entries' pixels."""
+    if not img.extra_entry.size or not entries.size:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pos = np.searchsorted(entries, img.extra_entry)
+    pos_c = np.minimum(pos, entries.size - 1)
+    hit = entries[pos_c] == img.extra_entry
+    return pos_c[hit], img.extra_truth[hit].astype(np.int64)
+
+
+def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray) -> np.ndarray:
+    """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices)."""
+    t = img.tlab[entries]
+    has = t >= 0
+    keys = inst[has] * img.n_truth + t[has]
+    pos, truth = _extra_pairs(img, entries)
+    if pos.size:
+        keys = np.concatenate([keys, inst[pos] * img.n_truth + truth])
+    return keys
+
+
+def _truth_carry(img: ImageData, entries: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` per entry, repeated in the order :func:`_truth_keys` emits (entry, covering truth) items."""
+    out = values[img.tlab[entries] >= 0]
+    pos, _ = _extra_pairs(img, entries)
+    if pos.size:
+        out = np.concatenate([out, values[pos]])
+    return out
+
+
+def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: np.ndarray,
+                fixed_score: np.ndarray, fixed_area: np.ndarray, masks: list[int], score_grid: np.ndarray,
+                area_grid: np.ndarray) -> np.ndarray:
+    """Image score (mean precision over the IoU thresholds) for every pixel threshold, score threshold and minimum
+    area of class ``c``, the other classes fixed.
+
+    Args:
+        img: the image's data.
+        vote: image-class vote (else each instance's own class).
+        rescore: score = score x mean kept probability.
+        mask_index: int ``(3,)`` index into the pixel-threshold grid of each class (class c's is ignored).
+        fixed_score, fixed_area: ``(3,)`` score threshold and minimum area of each class (class c's are ignored).
+        c: the swept class id.
+        masks: indices into the pixel-threshold grid to evaluate for class c.
+        score_grid: float64 ``(ns,)`` ascending score thresholds; area_grid: int64 ``(na,)`` minimum areas.
+
+    Returns:
+        float64 ``(len(masks), ns, na)``; exactly the mean of :func:`cellkit.metric.score_image` over the masks
+        that :func:`cellkit.postprocess.apply_predictions` keeps.
+    """
+    eff_class = effective(img, vote)
+    blocks_c = ([0, 1, 2] if img.vote == c else []) if (vote and img.vote >= 0) else [c]
+    mask_index = np.array(mask_index, dtype=np.int64)
+    eff_fixed = _effective_scores(img, rescore, mask_index[eff_class])
+    fixed = _fixed_state(img, eff_class, eff_fixed, c, mask_index, fixed_score, blocks_c, vote)
+    out = np.empty((len(masks), len(score_grid), len(area_grid)))
+    for j, m in enumerate(masks):
+        mask_index[c] = m
+        out[j] = _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed, eff_fixed, fixed_area, score_grid,
+                            area_grid, blocks_c)
+    return out
+
+
+def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_fixed, fixed_area, score_grid,
+               area_grid, blocks_c) -> np.ndarray:
+    """One pixel threshold of :func:`sweep_image`: float64 ``(ns, na)``."""
+    ns, na, nt = len(score_grid), len(area_grid), len(metric.THRESHOLDS)
+    n, m_truth = img.classes.size, img.n_truth
+    swept = eff_class == c
+    eff = np.where(swept, _effective_scores(img, rescore, mask_index[eff_class]), eff_fixed)
+    alive_c = swept & (eff >= score_grid[0])
+    jpass = np.where(swept, np.searchsorted(score_grid, eff, side="right"), ns)  # c passes s_k for k < jpass
+    area = np.zeros((n, ns), dtype=np.int64)
+    area[fixed.alive] = fixed.area[fixed.alive][:, None]
+    items_k, items_hi, items_w = [fixed.pair_keys], [np.full(fixed.pair_keys.size, ns)], [fixed.pair_counts]
+    if alive_c.any():
+        idx = np.flatnonzero(alive_c)
+        order = idx[np.argsort(-eff[idx], kind="stable")]
+        rank = np.full(n, order.size, dtype=np.int32)
+        rank[order] = np.arange(order.size)
+        e = _block_entries(img, blocks_c, mask_index, alive_c, vote)
+        e_pix = img.pix[e]
+        e_rank = rank[img.inst[e]]
+        top = e_rank == _first_rank(e_pix, e_rank, img.n_pixels)
+        e, e_pix = e[top], e_pix[top]
+        e_inst = img.inst[e].astype(np.int64)
+        if fixed.first is not None:
+            fo = fixed.first[e_pix]
+            has_o = fo < fixed.order.size
+            o_inst = fixed.order[np.minimum(fo, max(fixed.order.size - 1, 0))]
+            se, so = eff[e_inst], eff[o_inst]
+            before = ~has_o | (se > so) | ((se == so) & (e_inst < o_inst))
+            lost = before & has_o
+        else:
+            before = None
+            lost = np.zeros(1, dtype=bool)
+        own_e, own_inst = (e, e_inst) if before is None else (e[before], e_inst[before])
+        cnt = np.bincount(own_inst, minlength=n)
+        area[swept] = np.where(np.arange(ns)[None, :] < jpass[swept][:, None], cnt[swept][:, None], 0)
+        if lost.any():
+            lo_inst, lo_hi = o_inst[lost], jpass[e_inst[lost]]
+            width = ns + 1
+            acc = np.bincount(lo_inst * width + lo_hi, minlength=n * width).reshape(n, width)
+            area -= np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
+            lk = _truth_keys(img, e[lost], lo_inst)
+            hi_per = _truth_carry(img, e[lost], lo_hi)
+            items_k.append(lk)
+            items_hi.append(hi_per)
+            items_w.append(np.full(lk.size, -1))
+        if m_truth:
+            ck, cc = _dense_counts(_truth_keys(img, own_e, own_inst), n * m_truth)
+            items_k.append(ck)
+            items_hi.append(jpass[ck // m_truth])
+            items_w.append(cc)
+    rows = np.flatnonzero(area.any(axis=1))
+    min_area = np.maximum(np.where(swept[rows, None], area_grid[None, :], fixed_area[eff_class[rows]][:, None]), 1)
+    kept_rows = area[rows, :, None] >= min_area[:, None, :]  # (R, ns, na)
+    n_pred = kept_rows.sum(axis=0)
+    row_of = np.full(n, -1, dtype=np.int64)
+    row_of[rows] = np.arange(rows.size)
+    tp = np.zeros((ns, na, nt))
+    if m_truth:
+        keys = np.concatenate(items_k)
+        if keys.size:
+            uniq, inter = _pair_values(keys, np.concatenate(items_hi).astype(np.int64),
+                                       np.concatenate(items_w).astype(np.float64), ns)
+            pi, pt = uniq // m_truth, uniq % m_truth  # sorted by instance
+            union = area[pi] + img.truth_area[pt][:, None] - inter
+            iou = np.divide(inter, union, out=np.zeros(inter.shape), where=inter > 0)
+            cand = (iou > metric.THRESHOLDS[0]).any(axis=1)
+            pi, iou = pi[cand], iou[cand]
+            if pi.size:
+                # Residual masks are disjoint, so no truth has two predictions with IoU > 0.5 (two disjoint masks
+                # cannot both cover more than half of it): every component of the match graph is one prediction
+                # with its truths, and a maximum matching counts the kept predictions whose best IoU exceeds t.
+                starts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]])
+                best = np.maximum.reduceat(iou, starts, axis=0)  # (G, ns)
+                kp = kept_rows[row_of[pi[starts]]].astype(np.float32)  # (G, ns, na); IoU > 0 implies area > 0
+                hit = (best[:, :, None] > metric.THRESHOLDS[None, None, :]).astype(np.float32)  # (G, ns, nt)
+                tp = np.matmul(kp.transpose(1, 2, 0), hit.transpose(1, 0, 2)).astype(np.float64)
+    denom = n_pred[:, :, None] + m_truth - tp
+    prec = np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0)
+    return prec.mean(axis=2)
+
+
+def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, grid: dict, c: int = 0
+                 ) -> np.ndarray:
+    """Image score at on-grid thresholds for every (score, min_area) of class ``c`` on the grid (tests, notebooks).
+
+    Returns:
+        float64 ``(len(grid["score"]), len(grid["min_area"]))``.
+    """
+    mask_index = np.array([grid["mask"].index(thresholds[n]["mask"]) for n in CELL_TYPES])
+    fixed_score = np.array([thresholds[n]["score"] for n in CELL_TYPES], dtype=np.float64)
+    fixed_area = np.array([thresholds[n]["min_area"] for n in CELL_TYPES], dtype=np.int64)
+    return sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, [int(mask_index[c])],
+                       np.asarray(grid["score"], dtype=np.float64), np.asarray(grid["min_area"], dtype=np.int64))[0]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+class _Shard:
+    """A set of images held by one process, answering sweep and evaluation requests."""
+
+    def __init__(self, images: list[ImageData], grid: dict):
+        self.images = images
+        self.grid = grid
+        self.score_grid = np.asarray(grid["score"], dtype=np.float64)
+        self.area_grid = np.asarray(grid["min_area"], dtype=np.int64)
+        self.mask_grid = np.asarray(grid["mask"], dtype=np.float64)
+        self.cache: dict = {}
+
+    def info(self):
+        return [(img.image_id, img.cell_type, img.n_truth, int(img.inst.size), bool(np.unique(img.classes).size > 1))
+                for img in self.images]
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this process, MiB (Linux ``ru_maxrss``)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def sweep(self, c: int, thr: dict, options: dict) -> dict[int, np.ndarray]:
+        """``{local image index: (n_mask, ns, na) scores}`` for the images with an instance of effective class c."""
+        vote, rescore = options["image_class_vote"], options["rescore"]
+        mask_index, fixed_score, fixed_area = self._fixed(thr)
+        masks = list(range(len(self.mask_grid)))
+        out = {}
+        for j, img in enumerate(self.images):
+            eff = effective(img, vote)
+            if not (eff == c).any():
+                continue
+            # the result depends on the thresholds of the other classes present in the image only (none when the
+            # image is pure), so it is reused while those stay the same
+            deps = tuple((b, tuple(sorted(thr[CELL_TYPES[b]].items()))) for b in np.unique(eff) if b != c)
+            key = (j, c, rescore) if not deps else (j, c, rescore, vote)  # a pure image: own class == vote
+            hit = self.cache.get(key)
+            if hit is not None and hit[0] == deps:
+                out[j] = hit[1]
+                continue
+            res = sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, masks, self.score_grid,
+                              self.area_grid)
+            self.cache[key] = (deps, res)
+            out[j] = res
+        return out
+
+    def evaluate(self, thr: dict, options: dict) -> np.ndarray:
+        """Image score of every image at the given on-grid thresholds, float64 ``(n_images,)``."""
+        mask_index, fixed_score, fixed_area = self._fixed(thr)
+        out = np.empty(len(self.images))
+        for j, img in enumerate(self.images):
+            out[j] = sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
+                                 fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
+        return out
+
+    def _fixed(self, thr: dict):
+        mask_index = np.array([self.grid["mask"].index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64)
+        fixed_score = np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64)
+        fixed_area = np.array([thr[name]["min_area"] for name in CELL_TYPES], dtype=np.int64)
+        return mask_index, fixed_score, fixed_area
+
+
+def _load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score) -> list[ImageData]:
+    images = []
+    for pred in P.iter_dir(pred_dir, ids=ids):
+        shape = shape_by_id[pred.image_id]
+        if (pred.height, pred.width) != shape:
+            raise ValueError(f"{pred_dir}/{pred.image_id}.npz: image size {pred.height}x{pred.width} differs from "
+                             f"the truth's {shape[0]}x{shape[1]}")
+        truth = []
+        for i, s in enumerate(truth_by_id[pred.image_id]):
+            starts, lengths = rle.parse(s, shape)
+            if lengths.size:
+                truth.append(rle.runs_to_indices(starts, lengths))
+        images.append(prepare_image(pred, truth, cell_type_by_id[pred.image_id], grid, vote_min_score))
+    return images
+
+
+def _worker(conn, args):
+    try:
+        shard = _Shard(_load_shard(*args), args[5])
+        conn.send(("ok", shard.info()))
+    except BaseException as exc:  # report, then stop
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        name, payload = msg
+        try:
+            conn.send(("ok", getattr(shard, name)(*payload)))
+        except BaseException as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class _Pool:
+    """Shards in worker processes (or in-process when ``workers <= 1``), queried in parallel."""
+
+    def __init__(self, pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score, workers):
+        self.local = None
+        self.conns, self.procs = [], []
+        shards = [ids[w::workers] for w in range(workers)] if workers > 1 else [ids]
+        self.shard_ids = [s for s in shards if s]
+        if workers <= 1:
+            self.local = _Shard(_load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid,
+                                            vote_min_score), grid)
+            self.infos = [self.local.info()]
+            return
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        for part in self.shard_ids:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, (pred_dir, part, truth_by_id, cell_type_by_id,
+                                                             shape_by_id, grid, vote_min_score)), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.infos = [self._recv(conn) for conn in self.conns]
+
+    @staticmethod
+    def _recv(conn):
+        status, value = conn.recv()
+        if status != "ok":
+            raise ValueError(f"search worker failed: {value}")
+        return value
+
+    def call(self, name: str, *payload) -> list:
+        if self.local is not None:
+            return [getattr(self.local, name)(*payload)]
+        for conn in self.conns:
+            conn.send((name, payload))
+        return [self._recv(conn) for conn in self.conns]
+
+    def close(self):
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+
+
+# ------------------------------------------------------------------------------------------------ driver
+class ThresholdSearch:
+    """The search over one predictions directory and truth table; see :func:`search` for the usual entry point.
+
+    Args:
+        pred_dir: predictions store (out-of-fold predictions).
+        truth: DataFrame of the train CSV (:func:`cellkit.data.read_train_csv`).
+        grid: :func:`make_grid` output.
+        workers: processes (images are sharded over them).
+        vote_min_score: confidence of a voting detection.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing, empty or foreign predictions directory, predictions for images
+            the truth does not know, image sizes that disagree.
+    """
+
+    def __init__(self, pred_dir, truth, grid: dict | None = None, workers: int = 2, vote_min_score: float = 0.5):
+        self.pred_dir = Path(pred_dir)
+        self.grid = make_grid(**(grid or {}))
+        self.vote_min_score = float(vote_min_score)
+        ids = P.image_ids(self.pred_dir)  # raises on a missing, empty or foreign directory
+        truth_ids = set(truth["id"].astype(str))
+        unknown = [i for i in ids if i not in truth_ids]
+        if unknown:
+            raise ValueError(f"{self.pred_dir}: predictions for {len(unknown)} image(s) the truth does not know, "
+                             f"e.g. {unknown[:5]}")
+        self.missing = sorted(truth_ids - set(ids))
+        if self.missing:
+            logger.warning("%d truth image(s) have no predictions in %s and are left out of the search",
+                           len(self.missing), self.pred_dir)
+        rows = truth[truth["id"].isin(set(ids))]
+        groups = rows.groupby("id", sort=False)
+        truth_by_id = {k: g["annotation"].tolist() for k, g in groups}
+        cell_type_by_id = {k: str(g["cell_type"].iat[0]) for k, g in groups}
+        shape_by_id = {k: (int(g["height"].iat[0]), int(g["width"].iat[0])) for k, g in groups}
+        self.pool = _Pool(self.pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, self.grid,
+                          self.vote_min_score, max(1, min(int(workers), len(ids))))
+        self.info = [x for part in self.pool.infos for x in part]
+        self.n_images = len(self.info)
+        self.cell_types = np.array([x[1] for x in self.info])
+        self.any_mixed = any(x[4] for x in self.info)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this process plus its workers, MiB (sum of each process's peak)."""
+        import resource
+
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return own + (sum(self.pool.call("peak_rss_mb")) if self.pool.local is None else 0.0)
+
+    def evaluate(self, thresholds: dict, options: dict) -> np.ndarray:
+        """Image scores, float64 ``(n_images,)`` in :attr:`info` order, at on-grid thresholds."""
+        thresholds = self._on_grid(thresholds)
+        return np.concatenate(self.pool.call("evaluate", thresholds, options))
+
+    def _on_grid(self, thresholds: dict) -> dict:
+        thresholds = pp.validate_thresholds(thresholds)
+        for name, t in thresholds.items():
+            for key in pp.THRESHOLD_KEYS:
+                if t[key] not in self.grid[key]:
+                    raise ValueError(f"class {name!r}: {key} = {t[key]} is not on the search grid")
+        return thresholds
+
+    def per_class(self, scores: np.ndarray) -> dict:
+        """``{"mAP", "per_class"}`` from image scores (per class = mean over images of that true cell type)."""
+        out = {c: (float(scores[self.cell_types == c].mean()) if (self.cell_types == c).any() else None)
+               for c in CELL_TYPES}
+        return {"mAP": float(scores.mean()), "per_class": out}
+
+    def optimise(self, options: dict, max_rounds: int = 3, progress=None, init: dict | None = None) -> dict:
+        """Coordinate ascent over classes for one option set, from ``init`` (default: the seed's thresholds).
+
+        Returns:
+            ``{"options", "thresholds", "mAP", "rounds", "curves", "image_scores"}``; ``curves[class]`` holds the
+            mAP (over all images) against each threshold of that class with the others at their chosen values.
+        """
+        options = {**options, "vote_min_score": self.vote_min_score}
+        thr = {c: dict((init or pp.SEED_THRESHOLDS)[c]) for c in CELL_TYPES}
+        offsets = np.cumsum([0] + [len(p) for p in self.pool.infos])
+        current = self.evaluate(thr, options)
+        curves = {}
+        rounds = 0
+        for rounds in range(1, max_rounds + 1):
+            changed = False
+            for ci, name in enumerate(CELL_TYPES):
+                parts = self.pool.call("sweep", ci, thr, options)
+                affected = np.zeros(self.n_images, dtype=bool)
+                total = None
+                for w, part in enumerate(parts):
+                    for j, res in part.items():
+                        affected[offsets[w] + j] = True
+                        total = res.copy() if total is None else total + res
+                if progress is not None:
+                    progress.update(1)
+                if total is None:
+                    continue
+                total += current[~affected].sum()
+                total /= self.n_images
+                best = np.unravel_index(int(np.argmax(total)), total.shape)
+                new = {"mask": self.grid["mask"][best[0]], "score": self.grid["score"][best[1]],
+                       "min_area": self.grid["min_area"][best[2]]}
+                cur_idx = (self.grid["mask"].index(thr[name]["mask"]), self.grid["score"].index(thr[name]["score"]),
+                           self.grid["min_area"].index(thr[name]["min_area"]))
+                if total[best] > total[cur_idx] + 1e-12:
+                    thr[name] = new
+                    changed = True
+                m, k, a = (self.grid["mask"].index(thr[name]["mask"]), self.grid["score"].index(thr[name]["score"]),
+                           self.grid["min_area"].index(thr[name]["min_area"]))
+                curves[name] = {"score": total[m, :, a].tolist(), "mask": total[:, k, a].tolist(),
+                                "min_area": total[m, k, :].tolist()}
+                for w, part in enumerate(parts):
+                    for j, res in part.items():
+                        current[offsets[w] + j] = res[m, k, a]
+            if not changed or options["image_class_vote"] or not self.any_mixed:
+                break  # without images that mix classes the classes are independent: one round is exact
+        final = self.evaluate(thr, options)
+        return {"options": {**options}, "thresholds": thr, "mAP": float(final.mean()), "rounds": rounds,
+                "curves": curves, "image_scores": final}
+
+
+def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, workers: int = 2,
+           max_rounds: int = 3, vote_min_score: float = 0.5, progress: bool = True) -> dict:
+    """Search per-class thresholds and options on out-of-fold predictions.
+
+    Args:
+        pred_dir: the predictions store (``meta.json`` provenance is copied into the result).
+        truth_csv: the competition train CSV (path) or its DataFrame.
+        grid: ``{"score": [...], "mask": [...], "min_area": [...]}`` (default :data:`DEFAULT_GRID`).
+        option_sets: the option sets to try (default :data:`OPTION_SETS`).
+        workers: processes.
+        max_rounds: coordinate-ascent rounds at most per option set.
+        vote_min_score: confidence of a voting detection.
+        progress: tqdm bar.
+
+    Returns:
+        The ``thresholds.json`` document: ``thresholds``, ``options``, ``metric`` (``before`` = seed defaults and
+        options, ``after``; each ``{"mAP", "per_class"}``), ``search`` (grid, per option set results, curves,
+        image counts, seconds) and ``provenance`` (predictions dir, its meta.json: config, weights, folds).
+    """
+    from tqdm import tqdm
+
+    from cellkit import __version__
+    from cellkit.data import read_train_csv
+
+    start = time.perf_counter()
+    truth_path = None
+    if isinstance(truth_csv, (str, os.PathLike)):
+        truth_path = str(truth_csv)
+        truth = read_train_csv(truth_csv)
+    else:
+        truth = truth_csv
+    option_sets = list(option_sets or OPTION_SETS)
+    pred_dir = Path(pred_dir)
+    try:
+        meta = P.read_meta(pred_dir)
+    except FileNotFoundError:
+        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
+        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
+        meta = {}
+    with ThresholdSearch(pred_dir, truth, grid, workers, vote_min_score) as s:
+        seed = {"options": dict(pp.DEFAULT_OPTIONS, vote_min_score=vote_min_score),
+                "thresholds": {c: dict(pp.SEED_THRESHOLDS[c]) for c in CELL_TYPES}}
+        before = s.per_class(s.evaluate(seed["thresholds"], seed["options"]))
+        bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
+        option_sets = [{k: bool(o[k]) for k in ("image_class_vote", "rescore")} for o in option_sets]
+        # the vote's classes never mix, so its search is one exact round; the own-class search then starts from the
+        # vote's optimum of the same rescoring, which usually converges in one round instead of two
+        by_key = {}
+        for options in sorted(option_sets, key=lambda o: not o["image_class_vote"]):
+            init = by_key.get((True, options["rescore"]))
+            init = init["thresholds"] if (init is not None and not options["image_class_vote"]) else None
+            by_key[(options["image_class_vote"], options["rescore"])] = s.optimise(options, max_rounds, bar, init)
+            bar.total = max(bar.total, bar.n)
+        bar.close()
+        results = [by_key[(o["image_class_vote"], o["rescore"])] for o in option_sets]
+        best = results[0]
+        for r in results[1:]:
+            if r["mAP"] > best["mAP"] + 1e-12:
+                best = r
+        after = s.per_class(best["image_scores"])
+        n_images = s.n_images
+        missing = len(s.missing)
+        peak_mb = s.peak_rss_mb()
+    doc = {
+        "thresholds": best["thresholds"],
+        "options": pp.validate_options(best["options"]),
+        "metric": {"before": before, "after": after},
+        "search": {
+            "grid": s.grid,
+            "objective": "competition mAP over the images with predictions (cellkit.metric)",
+            "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
+                         "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
+            "curves": best["curves"],
+            "n_images": n_images,
+            "n_truth_images_without_predictions": missing,
+            "seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_mb": round(peak_mb, 1),
+        },
+        "provenance": {
+            "predictions": str(pred_dir),
+            "truth": truth_path or truth.attrs.get("path"),
+            "config": meta.get("config"),
+            "weights": meta.get("weights"),
+            "folds": meta.get("folds", meta.get("fold")),
+            "predictions_meta": meta,
+            "cellkit_version": __version__,
+        },
+    }
+    return doc
+
+
+def plot_search(doc: dict, path) -> Path:
+    """Plot the metric against each threshold per class (others at their chosen values); PNG written atomically.
+
+    Args:
+        doc: a document from :func:`search` (needs ``search.curves`` and ``search.grid``).
+        path: the PNG to write.
+    """
+    import tempfile
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    grid, curves = doc["search"]["grid"], doc["search"]["curves"]
+    fig, axes = plt.subplots(len(CELL_TYPES), 3, figsize=(12, 3.2 * len(CELL_TYPES)), squeeze=False)
+    for row, name in enumerate(CELL_TYPES):
+        for col, key in enumerate(("score", "mask", "min_area")):
+            ax = axes[row][col]
+            if name in curves:
+                ax.plot(grid[key], curves[name][key], marker="o", ms=3)
+                ax.axvline(doc["thresholds"][name][key], color="tab:red", ls="--", lw=1, label="chosen")
+                ax.axvline(pp.SEED_THRESHOLDS[name][key], color="tab:gray", ls=":", lw=1, label="seed")
+            else:
+                ax.text(0.5, 0.5, "no detections of this class", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{name}: {key}")
+            ax.set_xlabel(key)
+            ax.set_ylabel("mAP")
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    opts = doc["options"]
+    fig.suptitle(f"threshold search (vote={opts['image_class_vote']}, rescore={opts['rescore']}): "
+                 f"mAP {doc['metric']['before']['mAP']:.4f} -> {doc['metric']['after']['mAP']:.4f}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=80)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
