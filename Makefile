@@ -30,5 +30,27 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
+# Main job: the six notebooks (papermill) on the synthetic data with the `demo` preset -> $(OUT)/submission.csv and
+# the CV score. `make demo DATA=../shared/data/sartorius` runs the same chain on a competition-layout folder.
+# DEMO_ITERATIONS caps the training iterations to keep `make demo` within ~15 min on 2 free CPU cores (the demo
+# preset costs ~8 CPU-s per iteration here; 0 = the preset's SOLVER.MAX_ITER); DEMO_ARGS adds chain options.
+DEMO_IMAGES ?= 24
+DEMO_ITERATIONS ?= 150
+DEMO_ARGS ?=
 demo: install
-	$(PY) -m cellkit demo --data $(DATA) --out $(OUT)
+	@if [ "$(DATA)" = "data/demo" ] && [ ! -f data/demo/train.csv ]; then \
+		echo "+ generating the synthetic demo data in data/demo"; \
+		$(PY) -m cellkit synth data/demo --images $(DEMO_IMAGES) --seed 0; fi
+	$(PY) -m cellkit chain --data $(DATA) --out $(OUT) --preset demo --iterations $(DEMO_ITERATIONS) --log-output \
+		$(DEMO_ARGS)
+
+# Kaggle: `make kernels` renders kernels/<name>/ (metadata + the notebook with Kaggle parameters, papermill
+# --prepare-only); `make wheels` builds the offline wheels dataset (+ dataset-metadata.json) for the submission kernel.
+KAGGLE_USER ?= cellkit
+KAGGLE_PYTHON ?= 3.11
+.PHONY: kernels
+kernels: install
+	$(PY) -m cellkit.kaggle kernels --owner $(KAGGLE_USER)
+
+wheels: install
+	$(PY) -m cellkit.kaggle wheels --out wheels --owner $(KAGGLE_USER) --python-version $(KAGGLE_PYTHON)

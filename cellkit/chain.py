@@ -1,0 +1,260 @@
+"""The headless notebook chain: ``notebooks/01_eda`` .. ``06_submission`` run in order with papermill.
+
+Every notebook gets the parameters it declares out of one shared dict (``DATA_DIR``, ``OUT_DIR``, ``PRESET`` ...;
+parameters a notebook does not declare are not passed to it), its executed copy lands in ``<OUT_DIR>/notebooks/``
+and artifacts pass between notebooks as files under ``OUT_DIR`` (folds.csv, fold runs, oof/, thresholds.json,
+submission.csv). A failing cell stops the chain with an error naming the notebook, the cell and the exception.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+NOTEBOOKS = ("01_eda", "02_folds", "03_pretrain", "04_finetune", "05_threshold_search", "06_submission")
+"""The chain, in order (file stems in ``notebooks/``)."""
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+"""The project's notebooks (the chain runs from a checkout: notebooks are not part of the installed package)."""
+
+EXECUTED_SUBDIR = "notebooks"
+"""Sub-folder of ``OUT_DIR`` receiving the executed copies."""
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook of the chain failed; the message names the notebook, the cell and the error."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One executed notebook: its name, executed copy and wall time in seconds."""
+
+    name: str
+    output: Path
+    seconds: float
+
+
+def command(*argv) -> None:
+    """Run ``python -m cellkit ARGV`` inside this process (the notebooks' way to call a stage).
+
+    The command line is echoed first, so a notebook reader sees the shell equivalent. Unlike
+    :func:`cellkit.cli.main`, errors propagate as exceptions, so a notebook cell fails with the stage's own message.
+
+    Returns nothing (a notebook cell ending with it shows no stray ``0``).
+
+    Raises:
+        RuntimeError: the command returned a non-zero exit code.
+    """
+    from cellkit.cli import build_parser
+
+    words = [str(a) for a in argv]
+    print("$ cellkit " + " ".join(shlex.quote(w) for w in words), flush=True)
+    try:
+        args = build_parser(words[0]).parse_args(words)
+    except SystemExit:  # argparse printed the usage and the problem above
+        raise ValueError(f"cellkit {words[0]}: invalid arguments {words[1:]} (see the message above)") from None
+    code = int(args._module.run(args) or 0)
+    if code:
+        raise RuntimeError(f"cellkit {words[0]} exited with code {code}")
+
+
+SMOKE_OVERRIDES = (
+    "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "4",
+    "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "352", "INPUT.MIN_SIZE_TEST", "256",
+    "INPUT.MAX_SIZE_TEST", "352", "TEST.AUG.MIN_SIZES", "(256,)", "TEST.AUG.MAX_SIZE", "352",
+    "TEST.DETECTIONS_PER_IMAGE", "100",
+)
+"""``KEY VALUE`` config overrides of a smoke run (CI): 4 iterations on 256-pixel images."""
+
+
+def train_args(device: str, iterations: int = 0, smoke: bool = False, weights: Path | None = None) -> list[str]:
+    """The ``cellkit train`` arguments a notebook's parameters add: ``--weights`` and ``KEY VALUE`` overrides.
+
+    Args:
+        device: ``"cpu"`` / ``"cuda"`` (``MODEL.DEVICE``).
+        iterations: ``SOLVER.MAX_ITER`` when > 0 (applied after the smoke overrides, so it wins).
+        smoke: add :data:`SMOKE_OVERRIDES`.
+        weights: initial checkpoint, or None for the preset's (random init for the demo).
+    """
+    args = ["--weights", str(weights)] if weights else []
+    args += ["MODEL.DEVICE", device]
+    if smoke:
+        args += list(SMOKE_OVERRIDES)
+    if iterations and int(iterations) > 0:
+        args += ["SOLVER.MAX_ITER", str(int(iterations))]
+    return args
+
+
+def parse_folds(value: str, folds_table) -> list[int]:
+    """``FOLDS`` parameter -> sorted fold numbers: ``"all"`` or comma-separated ints, checked against folds.csv.
+
+    Raises:
+        ValueError: naming ``FOLDS`` when a fold is not in the table or the text is malformed.
+    """
+    known = sorted(int(f) for f in folds_table["fold"].unique())
+    if str(value).strip().lower() == "all":
+        return known
+    try:
+        chosen = sorted({int(t) for t in str(value).split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"FOLDS={value!r}: expected 'all' or comma-separated fold numbers") from None
+    unknown = [f for f in chosen if f not in known]
+    if not chosen or unknown:
+        raise ValueError(f"FOLDS={value!r}: folds.csv has folds {known}")
+    return chosen
+
+
+def fold_runs(out_dir: Path) -> list[Path]:
+    """The trained fold runs of a run directory (``fold<K>/`` holding ``config.yaml``), by fold number."""
+    runs = [p for p in Path(out_dir).glob("fold*") if p.name[4:].isdigit() and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda p: int(p.name[4:]))
+
+
+def notebook_parameters(path: Path) -> dict[str, dict]:
+    """The parameters a notebook declares in its ``parameters`` cell (papermill's inference: name -> info)."""
+    import papermill as pm
+    return pm.inspect_notebook(str(path))
+
+
+def select_parameters(declared: Mapping[str, dict], params: Mapping[str, object]) -> dict:
+    """The subset of ``params`` a notebook declares (the chain shares one dict across notebooks)."""
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def failure_message(name: str, exc: Exception, executed: Path) -> str:
+    """One-paragraph description of a papermill execution error: notebook, cell, exception, executed copy."""
+    cell = getattr(exc, "exec_count", None)
+    index = getattr(exc, "cell_index", None)
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    where = f"cell In [{cell}]" if cell is not None else "a cell"
+    if index is not None:
+        where += f" (cell {index + 1} of the executed copy)"
+    source = (getattr(exc, "source", "") or "").strip().splitlines()
+    first = f"; cell starts: {source[0][:100]!r}" if source else ""
+    return f"notebook {name}.ipynb failed at {where}: {ename}: {evalue}{first} (executed copy: {executed})"
+
+
+def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, notebooks_dir: Path = NOTEBOOK_DIR,
+                 kernel_name: str = "python3", log_output: bool = False, timeout: int | None = None) -> StepResult:
+    """Execute one notebook of the chain with papermill.
+
+    Args:
+        name: file stem in ``notebooks_dir`` (e.g. ``"04_finetune"``).
+        params: shared parameters; only those the notebook declares are injected.
+        out_dir: the run directory; the executed copy goes to ``out_dir/notebooks/<name>.ipynb``.
+        notebooks_dir: folder of the source notebooks.
+        kernel_name: Jupyter kernel.
+        log_output: stream the cells' output to the log as they run.
+        timeout: per-cell timeout in seconds (None = no limit).
+
+    Raises:
+        FileNotFoundError: the notebook does not exist.
+        NotebookFailed: a cell raised; the message names the notebook and cell.
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    source = Path(notebooks_dir) / f"{name}.ipynb"
+    if not source.is_file():
+        raise FileNotFoundError(f"notebook {source} not found")
+    executed = Path(out_dir) / EXECUTED_SUBDIR / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    chosen = select_parameters(notebook_parameters(source), params)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(source), str(executed), parameters=chosen, kernel_name=kernel_name,
+                            progress_bar=False, log_output=log_output, execution_timeout=timeout)
+    except PapermillExecutionError as exc:
+        raise NotebookFailed(failure_message(name, exc, executed)) from None
+    return StepResult(name, executed, time.perf_counter() - start)
+
+
+RUN_IDENTITY = "chain.json"
+"""File in the run directory recording the data and preset it was made from (a rerun resumes only the same run)."""
+
+IDENTITY_KEYS = ("DATA_DIR", "PRESET")
+
+
+def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
+    """Record ``DATA_DIR`` and ``PRESET`` in ``out_dir/chain.json``; refuse a run dir made from other ones.
+
+    A rerun on the same run directory resumes (training continues from checkpoints, predictions already written are
+    skipped), which is only right for the same data and preset.
+
+    Raises:
+        ValueError: naming both values, when ``out_dir`` holds a run of another data dir or preset.
+    """
+    path = Path(out_dir) / RUN_IDENTITY
+    identity = {k: str(params.get(k, "")) for k in IDENTITY_KEYS}
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"{k} {recorded.get(k)!r} (now {identity[k]!r})"
+                for k in IDENTITY_KEYS if recorded.get(k) != identity[k]]
+        if diff:
+            raise ValueError(f"{out_dir} holds a run made with {', '.join(diff)}: choose another output dir "
+                             f"(make demo OUT=...) or delete it")
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] = NOTEBOOKS,
+              notebooks_dir: Path = NOTEBOOK_DIR, log_output: bool = False, timeout: int | None = None,
+              echo=print) -> list[StepResult]:
+    """Run ``names`` in order; ``OUT_DIR`` is set to ``out_dir`` in every notebook.
+
+    Returns:
+        One :class:`StepResult` per notebook.
+
+    Raises:
+        NotebookFailed: at the first failing notebook (later ones are not run).
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_run_identity(out_dir, params)
+    shared = {**params, "OUT_DIR": str(out_dir)}
+    results = []
+    for i, name in enumerate(names, 1):
+        echo(f"[{i}/{len(names)}] {name}.ipynb ...", flush=True)
+        result = run_notebook(name, shared, out_dir, notebooks_dir, log_output=log_output, timeout=timeout)
+        echo(f"[{i}/{len(names)}] {name}.ipynb done in {result.seconds:.0f} s -> {result.output}", flush=True)
+        results.append(result)
+    return results
+
+
+THRESHOLDS_NAME = "thresholds.json"
+"""The threshold search's output in the run directory; it holds the CV score (``metric.before`` / ``metric.after``)."""
+
+
+def cv_summary(out_dir: Path) -> dict:
+    """The run's ``thresholds.json`` (validated), which carries the CV score of the out-of-fold predictions.
+
+    Raises:
+        FileNotFoundError: the chain did not get as far as the threshold search.
+    """
+    from cellkit.postprocess import load_thresholds
+
+    path = Path(out_dir) / THRESHOLDS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the threshold-search notebook did not run")
+    return load_thresholds(path)
+
+
+def format_cv(doc: Mapping) -> str:
+    """One line: the CV mAP after the searched post-processing, per class, and with the seed's thresholds.
+
+    Args:
+        doc: a ``thresholds.json`` document (``metric.before`` / ``metric.after`` each ``{"mAP", "per_class"}``).
+    """
+    after, before = doc["metric"]["after"], doc["metric"]["before"]
+    n = doc.get("search", {}).get("n_images")
+    per_class = " ".join(f"{k} {v:.4f}" for k, v in after.get("per_class", {}).items() if v is not None)
+    where = f" on {n} out-of-fold images" if n else ""
+    return (f"CV score{where}: mAP {after['mAP']:.4f} ({per_class}); "
+            f"with the seed's thresholds {before['mAP']:.4f}")

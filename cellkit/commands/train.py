@@ -1,0 +1,101 @@
+"""``python -m cellkit train --config PRESET_OR_YAML --data DIR --fold K --out DIR [--resume] [--weights PATH]
+[KEY VALUE ...]``: train a detectron2 model (see :mod:`cellkit.train`).
+
+Fine-tune mode (the presets ``paper``, ``r50``, ``demo``): ``--data`` is a competition-layout folder (``train.csv``,
+``train/``); fold ``K`` of ``--folds`` (default: ``OUT/folds.csv``, written when absent) is held out for validation
+(``--fold -1``: train on every image, no validation). Pretrain mode (``paper_pretrain``, ``r50_pretrain``, or any
+preset with ``--livecell``): train on a LIVECell COCO json.
+
+Everything is checked before any work starts (config keys, weights file, data folder, fold); the resolved config is
+saved as ``OUT/config.yaml``. ``--resume`` continues the run in ``OUT`` from its last checkpoint with the saved
+config (``KEY VALUE`` pairs still apply on top). ``--num-gpus N`` trains on N GPUs through detectron2's ``launch``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HELP = "train a model (preset paper / r50 / demo or a YAML) on a competition-layout data dir or LIVECell"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", metavar="PRESET_OR_YAML",
+                        help="preset name (paper, paper_pretrain, r50, r50_pretrain, demo) or a YAML file; "
+                             "optional with --resume (the run's config.yaml is used)")
+    parser.add_argument("--data", metavar="DIR", help="competition-layout data dir (train.csv, train/)")
+    parser.add_argument("--fold", type=int, default=None, metavar="K",
+                        help="held-out validation fold (default: the config's CELLKIT.DATA.FOLD); -1 = no validation")
+    parser.add_argument("--folds", metavar="CSV", help="folds.csv to use (default: OUT/folds.csv, written if absent)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, logs, config.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="initial weights, a local .pth/.pkl file (model-zoo or a previous run's checkpoint)")
+    parser.add_argument("--livecell", metavar="JSON", help="pretrain on this LIVECell COCO json")
+    parser.add_argument("--livecell-images", metavar="DIR", help="folder of the LIVECell images")
+    parser.add_argument("--livecell-val", metavar="JSON", help="LIVECell json to validate on during pretraining")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs to train on (detectron2 launch); default 1")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="config overrides, e.g. SOLVER.MAX_ITER 100 SOLVER.BASE_LR 0.01")
+
+
+def build_config(args):
+    """The run's config from the arguments (not yet checked against data and weights)."""
+    from cellkit.cli import CellkitError
+    from cellkit.config import apply_overrides, get_preset_cfg, load_run_config
+
+    out = Path(args.out)
+    saved = out / "config.yaml"
+    if args.resume and saved.is_file():
+        cfg = load_run_config(out)
+        if args.config:
+            print(f"cellkit train: --resume uses {saved}; --config {args.config} ignored", file=sys.stderr)
+    elif args.config:
+        if (out / "last_checkpoint").is_file() and not args.resume:
+            raise CellkitError(f"{out} already holds a training run (last_checkpoint): pass --resume to continue it "
+                               "or choose another --out")
+        cfg = get_preset_cfg(args.config)
+    else:
+        raise CellkitError("--config PRESET_OR_YAML is required (or --resume on a run dir with config.yaml)")
+    cfg.OUTPUT_DIR = str(out)
+    if args.data:
+        cfg.CELLKIT.DATA.ROOT = str(args.data)
+    if args.fold is not None:
+        cfg.CELLKIT.DATA.FOLD = args.fold
+    if args.folds:
+        cfg.CELLKIT.DATA.FOLDS_CSV = str(args.folds)
+    if args.weights:
+        cfg.MODEL.WEIGHTS = str(args.weights)
+    if args.livecell:
+        cfg.CELLKIT.MODE = "pretrain"
+        cfg.CELLKIT.DATA.LIVECELL_JSON = str(args.livecell)
+    if args.livecell_images:
+        cfg.CELLKIT.DATA.LIVECELL_IMAGES = str(args.livecell_images)
+    if args.livecell_val:
+        cfg.CELLKIT.DATA.LIVECELL_VAL_JSON = str(args.livecell_val)
+    apply_overrides(cfg, args.opts)
+    if cfg.CELLKIT.MODE == "finetune" and not cfg.CELLKIT.DATA.ROOT:
+        raise CellkitError("--data DIR is required (a competition-layout folder with train.csv and train/)")
+    return cfg
+
+
+def run(args) -> int:
+    import torch
+    from detectron2.engine import launch
+
+    from cellkit.cli import CellkitError
+    from cellkit.train import prepare_config, train_worker
+
+    if args.num_gpus < 1:
+        raise CellkitError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    if args.num_gpus > 1 and torch.cuda.device_count() < args.num_gpus:
+        raise CellkitError(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA device(s) here")
+    cfg, specs = prepare_config(build_config(args), resume=args.resume)
+    if args.num_gpus > 1:
+        launch(train_worker, args.num_gpus, dist_url="auto", args=(cfg, specs, args.resume))
+        results = None
+    else:
+        results = train_worker(cfg, specs, args.resume)
+    if results:
+        print(json.dumps({"out": cfg.OUTPUT_DIR, **{k: v for k, v in results.get("cellkit", results).items()}}))
+    return 0

@@ -1,0 +1,141 @@
+"""Validation on the competition metric, as a detectron2 ``DatasetEvaluator`` (not COCOEvaluator's 100-detection cap).
+
+Per image: the model's instances (masks pasted and binarised at 0.5 by detectron2, as the seed did), the top
+``TEST.DETECTIONS_PER_IMAGE`` by score, post-processed with :func:`cellkit.postprocess.apply` at the seed's
+defaults (score >= ``CELLKIT.EVAL.SCORE_THRESHOLD``, overlaps removed by descending score), then scored with
+:func:`cellkit.metric.score_masks` against the dataset dict's true masks (COCO RLE or polygons).
+
+Results (``DefaultTrainer.test`` -> ``EvalHook`` -> event storage, flattened as ``cellkit/<key>``):
+``mAP`` (mean over images of the mean precision over IoU 0.50:0.95), ``mAP_<class>`` per cell type of the images
+(Sartorius dicts carry ``cell_type``), ``AP50``/``AP75`` (precision at IoU 0.5 / 0.75) and ``n_images``.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+from detectron2.evaluation import DatasetEvaluator
+
+from cellkit import CELL_TYPES, metric, postprocess, rle
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellkitEvaluator", "truth_rles", "summarize"]
+
+
+def _coco_to_rle_string(segm: dict, height: int, width: int) -> str:
+    from pycocotools import mask as mask_util
+
+    if isinstance(segm.get("counts"), list):  # uncompressed COCO RLE
+        segm = mask_util.frPyObjects(segm, height, width)
+    return rle.from_coco(segm)
+
+
+def truth_rles(record: dict) -> list[str]:
+    """Competition RLE strings of a dataset dict's annotations (COCO RLE dicts or polygon lists).
+
+    Args:
+        record: detectron2 dataset dict with ``height``, ``width`` and ``annotations[*]["segmentation"]``.
+
+    Returns:
+        One string per annotation, row-major as in the competition (empty annotations dropped).
+    """
+    from pycocotools import mask as mask_util
+
+    h, w = int(record["height"]), int(record["width"])
+    out = []
+    for ann in record.get("annotations", []):
+        segm = ann["segmentation"]
+        if isinstance(segm, dict):
+            s = _coco_to_rle_string(segm, h, w)
+        else:  # polygons
+            polys = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in segm if len(p) >= 6]
+            if not polys:
+                continue
+            merged = mask_util.merge(mask_util.frPyObjects(polys, h, w))
+            s = rle.from_coco(merged)
+        if s:
+            out.append(s)
+    return out
+
+
+def summarize(rows: list[tuple[str, str, np.ndarray]]) -> dict:
+    """Aggregate per-image precisions ``[(image_id, cell_type, precision (10,)), ...]`` into the result dict."""
+    if not rows:
+        return {"mAP": float("nan"), "n_images": 0}
+    prec = np.stack([r[2] for r in rows])
+    res = {"mAP": float(prec.mean()), "AP50": float(prec[:, 0].mean()), "AP75": float(prec[:, 5].mean()),
+           "n_images": len(rows)}
+    by_type = defaultdict(list)
+    for _, cell_type, p in rows:
+        if cell_type:
+            by_type[cell_type].append(p.mean())
+    for cell_type in sorted(by_type, key=lambda c: (CELL_TYPES.index(c) if c in CELL_TYPES else 99, c)):
+        res[f"mAP_{cell_type}"] = float(np.mean(by_type[cell_type]))
+    return res
+
+
+class CellkitEvaluator(DatasetEvaluator):
+    """Competition-metric evaluator for one registered dataset (see module docstring).
+
+    Args:
+        dataset_name: a registered dataset whose dicts hold true masks (``annotations``).
+        score_threshold: detections below it are dropped (the seed's 0.5).
+        max_detections: keep at most this many detections per image (highest scores).
+        distributed: gather per-image results from every process (multi-GPU).
+    """
+
+    def __init__(self, dataset_name: str, score_threshold: float = 0.5, max_detections: int = 1000,
+                 distributed: bool = True):
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        records = DatasetCatalog.get(dataset_name)
+        if not records:
+            raise ValueError(f"dataset {dataset_name!r} has no images to evaluate")
+        self._records = {r["image_id"]: r for r in records}
+        classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", []))
+        self._competition_classes = classes == list(CELL_TYPES)
+        self._thresholds = {c: {"score": float(score_threshold), "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
+        postprocess.validate_thresholds(self._thresholds)
+        self._max_det = int(max_detections)
+        self._distributed = distributed
+        self._name = dataset_name
+        self.reset()
+
+    def reset(self) -> None:
+        self._rows: list[tuple[str, str, np.ndarray]] = []
+
+    def image_precision(self, record: dict, instances) -> np.ndarray:
+        """Precision per IoU threshold (float64 ``(10,)``) of one image's detectron2 ``Instances`` (on CPU)."""
+        n = len(instances)
+        scores = instances.scores.numpy().astype(np.float64) if n else np.zeros(0)
+        order = np.argsort(-scores, kind="stable")[: self._max_det]
+        if n:
+            masks = instances.pred_masks.numpy()[order].astype(bool, copy=False)
+            classes = instances.pred_classes.numpy()[order] if self._competition_classes else np.zeros(len(order), int)
+            kept = postprocess.apply(classes, scores[order], masks, self._thresholds)
+        else:
+            kept = []
+        shape = (int(record["height"]), int(record["width"]))
+        return metric.score_masks(kept, truth_rles(record), shape=shape)
+
+    def process(self, inputs, outputs) -> None:
+        for inp, out in zip(inputs, outputs):
+            record = self._records.get(inp["image_id"])
+            if record is None:
+                raise KeyError(f"image {inp['image_id']!r} is not in dataset {self._name!r}")
+            instances = out["instances"].to("cpu")
+            self._rows.append((str(inp["image_id"]), str(record.get("cell_type", "")),
+                               self.image_precision(record, instances)))
+
+    def evaluate(self):
+        rows = self._rows
+        if self._distributed:
+            from detectron2.utils import comm
+
+            rows = [r for part in comm.all_gather(rows) for r in part]
+        res = summarize(rows)
+        text = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+        logger.info("cellkit evaluation on %s: %s", self._name, text)
+        return OrderedDict(cellkit=res)

@@ -1,0 +1,370 @@
+"""What detectron2 lacks without its compiled ``_C``, added through its registries, plus local-only weight loading.
+
+- :class:`DeformConv` / :class:`ModulatedDeformConv`: deformable convolution on :func:`torchvision.ops.deform_conv2d`
+  (autograd on CPU and CUDA) with the same constructor, attributes and parameters (``weight``, ``bias``, ``norm``)
+  as detectron2's classes, so model-zoo checkpoints load. Where ``detectron2._C`` imports, detectron2's own
+  classes are used instead (:data:`HAS_D2_C`).
+- :class:`CellkitDeformBottleneckBlock`: detectron2's ``DeformBottleneckBlock`` (same ``forward``, same parameter
+  names: ``conv1``, ``conv2_offset``, ``conv2``, ``conv3``, ``shortcut``) built on the layers above.
+- ``build_cellkit_resnet_fpn_backbone`` (in ``BACKBONE_REGISTRY``): ResNet-FPN whose deformable stages use that
+  block; identical to ``build_resnet_fpn_backbone`` otherwise.
+- :class:`CellkitCheckpointer`: loads only local files (a URL or ``detectron2://`` path is an error, nothing is
+  downloaded) and logs every head re-initialised because its class count differs from the checkpoint's.
+
+Offsets follow detectron2 / torchvision's layout: ``(N, 2 * deformable_groups * kh * kw, H_out, W_out)`` with
+(dy, dx) pairs per kernel position; the modulation mask is ``(N, deformable_groups * kh * kw, H_out, W_out)``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+from torchvision.ops import deform_conv2d
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import (
+    BasicBlock,
+    BasicStem,
+    BottleneckBlock,
+    DeformBottleneckBlock,
+    ResNet,
+)
+
+import fvcore.nn.weight_init as weight_init
+
+logger = logging.getLogger(__name__)
+
+try:  # detectron2 compiled with its C++/CUDA ops (a source build on Kaggle/Colab)
+    from detectron2 import _C as _d2_C  # noqa: F401
+
+    HAS_D2_C = True
+except ImportError:
+    HAS_D2_C = False
+
+
+def _out_size(size, padding, dilation, kernel, stride):
+    return (size + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+class _DeformConvBase(nn.Module):
+    """Shared constructor of the torchvision-backed deformable convolutions (detectron2's argument names)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        deformable_groups: int = 1,
+        bias: bool = False,
+        norm: nn.Module | None = None,
+        activation=None,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must divide by groups {groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deformable_groups = deformable_groups
+        self.with_bias = bias
+        self.norm = norm
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [
+            _out_size(i, p, d, k, s)
+            for i, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
+        ]
+        # keeps the autograd graph connected, like detectron2's _NewEmptyTensorOp
+        return x.new_zeros([x.shape[0], self.out_channels] + shape) + 0 * x.sum()
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def _deform(self, x, offset, mask=None):
+        if x.numel() == 0:
+            return self._finish(self._empty_output(x))
+        if not bool(torch.isfinite(offset).all()):
+            # torchvision's CPU kernel reads out of bounds (segfault) on NaN offsets: fail like a diverged loss does
+            raise FloatingPointError("deformable conv: non-finite offsets (training diverged or NaN weights/input)")
+        # torchvision's kernel is float32/float64 only; under AMP compute in float32 (as its autocast rule does)
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        out = deform_conv2d(
+            x.to(dtype),
+            offset.to(dtype),
+            self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=None if mask is None else mask.to(dtype),
+        )
+        return self._finish(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"deformable_groups={self.deformable_groups}, bias={self.with_bias}"
+        )
+
+
+class TorchvisionDeformConv(_DeformConvBase):
+    """Deformable convolution (DCNv1) with detectron2's ``DeformConv`` interface; no bias (as detectron2's).
+
+    ``forward(x (N,C,H,W), offset (N, 2*G*kh*kw, Ho, Wo)) -> (N, out_channels, Ho, Wo)``.
+    """
+
+    def __init__(self, *args, bias: bool = False, **kwargs):
+        if bias:
+            raise ValueError("DeformConv has no bias (as detectron2's); use ModulatedDeformConv")
+        super().__init__(*args, bias=False, **kwargs)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return self._deform(x, offset)
+
+
+class TorchvisionModulatedDeformConv(_DeformConvBase):
+    """Modulated deformable convolution (DCNv2) with detectron2's ``ModulatedDeformConv`` interface (bias default on).
+
+    ``forward(x, offset (N, 2*G*kh*kw, Ho, Wo), mask (N, G*kh*kw, Ho, Wo) in [0,1]) -> (N, out_channels, Ho, Wo)``.
+    """
+
+    def __init__(self, *args, bias: bool = True, **kwargs):
+        super().__init__(*args, bias=bias, **kwargs)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._deform(x, offset, mask)
+
+
+if HAS_D2_C:
+    from detectron2.layers import DeformConv, ModulatedDeformConv  # the compiled op
+else:
+    DeformConv = TorchvisionDeformConv
+    ModulatedDeformConv = TorchvisionModulatedDeformConv
+
+
+class CellkitDeformBottleneckBlock(DeformBottleneckBlock):
+    """detectron2's ``DeformBottleneckBlock`` with the 3x3 conv built from this module's :data:`DeformConv`.
+
+    Same arguments, ``forward`` (inherited), parameter names and shapes as detectron2's block.
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        *,
+        bottleneck_channels,
+        stride=1,
+        num_groups=1,
+        norm="BN",
+        stride_in_1x1=False,
+        dilation=1,
+        deform_modulated=False,
+        deform_num_groups=1,
+    ):
+        CNNBlockBase.__init__(self, in_channels, out_channels, stride)
+        self.deform_modulated = deform_modulated
+        if in_channels != out_channels:
+            self.shortcut = Conv2d(
+                in_channels, out_channels, kernel_size=1, stride=stride, bias=False, norm=get_norm(norm, out_channels)
+            )
+        else:
+            self.shortcut = None
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = Conv2d(
+            in_channels,
+            bottleneck_channels,
+            kernel_size=1,
+            stride=stride_1x1,
+            bias=False,
+            norm=get_norm(norm, bottleneck_channels),
+        )
+        op, offset_channels = (ModulatedDeformConv, 27) if deform_modulated else (DeformConv, 18)
+        self.conv2_offset = Conv2d(
+            bottleneck_channels,
+            offset_channels * deform_num_groups,
+            kernel_size=3,
+            stride=stride_3x3,
+            padding=dilation,
+            dilation=dilation,
+        )
+        self.conv2 = op(
+            bottleneck_channels,
+            bottleneck_channels,
+            kernel_size=3,
+            stride=stride_3x3,
+            padding=dilation,
+            bias=False,
+            groups=num_groups,
+            dilation=dilation,
+            deformable_groups=deform_num_groups,
+            norm=get_norm(norm, bottleneck_channels),
+        )
+        self.conv3 = Conv2d(
+            bottleneck_channels, out_channels, kernel_size=1, bias=False, norm=get_norm(norm, out_channels)
+        )
+        for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
+            if layer is not None:
+                weight_init.c2_msra_fill(layer)
+        nn.init.constant_(self.conv2_offset.weight, 0)
+        nn.init.constant_(self.conv2_offset.bias, 0)
+
+
+_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+
+
+def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """detectron2's ``build_resnet_backbone`` with :class:`CellkitDeformBottleneckBlock` in deformable stages.
+
+    Reads the same ``MODEL.RESNETS`` keys; returns a :class:`detectron2.modeling.backbone.ResNet`.
+    """
+    r = cfg.MODEL.RESNETS
+    depth = r.DEPTH
+    if depth not in _BLOCKS_PER_STAGE:
+        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not one of {sorted(_BLOCKS_PER_STAGE)}")
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION} must be 1 or 2")
+    if depth in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
+                              or r.NUM_GROUPS != 1):
+        raise ValueError(
+            "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no deformable stage"
+        )
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    stages = []
+    for idx, stage_idx in enumerate(range(2, 6)):
+        dilation = r.RES5_DILATION if stage_idx == 5 else 1
+        first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
+        n = _BLOCKS_PER_STAGE[depth][idx]
+        kwargs = dict(
+            num_blocks=n,
+            stride_per_block=[first_stride] + [1] * (n - 1),
+            in_channels=in_channels,
+            out_channels=out_channels,
+            norm=r.NORM,
+        )
+        if depth in (18, 34):
+            kwargs["block_class"] = BasicBlock
+        else:
+            kwargs.update(
+                bottleneck_channels=bottleneck_channels,
+                stride_in_1x1=r.STRIDE_IN_1X1,
+                dilation=dilation,
+                num_groups=r.NUM_GROUPS,
+                block_class=BottleneckBlock,
+            )
+            if r.DEFORM_ON_PER_STAGE[idx]:
+                kwargs.update(
+                    block_class=CellkitDeformBottleneckBlock,
+                    deform_modulated=r.DEFORM_MODULATED,
+                    deform_num_groups=r.DEFORM_NUM_GROUPS,
+                )
+        stages.append(ResNet.make_stage(**kwargs))
+        in_channels = out_channels
+        out_channels *= 2
+        bottleneck_channels *= 2
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_cellkit_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """ResNet-FPN (P2-P6) like ``build_resnet_fpn_backbone``, with deformable stages that need no ``_C``."""
+    return FPN(
+        bottom_up=build_cellkit_resnet_backbone(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+def check_local_weights(path: str | os.PathLike, hint: str = "") -> Path:
+    """Check that a weights path is an existing local file (nothing is ever downloaded).
+
+    Args:
+        path: ``MODEL.WEIGHTS`` / ``--weights``.
+        hint: where such a file comes from (``CELLKIT.WEIGHTS_SOURCE``), added to the error message.
+
+    Raises:
+        ValueError: a URL (``http(s)://``, ``detectron2://``, ``catalog://``, ...).
+        FileNotFoundError: the file does not exist.
+    """
+    text = str(path)
+    extra = f" (expected: {hint})" if hint else ""
+    if "://" in text:
+        raise ValueError(
+            f"weights {text!r} is a URL: cellkit never downloads weights at run time; fetch the file once "
+            f"(e.g. attach it as a Kaggle dataset) and pass its local path with --weights{extra}"
+        )
+    p = Path(text).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {text} does not exist{extra}")
+    return p
+
+
+class CellkitCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that loads local files only and logs re-initialised heads.
+
+    Parameters whose shape differs from the checkpoint's (a head with another class count) keep their fresh
+    initialisation; each is logged at INFO level with both shapes.
+    """
+
+    def load(self, path, *args, **kwargs):
+        if path:
+            check_local_weights(path)
+        return super().load(path, *args, **kwargs)
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        for key, shape_ckpt, shape_model in incompatible.incorrect_shapes:
+            logger.info(
+                "cellkit: re-initialised %s: checkpoint shape %s, model shape %s (class count differs)",
+                key, tuple(shape_ckpt), tuple(shape_model),
+            )
+        return incompatible
+
+
+def build_model(cfg):
+    """detectron2's ``build_model`` with cellkit's registered parts available (moved to ``cfg.MODEL.DEVICE``)."""
+    from detectron2.modeling import build_model as d2_build_model
+
+    return d2_build_model(cfg)
+
+
+def load_model(cfg, weights: str | os.PathLike):
+    """Build the model of ``cfg`` and load a local checkpoint; returns it in eval mode.
+
+    Raises:
+        ValueError / FileNotFoundError: see :func:`check_local_weights`.
+    """
+    check_local_weights(weights, cfg.CELLKIT.WEIGHTS_SOURCE if "CELLKIT" in cfg else "")
+    model = build_model(cfg)
+    CellkitCheckpointer(model).load(str(weights))
+    model.eval()
+    return model

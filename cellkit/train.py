@@ -1,0 +1,549 @@
+"""Training: a ``DefaultTrainer`` subclass with the seed's augmentations, competition-metric validation, best
+checkpoint, early stopping and resumable runs.
+
+A run directory (``OUTPUT_DIR``) holds ``config.yaml`` (the resolved config), ``folds.csv`` (when it was written
+here), ``log.txt``, ``metrics.json`` (losses, learning rate and ``cellkit/*`` validation metrics per iteration),
+``model_XXXXXXX.pth`` / ``model_final.pth`` (full training state: model, optimizer, scheduler, iteration, hook
+states), ``last_checkpoint`` and ``model_best.pth`` (best ``CELLKIT.EVAL.METRIC``). ``--resume`` reloads the last
+checkpoint: same iteration count, same LR schedule, same best-metric and early-stopping state.
+
+Hook order (after each step): LR scheduler, evaluation on the held-out fold, best checkpoint, early stopping, then the
+periodic checkpoint (so a checkpoint holds the evaluation of its own iteration) and the log writers (progress and
+ETA from detectron2's ``CommonMetricPrinter``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine.train_loop import HookBase
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+
+from cellkit.config import resolve_runtime, save_config
+from cellkit.evaluation import CellkitEvaluator
+from cellkit.modeling import CellkitCheckpointer, check_local_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "build_train_augmentations", "decode_masks", "transform_masks", "boxes_from_masks", "CellkitDatasetMapper", "CellkitTrainer", "CellkitBestCheckpointer",
+    "EarlyStopping", "TimeBudget", "register_datasets", "prepare_config", "train_worker", "best_weights",
+]
+
+TRAIN_NAME = "cellkit_train"
+VAL_NAME = "cellkit_val"
+
+
+# ------------------------------------------------------------------------------------------------- augmentations
+def build_train_augmentations(cfg) -> list:
+    """The seed's training augmentations, in application order (cheap ones at native size, resize last).
+
+    Horizontal flip, vertical flip, small rotation (no canvas expansion), brightness, then the multi-scale
+    ``ResizeShortestEdge`` (``INPUT.MIN_SIZE_TRAIN`` x ``MAX_SIZE_TRAIN``, ``MIN_SIZE_TRAIN_SAMPLING``).
+    """
+    a = cfg.CELLKIT.AUG
+    augs = []
+    if a.HFLIP_PROB > 0:
+        augs.append(T.RandomFlip(prob=a.HFLIP_PROB, horizontal=True, vertical=False))
+    if a.VFLIP_PROB > 0:
+        augs.append(T.RandomFlip(prob=a.VFLIP_PROB, horizontal=False, vertical=True))
+    if a.ROTATION > 0 and a.ROTATION_PROB > 0:
+        rot = T.RandomRotation([-a.ROTATION, a.ROTATION], expand=False, sample_style="range")
+        augs.append(T.RandomApply(rot, prob=a.ROTATION_PROB))
+    if a.BRIGHTNESS > 0 and a.BRIGHTNESS_PROB > 0:
+        augs.append(T.RandomApply(T.RandomBrightness(1 - a.BRIGHTNESS, 1 + a.BRIGHTNESS), prob=a.BRIGHTNESS_PROB))
+    augs.append(T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                     cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING))
+    return augs
+
+
+def decode_masks(annotations: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of detectron2 annotations (COCO RLE dicts or polygon lists).
+
+    Returns:
+        ``(masks, boxes)``: uint8 ``(H, W, N)`` of 0/1 and their exact pixel extents, int64 ``(N, 4)`` XYXY with
+        exclusive end (from the RLEs, so a loose or missing annotation ``bbox`` does not matter).
+    """
+    from pycocotools import mask as mask_util
+
+    rles = []
+    for ann in annotations:
+        segm = ann["segmentation"]
+        if isinstance(segm, dict):
+            if isinstance(segm["counts"], list):
+                rles.append(mask_util.frPyObjects(segm, height, width))
+            else:
+                counts = segm["counts"]
+                rles.append({"size": segm["size"], "counts": counts.encode("ascii") if isinstance(counts, str)
+                             else counts})
+        else:
+            rles.append(mask_util.merge(mask_util.frPyObjects([list(map(float, p)) for p in segm], height, width)))
+    if not rles:
+        return np.zeros((height, width, 0), dtype=np.uint8), np.zeros((0, 4), dtype=np.int64)
+    xywh = np.asarray(mask_util.toBbox(rles), dtype=np.float64).reshape(-1, 4)
+    boxes = np.round(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)).astype(np.int64)
+    return mask_util.decode(rles), boxes
+
+
+_MARGIN = 3  # px around a transformed box: nearest-neighbour rounding and rotation stay inside it
+
+
+def transform_masks(masks: np.ndarray, transforms, boxes: np.ndarray | None = None) -> np.ndarray:
+    """Apply geometric transforms to many binary masks at once; exact like one ``apply_segmentation`` per mask.
+
+    Masks are bit-packed 8 per byte and the bytes transformed 4 channels at a time (OpenCV and PIL handle up to 4
+    channels per call; segmentation transforms use nearest-neighbour sampling, which moves whole bytes, so the
+    bits stay exact): one call per 32 cells instead of one per cell. With ``boxes``, packing and unpacking touch only
+    each mask's box (and its transformed box, plus a margin), so the cost follows the cells' area, not the image's.
+
+    Args:
+        masks: uint8 ``(H, W, N)`` of 0/1 (as :func:`decode_masks` / pycocotools return them).
+        transforms: a detectron2 ``TransformList`` (with ``apply_segmentation`` and ``apply_box``).
+        boxes: optional int ``(N, 4)`` XYXY exclusive-end pixel extents of the masks.
+
+    Returns:
+        bool ``(N, H', W')``.
+    """
+    h, w, n = masks.shape
+    masks = masks.astype(np.uint8, copy=False)
+    if boxes is None:
+        src = np.tile(np.array([0, 0, w, h], dtype=np.int64), (n, 1))
+    else:
+        src = np.asarray(boxes, dtype=np.int64).reshape(n, 4)
+    out = None
+    for first in range(0, max(n, 1), 32):
+        chunk = np.zeros((h, w, 4), dtype=np.uint8)
+        for i in range(first, min(n, first + 32)):
+            b, k = divmod(i - first, 8)
+            x0, y0, x1, y1 = src[i]
+            chunk[y0:y1, x0:x1, b] |= (masks[y0:y1, x0:x1, i] & 1) << (7 - k)
+        moved = np.ascontiguousarray(transforms.apply_segmentation(chunk))
+        if out is None:
+            out = np.zeros((n,) + moved.shape[:2], dtype=bool)
+            hh, ww = moved.shape[:2]
+            if boxes is None:
+                dst = np.tile(np.array([0, 0, ww, hh], dtype=np.int64), (n, 1))
+            else:
+                moved_boxes = np.asarray(transforms.apply_box(src.astype(np.float64)), dtype=np.float64)
+                dst = np.empty((n, 4), dtype=np.int64)
+                dst[:, 0] = np.clip(np.floor(moved_boxes[:, 0]) - _MARGIN, 0, ww)
+                dst[:, 1] = np.clip(np.floor(moved_boxes[:, 1]) - _MARGIN, 0, hh)
+                dst[:, 2] = np.clip(np.ceil(moved_boxes[:, 2]) + _MARGIN, 0, ww)
+                dst[:, 3] = np.clip(np.ceil(moved_boxes[:, 3]) + _MARGIN, 0, hh)
+        for i in range(first, min(n, first + 32)):
+            b, k = divmod(i - first, 8)
+            x0, y0, x1, y1 = dst[i]
+            np.not_equal(moved[y0:y1, x0:x1, b] & (1 << (7 - k)), 0, out=out[i, y0:y1, x0:x1])
+    return out
+
+
+def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+    """Tight XYXY boxes (float32 ``(N, 4)``, exclusive end) of bool ``(N, H, W)`` masks; zeros for empty masks."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    if not len(masks):
+        return boxes
+    rows, cols = masks.any(axis=2), masks.any(axis=1)
+    has = rows.any(axis=1)
+    boxes[has, 0] = cols[has].argmax(axis=1)
+    boxes[has, 1] = rows[has].argmax(axis=1)
+    boxes[has, 2] = cols.shape[1] - cols[has][:, ::-1].argmax(axis=1)
+    boxes[has, 3] = rows.shape[1] - rows[has][:, ::-1].argmax(axis=1)
+    return boxes
+
+
+class CellkitDatasetMapper(DatasetMapper):
+    """``DatasetMapper`` with :func:`build_train_augmentations` applied to the image and its bitmasks.
+
+    Output per image: ``image`` uint8 tensor ``(3, H', W')`` (grayscale read as BGR), ``instances`` with
+    ``gt_boxes`` recomputed from the augmented masks (a rotated box would be loose), ``gt_classes`` and
+    ``gt_masks`` (``BitMasks`` ``(N, H', W')``); instances emptied by the rotation are dropped. Masks are
+    transformed together (:func:`transform_masks`), not one call per cell as detectron2's mapper does.
+    """
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        if is_train:
+            ret["augmentations"] = build_train_augmentations(cfg)
+            ret["recompute_boxes"] = bool(cfg.MODEL.MASK_ON)
+        return ret
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        if not (self.use_instance_mask and self.instance_mask_format == "bitmask") or self.use_keypoint:
+            return super()._transform_annotations(dataset_dict, transforms, image_shape)
+        from detectron2.structures import BitMasks, Boxes, Instances
+
+        annos = [a for a in dataset_dict.pop("annotations") if a.get("iscrowd", 0) == 0]
+        masks, boxes = decode_masks(annos, dataset_dict["height"], dataset_dict["width"])
+        masks = transform_masks(masks, transforms, boxes)
+        if masks.shape[1:] != tuple(image_shape):
+            raise ValueError(f"{dataset_dict.get('file_name')}: transformed masks {masks.shape[1:]} do not match the "
+                             f"transformed image {tuple(image_shape)}")
+        instances = Instances(image_shape)
+        instances.gt_boxes = Boxes(torch.from_numpy(boxes_from_masks(masks)))
+        instances.gt_classes = torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64)
+        instances.gt_masks = BitMasks(torch.from_numpy(masks))
+        boxes = instances.gt_boxes.tensor
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # tight boxes: empty mask <=> empty box
+        dataset_dict["instances"] = instances[keep]
+
+
+# ----------------------------------------------------------------------------------------------------- hooks
+class CellkitBestCheckpointer(hooks.BestCheckpointer):
+    """detectron2's ``BestCheckpointer`` whose best value survives ``--resume`` (saved in the training state)."""
+
+    def state_dict(self):
+        return {"best_metric": self.best_metric, "best_iter": self.best_iter}
+
+    def load_state_dict(self, state):
+        self.best_metric = state.get("best_metric")
+        self.best_iter = state.get("best_iter")
+
+
+class EarlyStopping(HookBase):
+    """Stop training when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations.
+
+    Reads the metric the ``EvalHook`` put into the event storage at the same iteration; the decision is taken on
+    the main process and shared with every process. State (best, bad evaluations, stopped) is checkpointed.
+    """
+
+    def __init__(self, eval_period: int, metric: str, patience: int, min_delta: float = 0.0):
+        self._period, self._metric, self._patience, self._min_delta = eval_period, metric, patience, min_delta
+        self.best = None
+        self.bad_evals = 0
+        self.stopped_at = None
+
+    def state_dict(self):
+        return {"best": self.best, "bad_evals": self.bad_evals, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state):
+        self.best, self.bad_evals, self.stopped_at = state.get("best"), state.get("bad_evals", 0), state.get("stopped_at")
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if self._period <= 0 or next_iter % self._period or next_iter >= self.trainer.max_iter:
+            return
+        stop = False
+        if comm.is_main_process():
+            value = self.trainer.storage.latest().get(self._metric)
+            if value is not None and value[1] == self.trainer.iter:
+                v = float(value[0])
+                if self.best is None or v > self.best + self._min_delta:
+                    self.best, self.bad_evals = v, 0
+                else:
+                    self.bad_evals += 1
+                stop = self.bad_evals >= self._patience
+        stop = comm.all_gather(stop)[0]
+        if stop:
+            self.stopped_at = self.trainer.iter
+            logger.info("cellkit: early stopping at iteration %d: %s did not improve on %.4f for %d evaluations",
+                        next_iter, self._metric, self.best, self.bad_evals)
+            self.trainer.request_stop()
+
+
+class TimeBudget(HookBase):
+    """End training after ``minutes`` of training (counted from this process's start of training) as if ``MAX_ITER``
+    had been reached: final evaluation, best check and ``model_final`` follow. ``--resume`` continues the schedule.
+    """
+
+    def __init__(self, minutes: float):
+        self._seconds = 60.0 * minutes
+        self._start = None
+
+    def before_train(self):
+        self._start = time.perf_counter()
+
+    def after_step(self):
+        elapsed = time.perf_counter() - self._start
+        over = comm.all_gather(elapsed >= self._seconds)[0]
+        if over and self.trainer.iter + 1 < self.trainer.max_iter:
+            logger.info("cellkit: time budget of %.1f min reached after iteration %d of %d: finishing here",
+                        self._seconds / 60, self.trainer.iter + 1, self.trainer.max_iter)
+            self.trainer.max_iter = self.trainer.iter + 1
+            self.trainer.request_stop()
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+class CellkitTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with cellkit's mapper, evaluator, checkpointer and hooks (see module docstring)."""
+
+    def __init__(self, cfg):
+        self._stop_requested = False
+        super().__init__(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CellkitDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return CellkitEvaluator(dataset_name, score_threshold=cfg.CELLKIT.EVAL.SCORE_THRESHOLD,
+                                max_detections=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    def build_writers(self):
+        """Progress/ETA printer and ``metrics.json``; TensorBoard too when it is installed."""
+        from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            return writers
+        return writers + [TensorboardXWriter(self.cfg.OUTPUT_DIR)]
+
+    def request_stop(self) -> None:
+        """Stop after the current iteration (early stopping); a final checkpoint is written."""
+        self._stop_requested = True
+
+    def build_hooks(self):
+        cfg = self.cfg
+        # DefaultTrainer.__init__ made a plain DetectionCheckpointer just before calling build_hooks: use cellkit's
+        # (local weights only, logged head re-initialisation) everywhere instead.
+        self.checkpointer = CellkitCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        period = cfg.TEST.EVAL_PERIOD
+        if cfg.DATASETS.TEST:
+            def test_and_save_results():
+                self._last_eval_results = self.test(self.cfg, self.model)
+                return self._last_eval_results
+
+            ret.append(hooks.EvalHook(period, test_and_save_results))
+            if comm.is_main_process():
+                ret.append(CellkitBestCheckpointer(period, self.checkpointer, cfg.CELLKIT.EVAL.METRIC, "max"))
+            if cfg.CELLKIT.EARLY_STOP_PATIENCE > 0:
+                ret.append(EarlyStopping(period, cfg.CELLKIT.EVAL.METRIC, cfg.CELLKIT.EARLY_STOP_PATIENCE,
+                                         cfg.CELLKIT.EARLY_STOP_MIN_DELTA))
+        if cfg.CELLKIT.TIME_BUDGET_MINUTES > 0:
+            ret.insert(2, TimeBudget(cfg.CELLKIT.TIME_BUDGET_MINUTES))  # before evaluation: a last step ends cleanly
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD))
+        return ret
+
+    def train_loop(self, start_iter: int, max_iter: int) -> None:
+        """detectron2's ``TrainerBase.train`` loop, which also ends when a hook calls :meth:`request_stop`."""
+        logger.info("Starting training from iteration %d", start_iter)
+        self.iter = self.start_iter = start_iter
+        self.max_iter = max_iter
+        with EventStorage(start_iter) as self.storage:
+            try:
+                self.before_train()
+                for self.iter in range(start_iter, max_iter):
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                    if self._stop_requested:
+                        break
+                # like detectron2: iter = the iteration after the last one run, for the after_train hooks
+                self.iter += 1
+            except Exception:
+                logger.exception("Exception during training:")
+                raise
+            finally:
+                self.after_train()
+
+    def finished(self) -> str | None:
+        """Why there is nothing left to train (after ``resume_or_load``), or None."""
+        if self.start_iter >= self.max_iter:
+            return f"already finished (iteration {self.start_iter} of {self.max_iter})"
+        for h in self._hooks:
+            if isinstance(h, EarlyStopping) and h.stopped_at is not None:
+                return f"stopped early at iteration {h.stopped_at + 1} of {self.max_iter}"
+        return None
+
+    def train(self):
+        """Run training from ``self.start_iter`` (set by ``resume_or_load``); returns the last evaluation results
+        (None when the run had already finished or stopped early)."""
+        done = self.finished()
+        if done:
+            logger.info("cellkit: %s %s; nothing to do", self.cfg.OUTPUT_DIR, done)
+            return None
+        self.train_loop(self.start_iter, self.max_iter)
+        if self._stop_requested:
+            # stopped before MAX_ITER (early stopping, time budget): save the full state after the after_train hooks
+            # (final evaluation, best check) with the last completed iteration, so that --resume knows where it is
+            self.iter -= 1
+            if comm.is_main_process():
+                self.checkpointer.save("model_final", iteration=self.iter)
+        return getattr(self, "_last_eval_results", None)
+
+
+# ------------------------------------------------------------------------------------------------ data + config
+def _fold_image_ids(folds_csv: Path, fold: int) -> tuple[list, list]:
+    from cellkit import folds as folds_mod
+
+    table = folds_mod.read_folds(folds_csv)
+    return folds_mod.fold_ids(table, fold, "train"), folds_mod.fold_ids(table, fold, "val")
+
+
+def check_data(cfg) -> dict:
+    """Validate the data named by ``cfg`` (before any work) and write ``folds.csv`` when it is absent.
+
+    Returns:
+        ``{"train": kwargs, "val": kwargs or None}`` for :func:`register_datasets`.
+
+    Raises:
+        FileNotFoundError: missing ``train.csv``, image folder or LIVECell json.
+        ValueError: a fold with no images, unknown mode.
+    """
+    d = cfg.CELLKIT.DATA
+    if cfg.CELLKIT.MODE == "pretrain":
+        if not d.LIVECELL_JSON:
+            raise ValueError("pretrain mode needs a LIVECell json (--livecell JSON --livecell-images DIR)")
+        for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"LIVECell json {path} does not exist")
+        if not Path(d.LIVECELL_IMAGES).is_dir():
+            raise FileNotFoundError(f"LIVECell image folder {d.LIVECELL_IMAGES or '(empty)'} does not exist")
+        return {"train": dict(json_path=d.LIVECELL_JSON, image_root=d.LIVECELL_IMAGES),
+                "val": dict(json_path=d.LIVECELL_VAL_JSON, image_root=d.LIVECELL_IMAGES) if d.LIVECELL_VAL_JSON
+                else None}
+    if cfg.CELLKIT.MODE != "finetune":
+        raise ValueError(f"CELLKIT.MODE must be 'finetune' or 'pretrain', got {cfg.CELLKIT.MODE!r}")
+    from cellkit import data, folds as folds_mod
+
+    root = Path(d.ROOT)
+    csv_path, image_dir = root / "train.csv", root / "train"
+    if not root.is_dir():
+        raise FileNotFoundError(f"data dir {root} does not exist")
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"data dir {root} has no train.csv (expected the competition layout: train.csv, train/)")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"data dir {root} has no train/ image folder")
+    table = data.read_train_csv(csv_path)
+    missing = [i for i in dict.fromkeys(table["id"]) if not _has_image(image_dir, i)]
+    if missing:
+        raise FileNotFoundError(f"{image_dir}: {len(missing)} image(s) of train.csv missing, e.g. {missing[0]}")
+    fold = int(d.FOLD)
+    if fold < 0:
+        return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir)), "val": None}
+    folds_csv = Path(d.FOLDS_CSV) if d.FOLDS_CSV else Path(cfg.OUTPUT_DIR) / "folds.csv"
+    if not folds_csv.is_file():
+        if d.FOLDS_CSV:
+            raise FileNotFoundError(f"folds file {folds_csv} does not exist")
+        if fold >= d.NUM_FOLDS:
+            raise ValueError(f"fold {fold} has no images: folds.csv would hold folds 0..{d.NUM_FOLDS - 1} "
+                             f"(CELLKIT.DATA.NUM_FOLDS={d.NUM_FOLDS})")
+        if comm.is_main_process():
+            folds_mod.write_folds(folds_mod.make_folds(table, k=d.NUM_FOLDS, seed=d.FOLD_SEED, source=str(csv_path)),
+                                  folds_csv)
+            logger.info("cellkit: wrote %s (%d folds, seed %d)", folds_csv, d.NUM_FOLDS, d.FOLD_SEED)
+    try:
+        train_ids, val_ids = _fold_image_ids(folds_csv, fold)
+    except ValueError as exc:
+        raise ValueError(f"{folds_csv}: {exc}") from None
+    if not val_ids:
+        folds_present = sorted(set(folds_mod.read_folds(folds_csv)["fold"].tolist()))
+        raise ValueError(f"fold {fold} has no images in {folds_csv} (folds there: {folds_present})")
+    if not train_ids:
+        raise ValueError(f"holding out fold {fold} of {folds_csv} leaves no training image")
+    common = dict(csv_path=str(csv_path), image_dir=str(image_dir), folds_csv=str(folds_csv), fold=fold)
+    return {"train": dict(common, split="train"), "val": dict(common, split="val")}
+
+
+def _has_image(image_dir: Path, image_id: str) -> bool:
+    from cellkit import data
+
+    try:
+        data.find_image(image_dir, image_id)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def register_datasets(cfg, specs: dict) -> None:
+    """Register the train (and val) datasets of :func:`check_data`'s ``specs`` under the names in ``cfg.DATASETS``."""
+    from cellkit import data
+
+    for name, spec in ((TRAIN_NAME, specs["train"]), (VAL_NAME, specs["val"])):
+        if spec is None:
+            continue
+        if cfg.CELLKIT.MODE == "pretrain":
+            data.register_livecell(name, spec["json_path"], spec["image_root"], cell_line_classes=True)
+        else:
+            data.register_sartorius(name, **spec)
+
+
+def prepare_config(cfg, *, resume: bool = False, has_cuda: bool | None = None):
+    """Check and complete a training config before any work; returns ``(cfg frozen, data specs)``.
+
+    Sets the dataset names, the machine-dependent keys (:func:`cellkit.config.resolve_runtime`) and, in pretrain
+    mode, ``MODEL.ROI_HEADS.NUM_CLASSES`` from LIVECell's classes; checks the weights file (local only) unless a
+    checkpoint to resume from exists; validates the data and writes ``folds.csv`` if needed.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    if not cfg.OUTPUT_DIR:
+        raise ValueError("OUTPUT_DIR (--out) is empty")
+    out = Path(cfg.OUTPUT_DIR)
+    resuming = resume and (out / "last_checkpoint").is_file()
+    if cfg.MODEL.WEIGHTS and not resuming:
+        check_local_weights(cfg.MODEL.WEIGHTS, cfg.CELLKIT.WEIGHTS_SOURCE)
+    if cfg.CELLKIT.EVAL.SCORE_THRESHOLD < 0 or cfg.CELLKIT.EVAL.SCORE_THRESHOLD > 1:
+        raise ValueError(f"CELLKIT.EVAL.SCORE_THRESHOLD must be in [0, 1], got {cfg.CELLKIT.EVAL.SCORE_THRESHOLD}")
+    out.mkdir(parents=True, exist_ok=True)
+    specs = check_data(cfg)
+    cfg.DATASETS.TRAIN = (TRAIN_NAME,)
+    cfg.DATASETS.TEST = (VAL_NAME,) if specs["val"] is not None else ()
+    if cfg.CELLKIT.MODE == "pretrain":
+        from cellkit.data import LIVECELL_CELL_LINES
+
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(LIVECELL_CELL_LINES):
+            logger.info("cellkit: pretrain on LIVECell: MODEL.ROI_HEADS.NUM_CLASSES=%d", len(LIVECELL_CELL_LINES))
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(LIVECELL_CELL_LINES)
+    resolve_runtime(cfg, has_cuda)
+    cfg.freeze()
+    return cfg, specs
+
+
+def setup_logging(cfg) -> None:
+    """detectron2's and cellkit's loggers to stdout and ``OUTPUT_DIR/log.txt`` (rank-aware)."""
+    from detectron2.utils.logger import setup_logger
+
+    rank = comm.get_rank()
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="cellkit", abbrev_name="cellkit")
+
+
+def train_worker(cfg, specs: dict, resume: bool = False):
+    """Train in this process (one per GPU under ``detectron2.engine.launch``); returns the last eval results."""
+    from detectron2.utils.env import seed_all_rng
+
+    setup_logging(cfg)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+    register_datasets(cfg, specs)
+    if comm.is_main_process():
+        save_config(cfg, cfg.OUTPUT_DIR)
+        logger.info("cellkit: config saved to %s", Path(cfg.OUTPUT_DIR) / "config.yaml")
+    trainer = CellkitTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    return trainer.train()
+
+
+def best_weights(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint of a run to predict with: ``model_best.pth``, else ``model_final.pth``, else the last one.
+
+    Raises:
+        FileNotFoundError: the directory holds no checkpoint.
+    """
+    run_dir = Path(run_dir)
+    for name in ("model_best.pth", "model_final.pth"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    last = run_dir / "last_checkpoint"
+    if last.is_file():
+        path = run_dir / last.read_text().strip()
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no checkpoint (model_best.pth, model_final.pth, last_checkpoint) in {run_dir}")

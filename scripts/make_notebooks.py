@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Generate ``notebooks/01_eda.ipynb`` .. ``06_submission.ipynb`` with nbformat, so the six stay consistent.
+
+Every notebook: a title cell, a ``parameters`` cell (one comment per parameter: ``papermill --help-notebook`` shows
+them), the same setup cells (cellkit importable, missing packages installed, environment and paths resolved and
+checked, so a wrong parameter fails in the first cells), then short cells that each call cellkit. Notebooks are
+written without outputs and with stable cell ids, so regenerating them changes nothing unless this script changed.
+
+Usage:
+    python scripts/make_notebooks.py            # write notebooks/
+    python scripts/make_notebooks.py --check    # exit 1 when notebooks/ differs from what this script writes
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------------------------------ shared pieces
+P_DATA = ("DATA_DIR", "", "competition-layout folder (train.csv, train/, test/); empty for auto: the "
+                          "competition's mount on Kaggle, data/demo locally")
+P_OUT = ("OUT_DIR", "", "run directory every artifact goes to; empty for auto: /kaggle/working/cellkit-run on Kaggle, "
+                        "runs/demo locally")
+P_PRESET = ("PRESET", "demo", "model preset: demo (CPU minutes), r50, paper (the seed's X152), or a YAML path")
+P_ITER = ("ITERATIONS", 0, "training iterations (0 keeps the preset's SOLVER.MAX_ITER)")
+P_DEVICE = ("DEVICE", "auto", "auto (cuda when available), cpu, cuda or cuda:N")
+P_SMOKE = ("SMOKE", False, "tiny run for CI: few images, few iterations, small sizes")
+P_WHEELS = ("WHEELS_DIR", "", "folder of offline wheels (make wheels) to install missing packages from; empty for the "
+                              "cellkit-wheels dataset on Kaggle")
+P_SOURCE = ("CELLKIT_SOURCE", "", "pip arguments that install cellkit where it is missing (Colab), e.g. "
+                                  "-e /content/cellkit after a git clone")
+SETUP_PARAMS = [P_WHEELS, P_SOURCE]
+
+BOOTSTRAP = '''\
+# Setup 1/2: cellkit importable. Locally `make install` did it; on Kaggle it comes offline from the wheels dataset,
+# on Colab from CELLKIT_SOURCE.
+import glob, importlib.util, os, shlex, subprocess, sys
+if importlib.util.find_spec("cellkit") is None:
+    found = [WHEELS_DIR] if WHEELS_DIR else sorted(
+        {os.path.dirname(p) for p in glob.glob("/kaggle/input/**/cellkit-*.whl", recursive=True)})
+    if found:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", found[0], "cellkit"],
+                       check=True)
+    elif CELLKIT_SOURCE:
+        subprocess.run([sys.executable, "-m", "pip", "install", *shlex.split(CELLKIT_SOURCE)], check=True)
+    else:
+        raise ModuleNotFoundError("cellkit is not installed: run `make install` (local), attach the cellkit-wheels "
+                                  "dataset (Kaggle) or set CELLKIT_SOURCE (Colab)")'''
+
+
+def setup_cell(lines: str) -> str:
+    """Setup 2/2: environment, missing packages, then the notebook's own path checks (``lines``)."""
+    return ("# Setup 2/2: where we run, what is missing, and every path parameter checked before any work.\n"
+            "from cellkit import chain, kaggle\n"
+            "from cellkit.chain import command\n\n"
+            "env = kaggle.detect_environment()\n"
+            "kaggle.install_missing(env, WHEELS_DIR)\n" + lines)
+
+
+def parameters_source(params: list[tuple[str, object, str]]) -> str:
+    """The ``parameters`` cell: one assignment per line with its help as a trailing comment."""
+    width = max(len(f"{name}: {type(value).__name__} = {value!r}") for name, value, _ in params)
+    lines = ["# Parameters (papermill -p NAME VALUE; `papermill --help-notebook` lists them)."]
+    for name, value, comment in params:
+        if "=" in comment:  # papermill's parameter inference skips a line holding a second "="
+            raise ValueError(f"parameter {name}: its comment must not contain '='")
+        value_text = f'"{value}"' if isinstance(value, str) else repr(value)
+        lines.append(f"{f'{name}: {type(value).__name__} = {value_text}':<{width + 1}} # {comment}")
+    return "\n".join(lines)
+
+
+def notebook(stem: str, title: str, intro: str, params: list, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    """Assemble one notebook: title, parameters, bootstrap, then ``cells`` (``("md"|"code", source)``)."""
+    nb = new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    all_cells = [new_markdown_cell(f"# {title}\n\n{intro}")]
+    all_cells.append(new_code_cell(parameters_source(params + SETUP_PARAMS), metadata={"tags": ["parameters"]}))
+    all_cells.append(new_code_cell(BOOTSTRAP))
+    for kind, source in cells:
+        all_cells.append(new_markdown_cell(source) if kind == "md" else new_code_cell(source))
+    for i, cell in enumerate(all_cells):
+        cell.id = f"{stem.replace('_', '-')}-{i:02d}"
+    nb.cells = all_cells
+    return nb
+
+
+RUN_HINT = ("Run headless from the repository root: `papermill notebooks/{stem}.ipynb out.ipynb -p DATA_DIR data/demo`"
+            " (or the whole chain: `make demo`). Artifacts go to `OUT_DIR`.")
+
+# ------------------------------------------------------------------------------------------------ 01 EDA
+EDA = notebook(
+    "01_eda", "01 · Exploratory data analysis",
+    "Images and cells per cell type, cell-area distributions, masks over images.\n\n" + RUN_HINT.format(stem="01_eda"),
+    [P_DATA, P_OUT, ("N_OVERLAYS", 2, "images per cell type drawn with their masks"), P_SMOKE],
+    [
+        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),
+        ("code", "from cellkit import data, viz\n\n"
+                 "train = data.read_train_csv(data_dir / \"train.csv\")\n"
+                 "viz.type_counts(train)"),
+        ("md", "## Images and cells per type\nshsy5y images are crowded with small cells, astro cells are large "
+               "and branched, cort cells few and round."),
+        ("code", "viz.save_figure(viz.plot_type_counts(train), out_dir / \"eda\" / \"counts.png\")"),
+        ("md", "## Cell areas per type"),
+        ("code", "areas = viz.cell_areas(train)\n"
+                 "viz.save_figure(viz.plot_area_distributions(areas), out_dir / \"eda\" / \"areas.png\")\n"
+                 "areas.groupby(\"cell_type\")[\"area\"].describe()"),
+        ("md", "## Masks over images"),
+        ("code", "ids = viz.sample_images(train, per_type=1 if SMOKE else N_OVERLAYS, seed=0)\n"
+                 "viz.save_figure(viz.plot_rle_overlays(train, data_dir / \"train\", ids), "
+                 "out_dir / \"eda\" / \"overlays.png\")"),
+    ])
+
+# ------------------------------------------------------------------------------------------------ 02 folds
+FOLDS = notebook(
+    "02_folds", "02 · Cross-validation folds",
+    "StratifiedGroupKFold: stratified by cell type, grouped by `sample_id` (by image when absent). Writes "
+    "`OUT_DIR/folds.csv`, which the fine-tuning and threshold-search notebooks read.\n\n"
+    + RUN_HINT.format(stem="02_folds"),
+    [P_DATA, P_OUT, ("K", 5, "number of folds"), ("SEED", 0, "seed of the shuffled split")],
+    [
+        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),
+        ("code", "from cellkit import data, folds\n\n"
+                 "train = data.read_train_csv(data_dir / \"train.csv\")\n"
+                 "table = folds.make_folds(train, k=K, seed=SEED)\n"
+                 "folds.write_folds(table, out_dir / \"folds.csv\")"),
+        ("md", "## Images per fold and cell type"),
+        ("code", "from cellkit import viz\n\nviz.fold_composition(table)"),
+    ])
+
+# ------------------------------------------------------------------------------------------------ 03 pretrain
+PRETRAIN = notebook(
+    "03_pretrain", "03 · Pretraining on LIVECell",
+    "The seed pretrains its model on LIVECell (COCO json, its cell-line classes) before fine-tuning on the "
+    "competition data. Writes `OUT_DIR/pretrain/` (checkpoints, `metrics.json`); the fine-tuning notebook starts "
+    "from its `model_final.pth`. Without LIVECell (the synthetic demo) this notebook skips and says so.\n\n"
+    + RUN_HINT.format(stem="03_pretrain"),
+    [("LIVECELL_DIR", "", "LIVECell folder (COCO json + images); empty for auto: searched under the inputs, skipped "
+                          "when absent; 'none' for skip"),
+     ("LIVECELL_JSON", "", "training json inside LIVECELL_DIR; empty for the first livecell*train*.json, "
+                           "else the first livecell*.json"),
+     ("LIVECELL_IMAGES", "", "folder of the LIVECell images; empty for LIVECELL_DIR/images or LIVECELL_DIR"),
+     P_OUT, P_PRESET, P_ITER,
+     ("WEIGHTS", "", "starting checkpoint, a local file (e.g. a model-zoo COCO .pkl); empty for random init"),
+     P_DEVICE, P_SMOKE],
+    [
+        ("code", setup_cell('out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'livecell = kaggle.resolve_livecell(LIVECELL_DIR, LIVECELL_JSON, LIVECELL_IMAGES, env)\n'
+                            'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", optional=True)\n'
+                            'preset = kaggle.pretrain_preset(PRESET)\n'
+                            'device = kaggle.resolve_device(DEVICE)\n'
+                            'print(f"{env.kind} run | LIVECell: {livecell} | preset {preset} on {device} | '
+                            'artifacts: {out_dir}")')),
+        ("code", "if livecell is None:\n"
+                 "    print(\"no LIVECell data: pretraining skipped (04_finetune starts from its WEIGHTS)\")\n"
+                 "else:\n"
+                 "    command(\"train\", \"--config\", preset, \"--livecell\", livecell.json,\n"
+                 "            \"--livecell-images\", livecell.images, \"--out\", out_dir / \"pretrain\",\n"
+                 "            \"--resume\",\n"
+                 "            *([\"--livecell-val\", livecell.val_json] if livecell.val_json else []),\n"
+                 "            *chain.train_args(device, ITERATIONS, SMOKE, weights))"),
+        ("md", "## Training curves"),
+        ("code", "from cellkit import viz\n\n"
+                 "if livecell is not None:\n"
+                 "    viz.save_figure(viz.plot_training_curves(out_dir / \"pretrain\" / \"metrics.json\"),\n"
+                 "                    out_dir / \"pretrain\" / \"curves.png\")"),
+    ])
+
+# ------------------------------------------------------------------------------------------------ 04 finetune
+FINETUNE = notebook(
+    "04_finetune", "04 · Fine-tuning per fold and out-of-fold predictions",
+    "Trains one model per fold (the fold held out for validation with the competition metric; best checkpoint by "
+    "it) into `OUT_DIR/fold<K>/`, plots its loss and validation-metric curves, and predicts the held-out images "
+    "into `OUT_DIR/oof/` (mask probabilities kept) for the threshold search.\n\n"
+    + RUN_HINT.format(stem="04_finetune"),
+    [P_DATA, P_OUT, P_PRESET,
+     ("FOLDS", "0", "folds to train, comma-separated (e.g. '0,1'), or 'all'"),
+     ("K", 5, "number of folds if folds.csv has to be made here (else 02_folds made it)"),
+     P_ITER,
+     ("WEIGHTS", "", "starting checkpoint (local file); empty for OUT_DIR/pretrain/model_final.pth when 03 made one, "
+                     "else the cellkit-pretrained dataset on Kaggle, else random init; 'none' for random init"),
+     ("TTA", False, "out-of-fold predictions with test-time augmentation (scales x flips)"),
+     P_DEVICE, P_SMOKE],
+    [
+        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'kaggle.check_preset(PRESET)\n'
+                            'device = kaggle.resolve_device(DEVICE)\n'
+                            'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", out_dir / "pretrain" / '
+                            '"model_final.pth",\n'
+                            '                                  pattern="model_final.pth", '
+                            'prefer=kaggle.PRETRAINED_DATASET, optional=True)\n'
+                            'print(f"{env.kind} run | data: {data_dir} | preset {PRESET} on {device} | '
+                            'weights: {weights or \'random init\'} | artifacts: {out_dir}")')),
+        ("code", "from cellkit import folds\n\n"
+                 "folds_csv = out_dir / \"folds.csv\"\n"
+                 "if not folds_csv.exists():\n"
+                 "    command(\"folds\", data_dir / \"train.csv\", \"--k\", K, \"--out\", folds_csv)\n"
+                 "fold_list = chain.parse_folds(FOLDS, folds.read_folds(folds_csv))\n"
+                 "fold_list"),
+        ("md", "## Training\nOne run per fold; `--resume` picks up an interrupted run from its last checkpoint."),
+        ("code", "for k in fold_list:\n"
+                 "    command(\"train\", \"--config\", PRESET, \"--data\", data_dir, \"--folds\", folds_csv,\n"
+                 "            \"--fold\", k, \"--out\", out_dir / f\"fold{k}\", \"--resume\",\n"
+                 "            *chain.train_args(device, ITERATIONS, SMOKE, weights))"),
+        ("md", "## Loss and validation-metric curves"),
+        ("code", "from cellkit import viz\n\n"
+                 "for k in fold_list:\n"
+                 "    viz.save_figure(viz.plot_training_curves(out_dir / f\"fold{k}\" / \"metrics.json\"),\n"
+                 "                    out_dir / f\"fold{k}\" / \"curves.png\")"),
+        ("md", "## Out-of-fold predictions\nEach fold's model predicts its held-out images."),
+        ("code", "for k in fold_list:\n"
+                 "    command(\"predict\", \"--run\", out_dir / f\"fold{k}\", \"--fold\", k, \"--data\", data_dir,\n"
+                 "            \"--folds-csv\", folds_csv, \"--out\", out_dir / \"oof\", \"--device\", device,\n"
+                 "            *([\"--tta\"] if TTA else []))"),
+    ])
+
+# ------------------------------------------------------------------------------------------------ 05 search
+SEARCH = notebook(
+    "05_threshold_search", "05 · Class-wise threshold search",
+    "Per cell type, the score threshold, pixel threshold and minimum area (and the two options) that maximise the "
+    "competition metric on the out-of-fold predictions. Writes `OUT_DIR/thresholds.json` and the CV score.\n\n"
+    + RUN_HINT.format(stem="05_threshold_search"),
+    [P_DATA, P_OUT, ("OOF_DIR", "", "out-of-fold predictions; empty for OUT_DIR/oof (from 04_finetune)"), P_SMOKE],
+    [
+        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'oof_dir = kaggle.resolve_artifact(OOF_DIR, env, "OOF_DIR", out_dir / "oof")\n'
+                            'print(f"{env.kind} run | OOF: {oof_dir} | artifacts: {out_dir}")')),
+        ("code", "command(\"search\", \"--pred\", oof_dir, \"--truth\", data_dir / \"train.csv\",\n"
+                 "        \"--out\", out_dir / \"thresholds.json\")"),
+        ("md", "## Metric against each threshold, per class\nThe other thresholds at their chosen values; red: "
+               "chosen, gray: the seed's defaults."),
+        ("code", "from IPython.display import Image\n\n"
+                 "Image(filename=str(out_dir / \"thresholds.png\"))  # written by `cellkit search` next to the json"),
+        ("md", "## CV score\nThe competition metric on the out-of-fold images, after the searched post-processing."),
+        ("code", "print(chain.format_cv(chain.cv_summary(out_dir)))"),
+    ])
+
+# ------------------------------------------------------------------------------------------------ 06 submission
+SUBMISSION = notebook(
+    "06_submission", "06 · Submission",
+    "Predicts the test images (with TTA), applies the searched class-wise post-processing and writes "
+    "`OUT_DIR/submission.csv`, validated. On Kaggle this is the offline submission kernel (`kernels/submission`): "
+    "packages come from the wheels dataset, the model and thresholds from the weights dataset.\n\n"
+    + RUN_HINT.format(stem="06_submission"),
+    [("DATA_DIR", "", "folder with test/ (the competition layout); empty for auto: the competition's mount on Kaggle, "
+                      "data/demo locally"),
+     P_OUT,
+     ("RUN_DIR", "", "trained model run (config.yaml + model_*.pth); empty for the first OUT_DIR/fold<K>, else the "
+                     "cellkit-weights dataset on Kaggle"),
+     ("THRESHOLDS", "", "thresholds.json of the threshold search; empty for OUT_DIR/thresholds.json, else the one "
+                        "in the weights dataset"),
+     ("TTA", True, "test-time augmentation (scales x flips)"),
+     P_DEVICE, ("N_OVERLAYS", 3, "test images drawn with their predicted masks"), P_SMOKE],
+    [
+        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env, need="test")\n'
+                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'runs = chain.fold_runs(out_dir)  # fold<K>/ of 04_finetune, if it ran here\n'
+                            'run_dir = kaggle.resolve_artifact(RUN_DIR, env, "RUN_DIR", runs[0] if runs else None,\n'
+                            '                                  pattern="config.yaml", prefer=kaggle.WEIGHTS_DATASET, '
+                            'folder=True)\n'
+                            'thresholds = kaggle.resolve_artifact(THRESHOLDS, env, "THRESHOLDS", out_dir / '
+                            '"thresholds.json",\n'
+                            '                                     pattern="thresholds.json", '
+                            'prefer=kaggle.WEIGHTS_DATASET)\n'
+                            'device = kaggle.resolve_device(DEVICE)\n'
+                            'print(f"{env.kind} run | test images: {data_dir / \'test\'} | model: {run_dir} | '
+                            'thresholds: {thresholds} | {device}")')),
+        ("code", "pred_dir = out_dir / \"test_pred\"\n"
+                 "command(\"predict\", \"--run\", run_dir, \"--images\", data_dir / \"test\", \"--out\", pred_dir,\n"
+                 "        \"--device\", device, *([\"--tta\"] if TTA else []))"),
+        ("code", "submission_csv = out_dir / \"submission.csv\"\n"
+                 "command(\"submit\", \"--pred\", pred_dir, \"--thresholds\", thresholds,\n"
+                 "        \"--images\", data_dir / \"test\", \"--out\", submission_csv)\n"
+                 "command(\"validate\", submission_csv, \"--images\", data_dir / \"test\")"),
+        ("md", "## Predicted masks over the test images"),
+        ("code", "import pandas as pd\n"
+                 "from cellkit import viz\n\n"
+                 "submission = pd.read_csv(submission_csv, keep_default_na=False)\n"
+                 "ids = sorted(submission[\"id\"].unique())[: 1 if SMOKE else N_OVERLAYS]\n"
+                 "viz.save_figure(viz.plot_rle_overlays(submission, data_dir / \"test\", ids, column=\"predicted\"),\n"
+                 "                out_dir / \"submission.png\")\n"
+                 "viz.masks_per_image(submission).to_frame()"),
+    ])
+
+NOTEBOOKS = {"01_eda": EDA, "02_folds": FOLDS, "03_pretrain": PRETRAIN, "04_finetune": FINETUNE,
+             "05_threshold_search": SEARCH, "06_submission": SUBMISSION}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "notebooks")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a notebook is stale")
+    args = parser.parse_args(argv)
+    stale = []
+    for stem, nb in NOTEBOOKS.items():
+        nbformat.validate(nb)
+        path = args.out / f"{stem}.ipynb"
+        text = nbformat.writes(nb) + "\n"
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(path)
+            continue
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(path)
+    if stale:
+        print("stale (run scripts/make_notebooks.py):", *stale, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""cellkit.train / ``cellkit train``: mapper, tiny train + checkpoint + resume, evaluator, errors before work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("detectron2")
+cv2 = pytest.importorskip("cv2")
+
+from cellkit import CELL_TYPES, rle  # noqa: E402
+from cellkit.cli import main  # noqa: E402
+from cellkit.config import get_preset_cfg, resolve_runtime  # noqa: E402
+from cellkit import train as ck_train  # noqa: E402
+
+SIZE = 128
+# A model small and fast enough for a few CPU iterations on 128x128 images.
+TINY = [
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "96",
+    "INPUT.MAX_SIZE_TEST", "160", "SOLVER.IMS_PER_BATCH", "1", "SOLVER.WARMUP_ITERS", "1",
+    "DATALOADER.NUM_WORKERS", "0", "CELLKIT.DATA.NUM_FOLDS", "2", "CELLKIT.LOG_PERIOD", "1",
+    "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+]
+
+
+def _tiny_image(rng, cell_type):
+    """A 128x128 grayscale image with a few bright, non-overlapping ellipses, and their masks."""
+    img = rng.normal(60, 8, (SIZE, SIZE)).clip(0, 255).astype(np.uint8)
+    masks, taken = [], np.zeros((SIZE, SIZE), bool)
+    while len(masks) < 4:
+        m = np.zeros((SIZE, SIZE), np.uint8)
+        c = (int(rng.integers(15, SIZE - 15)), int(rng.integers(15, SIZE - 15)))
+        axes = (int(rng.integers(5, 12)), int(rng.integers(3, 8)))
+        cv2.ellipse(m, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        m = m.astype(bool)
+        if (m & taken).any():
+            continue
+        masks.append(m)
+        taken |= m
+        img[m] = 180
+    return img, masks
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "train").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        cell_type = CELL_TYPES[i % 3]
+        img, masks = _tiny_image(rng, cell_type)
+        image_id = f"img{i:03d}"
+        cv2.imwrite(str(root / "train" / f"{image_id}.png"), img)
+        rows += [{"id": image_id, "annotation": rle.encode(m), "width": SIZE, "height": SIZE,
+                  "cell_type": cell_type} for m in masks]
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def _train(data, out, *extra, fold="0"):
+    return main(["train", "--config", "demo", "--data", str(data), "--fold", fold, "--out", str(out), *extra,
+                 *TINY])
+
+
+# ------------------------------------------------------------------------------------------------ mapper
+def test_transform_masks_matches_per_mask_transforms():
+    from detectron2.data import transforms as T
+
+    rng = np.random.default_rng(1)
+    h, w, n = 40, 50, 37
+    masks = np.zeros((h, w, n), np.uint8)
+    boxes = []
+    for i in range(n):
+        x0, y0 = rng.integers(0, w - 4), rng.integers(0, h - 4)
+        x1, y1 = rng.integers(x0 + 1, w + 1), rng.integers(y0 + 1, h + 1)
+        masks[y0:y1, x0:x1, i] = rng.random((y1 - y0, x1 - x0)) > 0.3
+        ys, xs = np.nonzero(masks[:, :, i])
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0])
+    boxes = np.array(boxes)
+    for tfms in ([T.HFlipTransform(w), T.VFlipTransform(h)], [T.RotationTransform(h, w, 8.5, expand=False)],
+                 [T.ResizeTransform(h, w, 31, 39)],
+                 [T.VFlipTransform(h), T.RotationTransform(h, w, -9, expand=False), T.ResizeTransform(h, w, 83, 104)]):
+        tl = T.TransformList(tfms)
+        ref = np.stack([tl.apply_segmentation(masks[:, :, i].copy()) for i in range(n)]).astype(bool)
+        for bx in (None, boxes):
+            np.testing.assert_array_equal(ck_train.transform_masks(masks, tl, bx), ref)
+    assert ck_train.transform_masks(masks[:, :, :0], T.TransformList([T.ResizeTransform(h, w, 20, 25)])).shape == (
+        0, 20, 25)
+
+
+def test_boxes_from_masks():
+    m = np.zeros((3, 10, 12), bool)
+    m[0, 2:5, 3:9] = True
+    m[2, 9, 11] = True
+    np.testing.assert_array_equal(ck_train.boxes_from_masks(m), [[3, 2, 9, 5], [0, 0, 0, 0], [11, 9, 12, 10]])
+
+
+def _mapper_cfg(*extra):
+    cfg = get_preset_cfg("demo", list(extra))
+    resolve_runtime(cfg, has_cuda=False)
+    return cfg
+
+
+def test_mapper_output_augmented_size(tiny_data):
+    from cellkit.data import load_sartorius_dicts
+
+    cfg = _mapper_cfg("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "100", "CELLKIT.AUG.ROTATION_PROB",
+                      "1.0", "CELLKIT.AUG.BRIGHTNESS_PROB", "1.0", "CELLKIT.AUG.HFLIP_PROB", "1.0")
+    mapper = ck_train.CellkitDatasetMapper(cfg, is_train=True)
+    names = [type(a).__name__ for a in mapper.augmentations.augs]
+    assert names == ["RandomFlip", "RandomFlip", "RandomApply", "RandomApply", "ResizeShortestEdge"]
+    record = load_sartorius_dicts(tiny_data / "train.csv", tiny_data / "train")[0]
+    out = mapper(record)
+    assert out["image"].dtype == torch.uint8 and tuple(out["image"].shape) == (3, 64, 64)
+    inst = out["instances"]
+    assert inst.image_size == (64, 64)
+    assert 0 < len(inst) <= len(record["annotations"])
+    masks = inst.gt_masks.tensor
+    assert masks.dtype == torch.bool and tuple(masks.shape[1:]) == (64, 64) and masks.flatten(1).any(1).all()
+    np.testing.assert_array_equal(inst.gt_boxes.tensor.numpy(), ck_train.boxes_from_masks(masks.numpy()))
+    assert set(inst.gt_classes.tolist()) <= {0, 1, 2}
+
+
+def test_mapper_flips_are_exact(tiny_data):
+    from cellkit.data import load_sartorius_dicts
+
+    cfg = _mapper_cfg("INPUT.MIN_SIZE_TRAIN", f"({SIZE},)", "INPUT.MAX_SIZE_TRAIN", str(SIZE),
+                      "CELLKIT.AUG.HFLIP_PROB", "1.0", "CELLKIT.AUG.VFLIP_PROB", "1.0", "CELLKIT.AUG.ROTATION", "0",
+                      "CELLKIT.AUG.BRIGHTNESS", "0")
+    mapper = ck_train.CellkitDatasetMapper(cfg, is_train=True)
+    record = load_sartorius_dicts(tiny_data / "train.csv", tiny_data / "train")[1]
+    out = mapper(record)
+    truth = np.stack([rle.decode(rle.from_coco(a["segmentation"]), (SIZE, SIZE)) for a in record["annotations"]])
+    np.testing.assert_array_equal(out["instances"].gt_masks.tensor.numpy(), truth[:, ::-1, ::-1])
+    image = cv2.imread(record["file_name"], cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(out["image"][0].numpy(), image[::-1, ::-1])
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.json").read_text().splitlines() if line.strip()]
+
+
+def _checkpoint_iteration(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["iteration"]
+
+
+@pytest.mark.slow
+def test_train_checkpoint_interrupt_resume(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_run_step = ck_train.CellkitTrainer.run_step
+
+    def crash_at_2(self):
+        if self.iter == 2:
+            raise RuntimeError("simulated crash")
+        return real_run_step(self)
+
+    monkeypatch.setattr(ck_train.CellkitTrainer, "run_step", crash_at_2)
+    args = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2", "SOLVER.STEPS", "(3,)"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(tiny_data, out, *args)
+    assert (out / "config.yaml").is_file() and (out / "folds.csv").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    assert (out / "model_best.pth").is_file()  # evaluated after iteration 2 (index 1)
+    assert not (out / "model_final.pth").exists()
+    first = _metrics(out)
+    assert max(m["iteration"] for m in first) == 1 and "cellkit/mAP" in first[-1]
+
+    monkeypatch.setattr(ck_train.CellkitTrainer, "run_step", real_run_step)
+    assert _train(tiny_data, out, "--resume") == 0
+    assert _checkpoint_iteration(out / "model_final.pth") == 3
+    after = _metrics(out)
+    resumed = [m for m in after[len(first):] if "lr" in m]
+    assert [m["iteration"] for m in resumed] == [2, 3]  # continued, not restarted
+    # same schedule as an uninterrupted run: warmup over, LR x0.1 from iteration 3
+    cfg = get_preset_cfg("demo", TINY)
+    base = cfg.SOLVER.BASE_LR
+    assert resumed[0]["lr"] == pytest.approx(base) and resumed[1]["lr"] == pytest.approx(base * cfg.SOLVER.GAMMA)
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    hook_states = state["trainer"]["hooks"]
+    assert hook_states["CellkitBestCheckpointer"]["best_iter"] == 1
+    assert "cellkit/mAP" in after[-1] and 0.0 <= after[-1]["cellkit/mAP"] <= 1.0
+    # finished: resuming again does nothing and says so
+    assert _train(tiny_data, out, "--resume") == 0
+    assert _checkpoint_iteration(out / "model_final.pth") == 3
+    # a finished run is not overwritten without --resume
+    assert _train(tiny_data, out) == 2
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_and_stays_stopped(tiny_data, tmp_path, capsys):
+    out = tmp_path / "es"
+    args = ["SOLVER.MAX_ITER", "20", "TEST.EVAL_PERIOD", "1", "CELLKIT.EARLY_STOP_PATIENCE", "1",
+            "CELLKIT.EARLY_STOP_MIN_DELTA", "2.0", "SOLVER.CHECKPOINT_PERIOD", "100"]
+    assert _train(tiny_data, out, *args) == 0  # min_delta 2 > any mAP gain: stops at the second evaluation
+    assert _checkpoint_iteration(out / "model_final.pth") == 1
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["trainer"]["hooks"]["EarlyStopping"]
+    assert state["stopped_at"] == 1 and state["bad_evals"] == 1
+    assert _train(tiny_data, out, "--resume") == 0
+    assert _checkpoint_iteration(out / "model_final.pth") == 1
+    assert max(m["iteration"] for m in _metrics(out)) == 1
+
+
+def test_best_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ck_train.best_weights(tmp_path)
+    (tmp_path / "model_0000009.pth").write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    assert ck_train.best_weights(tmp_path).name == "model_0000009.pth"
+    (tmp_path / "model_final.pth").write_bytes(b"x")
+    assert ck_train.best_weights(tmp_path).name == "model_final.pth"
+    (tmp_path / "model_best.pth").write_bytes(b"x")
+    assert ck_train.best_weights(tmp_path).name == "model_best.pth"
+
+
+# ------------------------------------------------------------------------------------------------ evaluator
+def test_evaluator_scores_perfect_and_empty(tiny_data):
+    from detectron2.structures import Boxes, Instances
+
+    from cellkit.data import register_sartorius
+    from cellkit.evaluation import CellkitEvaluator
+
+    register_sartorius("cellkit_test_eval", tiny_data / "train.csv", tiny_data / "train")
+    from detectron2.data import DatasetCatalog
+
+    records = DatasetCatalog.get("cellkit_test_eval")
+    ev = CellkitEvaluator("cellkit_test_eval", distributed=False)
+    ev.reset()
+    for k, record in enumerate(records[:3]):
+        truth = np.stack([rle.decode(rle.from_coco(a["segmentation"]), (SIZE, SIZE)) for a in record["annotations"]])
+        inst = Instances((SIZE, SIZE))
+        n = len(truth) if k < 2 else 0
+        inst.pred_masks = torch.from_numpy(truth[:n])
+        inst.scores = torch.linspace(0.99, 0.9, n) if n else torch.zeros(0)
+        inst.pred_classes = torch.full((n,), CELL_TYPES.index(record["cell_type"]), dtype=torch.int64)
+        inst.pred_boxes = Boxes(torch.zeros(n, 4))
+        ev.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    res = ev.evaluate()["cellkit"]
+    assert res["n_images"] == 3
+    assert res["mAP"] == pytest.approx(2 / 3) and res["mAP_cort"] == 0.0  # 2 perfect images, 1 without detections
+    assert res["mAP_shsy5y"] == 1.0 and res["mAP_astro"] == 1.0 and res["AP50"] == pytest.approx(2 / 3)
+    ev.reset()
+    record = records[0]
+    truth = np.stack([rle.decode(rle.from_coco(a["segmentation"]), (SIZE, SIZE)) for a in record["annotations"]])
+    inst = Instances((SIZE, SIZE))
+    inst.pred_masks = torch.from_numpy(np.concatenate([truth, truth[:1]]))  # a lower-scored duplicate...
+    inst.scores = torch.tensor([0.9] * len(truth) + [0.8])
+    inst.pred_classes = torch.zeros(len(truth) + 1, dtype=torch.int64)
+    inst.pred_boxes = Boxes(torch.zeros(len(truth) + 1, 4))
+    ev.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    assert ev.evaluate()["cellkit"]["mAP"] == 1.0  # ...loses all its pixels to the overlap removal
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _err(capsys):
+    return capsys.readouterr().err
+
+
+def test_missing_weights_error_before_work(tiny_data, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _train(tiny_data, out, "--weights", str(tmp_path / "nope.pth")) == 2
+    assert "nope.pth does not exist" in _err(capsys)
+    assert not out.exists()
+    assert _train(tiny_data, out, "--weights", "detectron2://ImageNetPretrained/MSRA/R-50.pkl") == 2
+    assert "never downloads" in _err(capsys)
+
+
+def test_unknown_preset_and_key(tiny_data, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--config", "nope", "--data", str(tiny_data), "--out", str(out)]) == 2
+    assert "unknown preset 'nope'" in _err(capsys)
+    assert _train(tiny_data, out, "SOLVER.NOPE", "1") == 2
+    assert "unknown config key 'SOLVER.NOPE'" in _err(capsys)
+    assert not out.exists()
+
+
+def test_bad_data_dirs(tiny_data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(empty, tmp_path / "o1") == 2
+    assert "has no train.csv" in _err(capsys)
+    no_images = tmp_path / "noimg"
+    no_images.mkdir()
+    (no_images / "train.csv").write_text((tiny_data / "train.csv").read_text())
+    (no_images / "train").mkdir()
+    assert _train(no_images, tmp_path / "o2") == 2
+    assert "image(s) of train.csv missing" in _err(capsys)
+    assert _train(tiny_data, tmp_path / "o3", fold="7") == 2
+    assert "fold 7 has no images" in _err(capsys)
+    assert not (tmp_path / "o3" / "folds.csv").exists()
+    folds = tmp_path / "folds.csv"
+    pd.DataFrame({"id": [f"img{i:03d}" for i in range(6)], "cell_type": [CELL_TYPES[i % 3] for i in range(6)],
+                  "fold": [0, 0, 0, 1, 1, 1]}).to_csv(folds, index=False)
+    assert _train(tiny_data, tmp_path / "o4", "--folds", str(folds), fold="3") == 2
+    assert "fold 3" in _err(capsys)
+
+
+def test_pretrain_needs_livecell(tmp_path, capsys):
+    assert main(["train", "--config", "r50_pretrain", "--out", str(tmp_path / "p")]) == 2
+    assert "LIVECell json" in _err(capsys)
+
+
+@pytest.mark.slow
+def test_time_budget_finishes_cleanly_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / "tb"
+    args = ["SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "100", "CELLKIT.TIME_BUDGET_MINUTES", "0.00001",
+            "SOLVER.CHECKPOINT_PERIOD", "100"]
+    assert _train(tiny_data, out, *args) == 0
+    assert _checkpoint_iteration(out / "model_final.pth") == 0  # budget spent after the first iteration
+    evals = [m for m in _metrics(out) if "cellkit/mAP" in m]
+    assert [m["iteration"] for m in evals] == [1]  # the final evaluation ran (logged one past, as detectron2 does)
+    assert (out / "model_best.pth").is_file()
+    # resumed without a budget, the same schedule runs to MAX_ITER
+    assert _train(tiny_data, out, "--resume", "CELLKIT.TIME_BUDGET_MINUTES", "0") == 0
+    assert _checkpoint_iteration(out / "model_final.pth") == 2
+    assert [m["iteration"] for m in _metrics(out) if "lr" in m][-2:] == [1, 2]
