@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -145,13 +144,6 @@ def perturbed_predictions(truth: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------- benchmark
-def _real_root(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("CELLKIT_REAL_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
-
-
 def _peak_rss_cli(truth_csv: Path, pred_csv: Path) -> tuple[float, dict]:
     """Peak RSS (MiB) of a child process running ``cellkit score --json`` on the two files, and its output."""
     code = ("import resource, subprocess, sys, json\n"
@@ -166,17 +158,19 @@ def _peak_rss_cli(truth_csv: Path, pred_csv: Path) -> tuple[float, dict]:
 
 
 def main(argv=None) -> int:
+    # sibling module (benchmarks/ is sys.path[0] for the script); imported here because tests load this file by path
+    from _common import add_data_argument, best_of, real_train_csv
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
-    parser.add_argument("--data", default=None, help="real data folder (default $CELLKIT_REAL_DATA or ../shared/data)")
+    add_data_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="perturbation and sampling seed")
     parser.add_argument("--dense-images", type=int, default=48,
                         help="images (seeded random sample) on which the dense reference is compared (0 = all)")
     args = parser.parse_args(argv)
 
-    csv_path = _real_root(args.data) / "sartorius" / "train.csv"
-    if not csv_path.is_file():
-        print(f"bench_metric: real data not found ({csv_path}); skipped")
+    csv_path = real_train_csv(args.data, "bench_metric")
+    if csv_path is None:
         return 0
     truth = pd.read_csv(csv_path, dtype={"id": str})
     if args.limit:
@@ -189,12 +183,7 @@ def main(argv=None) -> int:
           f"(perturbed, seed {args.seed}; made in {time.perf_counter() - t0:.1f} s)")
 
     # ours on every image, best of 3 (it is short)
-    sparse_s = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        result = score_frames(truth, pred)
-        sparse_s.append(time.perf_counter() - t0)
-    sparse_all_t = min(sparse_s)
+    sparse_all_t, result = best_of(lambda: score_frames(truth, pred), 3)
 
     # the dense reference is slow (minutes per hundred images): compare on a seeded random sample of images,
     # timing both implementations on exactly those images
@@ -205,12 +194,7 @@ def main(argv=None) -> int:
     sub_truth = truth[truth["id"].isin(ids)]
     sub_pred = pred[pred["id"].isin(ids)]
     n_sub = len(ids)
-    sub_s = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        sub_result = score_frames(sub_truth, sub_pred)
-        sub_s.append(time.perf_counter() - t0)
-    sparse_t = min(sub_s)
+    sparse_t, sub_result = best_of(lambda: score_frames(sub_truth, sub_pred), 3)
     ours = np.stack(list(_per_image_precisions(sub_truth, sub_pred)))
 
     t0 = time.perf_counter()

@@ -20,18 +20,14 @@ Skips (exit 0, with a message) when the real data is absent.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_util
 
+from _common import add_data_argument, best_of, real_train_csv
 from cellkit import rle
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def coco_decode(s: str, shape: tuple[int, int]) -> np.ndarray:
@@ -55,33 +51,21 @@ def coco_encode(mask: np.ndarray) -> dict:
 
 def _rate(fn, items, repeat: int) -> tuple[float, object]:
     """Best-of-``repeat`` items per second of ``[fn(x) for x in items]`` and the last results."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = [fn(x) for x in items]
-        best = min(best, time.perf_counter() - t0)
+    best, out = best_of(lambda: [fn(x) for x in items], repeat)
     return len(items) / best, out
-
-
-def _real_root(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("CELLKIT_REAL_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=0, help="use only the first N masks (0 = all)")
-    parser.add_argument("--data", default=None, help="real data folder (default $CELLKIT_REAL_DATA or ../shared/data)")
+    add_data_argument(parser)
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best is reported)")
     parser.add_argument("--chunk", type=int, default=2000,
                         help="masks decoded per timed batch (bounds memory: a decoded mask is H*W bytes)")
     args = parser.parse_args(argv)
 
-    csv_path = _real_root(args.data) / "sartorius" / "train.csv"
-    if not csv_path.is_file():
-        print(f"bench_rle: real data not found ({csv_path}); skipped")
+    csv_path = real_train_csv(args.data, "bench_rle")
+    if csv_path is None:
         return 0
     frame = pd.read_csv(csv_path)
     if args.limit:

@@ -8,12 +8,13 @@ submission.csv). A failing cell stops the chain with an error naming the noteboo
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from cellkit import atomic
 
 NOTEBOOKS = ("01_eda", "02_folds", "03_pretrain", "04_finetune", "05_threshold_search", "06_submission")
 """The chain, in order (file stems in ``notebooks/``)."""
@@ -199,9 +200,7 @@ def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
             raise ValueError(f"{out_dir} holds a run made with {', '.join(diff)}: choose another output dir "
                              f"(make demo OUT=...) or delete it")
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
 def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] = NOTEBOOKS,

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellkit import atomic
+
 __all__ = ["image_table", "make_folds", "write_folds", "read_folds", "fold_ids", "SPLITS"]
 
 SPLITS = ("train", "val")
@@ -95,12 +97,8 @@ def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a folds table atomically (temp file in the same folder, then ``os.replace``); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic.atomic_path(path) as tmp:
         folds.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -23,10 +23,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from cellkit import atomic
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 """The competition's slug: its Kaggle mount folder name and the kernels' ``competition_sources``."""
@@ -593,18 +594,6 @@ def kernel_metadata(name: str, owner: str = DEFAULT_OWNER) -> dict:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str = DEFAULT_OWNER) -> Path:
     """Write ``kernels/<name>/kernel-metadata.json`` and ``<name>.ipynb`` (the notebook with Kaggle parameters).
 
@@ -622,16 +611,11 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str 
     source = Path(notebooks_dir) / spec.notebook
     if not source.is_file():
         raise FileNotFoundError(f"kernel {name}: notebook {source} not found")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".ipynb")
-    os.close(fd)
-    try:
-        pm.execute_notebook(str(source), tmp, parameters=dict(spec.parameters), prepare_only=True,
+    with atomic.atomic_path(folder / meta["code_file"], suffix=".ipynb") as tmp:
+        pm.execute_notebook(str(source), str(tmp), parameters=dict(spec.parameters), prepare_only=True,
                             kernel_name="python3", progress_bar=False, log_output=False)
-        _make_reproducible(Path(tmp), f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
-        os.replace(tmp, folder / meta["code_file"])
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    _atomic_write_text(folder / "kernel-metadata.json", json.dumps(meta, indent=2) + "\n")
+        _make_reproducible(tmp, f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
+    atomic.write_text(folder / "kernel-metadata.json", json.dumps(meta, indent=2) + "\n")
     return folder
 
 
@@ -721,7 +705,7 @@ def build_wheels(out: Path, project_root: Path, owner: str = DEFAULT_OWNER, pyth
             shutil.rmtree(project_root / "build", ignore_errors=True)
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    _atomic_write_text(out / "dataset-metadata.json", json.dumps(wheels_dataset_metadata(owner), indent=2) + "\n")
+    atomic.write_text(out / "dataset-metadata.json", json.dumps(wheels_dataset_metadata(owner), indent=2) + "\n")
     return sorted(out.glob("*.whl"))
 
 

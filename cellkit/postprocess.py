@@ -35,15 +35,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cellkit import CELL_TYPES, rle
+from cellkit import CELL_TYPES, atomic, rle
 
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "validate_thresholds", "validate_options",
@@ -531,12 +529,4 @@ def save_thresholds(path, doc: Mapping) -> Path:
     doc = _check_document(doc, str(path))
     text = json.dumps(doc, indent=2, default=_json_default) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, text)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellkit import CELL_TYPES, rle
+from cellkit import CELL_TYPES, atomic, rle
 from cellkit import metric
 from cellkit import postprocess as pp
 from cellkit import predictions as P
@@ -852,8 +852,6 @@ def plot_search(doc: dict, path) -> Path:
         doc: a document from :func:`search` (needs ``search.curves`` and ``search.grid``).
         path: the PNG to write.
     """
-    import tempfile
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -881,14 +879,9 @@ def plot_search(doc: dict, path) -> Path:
                  f"mAP {doc['metric']['before']['mAP']:.4f} -> {doc['metric']['after']['mAP']:.4f}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
     finally:
         plt.close(fig)
     return path

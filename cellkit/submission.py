@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellkit import SHAPE, rle
+from cellkit import SHAPE, atomic, rle
 
 __all__ = [
     "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes",
@@ -162,15 +160,7 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
         for starts, lengths in runs:
             writer.writerow((image_id, rle.runs_to_string(starts, lengths)))
     text = buf.getvalue()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, text)
 
 
 def image_sizes(image_dir) -> dict[str, tuple[int, int]]:

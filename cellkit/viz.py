@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from cellkit import CELL_TYPES, SHAPE, rle
+from cellkit import CELL_TYPES, SHAPE, atomic, rle
 
 TYPE_COLORS = {"shsy5y": "tab:blue", "astro": "tab:orange", "cort": "tab:green"}
 """One matplotlib colour per cell type, the same in every plot."""
@@ -301,11 +300,6 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a figure atomically (temporary file in the same folder, then rename); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path, suffix=path.suffix) as tmp:  # savefig picks the format from the suffix
         fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -167,7 +167,39 @@ def test_from_coco_uncompressed_counts():
     assert rle.from_coco(coco) == rle.encode(expected)
 
 
+def test_to_coco_many_equals_to_coco():
+    h, w = 30, 40
+
+    def box(y0, y1, x0, x1):
+        m = np.zeros((h, w), dtype=bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((h, w)) < p for p in (0.02, 0.3, 0.9)]
+    masks += [box(0, 1, 0, 1), box(h - 1, h, w - 1, w), box(0, h, 0, w), box(3, 9, 0, w)]
+    strings = [rle.encode(m) for m in masks]
+    got = rle.to_coco_many([rle.parse(s, (h, w)) for s in strings], (h, w))
+    assert got == [rle.to_coco(s, (h, w)) for s in strings]
+    assert rle.to_coco_many([], (h, w)) == []
+
+
+def test_to_coco_many_rejects_empty_mask():
+    with pytest.raises(ValueError, match="mask 0 is empty"):
+        rle.to_coco_many([rle.parse("", SHAPE)], SHAPE)
+
+
 # ------------------------------------------------------------------------------------------- properties
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 9), st.data())
+def test_to_coco_many_property(h, w, data):
+    """Any batch of non-empty masks of any small shape converts like rle.to_coco, mask by mask."""
+    masks = data.draw(st.lists(arrays(bool, (h, w)).filter(np.any), min_size=1, max_size=4))
+    strings = [rle.encode(m) for m in masks]
+    got = rle.to_coco_many([rle.parse(s, (h, w)) for s in strings], (h, w))
+    assert got == [rle.to_coco(s, (h, w)) for s in strings]
+
+
 @st.composite
 def masks(draw):
     h = draw(st.integers(1, 12))

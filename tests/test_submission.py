@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from cellkit import rle
+from cellkit import atomic, rle
 from cellkit import submission as S
 
 H, W = 4, 6  # tiny test images: height 4, width 6 -> 24 pixels
@@ -148,7 +148,7 @@ def test_write_failure_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(S.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)  # the rename of cellkit.atomic
     with pytest.raises(OSError, match="disk full"):
         S.write_submission({"a": [_mask(5)]}, ["a"], path, shape=(H, W))
     assert path.read_bytes() == before

@@ -49,17 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_csv_atomic(frame, path) -> None:
-    import os
-    import tempfile
     from pathlib import Path
+
+    from cellkit import atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

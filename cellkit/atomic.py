@@ -1,0 +1,64 @@
+"""Atomic file writes: a temporary file in the same directory, renamed onto the target only once it is complete.
+
+Every cellkit output goes through :func:`atomic_path` (or its helpers :func:`write_text` and :func:`write_bytes`),
+so a reader sees either the previous file or the complete new one, never a half-written file, and an error while
+writing leaves no file behind (and any previous file untouched).
+
+Conventions:
+    - The temporary file lives next to the target (``os.replace`` is atomic only within one file system) and has a
+      hidden name ``.<name>.<random><suffix>``. Readers of output directories skip names starting with ``.`` as
+      leftovers of an interrupted write (e.g. :mod:`cellkit.predictions`), so keep that prefix.
+    - The target's directory must exist: creating it is the caller's decision.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["atomic_path", "write_bytes", "write_text"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on any exception remove it.
+
+    The temporary file already exists (empty) when yielded; the writer may overwrite or replace it. Use ``suffix``
+    when the writer derives something from the name: ``np.savez`` appends ``.npz`` unless the name ends with it,
+    matplotlib's ``savefig`` picks the format from the suffix.
+
+    Args:
+        path: the file to write.
+        suffix: the temporary file's name ends with it (default ``".tmp"``).
+
+    Yields:
+        The temporary path ``<dir>/.<name>.<random><suffix>``.
+
+    Raises:
+        FileNotFoundError: the directory of ``path`` does not exist.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); return ``path`` as a Path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically, encoded as-is (no newline translation); return ``path`` as a Path."""
+    return write_bytes(path, text.encode(encoding))
