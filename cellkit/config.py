@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -295,16 +294,12 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
         notes.append(f"SOLVER.AMP.ENABLED={amp} ({'CUDA' if amp else 'AMP needs CUDA'})")
     norm = cfg.CELLKIT.SCRATCH_NORM
     if not cfg.MODEL.WEIGHTS and norm:
-        for node, key in (
-            (cfg.MODEL.RESNETS, "NORM"),
-            (cfg.MODEL.FPN, "NORM"),
-            (cfg.MODEL.ROI_BOX_HEAD, "NORM"),
-            (cfg.MODEL.ROI_MASK_HEAD, "NORM"),
-        ):
-            new = _use_norm(node[key], norm)
-            if new != node[key]:
-                notes.append(f"random init: {key} {node[key]!r} -> {new!r} (CELLKIT.SCRATCH_NORM)")
-                node[key] = new
+        for section in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
+            node = cfg.MODEL[section]
+            new = _use_norm(node.NORM, norm)
+            if new != node.NORM:
+                notes.append(f"random init: MODEL.{section}.NORM {node.NORM!r} -> {new!r} (CELLKIT.SCRATCH_NORM)")
+                node.NORM = new
     if not cfg.MODEL.WEIGHTS and list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]:
         # unit std matches Caffe2 checkpoints only; from scratch, raw 0-255 inputs blow up the stem's gradients
         cfg.MODEL.PIXEL_STD = list(SCRATCH_PIXEL_STD)
@@ -318,17 +313,9 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
 
 
 def save_config(cfg, directory: str | os.PathLike) -> Path:
-    """Write ``cfg`` as ``<directory>/config.yaml`` atomically and return its path."""
+    """Write ``cfg`` as ``<directory>/config.yaml`` atomically (:mod:`cellkit.atomic`) and return its path."""
+    from cellkit.atomic import write_text
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CONFIG_FILE_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(cfg.dump())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_text(directory / CONFIG_FILE_NAME, cfg.dump())

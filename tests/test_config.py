@@ -157,7 +157,7 @@ def test_resolve_runtime_cpu_and_scratch():
 def test_save_and_load_run_config(tmp_path):
     cfg = ck.get_preset_cfg("paper", ["SOLVER.MAX_ITER", "123"])
     path = ck.save_config(cfg, tmp_path / "run")
-    assert path.name == "config.yaml" and not list((tmp_path / "run").glob(".config.*"))
+    assert path.name == "config.yaml" and [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
     back = ck.load_run_config(tmp_path / "run")
     assert back.SOLVER.MAX_ITER == 123 and back.CELLKIT.PRESET == "paper"
     assert back.MODEL.ANCHOR_GENERATOR.SIZES == cfg.MODEL.ANCHOR_GENERATOR.SIZES
