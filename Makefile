@@ -10,7 +10,7 @@ D2_WHEEL := wheels/detectron2-0.6+sal072-py3-none-any.whl
 DATA ?= data/demo
 OUT ?= runs/demo
 
-.PHONY: install test demo wheels clean-demo
+.PHONY: install test demo wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
