@@ -62,3 +62,23 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically, encoded as-is (no newline translation); return ``path`` as a Path."""
     return write_bytes(path, text.encode(encoding))
+
+
+def _json_default(obj):
+    """``json.dumps`` fallback: numpy scalars and arrays become Python numbers and lists, paths strings."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = False) -> Path:
+    """Write ``obj`` as indented JSON (numpy values and paths converted) plus a newline, atomically."""
+    import json
+
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default) + "\n")

@@ -200,7 +200,7 @@ def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
             raise ValueError(f"{out_dir} holds a run made with {', '.join(diff)}: choose another output dir "
                              f"(make demo OUT=...) or delete it")
         return
-    atomic.write_text(path, json.dumps(identity, indent=2) + "\n")
+    atomic.write_json(path, identity)
 
 
 def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] = NOTEBOOKS,

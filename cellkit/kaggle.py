@@ -17,7 +17,6 @@ offline wheel set (``make wheels``) that the submission notebook installs with `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -615,7 +614,7 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str 
         pm.execute_notebook(str(source), str(tmp), parameters=dict(spec.parameters), prepare_only=True,
                             kernel_name="python3", progress_bar=False, log_output=False)
         _make_reproducible(tmp, f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
-    atomic.write_text(folder / "kernel-metadata.json", json.dumps(meta, indent=2) + "\n")
+    atomic.write_json(folder / "kernel-metadata.json", meta)
     return folder
 
 
@@ -705,7 +704,7 @@ def build_wheels(out: Path, project_root: Path, owner: str = DEFAULT_OWNER, pyth
             shutil.rmtree(project_root / "build", ignore_errors=True)
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    atomic.write_text(out / "dataset-metadata.json", json.dumps(wheels_dataset_metadata(owner), indent=2) + "\n")
+    atomic.write_json(out / "dataset-metadata.json", wheels_dataset_metadata(owner))
     return sorted(out.glob("*.whl"))
 
 

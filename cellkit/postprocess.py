@@ -509,16 +509,6 @@ def load_thresholds(path) -> dict:
     return _check_document(doc, str(path))
 
 
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
 def save_thresholds(path, doc: Mapping) -> Path:
     """Validate ``doc`` (``{"thresholds": ..., "options": ..., ...}``) and write it atomically as JSON.
 
@@ -527,6 +517,5 @@ def save_thresholds(path, doc: Mapping) -> Path:
     """
     path = Path(path)
     doc = _check_document(doc, str(path))
-    text = json.dumps(doc, indent=2, default=_json_default) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic.write_text(path, text)
+    return atomic.write_json(path, doc)

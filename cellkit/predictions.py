@@ -330,20 +330,7 @@ def write_meta(directory, meta: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     meta = {**meta}
     meta.setdefault("cellkit_version", __version__)
-    text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n"
-    path = directory / META_NAME
-    atomic.write_text(path, text)
-    return path
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"write_meta: {type(obj).__name__} is not JSON-serialisable")
+    return atomic.write_json(directory / META_NAME, meta, sort_keys=True)
 
 
 def read_meta(directory) -> dict:
