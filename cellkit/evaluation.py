@@ -24,14 +24,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["CellkitEvaluator", "truth_rles", "summarize"]
 
 
-def _coco_to_rle_string(segm: dict, height: int, width: int) -> str:
-    from pycocotools import mask as mask_util
-
-    if isinstance(segm.get("counts"), list):  # uncompressed COCO RLE
-        segm = mask_util.frPyObjects(segm, height, width)
-    return rle.from_coco(segm)
-
-
 def truth_rles(record: dict) -> list[str]:
     """Competition RLE strings of a dataset dict's annotations (COCO RLE dicts or polygon lists).
 
@@ -41,20 +33,15 @@ def truth_rles(record: dict) -> list[str]:
     Returns:
         One string per annotation, row-major as in the competition (empty annotations dropped).
     """
-    from pycocotools import mask as mask_util
-
     h, w = int(record["height"]), int(record["width"])
     out = []
     for ann in record.get("annotations", []):
         segm = ann["segmentation"]
-        if isinstance(segm, dict):
-            s = _coco_to_rle_string(segm, h, w)
-        else:  # polygons
-            polys = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in segm if len(p) >= 6]
-            if not polys:
+        if not isinstance(segm, dict):  # polygons: keep those with at least 3 points
+            segm = [p for p in segm if len(p) >= 6]
+            if not segm:
                 continue
-            merged = mask_util.merge(mask_util.frPyObjects(polys, h, w))
-            s = rle.from_coco(merged)
+        s = rle.from_coco(rle.coco_segmentation(segm, h, w))
         if s:
             out.append(s)
     return out

@@ -15,7 +15,7 @@ import numpy as np
 from cellkit import SHAPE
 
 __all__ = ["parse", "parse_many", "MaskError", "runs_to_string", "runs_to_indices", "decode", "encode", "encode_runs",
-           "to_coco", "to_coco_many", "from_coco", "area", "validate"]
+           "to_coco", "to_coco_many", "from_coco", "coco_segmentation", "area", "validate"]
 
 
 def parse(rle: str, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
@@ -329,6 +329,28 @@ def to_coco_many(runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int
         uncompressed.append({"size": [height, width], "counts": counts.tolist()})
     compressed = mask_util.frPyObjects(uncompressed, height, width)
     return [{"size": [height, width], "counts": c["counts"].decode("ascii")} for c in compressed]
+
+
+def coco_segmentation(segm, height: int, width: int) -> dict:
+    """A detectron2 annotation's ``segmentation`` as a pycocotools RLE (what ``pycocotools.mask`` functions take).
+
+    Args:
+        segm: a COCO RLE dict (compressed ``str``/``bytes`` counts or uncompressed ``list`` counts) or a list of
+            polygons (flat ``[x0, y0, x1, y1, ...]`` in pixels).
+        height, width: the image size (used for uncompressed counts and polygons).
+
+    Returns:
+        ``{"size": [height, width], "counts": bytes}`` (column-major, as pycocotools encodes).
+    """
+    from pycocotools import mask as mask_util
+
+    if isinstance(segm, dict):
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            return mask_util.frPyObjects(segm, height, width)
+        return {"size": list(segm["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    polygons = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in segm]
+    return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
 
 
 def from_coco(coco_rle: dict) -> str:

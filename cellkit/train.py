@@ -29,6 +29,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
+from cellkit import rle
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
 from cellkit.modeling import CellkitCheckpointer, check_local_weights
@@ -76,18 +77,7 @@ def decode_masks(annotations: list[dict], height: int, width: int) -> tuple[np.n
     """
     from pycocotools import mask as mask_util
 
-    rles = []
-    for ann in annotations:
-        segm = ann["segmentation"]
-        if isinstance(segm, dict):
-            if isinstance(segm["counts"], list):
-                rles.append(mask_util.frPyObjects(segm, height, width))
-            else:
-                counts = segm["counts"]
-                rles.append({"size": segm["size"], "counts": counts.encode("ascii") if isinstance(counts, str)
-                             else counts})
-        else:
-            rles.append(mask_util.merge(mask_util.frPyObjects([list(map(float, p)) for p in segm], height, width)))
+    rles = [rle.coco_segmentation(ann["segmentation"], height, width) for ann in annotations]
     if not rles:
         return np.zeros((height, width, 0), dtype=np.uint8), np.zeros((0, 4), dtype=np.int64)
     xywh = np.asarray(mask_util.toBbox(rles), dtype=np.float64).reshape(-1, 4)

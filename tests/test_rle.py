@@ -256,3 +256,22 @@ def test_round_trip_on_every_real_annotation(real_train_csv):
     starts, lengths, counts = rle.parse_many(group, shape)
     assert counts.sum() == sum(rle.parse(s, shape)[0].size for s in group)
     np.testing.assert_array_equal(starts, np.concatenate([rle.parse(s, shape)[0] for s in group]))
+
+
+def test_coco_segmentation_accepts_every_detectron2_form():
+    """Compressed (str) and uncompressed (list) COCO RLE and polygons give the same pycocotools RLE mask."""
+    from pycocotools import mask as mask_util
+
+    h, w = 12, 10
+    mask = np.zeros((h, w), dtype=bool)
+    mask[2:7, 3:9] = True
+    compressed = rle.to_coco(rle.encode(mask), (h, w))
+    column = mask.ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(column, prepend=0, append=0))
+    counts = np.diff(np.concatenate(([0], edges, [h * w]))).tolist()
+    uncompressed = {"size": [h, w], "counts": counts}
+    for segm in (compressed, uncompressed):
+        assert (mask_util.decode(rle.coco_segmentation(segm, h, w)) == mask).all()
+    polygon = [[3.0, 2.0, 9.0, 2.0, 9.0, 7.0, 3.0, 7.0]]
+    from_poly = mask_util.decode(rle.coco_segmentation(polygon, h, w)).astype(bool)
+    assert from_poly[3:6, 4:8].all() and not from_poly[:, 0].any() and not from_poly[10:, :].any()
