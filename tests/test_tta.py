@@ -232,19 +232,24 @@ def tiny(request):
     return cfg, tiny_model(cfg)
 
 
+def assert_matches_reference(pred, ref, box_atol, check_classes=True):
+    """``pred`` equals detectron2's ``ref`` Instances sorted by descending score (boxes within ``box_atol`` px)."""
+    assert len(pred) == len(ref) > 10
+    order = np.argsort(-ref.scores.numpy(), kind="stable")
+    np.testing.assert_allclose(pred.boxes, ref.pred_boxes.tensor.numpy()[order], atol=box_atol)
+    np.testing.assert_allclose(pred.scores, ref.scores.numpy()[order], atol=1e-6)
+    if check_classes:
+        np.testing.assert_array_equal(pred.classes, ref.pred_classes.numpy()[order])
+    assert (full_binary(pred) != ref.pred_masks.numpy()[order]).mean() < 1e-4
+
+
 def test_single_pass_matches_plain_model(tiny):
     cfg, model = tiny
     img = make_image()
     pred = tta.CellTTA(cfg, model, tta=False).predict(img, "img")
     with torch.no_grad():
         ref = model([as_input(img)])[0]["instances"]
-    assert len(pred) == len(ref) > 10
-    order = np.argsort(-ref.scores.numpy(), kind="stable")
-    np.testing.assert_allclose(pred.boxes, ref.pred_boxes.tensor.numpy()[order], atol=1e-4)
-    np.testing.assert_allclose(pred.scores, ref.scores.numpy()[order], atol=1e-6)
-    np.testing.assert_array_equal(pred.classes, ref.pred_classes.numpy()[order])
-    ref_masks = ref.pred_masks.numpy()[order]
-    assert (full_binary(pred) != ref_masks).mean() < 1e-4
+    assert_matches_reference(pred, ref, box_atol=1e-4)
 
 
 def test_tta_matches_detectron2_tta(tiny):
@@ -256,11 +261,7 @@ def test_tta_matches_detectron2_tta(tiny):
     d2 = GeneralizedRCNNWithTTA(cfg, model, tta_mapper=DatasetMapperTTA(cfg), batch_size=1)
     with torch.no_grad():
         ref = d2([as_input(img)])[0]["instances"]
-    assert len(pred) == len(ref) > 10
-    order = np.argsort(-ref.scores.numpy(), kind="stable")
-    np.testing.assert_allclose(pred.boxes, ref.pred_boxes.tensor.numpy()[order], atol=1e-3)
-    np.testing.assert_allclose(pred.scores, ref.scores.numpy()[order], atol=1e-6)
-    assert (full_binary(pred) != ref.pred_masks.numpy()[order]).mean() < 1e-4
+    assert_matches_reference(pred, ref, box_atol=1e-3, check_classes=False)
     # probabilities in [0, 1], soft, crops inside the image
     probs = np.concatenate([pred.prob(i).ravel() for i in range(len(pred))])
     assert probs.min() >= 0.0 and probs.max() <= 1.0
