@@ -3,6 +3,7 @@
 Usage (from the repo root)::
 
     .venv/bin/python benchmarks/bench_predict.py [--preset r50] [--images 2] [--detections 1000]
+    .venv/bin/python benchmarks/bench_predict.py --preset paper --images 1 --modes tta --test-sizes 520,480  # CPU smoke
 
 What it measures, on the first ``--images`` real images of ``../shared/data/sartorius/train`` (or
 ``$CELLKIT_REAL_DATA/sartorius/train``; the benchmark exits when they are absent):
@@ -33,7 +34,18 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("CELLKIT_REAL_DATA", REPO.parent / "shared" / "data"))
 
 
-def build(preset: str, detections: int, tta: bool):
+def size_overrides(test_sizes: str) -> list[str]:
+    """Config overrides for ``--test-sizes "S1,S2"``: TTA short edges S1, S2 (single pass at S1), long edge capped
+    at 704 / 520 x the largest; empty string = the preset's own sizes."""
+    if not test_sizes:
+        return []
+    sizes = [int(s) for s in test_sizes.split(",")]
+    max_size = str(int(round(max(sizes) * 704 / 520)))
+    return ["INPUT.MIN_SIZE_TEST", str(sizes[0]), "INPUT.MAX_SIZE_TEST", max_size,
+            "TEST.AUG.MIN_SIZES", "(" + ",".join(map(str, sizes)) + ",)", "TEST.AUG.MAX_SIZE", max_size]
+
+
+def build(preset: str, detections: int, tta: bool, test_sizes: str = ""):
     """A randomly initialised model of ``preset`` on CPU wrapped in CellTTA, forced to ``detections`` per image."""
     import torch
 
@@ -42,7 +54,7 @@ def build(preset: str, detections: int, tta: bool):
     from cellkit.tta import CellTTA
 
     cfg = get_preset_cfg(preset, ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-                                  "TEST.DETECTIONS_PER_IMAGE", str(detections)])
+                                  "TEST.DETECTIONS_PER_IMAGE", str(detections)] + size_overrides(test_sizes))
     resolve_runtime(cfg, has_cuda=False)
     torch.manual_seed(0)
     model = modeling.build_model(cfg).eval()
@@ -58,7 +70,7 @@ def child(args) -> dict:
     from cellkit.tta import list_images, read_image
 
     images = list_images(REAL / "sartorius" / "train")[: args.images]
-    cfg, runner = build(args.preset, args.detections, tta=args.child == "tta")
+    cfg, runner = build(args.preset, args.detections, tta=args.child == "tta", test_sizes=args.test_sizes)
     out = Path(args.workdir) / args.child
     fmt = cfg.INPUT.FORMAT
     # no warm-up pass: any image is resized to the test size, so it would cost a whole inference; first-call
@@ -136,7 +148,7 @@ def paste_child(args) -> dict:
 
 def run_child(mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--workdir", args.workdir, "--preset", args.preset,
-           "--images", str(args.images), "--detections", str(args.detections)]
+           "--images", str(args.images), "--detections", str(args.detections), "--test-sizes", args.test_sizes]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -150,6 +162,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--detections", type=int, default=1000)
     parser.add_argument("--modes", default="single,tta", help="comma-separated: single, tta")
+    parser.add_argument("--test-sizes", default="", help='TTA short edges, e.g. "520,480" for a CPU smoke of '
+                        "the paper preset at native size (default: the preset's TEST.AUG sizes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +179,8 @@ def main() -> int:
         results = {m: run_child(m, args) for m in args.modes.split(",")}
         if "tta" in results:
             results["paste"] = run_child("paste", args)
-    print(f"preset {args.preset}, random init, SCORE_THRESH_TEST 0 (forced detections), CPU, "
+    sizes = f"test sizes {args.test_sizes}" if args.test_sizes else "the preset's test sizes"
+    print(f"preset {args.preset} ({sizes}), random init, SCORE_THRESH_TEST 0 (forced detections), CPU, "
           f"{args.images} real image(s) 704x520, torch threads {next(iter(results.values())).get('threads')}")
     print(f"{'mode':8s} {'passes':>6s} {'dets/img':>8s} {'s/img':>8s} {'CPU s/img':>9s} {'peak RSS MB':>11s} "
           f"{'store KB/img':>12s}")

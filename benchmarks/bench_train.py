@@ -106,7 +106,11 @@ def cmd_untrained(args) -> int:
     t = time.perf_counter()
     res = CellkitTrainer.test(cfg, build_model(cfg))
     untrained = res.get("cellkit", res)
-    evals = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines() if '"cellkit/mAP"' in line]
+    records = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines()]
+    evals = [m for m in records if "cellkit/mAP" in m]
+    # iterations done: a periodic evaluation is logged at the last iteration it follows (99 after 100), the final one
+    # after the loop (300 after 300), so cap at the last training iteration + 1
+    trained = max((m["iteration"] for m in records if "total_loss" in m), default=-1) + 1
     best = max(evals, key=lambda m: m["cellkit/mAP"]) if evals else {}
     last = evals[-1] if evals else {}
     keys = [k for k in untrained if k.startswith("mAP")]
@@ -116,7 +120,7 @@ def cmd_untrained(args) -> int:
     print("| untrained (random init) | 0 | " + " | ".join(f"{untrained[k]:.4f}" for k in keys) + " |")
     for name, m in (("best", best), ("last", last)):
         if m:
-            print(f"| trained ({name}) | {m['iteration'] + 1} | "
+            print(f"| trained ({name}) | {min(m['iteration'] + 1, trained)} | "
                   + " | ".join(f"{m.get('cellkit/' + k, float('nan')):.4f}" for k in keys) + " |")
     return 0
 

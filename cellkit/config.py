@@ -12,7 +12,7 @@ Presets:
 - ``paper``: the seed's Cascade Mask R-CNN X152-32x8d-FPN (deformable conv, GN heads) fine-tune recipe;
   ``paper_pretrain``: its LIVECell pretraining.
 - ``r50``, ``r50_pretrain``: the same recipe on Cascade Mask R-CNN R50-FPN.
-- ``demo``: a small GN Cascade Mask R-CNN that trains on the synthetic data on a CPU in minutes.
+- ``demo``: a small GN Mask R-CNN (R18-FPN, one box stage) that trains on the synthetic data on a CPU in minutes.
 
 Every key that does not exist in detectron2's defaults or in :func:`add_cellkit_config` is an error (raised before
 any work starts), in the YAML files and in command-line ``KEY VALUE`` overrides alike.

@@ -80,6 +80,7 @@ def test_demo_preset_is_small_gn(presets):
     assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.SOLVER.MAX_ITER <= 500 and max(cfg.INPUT.MIN_SIZE_TRAIN) <= 520
+    assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"  # one box stage: learns faster from scratch on CPU
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[8], [16], [32], [64], [128]]
 
 

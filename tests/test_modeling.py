@@ -142,7 +142,9 @@ def test_check_local_weights(tmp_path):
 
 
 def _tiny_model_cfg(num_classes):
-    cfg = get_preset_cfg("demo", ["MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes)])
+    # the demo's small backbone with the cascade's three box stages (as in `paper` / `r50`)
+    cfg = get_preset_cfg("demo", ["MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes),
+                                  "MODEL.ROI_HEADS.NAME", "CascadeROIHeads"])
     resolve_runtime(cfg, has_cuda=False)
     return cfg
 
