@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -80,8 +79,8 @@ def cmd_iters(args) -> int:
             print(f"  iter {i}: {times[-1]:.1f} s (mapper {map_times[-1]:.2f} s), loss {loss.item():.3f}, "
                   f"image {shapes[-1]}", flush=True)
     later = times[1:] or times
-    print(f"| preset | params | build s | iter 1 s | later iters s/iter | mapper s/img | images (H, W) | "
-          f"batch | peak RSS MiB | threads |")
+    print("| preset | params | build s | iter 1 s | later iters s/iter | mapper s/img | images (H, W) | "
+          "batch | peak RSS MiB | threads |")
     print(f"| {args.config} | {n_params / 1e6:.1f} M | {build_s:.1f} | {times[0]:.1f} | "
           f"{sum(later) / len(later):.1f} | {sum(map_times) / len(map_times) / cfg.SOLVER.IMS_PER_BATCH:.2f} | "
           f"{sorted(set(shapes))} | {cfg.SOLVER.IMS_PER_BATCH} | {peak_rss_mib():.0f} | {torch.get_num_threads()} |")

@@ -835,14 +835,32 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
         "provenance": {
             "predictions": str(pred_dir),
             "truth": truth_path or truth.attrs.get("path"),
-            "config": meta.get("config"),
-            "weights": meta.get("weights"),
-            "folds": meta.get("folds", meta.get("fold")),
+            **_source_provenance(meta),
             "predictions_meta": meta,
             "cellkit_version": __version__,
         },
     }
     return doc
+
+
+def _source_provenance(meta: dict) -> dict:
+    """``config``, ``weights`` and ``folds`` of a predictions ``meta.json``: its top-level keys, or those of its
+    ``sources`` (one entry per fold model, as ``cellkit predict`` writes); one value when all sources agree, else the
+    list of distinct values (``folds`` always a sorted list when taken from sources)."""
+    sources = [src for src in meta.get("sources", []) if isinstance(src, dict)]
+    if not sources:
+        return {"config": meta.get("config"), "weights": meta.get("weights"),
+                "folds": meta.get("folds", meta.get("fold"))}
+
+    def distinct(key):
+        values = []
+        for src in sources:
+            if src.get(key) is not None and src[key] not in values:
+                values.append(src[key])
+        return values[0] if len(values) == 1 else (values or None)
+
+    folds = sorted({src["fold"] for src in sources if src.get("fold") is not None})
+    return {"config": distinct("config"), "weights": distinct("weights"), "folds": folds or None}
 
 
 def plot_search(doc: dict, path) -> Path:

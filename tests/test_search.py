@@ -244,3 +244,17 @@ def test_fakepred_and_search_on_real_truth_sample(tmp_path):
     doc = S.search(tmp_path / "oof", truth, grid=grid, workers=1, progress=False)
     assert doc["metric"]["after"]["mAP"] >= doc["metric"]["before"]["mAP"]
     assert doc["search"]["n_images"] == 3
+
+
+def test_provenance_from_predict_sources():
+    _source_provenance = S._source_provenance
+    meta = {"sources": [{"config": "run1/config.yaml", "weights": "run1/model_best.pth", "fold": 1},
+                        {"config": "run0/config.yaml", "weights": "run0/model_best.pth", "fold": 0}],
+            "tta": {"enabled": False}}
+    got = _source_provenance(meta)
+    assert got["folds"] == [0, 1]
+    assert got["config"] == ["run1/config.yaml", "run0/config.yaml"]
+    assert got["weights"] == ["run1/model_best.pth", "run0/model_best.pth"]
+    one = _source_provenance({"sources": [{"config": "c.yaml", "weights": "w.pth", "fold": 2}]})
+    assert one == {"config": "c.yaml", "weights": "w.pth", "folds": [2]}
+    assert _source_provenance({"config": "fakepred"}) == {"config": "fakepred", "weights": None, "folds": None}
