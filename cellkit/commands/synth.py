@@ -6,7 +6,8 @@ HELP = "generate the synthetic competition-format demo dataset"
 
 def add_arguments(parser) -> None:
     parser.add_argument("out", metavar="OUT", help="output folder (e.g. data/demo); must be absent or empty")
-    parser.add_argument("--images", type=int, default=40, help="number of train images (default 40: every one of 5 folds holds all three cell types)")
+    parser.add_argument("--images", type=int, default=40,
+                        help="number of train images (default 40: each of 5 folds holds all three cell types)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical files")
     parser.add_argument("--test-images", type=int, default=3, help="number of test images (default 3)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
