@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_bytes", "write_text"]
+__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "read_json"]
 
 
 @contextmanager
@@ -82,3 +82,25 @@ def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = False) -> Path
     import json
 
     return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """Read a JSON file written by :func:`write_json` (or by hand), with errors that name the file.
+
+    Args:
+        path: the file.
+        what: what the file is, for the missing-file message (e.g. ``"thresholds file"``).
+
+    Raises:
+        FileNotFoundError: ``"<path>: no such <what>"``.
+        ValueError: ``"<path>: invalid JSON (...)"`` for unparsable or non-UTF-8 content.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None

@@ -32,7 +32,6 @@ report (metrics before/after, grid, provenance), which is kept as is.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -499,14 +498,7 @@ def load_thresholds(path) -> dict:
         FileNotFoundError: no such file.
         ValueError: invalid JSON, a missing class or key, values out of range; the message names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such thresholds file")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
-    return _check_document(doc, str(path))
+    return _check_document(atomic.read_json(path, "thresholds file"), str(path))
 
 
 def save_thresholds(path, doc: Mapping) -> Path:

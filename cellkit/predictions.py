@@ -40,7 +40,6 @@ smooth sigmoid-edged probabilities and 0.76 MB in the worst case of per-pixel no
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,12 +340,7 @@ def read_meta(directory) -> dict:
         ValueError: naming the path, when it is not a JSON object.
     """
     path = Path(directory) / META_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no predictions meta.json")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    meta = atomic.read_json(path, "predictions meta.json")
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     return meta
