@@ -272,7 +272,8 @@ def _use_norm(current: str, norm: str) -> str:
 def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
     """Adapt ``cfg`` (in place) to the machine and the init, and say what changed.
 
-    - ``MODEL.DEVICE`` falls back to ``cpu`` without CUDA; ``SOLVER.AMP.ENABLED`` only on CUDA.
+    - ``MODEL.DEVICE`` falls back to ``cpu`` without CUDA; ``SOLVER.AMP.ENABLED`` is switched off (with a note) on
+      a CPU device and never changed on CUDA, so an explicit ``SOLVER.AMP.ENABLED False`` survives there.
     - From random init (``MODEL.WEIGHTS`` empty) the backbone, FPN and ROI heads get ``CELLKIT.SCRATCH_NORM`` and
       no backbone stage stays frozen (``MODEL.BACKBONE.FREEZE_AT`` 0); a unit ``MODEL.PIXEL_STD`` becomes
       :data:`SCRATCH_PIXEL_STD`.
@@ -288,10 +289,10 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
     if cfg.MODEL.DEVICE.startswith("cuda") and not has_cuda:
         cfg.MODEL.DEVICE = "cpu"
         notes.append("no CUDA device: MODEL.DEVICE=cpu")
-    amp = bool(has_cuda and cfg.MODEL.DEVICE.startswith("cuda"))
-    if cfg.SOLVER.AMP.ENABLED != amp:
-        cfg.SOLVER.AMP.ENABLED = amp
-        notes.append(f"SOLVER.AMP.ENABLED={amp} ({'CUDA' if amp else 'AMP needs CUDA'})")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        # on CUDA the config's value stands (an explicit False is kept); detectron2's AMPTrainer needs CUDA
+        cfg.SOLVER.AMP.ENABLED = False
+        notes.append(f"SOLVER.AMP.ENABLED=False (MODEL.DEVICE={cfg.MODEL.DEVICE}: AMP training needs CUDA)")
     norm = cfg.CELLKIT.SCRATCH_NORM
     if not cfg.MODEL.WEIGHTS and norm:
         for section in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):

@@ -1,9 +1,11 @@
 """Validation on the competition metric, as a detectron2 ``DatasetEvaluator`` (not COCOEvaluator's 100-detection cap).
 
-Per image: the model's instances (masks pasted and binarised at 0.5 by detectron2, as the seed did), the top
+Per image: the model's instances (masks pasted and binarised at 0.5 by detectron2, as the seed did; during training
+only those scoring at least the threshold are pasted, see :class:`cellkit.train.ScoreFilteredModel`), the top
 ``TEST.DETECTIONS_PER_IMAGE`` by score, post-processed with :func:`cellkit.postprocess.apply` at the seed's
 defaults (score >= ``CELLKIT.EVAL.SCORE_THRESHOLD``, overlaps removed by descending score), then scored with
-:func:`cellkit.metric.score_masks` against the dataset dict's true masks (COCO RLE or polygons).
+:func:`cellkit.metric.score_masks` against the dataset dict's true masks (COCO RLE or polygons), encoded into the
+competition's RLE once per dataset and image (:func:`cached_truth_rles`).
 
 Results (``DefaultTrainer.test`` -> ``EvalHook`` -> event storage, flattened as ``cellkit/<key>``):
 ``mAP`` (mean over images of the mean precision over IoU 0.50:0.95), ``mAP_<class>`` per cell type of the images
@@ -21,7 +23,11 @@ from cellkit import CELL_TYPES, metric, postprocess, rle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellkitEvaluator", "truth_rles", "summarize"]
+__all__ = ["CellkitEvaluator", "truth_rles", "cached_truth_rles", "summarize"]
+
+_TRUTH_CACHE: dict[tuple[str, str], tuple[tuple, list[str]]] = {}
+"""(dataset name, image id) -> (fingerprint of the record's annotations, their competition RLEs): the ground truth
+is encoded once per process, not at every evaluation (each builds a new evaluator)."""
 
 
 def truth_rles(record: dict) -> list[str]:
@@ -45,6 +51,31 @@ def truth_rles(record: dict) -> list[str]:
         if s:
             out.append(s)
     return out
+
+
+def _fingerprint(record: dict) -> tuple:
+    """What the cached truth of a record depends on: file, size and every annotation's segmentation."""
+    def segm_key(segm):
+        if isinstance(segm, dict):
+            counts = segm.get("counts")
+            return (tuple(segm.get("size", ())), counts if isinstance(counts, (str, bytes)) else tuple(counts))
+        return tuple(tuple(p) for p in segm)
+
+    anns = record.get("annotations", [])
+    return (record.get("file_name"), int(record["height"]), int(record["width"]), len(anns),
+            hash(tuple(segm_key(a["segmentation"]) for a in anns)))
+
+
+def cached_truth_rles(dataset_name: str, record: dict) -> list[str]:
+    """:func:`truth_rles` of ``record``, encoded once per (dataset, image) while its annotations are unchanged."""
+    key = (str(dataset_name), str(record["image_id"]))
+    fingerprint = _fingerprint(record)
+    hit = _TRUTH_CACHE.get(key)
+    if hit is not None and hit[0] == fingerprint:
+        return hit[1]
+    rles = truth_rles(record)
+    _TRUTH_CACHE[key] = (fingerprint, rles)
+    return rles
 
 
 def summarize(rows: list[tuple[str, str, np.ndarray]]) -> dict:
@@ -105,7 +136,7 @@ class CellkitEvaluator(DatasetEvaluator):
         else:
             kept = []
         shape = (int(record["height"]), int(record["width"]))
-        return metric.score_masks(kept, truth_rles(record), shape=shape)
+        return metric.score_masks(kept, cached_truth_rles(self._name, record), shape=shape)
 
     def process(self, inputs, outputs) -> None:
         for inp, out in zip(inputs, outputs):

@@ -106,21 +106,23 @@ class _DeformConvBase(nn.Module):
     def _deform(self, x, offset, mask=None):
         if x.numel() == 0:
             return self._finish(self._empty_output(x))
-        if not bool(torch.isfinite(offset).all()):
-            # torchvision's CPU kernel reads out of bounds (segfault) on NaN offsets: fail like a diverged loss does
+        if offset.device.type == "cpu" and not bool(torch.isfinite(offset).all()):
+            # torchvision's CPU kernel reads out of bounds (segfault) on NaN offsets: fail like a diverged loss does.
+            # Only there: on CUDA this check would synchronise with the host in every deformable layer.
             raise FloatingPointError("deformable conv: non-finite offsets (training diverged or NaN weights/input)")
-        # torchvision's kernel is float32/float64 only; under AMP compute in float32 (as its autocast rule does)
-        dtype = torch.promote_types(x.dtype, self.weight.dtype)
-        out = deform_conv2d(
-            x.to(dtype),
-            offset.to(dtype),
-            self.weight.to(dtype),
-            None if self.bias is None else self.bias.to(dtype),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=None if mask is None else mask.to(dtype),
-        )
+        # float32 (or float64) inside autocast too: the kernel has no half/bfloat16 path
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.weight.dtype), torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = deform_conv2d(
+                x.to(dtype),
+                offset.to(dtype),
+                self.weight.to(dtype),
+                None if self.bias is None else self.bias.to(dtype),
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                mask=None if mask is None else mask.to(dtype),
+            )
         return self._finish(out)
 
     def extra_repr(self) -> str:
@@ -159,8 +161,35 @@ class TorchvisionModulatedDeformConv(_DeformConvBase):
         return self._deform(x, offset, mask)
 
 
+def _float32_forward(cls):
+    """A subclass of detectron2's compiled deformable conv whose op runs in float32 under autocast (its CUDA kernel
+    has no half-precision path); norm and activation follow in the autocast dtype like any other layer."""
+
+    class Float32(cls):
+        def forward(self, x, *args):
+            norm, activation = self.norm, self.activation
+            self.norm = self.activation = None  # applied below, outside the float32 region
+            try:
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    out = super().forward(x.float(), *(a.float() for a in args))
+            finally:
+                self.norm, self.activation = norm, activation
+            if norm is not None:
+                out = norm(out)
+            if activation is not None:
+                out = activation(out)
+            return out
+
+    Float32.__name__ = Float32.__qualname__ = cls.__name__
+    Float32.__doc__ = f"detectron2's compiled ``{cls.__name__}`` computed in float32 under autocast."
+    return Float32
+
+
 if HAS_D2_C:
-    from detectron2.layers import DeformConv, ModulatedDeformConv  # the compiled op
+    from detectron2.layers import DeformConv as _D2DeformConv, ModulatedDeformConv as _D2ModulatedDeformConv
+
+    DeformConv = _float32_forward(_D2DeformConv)  # the compiled op
+    ModulatedDeformConv = _float32_forward(_D2ModulatedDeformConv)
 else:
     DeformConv = TorchvisionDeformConv
     ModulatedDeformConv = TorchvisionModulatedDeformConv

@@ -29,7 +29,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from cellkit import rle
+from cellkit import gtmasks
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
 from cellkit.modeling import CellkitCheckpointer, check_local_weights
@@ -37,7 +37,7 @@ from cellkit.modeling import CellkitCheckpointer, check_local_weights
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "build_train_augmentations", "decode_masks", "transform_masks", "boxes_from_masks", "CellkitDatasetMapper", "CellkitTrainer", "CellkitBestCheckpointer",
+    "build_train_augmentations", "CellkitDatasetMapper", "CellkitTrainer", "CellkitBestCheckpointer",
     "EarlyStopping", "TimeBudget", "register_datasets", "prepare_config", "train_worker", "best_weights",
 ]
 
@@ -68,96 +68,15 @@ def build_train_augmentations(cfg) -> list:
     return augs
 
 
-def decode_masks(annotations: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of detectron2 annotations (COCO RLE dicts or polygon lists).
-
-    Returns:
-        ``(masks, boxes)``: uint8 ``(H, W, N)`` of 0/1 and their exact pixel extents, int64 ``(N, 4)`` XYXY with
-        exclusive end (from the RLEs, so a loose or missing annotation ``bbox`` does not matter).
-    """
-    from pycocotools import mask as mask_util
-
-    rles = [rle.coco_segmentation(ann["segmentation"], height, width) for ann in annotations]
-    if not rles:
-        return np.zeros((height, width, 0), dtype=np.uint8), np.zeros((0, 4), dtype=np.int64)
-    xywh = np.asarray(mask_util.toBbox(rles), dtype=np.float64).reshape(-1, 4)
-    boxes = np.round(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)).astype(np.int64)
-    return mask_util.decode(rles), boxes
-
-
-_MARGIN = 3  # px around a transformed box: nearest-neighbour rounding and rotation stay inside it
-
-
-def transform_masks(masks: np.ndarray, transforms, boxes: np.ndarray | None = None) -> np.ndarray:
-    """Apply geometric transforms to many binary masks at once; exact like one ``apply_segmentation`` per mask.
-
-    Masks are bit-packed 8 per byte and the bytes transformed 4 channels at a time (OpenCV and PIL handle up to 4
-    channels per call; segmentation transforms use nearest-neighbour sampling, which moves whole bytes, so the
-    bits stay exact): one call per 32 cells instead of one per cell. With ``boxes``, packing and unpacking touch only
-    each mask's box (and its transformed box, plus a margin), so the cost follows the cells' area, not the image's.
-
-    Args:
-        masks: uint8 ``(H, W, N)`` of 0/1 (as :func:`decode_masks` / pycocotools return them).
-        transforms: a detectron2 ``TransformList`` (with ``apply_segmentation`` and ``apply_box``).
-        boxes: optional int ``(N, 4)`` XYXY exclusive-end pixel extents of the masks.
-
-    Returns:
-        bool ``(N, H', W')``.
-    """
-    h, w, n = masks.shape
-    masks = masks.astype(np.uint8, copy=False)
-    if boxes is None:
-        src = np.tile(np.array([0, 0, w, h], dtype=np.int64), (n, 1))
-    else:
-        src = np.asarray(boxes, dtype=np.int64).reshape(n, 4)
-    out = None
-    for first in range(0, max(n, 1), 32):
-        chunk = np.zeros((h, w, 4), dtype=np.uint8)
-        for i in range(first, min(n, first + 32)):
-            b, k = divmod(i - first, 8)
-            x0, y0, x1, y1 = src[i]
-            chunk[y0:y1, x0:x1, b] |= (masks[y0:y1, x0:x1, i] & 1) << (7 - k)
-        moved = np.ascontiguousarray(transforms.apply_segmentation(chunk))
-        if out is None:
-            out = np.zeros((n,) + moved.shape[:2], dtype=bool)
-            hh, ww = moved.shape[:2]
-            if boxes is None:
-                dst = np.tile(np.array([0, 0, ww, hh], dtype=np.int64), (n, 1))
-            else:
-                moved_boxes = np.asarray(transforms.apply_box(src.astype(np.float64)), dtype=np.float64)
-                dst = np.empty((n, 4), dtype=np.int64)
-                dst[:, 0] = np.clip(np.floor(moved_boxes[:, 0]) - _MARGIN, 0, ww)
-                dst[:, 1] = np.clip(np.floor(moved_boxes[:, 1]) - _MARGIN, 0, hh)
-                dst[:, 2] = np.clip(np.ceil(moved_boxes[:, 2]) + _MARGIN, 0, ww)
-                dst[:, 3] = np.clip(np.ceil(moved_boxes[:, 3]) + _MARGIN, 0, hh)
-        for i in range(first, min(n, first + 32)):
-            b, k = divmod(i - first, 8)
-            x0, y0, x1, y1 = dst[i]
-            np.not_equal(moved[y0:y1, x0:x1, b] & (1 << (7 - k)), 0, out=out[i, y0:y1, x0:x1])
-    return out
-
-
-def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
-    """Tight XYXY boxes (float32 ``(N, 4)``, exclusive end) of bool ``(N, H, W)`` masks; zeros for empty masks."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    if not len(masks):
-        return boxes
-    rows, cols = masks.any(axis=2), masks.any(axis=1)
-    has = rows.any(axis=1)
-    boxes[has, 0] = cols[has].argmax(axis=1)
-    boxes[has, 1] = rows[has].argmax(axis=1)
-    boxes[has, 2] = cols.shape[1] - cols[has][:, ::-1].argmax(axis=1)
-    boxes[has, 3] = rows.shape[1] - rows[has][:, ::-1].argmax(axis=1)
-    return boxes
-
-
 class CellkitDatasetMapper(DatasetMapper):
-    """``DatasetMapper`` with :func:`build_train_augmentations` applied to the image and its bitmasks.
+    """``DatasetMapper`` with :func:`build_train_augmentations` and ground-truth masks kept at their boxes.
 
-    Output per image: ``image`` uint8 tensor ``(3, H', W')`` (grayscale read as BGR), ``instances`` with
+    Output per image: ``image`` uint8 tensor ``(3, H', W')`` (grayscale read as BGR) and ``instances`` with
     ``gt_boxes`` recomputed from the augmented masks (a rotated box would be loose), ``gt_classes`` and
-    ``gt_masks`` (``BitMasks`` ``(N, H', W')``); instances emptied by the rotation are dropped. Masks are
-    transformed together (:func:`transform_masks`), not one call per cell as detectron2's mapper does.
+    ``gt_masks``; instances emptied by the rotation are dropped. ``gt_masks`` is a :class:`cellkit.gtmasks.CropMasks`
+    (each cell a bool crop of its box, never a full image per cell) for RLE annotations, and detectron2's
+    ``PolygonMasks`` when every annotation of the image is a polygon (LIVECell), whose mask targets are rasterised
+    per proposal. Both give the mask head its ``crop_and_resize`` targets.
     """
 
     @classmethod
@@ -169,23 +88,36 @@ class CellkitDatasetMapper(DatasetMapper):
         return ret
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
-        if not (self.use_instance_mask and self.instance_mask_format == "bitmask") or self.use_keypoint:
+        if not self.use_instance_mask or self.use_keypoint:
             return super()._transform_annotations(dataset_dict, transforms, image_shape)
-        from detectron2.structures import BitMasks, Boxes, Instances
+        from detectron2.structures import Boxes, Instances
 
-        annos = [a for a in dataset_dict.pop("annotations") if a.get("iscrowd", 0) == 0]
-        masks, boxes = decode_masks(annos, dataset_dict["height"], dataset_dict["width"])
-        masks = transform_masks(masks, transforms, boxes)
-        if masks.shape[1:] != tuple(image_shape):
-            raise ValueError(f"{dataset_dict.get('file_name')}: transformed masks {masks.shape[1:]} do not match the "
-                             f"transformed image {tuple(image_shape)}")
+        annos = [a for a in dataset_dict["annotations"] if a.get("iscrowd", 0) == 0]
+        if annos and all(isinstance(a["segmentation"], list) for a in annos):
+            return self._transform_polygons(dataset_dict, transforms, image_shape)
+        dataset_dict.pop("annotations")
+        masks = gtmasks.transform_annotation_masks([a["segmentation"] for a in annos], dataset_dict["height"],
+                                                   dataset_dict["width"], transforms)
+        if masks.image_size != tuple(image_shape):
+            raise ValueError(f"{dataset_dict.get('file_name')}: transformed masks {masks.image_size} do not match "
+                             f"the transformed image {tuple(image_shape)}")
         instances = Instances(image_shape)
-        instances.gt_boxes = Boxes(torch.from_numpy(boxes_from_masks(masks)))
+        instances.gt_boxes = masks.get_bounding_boxes()
         instances.gt_classes = torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64)
-        instances.gt_masks = BitMasks(torch.from_numpy(masks))
-        boxes = instances.gt_boxes.tensor
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # tight boxes: empty mask <=> empty box
-        dataset_dict["instances"] = instances[keep]
+        instances.gt_masks = masks
+        dataset_dict["instances"] = instances[masks.nonempty()]  # tight boxes: empty mask <=> empty box
+
+    def _transform_polygons(self, dataset_dict, transforms, image_shape):
+        """detectron2's own polygon path (``PolygonMasks``), boxes from the transformed polygons clipped to the image."""
+        fmt = self.instance_mask_format
+        self.instance_mask_format = "polygon"
+        try:
+            super()._transform_annotations(dataset_dict, transforms, image_shape)
+        finally:
+            self.instance_mask_format = fmt
+        instances = dataset_dict["instances"]
+        instances.gt_boxes.clip(tuple(image_shape))
+        dataset_dict["instances"] = instances[instances.gt_boxes.nonempty()]
 
 
 # ----------------------------------------------------------------------------------------------------- hooks
@@ -264,12 +196,83 @@ class TimeBudget(HookBase):
 
 
 # --------------------------------------------------------------------------------------------------- trainer
+def create_ddp_model(model, **kwargs):
+    """``DistributedDataParallel`` over ``model`` when there are several processes, else ``model`` itself.
+
+    detectron2's ``create_ddp_model`` always passes ``device_ids=[local rank]``, which DDP rejects for a CPU model;
+    here ``device_ids`` is set only for a CUDA model, so ``cellkit train --num-gpus N`` also runs N CPU processes
+    (gloo), as the distributed tests do.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    if "device_ids" not in kwargs and next(model.parameters()).device.type == "cuda":
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+
+
+def step_trainer_class(cfg):
+    """detectron2's ``AMPTrainer`` when ``SOLVER.AMP.ENABLED`` (CUDA only, see :func:`cellkit.config.resolve_runtime`),
+    else ``SimpleTrainer``."""
+    from detectron2.engine import AMPTrainer, SimpleTrainer
+
+    return AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+
+
+class ScoreFilteredModel(torch.nn.Module):
+    """Inference wrapper for validation: detectron2's ``GeneralizedRCNN.inference`` without post-processing, the
+    detections scoring under ``score_threshold`` dropped, then detectron2's post-processing (mask pasting and
+    binarisation at the input size). The kept instances are those the evaluator keeps: it drops the same scores.
+
+    Input/output like the model's in eval mode: ``[{"image", "height", "width", ...}]`` -> ``[{"instances"}]``.
+    """
+
+    def __init__(self, model, score_threshold: float):
+        super().__init__()
+        self.model = model
+        self.score_threshold = float(score_threshold)
+
+    def forward(self, batched_inputs):
+        if self.training or not hasattr(self.model, "inference"):
+            return self.model(batched_inputs)
+        results = self.model.inference(batched_inputs, do_postprocess=False)
+        results = [r[r.scores >= self.score_threshold] for r in results]
+        return self.model._postprocess(results, batched_inputs, [r.image_size for r in results])
+
+
 class CellkitTrainer(DefaultTrainer):
     """``DefaultTrainer`` with cellkit's mapper, evaluator, checkpointer and hooks (see module docstring)."""
 
     def __init__(self, cfg):
+        """detectron2's ``DefaultTrainer.__init__`` (same order: model, optimizer, loader, DDP, step trainer,
+        scheduler, checkpointer, hooks) with :func:`create_ddp_model`, which also runs on CPU processes (gloo), and
+        the step trainer of :func:`step_trainer_class` (AMP exactly when the config asks for it)."""
+        from detectron2.engine.train_loop import TrainerBase
+        from detectron2.utils.logger import setup_logger
+
         self._stop_requested = False
-        super().__init__(cfg)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = step_trainer_class(cfg)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = CellkitCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Validation with detections under ``CELLKIT.EVAL.SCORE_THRESHOLD`` dropped before their masks are pasted
+        and binarised (the evaluator would drop them anyway): :class:`ScoreFilteredModel`."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        return super().test(cfg, ScoreFilteredModel(model, cfg.CELLKIT.EVAL.SCORE_THRESHOLD), evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -297,9 +300,6 @@ class CellkitTrainer(DefaultTrainer):
 
     def build_hooks(self):
         cfg = self.cfg
-        # DefaultTrainer.__init__ made a plain DetectionCheckpointer just before calling build_hooks: use cellkit's
-        # (local weights only, logged head re-initialisation) everywhere instead.
-        self.checkpointer = CellkitCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         ret = [hooks.IterationTimer(), hooks.LRScheduler()]
         period = cfg.TEST.EVAL_PERIOD
         if cfg.DATASETS.TEST:

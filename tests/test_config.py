@@ -164,3 +164,25 @@ def test_save_and_load_run_config(tmp_path):
     assert back.MODEL.ANCHOR_GENERATOR.SIZES == cfg.MODEL.ANCHOR_GENERATOR.SIZES
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         ck.load_run_config(tmp_path)
+
+
+def test_amp_follows_the_config_on_cuda_and_is_off_on_cpu(tmp_path):
+    from cellkit.train import step_trainer_class
+
+    cfg = ck.get_preset_cfg("paper", ["MODEL.WEIGHTS", "/some/checkpoint.pkl", "SOLVER.AMP.ENABLED", "False"])
+    notes = ck.resolve_runtime(cfg, has_cuda=True)
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.SOLVER.AMP.ENABLED is False
+    assert not any("AMP" in n for n in notes)
+    # it survives into the saved config and picks the run's step trainer
+    back = ck.load_run_config(ck.save_config(cfg, tmp_path / "run").parent)
+    assert back.SOLVER.AMP.ENABLED is False and step_trainer_class(back).__name__ == "SimpleTrainer"
+    on = ck.get_preset_cfg("paper", ["MODEL.WEIGHTS", "/some/checkpoint.pkl"])
+    ck.resolve_runtime(on, has_cuda=True)
+    assert on.SOLVER.AMP.ENABLED is True and step_trainer_class(on).__name__ == "AMPTrainer"
+    cpu = ck.get_preset_cfg("paper")
+    notes = ck.resolve_runtime(cpu, has_cuda=False)
+    assert cpu.SOLVER.AMP.ENABLED is False and any("AMP training needs CUDA" in n for n in notes)
+    # an explicit MODEL.DEVICE cpu on a CUDA machine: no AMP either
+    cpu_dev = ck.get_preset_cfg("paper", ["MODEL.DEVICE", "cpu"])
+    ck.resolve_runtime(cpu_dev, has_cuda=True)
+    assert cpu_dev.SOLVER.AMP.ENABLED is False

@@ -69,36 +69,82 @@ def _train(data, out, *extra, fold="0"):
 
 
 # ------------------------------------------------------------------------------------------------ mapper
-def test_transform_masks_matches_per_mask_transforms():
-    from detectron2.data import transforms as T
-
-    rng = np.random.default_rng(1)
-    h, w, n = 40, 50, 37
-    masks = np.zeros((h, w, n), np.uint8)
-    boxes = []
+def _random_masks(rng, h, w, n):
+    masks = np.zeros((n, h, w), bool)
     for i in range(n):
         x0, y0 = rng.integers(0, w - 4), rng.integers(0, h - 4)
         x1, y1 = rng.integers(x0 + 1, w + 1), rng.integers(y0 + 1, h + 1)
-        masks[y0:y1, x0:x1, i] = rng.random((y1 - y0, x1 - x0)) > 0.3
-        ys, xs = np.nonzero(masks[:, :, i])
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0])
-    boxes = np.array(boxes)
+        masks[i, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > 0.3
+    return masks
+
+
+def test_transform_annotation_masks_matches_per_mask_transforms():
+    from detectron2.data import transforms as T
+
+    from cellkit.gtmasks import transform_annotation_masks
+
+    rng = np.random.default_rng(1)
+    h, w, n = 40, 50, 37
+    masks = _random_masks(rng, h, w, n)
+    masks[5] = False  # an empty annotation stays empty
+    segms = [rle.to_coco(rle.encode(m), (h, w)) for m in masks]
     for tfms in ([T.HFlipTransform(w), T.VFlipTransform(h)], [T.RotationTransform(h, w, 8.5, expand=False)],
                  [T.ResizeTransform(h, w, 31, 39)],
                  [T.VFlipTransform(h), T.RotationTransform(h, w, -9, expand=False), T.ResizeTransform(h, w, 83, 104)]):
         tl = T.TransformList(tfms)
-        ref = np.stack([tl.apply_segmentation(masks[:, :, i].copy()) for i in range(n)]).astype(bool)
-        for bx in (None, boxes):
-            np.testing.assert_array_equal(ck_train.transform_masks(masks, tl, bx), ref)
-    assert ck_train.transform_masks(masks[:, :, :0], T.TransformList([T.ResizeTransform(h, w, 20, 25)])).shape == (
-        0, 20, 25)
+        ref = np.stack([tl.apply_segmentation(m.astype(np.uint8)) for m in masks]).astype(bool)
+        got = transform_annotation_masks(segms, h, w, tl)
+        assert got.image_size == ref.shape[1:] and len(got) == n
+        np.testing.assert_array_equal(got.to_full().numpy(), ref)
+        np.testing.assert_array_equal(got.nonempty().numpy(), ref.any(axis=(1, 2)))
+        # crops, not full planes: the buffer is smaller than one full plane per mask
+        assert got.data.numel() < n * ref.shape[1] * ref.shape[2] // 2
+    empty = transform_annotation_masks([], h, w, T.TransformList([T.ResizeTransform(h, w, 20, 25)]))
+    assert len(empty) == 0 and empty.image_size == (20, 25)
 
 
-def test_boxes_from_masks():
+def test_crop_masks_boxes_and_indexing():
+    from cellkit.gtmasks import CropMasks
+
     m = np.zeros((3, 10, 12), bool)
     m[0, 2:5, 3:9] = True
     m[2, 9, 11] = True
-    np.testing.assert_array_equal(ck_train.boxes_from_masks(m), [[3, 2, 9, 5], [0, 0, 0, 0], [11, 9, 12, 10]])
+    cm = CropMasks.from_full_masks(m)
+    np.testing.assert_array_equal(cm.get_bounding_boxes().tensor.numpy(), [[3, 2, 9, 5], [0, 0, 0, 0], [11, 9, 12, 10]])
+    np.testing.assert_array_equal(cm.nonempty().numpy(), [True, False, True])
+    np.testing.assert_array_equal(cm.area().numpy(), [18, 0, 1])
+    np.testing.assert_array_equal(cm[torch.tensor([2, 0, 2])].to_full().numpy(), m[[2, 0, 2]])
+    np.testing.assert_array_equal(cm[torch.tensor([True, False, True])].to_full().numpy(), m[[0, 2]])
+    np.testing.assert_array_equal(cm[1:].to_full().numpy(), m[1:])
+    assert len(cm[0]) == 1 and cm.to("cpu").device.type == "cpu"
+
+
+def test_crop_masks_targets_match_bitmasks():
+    """The mask head's targets from crops equal detectron2's BitMasks.crop_and_resize on the full masks (up to
+    samples that land on 0.5 within float rounding: the crop frame shifts the box by whole pixels)."""
+    from detectron2.structures import BitMasks
+
+    from cellkit.gtmasks import CropMasks
+
+    rng = np.random.default_rng(0)
+    h, w = 60, 80
+    total = mismatched = 0
+    for _ in range(60):
+        n = int(rng.integers(1, 8))
+        masks = _random_masks(rng, h, w, n)
+        idx = torch.from_numpy(rng.integers(0, n, size=12))  # proposals matched to cells, with repeats
+        boxes = []
+        for j in range(12):
+            x0, x1 = sorted(rng.uniform(0, w, 2))
+            y0, y1 = sorted(rng.uniform(0, h, 2))
+            boxes.append([0.0, 0.0, float(w), float(h)] if j % 4 == 0 else [x0, y0, x1, y1])  # some at the edges
+        boxes = torch.tensor(boxes, dtype=torch.float32)
+        ref = BitMasks(torch.from_numpy(masks))[idx].crop_and_resize(boxes, 28)
+        got = CropMasks.from_full_masks(masks)[idx].crop_and_resize(boxes, 28)
+        assert got.dtype == torch.bool and got.shape == ref.shape
+        total += ref.numel()
+        mismatched += int((ref != got).sum())
+    assert mismatched / total < 1e-4, (mismatched, total)
 
 
 def _mapper_cfg(*extra):
@@ -121,9 +167,12 @@ def test_mapper_output_augmented_size(tiny_data):
     inst = out["instances"]
     assert inst.image_size == (64, 64)
     assert 0 < len(inst) <= len(record["annotations"])
-    masks = inst.gt_masks.tensor
+    masks = inst.gt_masks.to_full()
     assert masks.dtype == torch.bool and tuple(masks.shape[1:]) == (64, 64) and masks.flatten(1).any(1).all()
-    np.testing.assert_array_equal(inst.gt_boxes.tensor.numpy(), ck_train.boxes_from_masks(masks.numpy()))
+    ys, xs = masks.any(2), masks.any(1)
+    tight = [[int(x.nonzero().min()), int(y.nonzero().min()), int(x.nonzero().max()) + 1, int(y.nonzero().max()) + 1]
+             for x, y in zip(xs, ys)]
+    np.testing.assert_array_equal(inst.gt_boxes.tensor.numpy(), tight)
     assert set(inst.gt_classes.tolist()) <= {0, 1, 2}
 
 
@@ -137,9 +186,25 @@ def test_mapper_flips_are_exact(tiny_data):
     record = load_sartorius_dicts(tiny_data / "train.csv", tiny_data / "train")[1]
     out = mapper(record)
     truth = np.stack([rle.decode(rle.from_coco(a["segmentation"]), (SIZE, SIZE)) for a in record["annotations"]])
-    np.testing.assert_array_equal(out["instances"].gt_masks.tensor.numpy(), truth[:, ::-1, ::-1])
+    np.testing.assert_array_equal(out["instances"].gt_masks.to_full().numpy(), truth[:, ::-1, ::-1])
     image = cv2.imread(record["file_name"], cv2.IMREAD_GRAYSCALE)
     np.testing.assert_array_equal(out["image"][0].numpy(), image[::-1, ::-1])
+
+
+def test_mapper_keeps_polygons_as_polygons(tiny_data):
+    """LIVECell-style polygon annotations stay polygons (rasterised per proposal), boxes clipped to the image."""
+    from detectron2.structures import BoxMode, PolygonMasks
+
+    cfg = _mapper_cfg("INPUT.MIN_SIZE_TRAIN", f"({SIZE},)", "INPUT.MAX_SIZE_TRAIN", str(SIZE),
+                      "CELLKIT.AUG.HFLIP_PROB", "1.0", "CELLKIT.AUG.VFLIP_PROB", "0", "CELLKIT.AUG.ROTATION", "0")
+    mapper = ck_train.CellkitDatasetMapper(cfg, is_train=True)
+    squares = [[10.0, 10.0, 30.0, 10.0, 30.0, 20.0, 10.0, 20.0], [100.0, 90.0, 140.0, 90.0, 140.0, 120.0, 100.0, 120.0]]
+    record = {"file_name": str(tiny_data / "train" / "img000.png"), "image_id": "img000", "height": SIZE,
+              "width": SIZE, "annotations": [{"bbox": [0, 0, 1, 1], "bbox_mode": BoxMode.XYXY_ABS, "segmentation": [p],
+                                              "category_id": 1, "iscrowd": 0} for p in squares]}
+    inst = mapper(record)["instances"]
+    assert isinstance(inst.gt_masks, PolygonMasks) and len(inst) == 2
+    np.testing.assert_allclose(inst.gt_boxes.tensor.numpy(), [[SIZE - 30, 10, SIZE - 10, 20], [0, 90, SIZE - 100, 120]])
 
 
 # ------------------------------------------------------------------------------------------------ training

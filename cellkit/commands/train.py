@@ -8,7 +8,8 @@ preset with ``--livecell``): train on a LIVECell COCO json.
 
 Everything is checked before any work starts (config keys, weights file, data folder, fold); the resolved config is
 saved as ``OUT/config.yaml``. ``--resume`` continues the run in ``OUT`` from its last checkpoint with the saved
-config (``KEY VALUE`` pairs still apply on top). ``--num-gpus N`` trains on N GPUs through detectron2's ``launch``.
+config (``KEY VALUE`` pairs still apply on top). ``--num-gpus N`` trains on N GPUs through detectron2's ``launch``
+(on a machine without CUDA: N CPU processes with the gloo backend, as the distributed test does).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--livecell", metavar="JSON", help="pretrain on this LIVECell COCO json")
     parser.add_argument("--livecell-images", metavar="DIR", help="folder of the LIVECell images")
     parser.add_argument("--livecell-val", metavar="JSON", help="LIVECell json to validate on during pretraining")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs to train on (detectron2 launch); default 1")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="GPUs to train on, one process each (detectron2 launch; IMS_PER_BATCH is the total over "
+                             "them); without CUDA, that many CPU processes (gloo); default 1")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides, e.g. SOLVER.MAX_ITER 100 SOLVER.BASE_LR 0.01")
 
@@ -88,8 +91,12 @@ def run(args) -> int:
 
     if args.num_gpus < 1:
         raise CellkitError(f"--num-gpus must be >= 1, got {args.num_gpus}")
-    if args.num_gpus > 1 and torch.cuda.device_count() < args.num_gpus:
-        raise CellkitError(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA device(s) here")
+    cuda = torch.cuda.device_count()
+    if args.num_gpus > 1 and 0 < cuda < args.num_gpus:
+        raise CellkitError(f"--num-gpus {args.num_gpus}: only {cuda} CUDA device(s) here")
+    if args.num_gpus > 1 and cuda == 0:
+        print(f"cellkit train: no CUDA device: --num-gpus {args.num_gpus} runs {args.num_gpus} CPU processes (gloo)",
+              file=sys.stderr)
     cfg, specs = prepare_config(build_config(args), resume=args.resume)
     if args.num_gpus > 1:
         launch(train_worker, args.num_gpus, dist_url="auto", args=(cfg, specs, args.resume))
