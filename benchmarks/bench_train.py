@@ -7,6 +7,8 @@ Subcommands (each prints a small table; figures go to benchmarks/RESULTS.md with
   temp dir) and report build time, s/iter (first iteration separately), peak RSS.
 - ``untrained --run DIR``: val mAP of the run's config with a freshly initialised (untrained) model, next to the
   run's best/last evaluation from its metrics.json (the "clearly learns" check).
+- ``gt-memory --data DIR [--size 1100,1490]``: ground-truth mask memory of the densest image as one training
+  sample, detectron2's full-plane BitMasks vs cellkit's CropMasks (held bytes, mask-target time, peak RSS).
 - ``kill-resume --data DIR [--iters N]``: start ``cellkit train`` (demo) as a subprocess, SIGKILL it once a checkpoint
   exists, resume with ``--resume`` and check it finishes at the planned iteration.
 
@@ -52,6 +54,10 @@ def cmd_iters(args) -> int:
     cfg = get_preset_cfg(args.config, args.opts)
     notes = resolve_runtime(cfg)
     dicts = load_sartorius_dicts(data / "train.csv", data / "train")
+    if args.densest:
+        dicts = [max(dicts, key=lambda d: len(d["annotations"]))]
+        print(f"  densest image: {dicts[0]['image_id']} ({dicts[0]['cell_type']}, "
+              f"{len(dicts[0]['annotations'])} cells)", flush=True)
     mapper = CellkitDatasetMapper(cfg, is_train=True)
     t0 = time.perf_counter()
     model = build_model(cfg)
@@ -158,6 +164,69 @@ def cmd_kill_resume(args) -> int:
     return 0 if res.returncode == 0 and final["iteration"] == args.iters - 1 else 1
 
 
+def cmd_gt_memory(args) -> int:
+    """Ground-truth mask memory of one training sample: detectron2's BitMasks (a full plane per cell, the mapper
+    before) vs cellkit's CropMasks, each in a fresh process: bytes held by ``gt_masks``, the mask targets of
+    ``--proposals`` foreground proposals (``crop_and_resize`` at 28x28), peak RSS above the process's baseline."""
+    if args.mode == "both":
+        rows = []
+        for mode in ("bitmasks", "crops"):
+            out = subprocess.run([sys.executable, __file__, "gt-memory", "--data", args.data, "--size", args.size,
+                                  "--proposals", str(args.proposals), "--mode", mode],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"densest image {rows[0]['image']} ({rows[0]['cells']} cells) at {rows[0]['shape']}, "
+              f"{args.proposals} foreground proposals")
+        print("| gt_masks | held MiB | mapper s | targets s | peak RSS above baseline MiB |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['mode']} | {r['held'] / 2**20:.1f} | {r['map_s']:.2f} | {r['targets_s']:.3f} | "
+                  f"{r['peak_mib'] - r['base_mib']:.0f} |")
+        print(f"held ratio bitmasks/crops: {rows[0]['held'] / rows[1]['held']:.0f}x; peak ratio: "
+              f"{(rows[0]['peak_mib'] - rows[0]['base_mib']) / max(rows[1]['peak_mib'] - rows[1]['base_mib'], 1):.1f}x")
+        return 0
+    import numpy as np
+    import torch
+    from detectron2.data import DatasetMapper
+    from detectron2.data import transforms as T
+
+    from cellkit.config import get_preset_cfg, resolve_runtime
+    from cellkit.data import load_sartorius_dicts
+    from cellkit.train import CellkitDatasetMapper
+
+    short, long_ = (int(v) for v in args.size.split(","))
+    data = Path(args.data)
+    records = load_sartorius_dicts(data / "train.csv", data / "train")
+    record = max(records, key=lambda d: len(d["annotations"]))
+    del records
+    cfg = get_preset_cfg("paper", ["INPUT.MIN_SIZE_TRAIN", f"({short},)", "INPUT.MAX_SIZE_TRAIN", str(long_)])
+    resolve_runtime(cfg, has_cuda=False)
+    resize = [T.ResizeShortestEdge(short, long_, "choice")]
+    if args.mode == "bitmasks":
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=resize, image_format="BGR", use_instance_mask=True,
+                               instance_mask_format="bitmask", recompute_boxes=True)
+    else:
+        mapper = CellkitDatasetMapper(cfg, is_train=True, augmentations=resize, image_format="BGR",
+                                      use_instance_mask=True, instance_mask_format="bitmask", recompute_boxes=True)
+    base = peak_rss_mib()
+    t = time.perf_counter()
+    out = mapper(record)
+    map_s = time.perf_counter() - t
+    inst = out["instances"]
+    masks = inst.gt_masks
+    held = masks.tensor.numel() * masks.tensor.element_size() if hasattr(masks, "tensor") else masks.nbytes
+    rng = np.random.default_rng(0)
+    idx = torch.from_numpy(rng.integers(0, len(inst), args.proposals))
+    boxes = inst.gt_boxes.tensor[idx] + torch.from_numpy(rng.normal(0, 2, (args.proposals, 4))).float()
+    t = time.perf_counter()
+    targets = masks[idx].crop_and_resize(boxes, 28)
+    targets_s = time.perf_counter() - t
+    print(json.dumps({"mode": args.mode, "image": record["image_id"], "cells": len(record["annotations"]),
+                      "shape": list(inst.image_size), "held": held, "map_s": map_s, "targets_s": targets_s,
+                      "targets": list(targets.shape), "base_mib": base, "peak_mib": peak_rss_mib()}))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -165,8 +234,16 @@ def main(argv=None) -> int:
     a.add_argument("--config", default="demo")
     a.add_argument("--iters", type=int, default=3)
     a.add_argument("--data", help="competition-layout dir (default: 4 synthetic images)")
+    a.add_argument("--densest", action="store_true", help="train on the image with the most cells only")
     a.add_argument("opts", nargs="*")
     a.set_defaults(fn=cmd_iters)
+    g = sub.add_parser("gt-memory")
+    g.add_argument("--data", required=True, help="competition-layout dir (the densest image is used)")
+    g.add_argument("--size", default="1100,1490", help="training short side, long side cap (default: the paper's)")
+    g.add_argument("--proposals", type=int, default=128,
+                   help="foreground proposals whose mask targets are made (detectron2: 512 x 0.25 per image)")
+    g.add_argument("--mode", choices=["both", "bitmasks", "crops"], default="both")
+    g.set_defaults(fn=cmd_gt_memory)
     b = sub.add_parser("untrained")
     b.add_argument("--run", required=True)
     b.set_defaults(fn=cmd_untrained)

@@ -7,7 +7,8 @@
 - :class:`CellkitDeformBottleneckBlock`: detectron2's ``DeformBottleneckBlock`` (same ``forward``, same parameter
   names: ``conv1``, ``conv2_offset``, ``conv2``, ``conv3``, ``shortcut``) built on the layers above.
 - ``build_cellkit_resnet_fpn_backbone`` (in ``BACKBONE_REGISTRY``): ResNet-FPN whose deformable stages use that
-  block; identical to ``build_resnet_fpn_backbone`` otherwise.
+  block; identical to ``build_resnet_fpn_backbone`` otherwise, except that ``CELLKIT.BACKBONE_CHECKPOINT`` recomputes
+  each block's activations in the backward pass (:class:`CheckpointedStage`) to fit X152 at the paper's size.
 - :class:`CellkitCheckpointer`: loads only local files (a URL or ``detectron2://`` path is an error, nothing is
   downloaded) and logs every head re-initialised because its class count differs from the checkpoint's.
 
@@ -317,7 +318,42 @@ def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
         in_channels = out_channels
         out_channels *= 2
         bottleneck_channels *= 2
-    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    resnet = ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    if "CELLKIT" in cfg and cfg.CELLKIT.BACKBONE_CHECKPOINT:
+        use_activation_checkpointing(resnet)
+    return resnet
+
+
+class CheckpointedStage(nn.Sequential):
+    """A ResNet stage (``nn.Sequential`` of blocks, same parameter names) that, while training with gradients,
+    keeps only each block's input and recomputes the block's activations in the backward pass
+    (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant: the autocast state is replayed). Exact with GN or
+    FrozenBN (no running statistics are updated twice); eval and ``no_grad`` run the plain blocks."""
+
+    def forward(self, x):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def use_activation_checkpointing(resnet: ResNet) -> ResNet:
+    """Turn every stage of a detectron2 ``ResNet`` into a :class:`CheckpointedStage` in place (state dict unchanged).
+
+    Returns:
+        ``resnet``.
+    """
+    for i, name in enumerate(resnet.stage_names):
+        stage = getattr(resnet, name)
+        if isinstance(stage, CheckpointedStage):
+            continue
+        new = CheckpointedStage(*stage)
+        setattr(resnet, name, new)
+        resnet.stages[i] = new
+    return resnet
 
 
 @BACKBONE_REGISTRY.register()

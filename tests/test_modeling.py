@@ -219,3 +219,30 @@ def test_compiled_deform_conv_wrapper_runs_float32_under_autocast():
             out = conv(x.bfloat16(), off.bfloat16())
     assert conv.norm is not None and conv.activation is not None  # restored
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_backbone_activation_checkpointing_same_outputs_gradients_and_names():
+    cfg = get_preset_cfg("r50", ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, False]"])
+    resolve_runtime(cfg, has_cuda=False)
+    torch.manual_seed(0)
+    plain = modeling.build_cellkit_resnet_fpn_backbone(cfg, modeling.ShapeSpec(channels=3))
+    cfg.CELLKIT.BACKBONE_CHECKPOINT = True
+    ckpt = modeling.build_cellkit_resnet_fpn_backbone(cfg, modeling.ShapeSpec(channels=3))
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    assert all(isinstance(s, modeling.CheckpointedStage) for s in ckpt.bottom_up.stages)
+    ckpt.load_state_dict(plain.state_dict())
+    torch.nn.init.normal_(plain.bottom_up.res3[0].conv2_offset.weight, std=0.01)
+    ckpt.bottom_up.res3[0].conv2_offset.weight.data.copy_(plain.bottom_up.res3[0].conv2_offset.weight.data)
+    x = torch.randn(1, 3, 64, 96)
+    outs = []
+    for net in (plain, ckpt):
+        net.train()
+        net.zero_grad()
+        feats = net(x)
+        sum(f.square().mean() for f in feats.values()).backward()
+        outs.append((feats, {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}))
+    for k in outs[0][0]:
+        torch.testing.assert_close(outs[1][0][k], outs[0][0][k])
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for k in outs[0][1]:
+        torch.testing.assert_close(outs[1][1][k], outs[0][1][k], rtol=1e-4, atol=1e-6)
