@@ -19,7 +19,6 @@ import time
 import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from detectron2.data import DatasetMapper, build_detection_train_loader
@@ -90,7 +89,7 @@ class CellkitDatasetMapper(DatasetMapper):
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
         if not self.use_instance_mask or self.use_keypoint:
             return super()._transform_annotations(dataset_dict, transforms, image_shape)
-        from detectron2.structures import Boxes, Instances
+        from detectron2.structures import Instances
 
         annos = [a for a in dataset_dict["annotations"] if a.get("iscrowd", 0) == 0]
         if annos and all(isinstance(a["segmentation"], list) for a in annos):

@@ -25,7 +25,7 @@ def test_gpu_check_smoke_prints_the_table(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0] == "| step | figure | value |" and len(table) == 7
     figures = json.loads(out.read_text())
-    assert figures["paper_train"]["iters"] == 2 and figures["paper_train"]["s_per_iter"] > 0
+    assert figures["paper_train"]["iters"] == 3 and figures["paper_train"]["s_per_iter"] > 0
     assert figures["paper_train"]["amp"] is False  # CPU: AMP off
     assert figures["tta"]["passes"] == 4 and figures["tta"]["images"] == 1
     assert figures["tta"]["detections_per_img"] == 50  # score threshold 0: every detection slot filled
