@@ -98,6 +98,16 @@ def kaggle_root(environ: Mapping[str, str] | None = None) -> Path:
     return Path(environ.get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
 
 
+def kaggle_path(value: str, environ: Mapping[str, str] | None = None) -> str:
+    """``value`` itself, or a ``/kaggle/...`` path moved under :data:`KAGGLE_ROOT_VARIABLE` when that is set (the
+    rehearsal runs the kernels' own ``OUT_DIR='/kaggle/working'`` in its fake filesystem)."""
+    environ = os.environ if environ is None else environ
+    root = environ.get(KAGGLE_ROOT_VARIABLE)
+    if root and (value == "/kaggle" or value.startswith("/kaggle/")):
+        return str(Path(root) / value[len("/kaggle/"):]) if value != "/kaggle" else root
+    return value
+
+
 def find_project_root(start: Path) -> Path | None:
     """Return the first folder at or above ``start`` holding ``cellkit/__init__.py`` and ``notebooks/``, else None."""
     start = Path(start).resolve()
@@ -264,7 +274,7 @@ def resolve_input(value: str, env: Environment, parameter: str) -> Path:
     Raises:
         FileNotFoundError: naming the parameter and every place tried.
     """
-    path = Path(os.path.expanduser(value))
+    path = Path(kaggle_path(os.path.expanduser(value)))
     tried = [path] if path.is_absolute() else [
         Path.cwd() / path, *([env.project_root / path] if env.project_root else []),
         *(r / path for r in env.input_roots)]
@@ -306,7 +316,7 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
     Raises:
         PermissionError: naming ``parameter`` when it lies under Kaggle's read-only ``/kaggle/input``.
     """
-    path = Path(os.path.expanduser(value)) if value else env.default_out_dir
+    path = Path(kaggle_path(os.path.expanduser(value))) if value else env.default_out_dir
     if not path.is_absolute():
         base = env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()
         path = base / path

@@ -46,8 +46,9 @@ BOOTSTRAP = '''\
 # on Colab from CELLKIT_SOURCE.
 import glob, importlib.util, os, shlex, subprocess, sys
 if importlib.util.find_spec("cellkit") is None:
+    kaggle_input = os.path.join(os.environ.get("CELLKIT_KAGGLE_ROOT") or "/kaggle", "input")
     found = [WHEELS_DIR] if WHEELS_DIR else sorted(
-        {os.path.dirname(p) for p in glob.glob("/kaggle/input/**/cellkit-*.whl", recursive=True)})
+        {os.path.dirname(p) for p in glob.glob(os.path.join(kaggle_input, "**", "cellkit-*.whl"), recursive=True)})
     if found:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", found[0], "cellkit"],
                        check=True)
