@@ -917,6 +917,25 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
     return restored
 
 
+def prune_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete a run's periodic checkpoints except the one ``last_checkpoint`` names (``--resume`` needs it):
+    ``model_best.pth`` and ``model_final.pth`` stay. Kaggle's ``/kaggle/working`` holds 20 GB, and a ``paper``
+    checkpoint with its optimizer state is about 1 GB.
+
+    Returns:
+        The deleted files.
+    """
+    run_dir = Path(run_dir)
+    marker = run_dir / "last_checkpoint"
+    if not marker.is_file():
+        return []
+    keep = {marker.read_text(encoding="utf-8").strip(), "model_best.pth", "model_final.pth"}
+    deleted = [p for p in sorted(run_dir.glob("model_*.pth")) if p.name not in keep]
+    for path in deleted:
+        path.unlink()
+    return deleted
+
+
 class SessionClock:
     """The time left of a notebook's ``TIME_BUDGET_MINUTES`` (0 = unlimited), counted from its creation."""
 

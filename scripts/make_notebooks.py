@@ -181,6 +181,7 @@ PRETRAIN = notebook(
                  "            \"--resume\", \"--num-gpus\", NUM_GPUS,\n"
                  "            *([\"--livecell-val\", livecell.val_json] if livecell.val_json else []),\n"
                  "            *chain.train_args(device, ITERATIONS, SMOKE, weights), *budget)\n"
+                 "    kaggle.prune_checkpoints(out_dir / \"pretrain\")  # the last and the best stay\n"
                  "    if clock.spent():\n"
                  "        print(\"time budget spent: attach this output to the next session to continue\")"),
         ("md", "## Training curves"),
@@ -237,6 +238,7 @@ FINETUNE = notebook(
                  "    command(\"train\", \"--config\", PRESET, \"--data\", data_dir, \"--folds\", folds_csv,\n"
                  "            \"--fold\", k, \"--out\", out_dir / f\"fold{k}\", \"--resume\", \"--num-gpus\", NUM_GPUS,\n"
                  "            *chain.train_args(device, ITERATIONS, SMOKE, weights), *budget)\n"
+                 "    kaggle.prune_checkpoints(out_dir / f\"fold{k}\")  # the last and the best stay\n"
                  "    if clock.spent():\n"
                  "        print(f\"time budget spent during fold {k}: it resumes in the next session\")\n"
                  "        break\n"

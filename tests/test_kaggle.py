@@ -485,3 +485,14 @@ def test_presets_and_device():
     assert kaggle.resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="DEVICE='tpu'"):
         kaggle.resolve_device("tpu")
+
+
+def test_prune_checkpoints_keeps_last_and_best(tmp_path):
+    for name in ("model_0000249.pth", "model_0000499.pth", "model_0000749.pth", "model_best.pth", "metrics.json"):
+        touch(tmp_path / name)
+    assert kaggle.prune_checkpoints(tmp_path) == []                        # no last_checkpoint: nothing known
+    touch(tmp_path / "last_checkpoint", "model_0000749.pth")
+    deleted = kaggle.prune_checkpoints(tmp_path)
+    assert [p.name for p in deleted] == ["model_0000249.pth", "model_0000499.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "metrics.json", "model_0000749.pth",
+                                                          "model_best.pth"]

@@ -196,5 +196,30 @@ def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
     import nbformat
 
     nb = nbformat.read(executed, as_version=4)
+    assert nb.metadata.papermill.get("exception") is not True
     log = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "kaggle run" in log and str(datasets / kaggle.WEIGHTS_DATASET / "fold0") in log
+
+
+def test_upload_both_datasets_with_the_real_cli(tmp_path, tiny_run, wheels_dataset):
+    """``kaggle datasets create`` accepts what ``make wheels`` and ``make weights`` write (fake API, real CLI)."""
+    fake_kaggle = pytest.importorskip("fake_kaggle")
+    if not fake_kaggle.KAGGLE_CLI.exists():
+        pytest.skip("kaggle CLI not installed in this environment")
+    weights = kaggle.build_weights(tiny_run[1], tmp_path / "weights", OWNER)
+    for folder, extra, slug in ((wheels_dataset, [], kaggle.WHEELS_DATASET),
+                                (weights, ["--dir-mode", "zip"], kaggle.WEIGHTS_DATASET)):
+        server = fake_kaggle.serve()
+        try:
+            result = fake_kaggle.kaggle_cli(["datasets", "create", "-p", folder, *extra], server, tmp_path / "home")
+            assert "Dataset is being created" in result.stdout, result.stdout + result.stderr
+            (request,) = server.calls(fake_kaggle.CREATE_DATASET)
+            assert (request["ownerSlug"], request["slug"]) == (OWNER, slug)
+            uploaded = set(server.uploads)
+        finally:
+            server.shutdown()
+            server.server_close()
+        files = {p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != "dataset-metadata.json"}
+        if slug == kaggle.WEIGHTS_DATASET:
+            files = {f"{n}.zip" if (folder / n).is_dir() else n for n in files}
+        assert uploaded == files, slug
