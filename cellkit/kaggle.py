@@ -1,18 +1,22 @@
-"""Where a notebook runs (Kaggle, Colab, local), where its inputs are, and the Kaggle kernels and wheels dataset.
+"""Where a notebook runs (Kaggle, Colab, local), where its inputs are, and the Kaggle kernels and datasets.
 
-Environments:
+Environments (:func:`detect_environment`; variables first, then folders):
 
-- **Kaggle**: inputs are mounted read-only under ``/kaggle/input`` and ``/kaggle/working`` is the writable output dir.
-  The mount layout varies (``/kaggle/input/<slug>/``, ``/kaggle/input/competitions/<slug>/``,
-  ``/kaggle/input/datasets/<owner>/<slug>/``, models several levels deep), so folders are found by glob on their
-  content (e.g. a folder holding ``train.csv`` and ``train/``), never by a fixed path.
-- **Colab**: ``/content`` is the writable working dir; inputs are wherever the user put them (Drive, ``/content``).
+- **Kaggle** (``KAGGLE_KERNEL_RUN_TYPE``): inputs are mounted read-only under ``/kaggle/input`` and
+  ``/kaggle/working`` is the writable output dir. The mount layout varies (``/kaggle/input/<slug>/``,
+  ``/kaggle/input/competitions/<slug>/``, ``/kaggle/input/datasets/<owner>/<slug>/``, models several levels deep),
+  so folders are found by their content (e.g. a folder holding ``train.csv`` and ``train/``), never by a fixed path;
+  the mount is walked once per session (:func:`input_listing`).
+- **Colab** (its variables, even where kagglehub mounted ``/kaggle/input``): ``/content`` is the writable working
+  dir; inputs are wherever the user put them (Drive, ``/content``, kagglehub's mount).
 - **local**: the project checkout; relative paths resolve against the current directory, then the project root
   (so a notebook opened from ``notebooks/`` finds ``data/demo`` like one run by papermill from the root).
 
-Kernels (``kernels/<name>/``): :data:`KERNELS` holds each kernel's notebook, Kaggle parameters and metadata;
-``python -m cellkit.kaggle kernels`` renders them (``make kernels``). ``python -m cellkit.kaggle wheels`` builds the
-offline wheel set (``make wheels``) that the submission notebook installs with ``pip install --no-index``.
+Kernels (``kernels/<name>/``, rendered, not committed): :data:`KERNELS` holds each kernel's notebook, Kaggle
+parameters and metadata; ``python -m cellkit.kaggle kernels`` renders them for the user of :func:`resolve_owner`
+(``make kernels``). ``python -m cellkit.kaggle wheels`` builds the offline wheel set (``make wheels``) that the
+kernels install with ``pip install --no-index``; ``python -m cellkit.kaggle weights`` builds the weights dataset of a
+finished run (``make weights``). ``tests/test_rehearsal.py`` runs the rendered submission kernel offline on both.
 """
 from __future__ import annotations
 
