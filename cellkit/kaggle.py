@@ -46,8 +46,6 @@ WEIGHTS_DATASET = "cellkit-weights"
 PRETRAINED_DATASET = "cellkit-pretrained"
 """Slug of the dataset with starting weights: model-zoo COCO checkpoints and/or a LIVECell pretrain checkpoint."""
 
-LIVECELL_DATASET = "livecell-dataset"
-"""Slug of a LIVECell dataset (COCO json + images) for pretraining."""
 
 MAX_SEARCH_DEPTH = 6
 """How many folder levels below an input root the globs look.
@@ -767,8 +765,8 @@ KERNELS: dict[str, KernelSpec] = {
         parameters={"LIVECELL_DIR": "", "OUT_DIR": "/kaggle/working", "PRESET": "paper", "TIME_BUDGET_MINUTES": 660,
                     "NUM_GPUS": 1, "RESUME_DIR": "", "WEIGHTS": "", "WHEELS_DIR": "", "DEVICE": "cuda",
                     "SMOKE": False},
-        datasets=(WHEELS_DATASET, PRETRAINED_DATASET, LIVECELL_DATASET),
-        competition=False,
+        # LIVECell comes with the competition's data (LIVECell_dataset_2021/), found by resolve_livecell
+        datasets=(WHEELS_DATASET, PRETRAINED_DATASET),
         resumable=True,
     ),
 }
