@@ -256,15 +256,19 @@ def find_competition_dir(roots: Sequence[Path], need: str = "train") -> Path:
     return _pick(candidates, f"competition data folder with {' and '.join(markers)}", roots, COMPETITION)
 
 
-def find_dataset_dir(roots: Sequence[Path], pattern: str, prefer: str | None = None) -> Path:
+def find_dataset_dir(roots: Sequence[Path], pattern: str, prefer: str | None = None,
+                     exclude: str | None = None) -> Path:
     """Find the folder under ``roots`` holding files matching ``pattern`` (e.g. ``"detectron2-*.whl"``).
 
     Args:
         roots: input roots.
         pattern: glob for a file the dataset must contain.
         prefer: folder name to pick when several folders match (a dataset slug).
+        exclude: glob of folder names never to pick (e.g. ``"fold*"``: an earlier session's fold runs are no
+            starting weights).
     """
-    return _pick(find_dirs(roots, (pattern,)), f"folder with {pattern}", roots, prefer)
+    found = [d for d in find_dirs(roots, (pattern,)) if not (exclude and fnmatch.fnmatch(d.name, exclude))]
+    return _pick(found, f"folder with {pattern}", roots, prefer)
 
 
 def resolve_input(value: str, env: Environment, parameter: str) -> Path:
@@ -331,13 +335,14 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
 
 def resolve_artifact(value: str, env: Environment, parameter: str, default: Path | None = None,
                      pattern: str | None = None, prefer: str | None = None, optional: bool = False,
-                     folder: bool = False) -> Path | None:
+                     folder: bool = False, exclude: str | None = None) -> Path | None:
     """Resolve a notebook parameter naming an artifact (a run folder, thresholds.json, a checkpoint).
 
     Order: ``"none"`` -> None (only when ``optional``); a given value -> that path (:func:`resolve_input`);
     ``""`` -> ``default`` when it exists (an artifact of an earlier notebook in the same run directory), else the
     input folder holding ``pattern`` (a Kaggle dataset): that folder when ``folder`` (e.g. a run dir found by its
-    ``config.yaml``) or ``pattern`` has wildcards, else the file ``pattern`` in it.
+    ``config.yaml``) or ``pattern`` has wildcards, else the file ``pattern`` in it; folders whose name matches the
+    glob ``exclude`` are never picked.
 
     Raises:
         FileNotFoundError: naming ``parameter``, when nothing is found and the artifact is not ``optional``.
@@ -352,7 +357,7 @@ def resolve_artifact(value: str, env: Environment, parameter: str, default: Path
         return Path(default).resolve()
     if pattern is not None:
         try:
-            found = find_dataset_dir(env.input_roots, pattern, prefer)
+            found = find_dataset_dir(env.input_roots, pattern, prefer, exclude)
             return found if folder or any(ch in pattern for ch in "*?[") else found / pattern
         except FileNotFoundError as exc:
             reason = str(exc)

@@ -214,7 +214,8 @@ FINETUNE = notebook(
                             'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", out_dir / "pretrain" / '
                             '"model_final.pth",\n'
                             '                                  pattern="model_final.pth", '
-                            'prefer=kaggle.PRETRAINED_DATASET, optional=True)\n'
+                            'prefer=kaggle.PRETRAINED_DATASET, optional=True,\n'
+                            '                                  exclude="fold*")  # no fold of an earlier session\n'
                             'clock = kaggle.SessionClock(TIME_BUDGET_MINUTES)\n'
                             'print(f"{env.kind} run | data: {data_dir} | preset {PRESET} on {device} x {NUM_GPUS} | '
                             'weights: {weights or \'random init\'} | artifacts: {out_dir}")')),

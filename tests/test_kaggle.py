@@ -496,3 +496,14 @@ def test_prune_checkpoints_keeps_last_and_best(tmp_path):
     assert [p.name for p in deleted] == ["model_0000249.pth", "model_0000499.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "metrics.json", "model_0000749.pth",
                                                           "model_best.pth"]
+
+
+def test_starting_weights_never_come_from_an_earlier_sessions_fold(tmp_path):
+    """With its own output attached to resume, the finetune kernel must not start fold 1 from fold 0's model."""
+    touch(tmp_path / "kaggle" / "input" / "notebooks" / "me" / "cellkit-finetune" / "fold0" / "model_final.pth")
+    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    args = dict(pattern="model_final.pth", prefer=kaggle.PRETRAINED_DATASET, optional=True)
+    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, **args) is not None      # what a plain search finds
+    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) is None
+    pretrained = touch(tmp_path / "kaggle" / "input" / "datasets" / "me" / "cellkit-pretrained" / "model_final.pth")
+    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) == pretrained
