@@ -44,13 +44,25 @@ demo: install
 	$(PY) -m cellkit chain --data $(DATA) --out $(OUT) --preset demo --iterations $(DEMO_ITERATIONS) --log-output \
 		$(DEMO_ARGS)
 
-# Kaggle: `make kernels` renders kernels/<name>/ (metadata + the notebook with Kaggle parameters, papermill
-# --prepare-only); `make wheels` builds the offline wheels dataset (+ dataset-metadata.json) for the submission kernel.
-KAGGLE_USER ?= cellkit
-KAGGLE_PYTHON ?= 3.11
-.PHONY: kernels
+# Kaggle (README "On Kaggle"): the owner is KAGGLE_USER, else KAGGLE_USERNAME, else ~/.kaggle/kaggle.json.
+# `make kernels` renders kernels/<name>/ (metadata + the notebook with Kaggle parameters, papermill --prepare-only) for
+# MACHINE_SHAPE (GPU T4 x2 by default; the training kernels use all its GPUs unless NUM_GPUS is given; RESUME=1 makes
+# them attach their own previous output and continue it); `make wheels` builds the offline wheels dataset in wheels/
+# for Kaggle's Pythons (KAGGLE_PYTHON); `make weights RUN=runs/demo` builds the weights dataset in weights/.
+KAGGLE_USER ?=
+KAGGLE_PYTHON ?= 3.12,3.13
+MACHINE_SHAPE ?= NvidiaTeslaT4
+NUM_GPUS ?=
+RESUME ?=
+RUN ?= $(OUT)
+KAGGLE_OWNER_ARG := $(if $(KAGGLE_USER),--owner $(KAGGLE_USER))
+.PHONY: kernels weights
 kernels: install
-	$(PY) -m cellkit.kaggle kernels --owner $(KAGGLE_USER)
+	$(PY) -m cellkit.kaggle kernels $(KAGGLE_OWNER_ARG) --machine-shape $(MACHINE_SHAPE) \
+		$(if $(NUM_GPUS),--num-gpus $(NUM_GPUS)) $(if $(RESUME),--resume)
 
 wheels: install
-	$(PY) -m cellkit.kaggle wheels --out wheels --owner $(KAGGLE_USER) --python-version $(KAGGLE_PYTHON)
+	$(PY) -m cellkit.kaggle wheels --out wheels $(KAGGLE_OWNER_ARG) --python-versions $(KAGGLE_PYTHON)
+
+weights: install
+	$(PY) -m cellkit.kaggle weights --run $(RUN) --out weights $(KAGGLE_OWNER_ARG)

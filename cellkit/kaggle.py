@@ -1,22 +1,28 @@
-"""Where a notebook runs (Kaggle, Colab, local), where its inputs are, and the Kaggle kernels and wheels dataset.
+"""Where a notebook runs (Kaggle, Colab, local), where its inputs are, and the Kaggle kernels and datasets.
 
-Environments:
+Environments (:func:`detect_environment`; variables first, then folders):
 
-- **Kaggle**: inputs are mounted read-only under ``/kaggle/input`` and ``/kaggle/working`` is the writable output dir.
-  The mount layout varies (``/kaggle/input/<slug>/``, ``/kaggle/input/competitions/<slug>/``,
-  ``/kaggle/input/datasets/<owner>/<slug>/``, models several levels deep), so folders are found by glob on their
-  content (e.g. a folder holding ``train.csv`` and ``train/``), never by a fixed path.
-- **Colab**: ``/content`` is the writable working dir; inputs are wherever the user put them (Drive, ``/content``).
+- **Kaggle** (``KAGGLE_KERNEL_RUN_TYPE``): inputs are mounted read-only under ``/kaggle/input`` and
+  ``/kaggle/working`` is the writable output dir. The mount layout varies (``/kaggle/input/<slug>/``,
+  ``/kaggle/input/competitions/<slug>/``, ``/kaggle/input/datasets/<owner>/<slug>/``, models several levels deep),
+  so folders are found by their content (e.g. a folder holding ``train.csv`` and ``train/``), never by a fixed path;
+  the mount is walked once per session (:func:`input_listing`).
+- **Colab** (its variables, even where kagglehub mounted ``/kaggle/input``): ``/content`` is the writable working
+  dir; inputs are wherever the user put them (Drive, ``/content``, kagglehub's mount).
 - **local**: the project checkout; relative paths resolve against the current directory, then the project root
   (so a notebook opened from ``notebooks/`` finds ``data/demo`` like one run by papermill from the root).
 
-Kernels (``kernels/<name>/``): :data:`KERNELS` holds each kernel's notebook, Kaggle parameters and metadata;
-``python -m cellkit.kaggle kernels`` renders them (``make kernels``). ``python -m cellkit.kaggle wheels`` builds the
-offline wheel set (``make wheels``) that the submission notebook installs with ``pip install --no-index``.
+Kernels (``kernels/<name>/``, rendered, not committed): :data:`KERNELS` holds each kernel's notebook, Kaggle
+parameters and metadata; ``python -m cellkit.kaggle kernels`` renders them for the user of :func:`resolve_owner`
+(``make kernels``). ``python -m cellkit.kaggle wheels`` builds the offline wheel set (``make wheels``) that the
+kernels install with ``pip install --no-index``; ``python -m cellkit.kaggle weights`` builds the weights dataset of a
+finished run (``make weights``). ``tests/test_rehearsal.py`` runs the rendered submission kernel offline on both.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import os
 import re
 import shutil
@@ -24,27 +30,22 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from cellkit import atomic
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 """The competition's slug: its Kaggle mount folder name and the kernels' ``competition_sources``."""
 
-DEFAULT_OWNER = "cellkit"
-"""Kaggle user that owns the kernels and datasets in the committed metadata (``make kernels KAGGLE_USER=...``)."""
-
 WHEELS_DATASET = "cellkit-wheels"
 """Slug of the offline wheels dataset (``make wheels``)."""
 
 WEIGHTS_DATASET = "cellkit-weights"
-"""Slug of the dataset with trained fold models (``model_best.pth`` / ``model_final.pth`` + ``config.yaml``)."""
+"""Slug of the dataset with trained fold models (``make weights``: ``fold<K>/`` + ``thresholds.json`` + ``cv.json``)."""
 
 PRETRAINED_DATASET = "cellkit-pretrained"
 """Slug of the dataset with starting weights: model-zoo COCO checkpoints and/or a LIVECell pretrain checkpoint."""
 
-LIVECELL_DATASET = "livecell-dataset"
-"""Slug of a LIVECell dataset (COCO json + images) for pretraining."""
 
 MAX_SEARCH_DEPTH = 6
 """How many folder levels below an input root the globs look.
@@ -85,6 +86,30 @@ class Environment:
         return self.working_dir / "cellkit-run"
 
 
+KAGGLE_ROOT_VARIABLE = "CELLKIT_KAGGLE_ROOT"
+"""Environment variable naming the folder that stands for ``/kaggle`` (the offline rehearsal's fake filesystem,
+``tests/test_rehearsal.py``); unset on Kaggle itself."""
+
+COLAB_VARIABLES = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION", "COLAB_JUPYTER_IP")
+"""Variables Colab's runtime sets (any one of them means Colab, even where kagglehub mounted ``/kaggle/input``)."""
+
+
+def kaggle_root(environ: Mapping[str, str] | None = None) -> Path:
+    """``/kaggle``, or the folder named by :data:`KAGGLE_ROOT_VARIABLE`."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
+
+
+def kaggle_path(value: str, environ: Mapping[str, str] | None = None) -> str:
+    """``value`` itself, or a ``/kaggle/...`` path moved under :data:`KAGGLE_ROOT_VARIABLE` when that is set (the
+    rehearsal runs the kernels' own ``OUT_DIR='/kaggle/working'`` in its fake filesystem)."""
+    environ = os.environ if environ is None else environ
+    root = environ.get(KAGGLE_ROOT_VARIABLE)
+    if root and (value == "/kaggle" or value.startswith("/kaggle/")):
+        return str(Path(root) / value[len("/kaggle/"):]) if value != "/kaggle" else root
+    return value
+
+
 def find_project_root(start: Path) -> Path | None:
     """Return the first folder at or above ``start`` holding ``cellkit/__init__.py`` and ``notebooks/``, else None."""
     start = Path(start).resolve()
@@ -94,30 +119,36 @@ def find_project_root(start: Path) -> Path | None:
     return None
 
 
-def detect_environment(root: Path | str = "/", environ: Mapping[str, str] | None = None,
+def detect_environment(root: Path | str | None = None, environ: Mapping[str, str] | None = None,
                        cwd: Path | str | None = None) -> Environment:
     """Detect Kaggle, Colab or a local run.
 
+    Variables decide first: ``KAGGLE_KERNEL_RUN_TYPE`` (set in every Kaggle session, interactive or batch) means
+    Kaggle, a Colab variable (:data:`COLAB_VARIABLES`) means Colab, even where ``kagglehub`` mounted
+    ``/kaggle/input`` on Colab. Only without either is a folder tested: ``<kaggle root>/input`` means Kaggle (an
+    image without the variable), ``<root>/content`` Colab.
+
     Args:
-        root: filesystem root to look under (tests pass a temp dir holding a fake ``kaggle/input`` tree).
+        root: filesystem root the Kaggle (``<root>/kaggle``) and Colab (``<root>/content``) folders are looked for
+            under; None: ``/`` with the Kaggle folder from :func:`kaggle_root` (tests pass a temp dir).
         environ: environment variables (default ``os.environ``).
         cwd: current directory (default ``os.getcwd()``).
-
-    Returns:
-        Kaggle when ``<root>/kaggle/input`` exists (or ``KAGGLE_KERNEL_RUN_TYPE`` is set); Colab when ``<root>/content``
-        exists and a Colab variable (``COLAB_RELEASE_TAG``, ``COLAB_GPU``) is set; local otherwise.
     """
     environ = os.environ if environ is None else environ
-    root = Path(root)
+    kaggle_dir = kaggle_root(environ) if root is None else Path(root) / "kaggle"
+    root = Path("/") if root is None else Path(root)
     cwd = Path(cwd or os.getcwd())
     project = find_project_root(cwd)
-    kaggle_input = root / "kaggle" / "input"
-    if kaggle_input.is_dir() or "KAGGLE_KERNEL_RUN_TYPE" in environ:
-        return Environment("kaggle", (kaggle_input,), root / "kaggle" / "working", project)
+    kaggle = Environment("kaggle", (kaggle_dir / "input",), kaggle_dir / "working", project)
     content = root / "content"
-    if content.is_dir() and ("COLAB_RELEASE_TAG" in environ or "COLAB_GPU" in environ):
-        roots = tuple(p for p in (content / "drive" / "MyDrive", content) if p.is_dir())
+    colab_vars = any(name in environ for name in COLAB_VARIABLES)
+    if "KAGGLE_KERNEL_RUN_TYPE" in environ:
+        return kaggle
+    if colab_vars or (content.is_dir() and "google.colab" in sys.modules):
+        roots = tuple(p for p in (content / "drive" / "MyDrive", content, kaggle_dir / "input") if p.is_dir())
         return Environment("colab", roots, content, project)
+    if (kaggle_dir / "input").is_dir():
+        return kaggle
     roots = (project / "data",) if project is not None else (cwd,)
     return Environment("local", roots, cwd, project)
 
@@ -125,29 +156,58 @@ def detect_environment(root: Path | str = "/", environ: Mapping[str, str] | None
 # ----------------------------------------------------------------------------------------------------------------
 # Finding folders by content
 # ----------------------------------------------------------------------------------------------------------------
-def _walk_dirs(root: Path, max_depth: int) -> Iterable[Path]:
-    """Yield ``root`` and its sub-folders up to ``max_depth`` levels, sorted, skipping hidden ones."""
+_LISTINGS: dict[tuple[str, int], list[tuple[Path, frozenset]]] = {}
+"""Listings of Kaggle's read-only input mount, made once per session (see :func:`input_listing`)."""
+
+
+def _scan(root: Path, max_depth: int) -> list[tuple[Path, frozenset]]:
+    """Breadth-first ``(folder, names of its entries)`` for ``root`` and its sub-folders up to ``max_depth`` levels
+    (sorted, hidden entries skipped)."""
     if not root.is_dir():
-        return
-    stack = [(root, 0)]
-    while stack:
-        folder, depth = stack.pop(0)
-        yield folder
-        if depth >= max_depth:
-            continue
+        return []
+    listing, queue = [], [(root, 0)]
+    while queue:
+        folder, depth = queue.pop(0)
         try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        except PermissionError:
+            entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+        except (PermissionError, FileNotFoundError):
             continue
-        stack.extend((child, depth + 1) for child in children)
+        listing.append((folder, frozenset(e.name for e in entries)))
+        if depth < max_depth:
+            queue.extend((Path(e.path), depth + 1) for e in entries if e.is_dir())
+    return listing
+
+
+def input_listing(root: Path, max_depth: int = MAX_SEARCH_DEPTH) -> list[tuple[Path, frozenset]]:
+    """Every folder under ``root`` (``max_depth`` levels) with the names it holds.
+
+    Kaggle's input mount (``<kaggle root>/input``) is read-only, so it is walked once per session and the listing
+    reused by every search (a session with the competition, LIVECell and model datasets attached holds tens of
+    thousands of files); any other root (local data, Colab) is walked at each call, since it may change.
+    """
+    root = Path(root)
+    if root != kaggle_root() / "input":
+        return _scan(root, max_depth)
+    key = (str(root), max_depth)
+    if key not in _LISTINGS:
+        _LISTINGS[key] = _scan(root, max_depth)
+    return _LISTINGS[key]
+
+
+def _has(folder: Path, names: frozenset, marker: str) -> bool:
+    """Whether ``folder`` (holding ``names``) matches the glob ``marker`` (one level, or a path glob)."""
+    if "/" in marker:
+        return next(iter(folder.glob(marker)), None) is not None
+    return bool(fnmatch.filter(names, marker))
 
 
 def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
     """Return the folders under ``roots`` that contain a match for every glob in ``markers``.
 
     Args:
-        roots: folders to search (breadth-first, ``max_depth`` levels).
-        markers: glob patterns relative to a candidate folder, e.g. ``("train.csv", "train")`` or ``("*.whl",)``.
+        roots: folders to search (breadth-first, ``max_depth`` levels; see :func:`input_listing`).
+        markers: glob patterns relative to a candidate folder, e.g. ``("train.csv", "train")``, ``("*.whl",)`` or
+            ``("fold*/config.yaml",)``.
         max_depth: levels below each root.
 
     Returns:
@@ -155,8 +215,8 @@ def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MA
     """
     found: list[Path] = []
     for root in roots:
-        for folder in _walk_dirs(Path(root), max_depth):
-            if all(next(iter(folder.glob(m)), None) is not None for m in markers) and folder not in found:
+        for folder, names in input_listing(Path(root), max_depth):
+            if all(_has(folder, names, m) for m in markers) and folder not in found:
                 found.append(folder)
     return found
 
@@ -196,15 +256,19 @@ def find_competition_dir(roots: Sequence[Path], need: str = "train") -> Path:
     return _pick(candidates, f"competition data folder with {' and '.join(markers)}", roots, COMPETITION)
 
 
-def find_dataset_dir(roots: Sequence[Path], pattern: str, prefer: str | None = None) -> Path:
+def find_dataset_dir(roots: Sequence[Path], pattern: str, prefer: str | None = None,
+                     exclude: str | None = None) -> Path:
     """Find the folder under ``roots`` holding files matching ``pattern`` (e.g. ``"detectron2-*.whl"``).
 
     Args:
         roots: input roots.
         pattern: glob for a file the dataset must contain.
         prefer: folder name to pick when several folders match (a dataset slug).
+        exclude: glob of folder names never to pick (e.g. ``"fold*"``: an earlier session's fold runs are no
+            starting weights).
     """
-    return _pick(find_dirs(roots, (pattern,)), f"folder with {pattern}", roots, prefer)
+    found = [d for d in find_dirs(roots, (pattern,)) if not (exclude and fnmatch.fnmatch(d.name, exclude))]
+    return _pick(found, f"folder with {pattern}", roots, prefer)
 
 
 def resolve_input(value: str, env: Environment, parameter: str) -> Path:
@@ -216,7 +280,7 @@ def resolve_input(value: str, env: Environment, parameter: str) -> Path:
     Raises:
         FileNotFoundError: naming the parameter and every place tried.
     """
-    path = Path(os.path.expanduser(value))
+    path = Path(kaggle_path(os.path.expanduser(value)))
     tried = [path] if path.is_absolute() else [
         Path.cwd() / path, *([env.project_root / path] if env.project_root else []),
         *(r / path for r in env.input_roots)]
@@ -258,7 +322,7 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
     Raises:
         PermissionError: naming ``parameter`` when it lies under Kaggle's read-only ``/kaggle/input``.
     """
-    path = Path(os.path.expanduser(value)) if value else env.default_out_dir
+    path = Path(kaggle_path(os.path.expanduser(value))) if value else env.default_out_dir
     if not path.is_absolute():
         base = env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()
         path = base / path
@@ -271,13 +335,14 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
 
 def resolve_artifact(value: str, env: Environment, parameter: str, default: Path | None = None,
                      pattern: str | None = None, prefer: str | None = None, optional: bool = False,
-                     folder: bool = False) -> Path | None:
+                     folder: bool = False, exclude: str | None = None) -> Path | None:
     """Resolve a notebook parameter naming an artifact (a run folder, thresholds.json, a checkpoint).
 
     Order: ``"none"`` -> None (only when ``optional``); a given value -> that path (:func:`resolve_input`);
     ``""`` -> ``default`` when it exists (an artifact of an earlier notebook in the same run directory), else the
     input folder holding ``pattern`` (a Kaggle dataset): that folder when ``folder`` (e.g. a run dir found by its
-    ``config.yaml``) or ``pattern`` has wildcards, else the file ``pattern`` in it.
+    ``config.yaml``) or ``pattern`` has wildcards, else the file ``pattern`` in it; folders whose name matches the
+    glob ``exclude`` are never picked.
 
     Raises:
         FileNotFoundError: naming ``parameter``, when nothing is found and the artifact is not ``optional``.
@@ -292,7 +357,7 @@ def resolve_artifact(value: str, env: Environment, parameter: str, default: Path
         return Path(default).resolve()
     if pattern is not None:
         try:
-            found = find_dataset_dir(env.input_roots, pattern, prefer)
+            found = find_dataset_dir(env.input_roots, pattern, prefer, exclude)
             return found if folder or any(ch in pattern for ch in "*?[") else found / pattern
         except FileNotFoundError as exc:
             reason = str(exc)
@@ -318,8 +383,9 @@ def find_files(roots: Sequence[Path], pattern: str, max_depth: int = MAX_SEARCH_
     """Files matching ``pattern`` in the folders under ``roots`` (breadth-first, sorted per folder)."""
     found: list[Path] = []
     for root in roots:
-        for folder in _walk_dirs(Path(root), max_depth):
-            found += [p for p in sorted(folder.glob(pattern)) if p.is_file() and p not in found]
+        for folder, names in input_listing(Path(root), max_depth):
+            found += [folder / n for n in sorted(fnmatch.filter(names, pattern))
+                      if (folder / n).is_file() and folder / n not in found]
     return found
 
 
@@ -360,11 +426,33 @@ def resolve_livecell(dir_value: str, json_value: str, images_value: str, env: En
     if images_value:
         images = resolve_input(images_value, env, "LIVECELL_IMAGES")
     else:
-        folders = find_dirs((roots[0] if explicit else json_path.parent,), ("*.tif",))
+        base = roots[0] if explicit else _livecell_root(json_path, roots)
+        folders = find_dirs((base,), ("*.tif",))
         if not folders:
             raise FileNotFoundError(f"LIVECELL_IMAGES='' (auto): no folder with *.tif images near {json_path}")
-        images = folders[0]
+        images = _livecell_images(folders, json_path)
     return LiveCell(json_path.resolve(), images.resolve(), vals[0].resolve() if vals else None)
+
+
+def _livecell_root(json_path: Path, roots: Sequence[Path]) -> Path:
+    """The LIVECell dataset folder of ``json_path``: the nearest folder above it holding ``images/`` (the release's
+    ``LIVECell_dataset_2021/`` keeps the json in ``annotations/LIVECell/`` and the images in
+    ``images/livecell_train_val_images/``), else the json's own folder; never above an input root."""
+    tops = [Path(r).resolve() for r in roots]
+    for folder in (json_path.parent, *json_path.parent.parents):
+        if (folder / "images").is_dir():
+            return folder
+        if folder.resolve() in tops:
+            break
+    return json_path.parent
+
+
+def _livecell_images(folders: list[Path], json_path: Path) -> Path:
+    """Among folders holding ``*.tif``, the one for ``json_path``'s split: LIVECell ships
+    ``livecell_train_val_images/`` (train and val) and ``livecell_test_images/``."""
+    split = "test" if "test" in json_path.name.lower() else "train"
+    named = [f for f in folders if split in f.name.lower()]
+    return (named or folders)[0]
 
 
 def pretrain_preset(preset: str) -> str:
@@ -400,20 +488,68 @@ def check_preset(preset: str) -> Path:
 def resolve_device(value: str) -> str:
     """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; ``"cpu"``/``"cuda"``/``"cuda:N"`` checked.
 
+    A GPU is also checked against the architectures this torch was built for (:func:`check_cuda_arch`): Kaggle's
+    P100 (sm_60) is seen by today's torch (``torch.cuda.is_available()`` is True) but fails at the first CUDA op.
+
     Raises:
-        ValueError: an unknown device, or cuda asked for where there is none (naming ``DEVICE``).
+        ValueError: an unknown device, cuda asked for where there is none, or a GPU this torch cannot run on (naming
+            ``DEVICE``, the GPU and what to choose instead).
     """
     import torch
 
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if value == "cpu":
         return value
+    if value == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        check_cuda_arch(torch, 0, "DEVICE='auto'")
+        return "cuda"
     if re.fullmatch(r"cuda(:\d+)?", value):
         if not torch.cuda.is_available():
             raise ValueError(f"DEVICE={value!r}: torch sees no CUDA device here; use 'cpu' or 'auto'")
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"DEVICE={value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+        check_cuda_arch(torch, index, f"DEVICE={value!r}")
         return value
     raise ValueError(f"DEVICE={value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether a GPU of compute ``capability`` runs code built for ``arch_list`` (``torch.cuda.get_arch_list()``).
+
+    A ``sm_XY`` cubin runs on the same major version with an equal or higher minor one; ``compute_XY`` (PTX) is
+    compiled at load time for any GPU of capability >= X.Y.
+    """
+    major, minor = capability
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        if not match:
+            continue
+        a_major, a_minor = int(match.group(2)), int(match.group(3))
+        if match.group(1) == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if match.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
+    """Stop when torch was not built for the compute capability of CUDA device ``index``.
+
+    Raises:
+        ValueError: naming the GPU, its capability, what this torch supports and what to choose instead.
+    """
+    capability = tuple(torch.cuda.get_device_capability(index))
+    archs = list(torch.cuda.get_arch_list())
+    if not archs or arch_supported(capability, archs):
+        return
+    name = torch.cuda.get_device_name(index)
+    raise ValueError(
+        f"{parameter}: the GPU {name} (compute capability {capability[0]}.{capability[1]}) is not supported by this "
+        f"torch {torch.__version__} (built for {', '.join(archs)}): the first CUDA operation would fail. Choose "
+        f"another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata machine_shape {DEFAULT_MACHINE_SHAPE!r}, "
+        f"`make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or DEVICE='cpu'")
 
 
 def _is_under(path: Path, root: Path) -> bool:
@@ -512,6 +648,68 @@ def install_missing(env: Environment, wheels_dir: str = "", run: bool = True) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Owner and machine
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_owner(value: str | None = None, environ: Mapping[str, str] | None = None,
+                  home: Path | None = None) -> str:
+    """The Kaggle user owning the kernels and datasets cellkit renders.
+
+    Order: ``value`` (``--owner``, ``make ... KAGGLE_USER=``), ``KAGGLE_USERNAME``, then the ``username`` of the
+    API token ``kaggle.json`` in ``$KAGGLE_CONFIG_DIR`` or ``~/.kaggle`` (what the kaggle CLI itself uses).
+
+    Raises:
+        ValueError: no owner anywhere, a token without ``username``, or a name that is not a Kaggle user name.
+    """
+    environ = os.environ if environ is None else environ
+    owner, origin = value, "--owner"
+    if not owner and environ.get("KAGGLE_USERNAME"):
+        owner, origin = environ["KAGGLE_USERNAME"], "KAGGLE_USERNAME"
+    if not owner:
+        config_dir = Path(environ["KAGGLE_CONFIG_DIR"]) if environ.get("KAGGLE_CONFIG_DIR") else \
+            Path(home or Path.home()) / ".kaggle"
+        token = config_dir / "kaggle.json"
+        if not token.is_file():
+            raise ValueError(f"no Kaggle user to own the kernels and datasets: set KAGGLE_USERNAME, put your API "
+                             f"token at {token} (kaggle.com > Settings > API > Create New Token) or pass "
+                             f"KAGGLE_USER=<name> to make")
+        try:
+            owner = json.loads(token.read_text(encoding="utf-8")).get("username", "")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ValueError(f"{token}: not a Kaggle API token ({exc})") from None
+        origin = str(token)
+        if not owner:
+            raise ValueError(f"{token}: no 'username' in the Kaggle API token")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}", owner):
+        raise ValueError(f"Kaggle user {owner!r} (from {origin}): not a Kaggle user name")
+    return owner
+
+
+DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"
+"""Kaggle's "GPU T4 x2" (two 16 GB T4s, sm_75), the default GPU of today's image."""
+
+MACHINE_GPUS = {"NvidiaTeslaT4": 2}
+"""GPUs per machine shape, for the training kernels' ``NUM_GPUS`` (a shape not listed: 1)."""
+
+RETIRED_MACHINE_SHAPES = {"NvidiaTeslaP100": "its sm_60 is not supported by the image's torch"}
+"""Shapes cellkit refuses to render (the kaggle CLI only warns about them)."""
+
+
+def check_machine_shape(shape: str) -> str:
+    """Return ``shape`` when a GPU kernel may run on it.
+
+    Raises:
+        ValueError: naming ``MACHINE_SHAPE`` for an empty or retired shape.
+    """
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", shape or ""):
+        raise ValueError(f"MACHINE_SHAPE={shape!r}: expected a Kaggle machine shape such as "
+                         f"{DEFAULT_MACHINE_SHAPE!r} (GPU T4 x2)")
+    if shape in RETIRED_MACHINE_SHAPES:
+        raise ValueError(f"MACHINE_SHAPE={shape!r}: {RETIRED_MACHINE_SHAPES[shape]}; use {DEFAULT_MACHINE_SHAPE!r} "
+                         f"(GPU T4 x2)")
+    return shape
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -521,11 +719,16 @@ class KernelSpec:
     Attributes:
         notebook: file name in ``notebooks/``.
         title: kernel title (its slug is derived from it and must match the metadata id).
-        parameters: papermill parameters injected for Kaggle (empty strings mean "find it by glob").
+        parameters: papermill parameters injected for Kaggle (empty strings mean "find it by glob"); a training
+            kernel's ``NUM_GPUS`` is replaced by the machine's GPU count at rendering.
         datasets: dataset slugs (owner added at rendering) attached as inputs.
         competition: attach the competition's data.
         gpu: run on a GPU.
         internet: internet access (a submission kernel must have none).
+        pin_image: pin the docker image of the kernel's first run (``docker_image_pinning_type: original``), so
+            that the rerun on the hidden test set runs the image the wheels were built and tested for.
+        resumable: the kernel trains in chunks: rendered with ``--resume`` it attaches its own previous output
+            (``kernel_sources``) and continues from it.
     """
 
     notebook: str
@@ -535,7 +738,12 @@ class KernelSpec:
     competition: bool = True
     gpu: bool = True
     internet: bool = False
+    pin_image: bool = False
+    resumable: bool = False
 
+
+SESSION_MINUTES = 12 * 60
+"""Kaggle's limit on one GPU session (a code competition's submission run: 9 h)."""
 
 KERNELS: dict[str, KernelSpec] = {
     "submission": KernelSpec(
@@ -544,24 +752,30 @@ KERNELS: dict[str, KernelSpec] = {
         parameters={"DATA_DIR": "", "OUT_DIR": "/kaggle/working", "RUN_DIR": "", "THRESHOLDS": "",
                     "WHEELS_DIR": "", "DEVICE": "cuda", "TTA": True, "SMOKE": False},
         datasets=(WHEELS_DATASET, WEIGHTS_DATASET),
+        pin_image=True,
     ),
     "finetune": KernelSpec(
         notebook="04_finetune.ipynb",
         title="cellkit finetune",
+        # 600 of the session's 720 minutes train; the rest predicts the held-out images and saves the output.
         parameters={"DATA_DIR": "", "OUT_DIR": "/kaggle/working", "PRESET": "paper", "FOLDS": "0,1,2,3,4",
-                    "WEIGHTS": "", "WHEELS_DIR": "", "DEVICE": "cuda", "SMOKE": False},
+                    "TIME_BUDGET_MINUTES": 600, "NUM_GPUS": 1, "RESUME_DIR": "", "WEIGHTS": "", "WHEELS_DIR": "",
+                    "DEVICE": "cuda", "SMOKE": False},
         datasets=(WHEELS_DATASET, PRETRAINED_DATASET),
+        resumable=True,
     ),
     "pretrain": KernelSpec(
         notebook="03_pretrain.ipynb",
         title="cellkit pretrain",
-        parameters={"LIVECELL_DIR": "", "OUT_DIR": "/kaggle/working", "PRESET": "paper", "WEIGHTS": "",
-                    "WHEELS_DIR": "", "DEVICE": "cuda", "SMOKE": False},
-        datasets=(WHEELS_DATASET, PRETRAINED_DATASET, LIVECELL_DATASET),
-        competition=False,
+        parameters={"LIVECELL_DIR": "", "OUT_DIR": "/kaggle/working", "PRESET": "paper", "TIME_BUDGET_MINUTES": 660,
+                    "NUM_GPUS": 1, "RESUME_DIR": "", "WEIGHTS": "", "WHEELS_DIR": "", "DEVICE": "cuda",
+                    "SMOKE": False},
+        # LIVECell comes with the competition's data (LIVECell_dataset_2021/), found by resolve_livecell
+        datasets=(WHEELS_DATASET, PRETRAINED_DATASET),
+        resumable=True,
     ),
 }
-"""The committed kernels (``kernels/<name>/``)."""
+"""The kernels ``make kernels`` renders into ``kernels/<name>/``."""
 
 
 def slugify(title: str) -> str:
@@ -569,15 +783,22 @@ def slugify(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-def kernel_metadata(name: str, owner: str = DEFAULT_OWNER) -> dict:
+def kernel_metadata(name: str, owner: str, machine_shape: str = DEFAULT_MACHINE_SHAPE, resume: bool = False) -> dict:
     """Return ``kernel-metadata.json`` for kernel ``name`` (every key explicit, ``enable_internet`` included).
 
     The kaggle CLI defaults ``enable_internet`` to true when the key is absent, which a code competition rejects,
-    so it is always written.
+    so it is always written. A GPU kernel names its ``machine_shape``: without one Kaggle may give a P100.
+
+    Args:
+        name: a key of :data:`KERNELS`.
+        owner: the Kaggle user (:func:`resolve_owner`).
+        machine_shape: the GPU (:func:`check_machine_shape`).
+        resume: a resumable kernel attaches its own previous output (``kernel_sources``).
     """
     spec = KERNELS[name]
-    return {
-        "id": f"{owner}/{slugify(spec.title)}",
+    kernel_id = f"{owner}/{slugify(spec.title)}"
+    meta = {
+        "id": kernel_id,
         "title": spec.title,
         "code_file": f"{name}.ipynb",
         "language": "python",
@@ -588,12 +809,30 @@ def kernel_metadata(name: str, owner: str = DEFAULT_OWNER) -> dict:
         "enable_internet": spec.internet,
         "dataset_sources": [f"{owner}/{slug}" for slug in spec.datasets],
         "competition_sources": [COMPETITION] if spec.competition else [],
-        "kernel_sources": [],
+        "kernel_sources": [kernel_id] if (resume and spec.resumable) else [],
         "model_sources": [],
     }
+    if spec.gpu:
+        meta["machine_shape"] = check_machine_shape(machine_shape)
+    if spec.pin_image:
+        meta["docker_image_pinning_type"] = "original"
+    return meta
 
 
-def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str = DEFAULT_OWNER) -> Path:
+def kernel_parameters(name: str, machine_shape: str = DEFAULT_MACHINE_SHAPE, num_gpus: int | None = None) -> dict:
+    """The papermill parameters of kernel ``name``: :data:`KERNELS`' with ``NUM_GPUS`` set for the machine."""
+    params = dict(KERNELS[name].parameters)
+    if "NUM_GPUS" in params:
+        gpus = MACHINE_GPUS.get(machine_shape, 1) if num_gpus is None else int(num_gpus)
+        if gpus < 1:
+            raise ValueError(f"NUM_GPUS={num_gpus!r}: must be >= 1")
+        params["NUM_GPUS"] = gpus
+    return params
+
+
+def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
+                  machine_shape: str = DEFAULT_MACHINE_SHAPE, num_gpus: int | None = None,
+                  resume: bool = False) -> Path:
     """Write ``kernels/<name>/kernel-metadata.json`` and ``<name>.ipynb`` (the notebook with Kaggle parameters).
 
     The notebook is rendered with ``papermill`` ``prepare_only`` (parameters injected, nothing executed).
@@ -604,14 +843,15 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str 
     import papermill as pm
 
     spec = KERNELS[name]
-    folder = Path(kernels_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = kernel_metadata(name, owner)
+    meta = kernel_metadata(name, owner, machine_shape, resume)
+    params = kernel_parameters(name, machine_shape, num_gpus)
     source = Path(notebooks_dir) / spec.notebook
     if not source.is_file():
         raise FileNotFoundError(f"kernel {name}: notebook {source} not found")
+    folder = Path(kernels_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(folder / meta["code_file"], suffix=".ipynb") as tmp:
-        pm.execute_notebook(str(source), str(tmp), parameters=dict(spec.parameters), prepare_only=True,
+        pm.execute_notebook(str(source), str(tmp), parameters=params, prepare_only=True,
                             kernel_name="python3", progress_bar=False, log_output=False)
         _make_reproducible(tmp, f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
     atomic.write_json(folder / "kernel-metadata.json", meta)
@@ -619,7 +859,7 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str 
 
 
 def _make_reproducible(path: Path, input_path: str, output_path: str) -> None:
-    """Make a papermill-rendered notebook byte-identical across renderings (it is committed).
+    """Make a papermill-rendered notebook byte-identical across renderings.
 
     papermill gives the injected cell a random id and records absolute (temporary) paths; the id becomes
     ``injected-parameters`` and the paths repository-relative.
@@ -634,18 +874,169 @@ def _make_reproducible(path: Path, input_path: str, output_path: str) -> None:
     nbformat.write(nb, path)
 
 
+def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_dir: str = "") -> list[Path]:
+    """Copy the runs an earlier Kaggle session left (its output attached with ``kernel_sources``) into ``out_dir``,
+    so that ``cellkit train --resume`` continues them.
+
+    A run ``out_dir/<name>`` that already holds ``last_checkpoint`` is kept. From the earlier run only what resuming
+    needs is copied: ``config.yaml``, ``last_checkpoint`` and the checkpoint it names, ``model_best.pth`` and the
+    small files (logs, metrics); older ``model_*.pth`` are not. A ``folds.csv`` beside the runs comes too, so that
+    every session trains on the same split.
+
+    Args:
+        out_dir: this session's run directory.
+        env: the environment (its input roots are searched when ``resume_dir`` is empty).
+        names: run folder names, e.g. ``["fold0", "fold1"]`` or ``["pretrain"]``.
+        resume_dir: ``RESUME_DIR``: the earlier output folder; ``""`` = search the inputs (nothing found: a fresh
+            start); ``"none"`` = start fresh.
+
+    Returns:
+        The runs restored into ``out_dir``.
+    """
+    if resume_dir == "none":
+        return []
+    if resume_dir:
+        roots: Sequence[Path] = (resolve_input(resume_dir, env, "RESUME_DIR"),)
+    elif env.kind == "kaggle":
+        roots = env.input_roots
+    else:
+        return []
+    restored = []
+    for name in names:
+        target = Path(out_dir) / name
+        if (target / "last_checkpoint").is_file():
+            continue
+        found = [d for d in find_dirs(roots, ("last_checkpoint", "config.yaml")) if d.name == name]
+        if not found:
+            continue
+        source = found[0]
+        checkpoint = (source / "last_checkpoint").read_text(encoding="utf-8").strip()
+        target.mkdir(parents=True, exist_ok=True)
+        for item in sorted(source.iterdir()):
+            keep = item.name in (checkpoint, "model_best.pth") or not item.name.endswith(".pth")
+            if item.is_file() and keep:
+                shutil.copy2(item, target / item.name)
+        folds_csv = source.parent / "folds.csv"
+        if folds_csv.is_file() and not (Path(out_dir) / "folds.csv").exists():
+            shutil.copy2(folds_csv, Path(out_dir) / "folds.csv")
+        print(f"resuming {name} from {source} ({checkpoint})")
+        restored.append(target)
+    return restored
+
+
+def prune_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete a run's periodic checkpoints except the one ``last_checkpoint`` names (``--resume`` needs it):
+    ``model_best.pth`` and ``model_final.pth`` stay. Kaggle's ``/kaggle/working`` holds 20 GB, and a ``paper``
+    checkpoint with its optimizer state is about 1 GB.
+
+    Returns:
+        The deleted files.
+    """
+    run_dir = Path(run_dir)
+    marker = run_dir / "last_checkpoint"
+    if not marker.is_file():
+        return []
+    keep = {marker.read_text(encoding="utf-8").strip(), "model_best.pth", "model_final.pth"}
+    deleted = [p for p in sorted(run_dir.glob("model_*.pth")) if p.name not in keep]
+    for path in deleted:
+        path.unlink()
+    return deleted
+
+
+class SessionClock:
+    """The time left of a notebook's ``TIME_BUDGET_MINUTES`` (0 = unlimited), counted from its creation."""
+
+    def __init__(self, budget_minutes: float, clock=None):
+        import time
+
+        self._clock = clock or time.monotonic
+        self._start = self._clock()
+        self.budget = float(budget_minutes)
+        if self.budget < 0:
+            raise ValueError(f"TIME_BUDGET_MINUTES={budget_minutes!r}: must be >= 0 (0 for no limit)")
+
+    def left(self) -> float | None:
+        """Minutes left (None when unlimited)."""
+        if not self.budget:
+            return None
+        return self.budget - (self._clock() - self._start) / 60.0
+
+    def train_args(self, min_minutes: float = 1.0) -> list[str] | None:
+        """``CELLKIT.TIME_BUDGET_MINUTES <left>`` for the next ``cellkit train``; ``[]`` when unlimited; None when
+        less than ``min_minutes`` are left (the run is left for the next session)."""
+        left = self.left()
+        if left is None:
+            return []
+        if left < min_minutes:
+            return None
+        return ["CELLKIT.TIME_BUDGET_MINUTES", f"{left:.2f}"]
+
+    def spent(self) -> bool:
+        """True once the budget is used up (a run trained until then may have stopped before its end)."""
+        left = self.left()
+        return left is not None and left <= 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets cellkit makes: metadata
+# ----------------------------------------------------------------------------------------------------------------
+DATASET_LICENSES = ("CC0-1.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "CC-BY-4.0", "CC-BY-NC-4.0", "GPL-2.0",
+                    "GPL-3.0", "LGPL-3.0", "AGPL-3.0", "ODbL-1.0", "DbCL-1.0", "Apache-2.0", "MIT", "BSD-3-Clause",
+                    "other", "unknown")
+"""Licence names ``dataset-metadata.json`` may carry (``kaggle datasets create`` wants exactly one)."""
+
+
+def check_dataset_metadata(meta: Mapping) -> dict:
+    """Check a ``dataset-metadata.json`` against what ``kaggle datasets create`` and Kaggle accept.
+
+    The CLI's own checks: ``id`` ``owner/slug`` with a 6-50 character slug, a 6-50 character title, a 20-80
+    character subtitle, exactly one licence. Kaggle's: the slug is lower-case letters, digits and hyphens.
+
+    Raises:
+        ValueError: naming the field and its rule.
+    """
+    ref = str(meta.get("id", ""))
+    owner, _, slug = ref.partition("/")
+    if not owner or not slug:
+        raise ValueError(f"dataset-metadata.json id {ref!r}: expected 'owner/slug'")
+    if not 6 <= len(slug) <= 50 or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug):
+        raise ValueError(f"dataset-metadata.json id {ref!r}: the slug must be 6-50 lower-case letters, digits and "
+                         f"single hyphens")
+    title = str(meta.get("title", ""))
+    if not 6 <= len(title) <= 50:
+        raise ValueError(f"dataset-metadata.json title {title!r}: {len(title)} characters, must be 6-50")
+    subtitle = meta.get("subtitle")
+    if subtitle is not None and not 20 <= len(subtitle) <= 80:
+        raise ValueError(f"dataset-metadata.json subtitle {subtitle!r}: {len(subtitle)} characters, must be 20-80")
+    licenses = meta.get("licenses") or []
+    if len(licenses) != 1 or licenses[0].get("name") not in DATASET_LICENSES:
+        raise ValueError(f"dataset-metadata.json licenses {licenses!r}: exactly one of {', '.join(DATASET_LICENSES)}")
+    return dict(meta)
+
+
+def write_dataset_metadata(folder: Path, meta: Mapping) -> Path:
+    """Check and write ``folder/dataset-metadata.json``."""
+    return atomic.write_json(Path(folder) / "dataset-metadata.json", check_dataset_metadata(meta))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Offline wheels dataset
 # ----------------------------------------------------------------------------------------------------------------
 PURE_PYTHON_WHEELS = ("fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime",
-                      "portalocker", "termcolor", "tabulate", "cloudpickle", "setuptools")
-"""Pure-Python distributions Kaggle's image lacks (built or downloaded with ``pip wheel --no-deps``).
+                      "portalocker", "termcolor", "tabulate", "cloudpickle")
+"""Pure-Python distributions Kaggle's image lacks (built or downloaded once with ``pip wheel --no-deps``).
 
-``setuptools`` is pinned to the tested version: detectron2.model_zoo needs ``pkg_resources`` (``setuptools<81``).
+setuptools is not shipped: the image's (``>=70,<82``) still has ``pkg_resources``, which detectron2.model_zoo needs.
 """
 
 BINARY_WHEELS = ("pycocotools",)
-"""Compiled distributions, downloaded for Kaggle's interpreter and platform."""
+"""Compiled distributions, downloaded per Python version for Kaggle's platform."""
+
+KAGGLE_PYTHONS = ("3.12", "3.13")
+"""Python versions the wheel set serves: Kaggle's image (3.12 since December 2025) and the next one (Colab's 3.13)."""
+
+KAGGLE_PLATFORM = "manylinux2014_x86_64"
+"""Kaggle's platform tag."""
 
 
 def installed_version(dist: str) -> str | None:
@@ -663,79 +1054,255 @@ def pinned(dist: str) -> str:
     return f"{dist}=={version}" if version else dist
 
 
-def wheels_dataset_metadata(owner: str = DEFAULT_OWNER) -> dict:
-    """``dataset-metadata.json`` for ``kaggle datasets create -p wheels``."""
-    return {"title": "cellkit wheels", "id": f"{owner}/{WHEELS_DATASET}",
-            "subtitle": "Offline wheels for cellkit's Kaggle kernels: cellkit, detectron2 (pure Python) and deps",
-            "licenses": [{"name": "other"}]}
+def parse_python_versions(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"3.12,3.13"`` -> ``("3.12", "3.13")``.
+
+    Raises:
+        ValueError: naming ``--python-versions`` for anything but ``3.N`` versions.
+    """
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if not items or not all(re.fullmatch(r"3\.\d{1,2}", v) for v in items):
+        raise ValueError(f"--python-versions {value!r}: expected versions like 3.12,3.13")
+    return tuple(dict.fromkeys(items))
 
 
-def wheel_commands(out: Path, python_version: str, platform: str) -> list[list[str]]:
-    """The pip commands that fill ``out`` with the third-party wheels (pure-Python, then binary for Kaggle).
+def wheels_dataset_metadata(owner: str, python_versions: Sequence[str] = KAGGLE_PYTHONS) -> dict:
+    """``dataset-metadata.json`` for ``kaggle datasets create -p wheels`` (checked)."""
+    return check_dataset_metadata({
+        "title": "cellkit wheels", "id": f"{owner}/{WHEELS_DATASET}",
+        "subtitle": f"Offline wheels for the cellkit kernels, Python {' and '.join(python_versions)}",
+        "licenses": [{"name": "other"}]})
 
-    Args:
-        out: the wheels folder.
-        python_version: Kaggle's interpreter version, e.g. ``"3.11"``.
-        platform: Kaggle's platform tag, e.g. ``"manylinux2014_x86_64"``.
+
+def wheel_commands(out: Path, python_versions: Sequence[str] = KAGGLE_PYTHONS,
+                   platform: str = KAGGLE_PLATFORM) -> list[list[str]]:
+    """The pip commands that fill ``out`` with the third-party wheels: the pure-Python ones once, then the binary
+    ones for each of ``python_versions`` on ``platform``.
     """
     pip = [sys.executable, "-m", "pip"]
     pure = [pip + ["wheel", "--no-deps", "--wheel-dir", str(out), *(pinned(d) for d in PURE_PYTHON_WHEELS)]]
-    binary = [pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
+    binary = [pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", version,
                      "--platform", platform, "--implementation", "cp", "--dest", str(out), pinned(d)]
-              for d in BINARY_WHEELS]
+              for version in python_versions for d in BINARY_WHEELS]
     return pure + binary
 
 
-def build_wheels(out: Path, project_root: Path, owner: str = DEFAULT_OWNER, python_version: str = "3.11",
-                 platform: str = "manylinux2014_x86_64") -> list[Path]:
+def build_wheels(out: Path, project_root: Path, owner: str, python_versions: Sequence[str] = KAGGLE_PYTHONS,
+                 platform: str = KAGGLE_PLATFORM) -> list[Path]:
     """Build the offline wheel set into ``out``: cellkit, the pure-Python detectron2, third-party deps, metadata.
+
+    The folder is flat (pip's ``--find-links`` picks each interpreter's binary wheel), so it uploads without
+    ``--dir-mode``; the detectron2 download cache in ``out/.cache`` is one of the CLI's default ignore patterns.
 
     Returns:
         The wheel files in ``out``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    meta = wheels_dataset_metadata(owner, python_versions)   # checked before minutes of building
     d2 = [sys.executable, str(project_root / "scripts" / "build_detectron2_wheel.py"), "--out", str(out),
           "--cache", str(out / ".cache")]
     own = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out),
            str(project_root)]
-    for cmd in [d2, own, *wheel_commands(out, python_version, platform)]:
+    for cmd in [d2, own, *wheel_commands(out, python_versions, platform)]:
         if cmd is own:  # setuptools reuses build/lib: a module deleted since the last build would ship again
-            shutil.rmtree(project_root / "build", ignore_errors=True)
+            shutil.rmtree(project_root / "build" / "lib", ignore_errors=True)
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    atomic.write_json(out / "dataset-metadata.json", wheels_dataset_metadata(owner))
+    write_dataset_metadata(out, meta)
     return sorted(out.glob("*.whl"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# python -m cellkit.kaggle {kernels,wheels}
+# Weights dataset
+# ----------------------------------------------------------------------------------------------------------------
+def weights_dataset_metadata(owner: str) -> dict:
+    """``dataset-metadata.json`` for ``kaggle datasets create -p weights --dir-mode zip`` (checked)."""
+    return check_dataset_metadata({
+        "title": "cellkit weights", "id": f"{owner}/{WEIGHTS_DATASET}",
+        "subtitle": "cellkit fold models, thresholds and CV score for the Sartorius kernel",
+        "licenses": [{"name": "other"}]})
+
+
+def _best_metric(metrics_json: Path, metric: str = "cellkit/mAP") -> tuple[float, int] | None:
+    """The best ``metric`` in a run's ``metrics.json`` (JSON lines) and its iteration, or None."""
+    best = None
+    if not metrics_json.is_file():
+        return None
+    for line in metrics_json.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue            # a torn last line of an interrupted run
+        if isinstance(row, dict) and isinstance(row.get(metric), (int, float)):
+            if best is None or row[metric] > best[0]:
+                best = (float(row[metric]), int(row.get("iteration", -1)))
+    return best
+
+
+def _model_only(source: Path, target: Path) -> int | None:
+    """Write ``source``'s model weights alone (no optimizer, scheduler or hook state) to ``target``; returns the
+    checkpoint's iteration."""
+    import torch
+
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{source}: not a detectron2 checkpoint (no 'model' entry)")
+    iteration = state.get("iteration")
+    with atomic.atomic_path(target, suffix=".pth") as tmp:
+        torch.save({"model": state["model"], "iteration": iteration}, tmp)
+    return iteration
+
+
+def cv_document(run: Path) -> dict:
+    """``cv.json`` of a finished run: the CV score of the threshold search (``thresholds.json``) and its folds."""
+    from cellkit.chain import cv_summary, fold_runs
+
+    doc = cv_summary(run)
+    return {"metric": doc["metric"], "n_images": doc.get("search", {}).get("n_images"),
+            "folds": [int(f.name[4:]) for f in fold_runs(run)]}
+
+
+def cv_table(cv: Mapping, folds: Sequence[Mapping]) -> str:
+    """The weights dataset's README table: CV mAP per class (seed thresholds / searched), then the folds."""
+    after, before = cv["metric"]["after"], cv["metric"]["before"]
+    classes = sorted(set(after.get("per_class", {})) | set(before.get("per_class", {})))
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = ["| | mAP | " + " | ".join(classes) + " |", "|---|---:|" + "---:|" * len(classes)]
+    for label, doc in (("seed thresholds", before), ("searched thresholds", after)):
+        lines.append(f"| {label} | {fmt(doc.get('mAP'))} | "
+                     + " | ".join(fmt(doc.get("per_class", {}).get(c)) for c in classes) + " |")
+    lines += ["", "| fold | checkpoint | iteration | best validation mAP |", "|---:|---|---:|---:|"]
+    for f in folds:
+        best = f["best"]
+        lines.append(f"| {f['fold']} | {f['checkpoint']} | {f['iteration']} | "
+                     f"{'-' if best is None else f'{best[0]:.4f} (iteration {best[1]})'} |")
+    return "\n".join(lines)
+
+
+def build_weights(run: Path, out: Path, owner: str) -> Path:
+    """Build the weights dataset the submission kernel attaches from a finished run (``cellkit chain``).
+
+    ``out`` gets, per fold, ``fold<K>/config.yaml`` and ``fold<K>/model_best.pth`` (the run's best checkpoint --
+    ``model_best.pth``, else ``model_final.pth`` -- reduced to its model weights; no other checkpoint), then
+    ``thresholds.json``, ``cv.json``, a ``README.md`` with the CV table and ``dataset-metadata.json``. The folds are
+    folders: upload with ``kaggle datasets create -p OUT --dir-mode zip`` (Kaggle unpacks each into its folder).
+
+    Raises:
+        FileNotFoundError: naming ``RUN`` when the run has no fold with a checkpoint or no thresholds.json.
+    """
+    from cellkit.chain import fold_runs
+    from cellkit.train import best_weights
+
+    run, out = Path(run), Path(out)
+    meta = weights_dataset_metadata(owner)
+    folds = fold_runs(run) if run.is_dir() else []
+    if not folds:
+        raise FileNotFoundError(f"RUN={str(run)!r}: no fold<K>/config.yaml (a run of `cellkit chain` or the "
+                                f"finetune notebook)")
+    if not (run / "thresholds.json").is_file():
+        raise FileNotFoundError(f"RUN={str(run)!r}: no thresholds.json (run the threshold search first)")
+    cv = cv_document(run)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for fold_dir in folds:
+        checkpoint = best_weights(fold_dir)
+        target = out / fold_dir.name
+        target.mkdir(exist_ok=True)
+        for stale in target.glob("*.pth"):
+            stale.unlink()
+        shutil.copy2(fold_dir / "config.yaml", target / "config.yaml")
+        iteration = _model_only(checkpoint, target / "model_best.pth")
+        rows.append({"fold": int(fold_dir.name[4:]), "checkpoint": checkpoint.name, "iteration": iteration,
+                     "best": _best_metric(fold_dir / "metrics.json")})
+    shutil.copy2(run / "thresholds.json", out / "thresholds.json")
+    atomic.write_json(out / "cv.json", cv)
+    n = f" on {cv['n_images']} out-of-fold images" if cv.get("n_images") else ""
+    atomic.write_text(out / "README.md",
+                      f"# cellkit weights\n\nTrained by cellkit from the run `{run.name}`: one folder per fold "
+                      f"(`config.yaml`, `model_best.pth`: model weights only), the class-wise post-processing "
+                      f"(`thresholds.json`) and the CV score (`cv.json`).\n\n## CV score{n}\n\n"
+                      f"{cv_table(cv, rows)}\n")
+    write_dataset_metadata(out, meta)
+    return out
+
+
+def find_weights_run(env: Environment, value: str = "", default: Path | None = None) -> Path:
+    """Resolve the submission notebook's ``RUN_DIR``: a given path; else ``default`` (an earlier notebook's first
+    ``fold<K>`` in the run directory) when it exists; else the first fold of the weights dataset (the folder holding
+    ``thresholds.json`` and ``fold*/config.yaml``, preferring one named ``cellkit-weights``).
+
+    Raises:
+        FileNotFoundError: naming ``RUN_DIR``.
+    """
+    if value:
+        return resolve_input(value, env, "RUN_DIR")
+    if default is not None and Path(default).exists():
+        return Path(default).resolve()
+    try:
+        dataset = _pick(find_dirs(env.input_roots, ("thresholds.json", "fold*/config.yaml")), "weights dataset "
+                        "(thresholds.json and fold*/config.yaml)", env.input_roots, WEIGHTS_DATASET)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"RUN_DIR='' (auto): no fold<K> in the run directory and {exc}; attach the "
+                                f"{WEIGHTS_DATASET} dataset (make weights) or pass RUN_DIR") from None
+    from cellkit.chain import fold_runs
+
+    return fold_runs(dataset)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python -m cellkit.kaggle {kernels,wheels,weights}
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cellkit.kaggle kernels|wheels``: render the kernels (``make kernels``) or build the wheels."""
+    """``python -m cellkit.kaggle kernels|wheels|weights``: render the kernels (``make kernels``), build the wheels
+    dataset (``make wheels``) or the weights dataset (``make weights``)."""
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(prog="python -m cellkit.kaggle", description=main.__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
+    owner_help = "Kaggle user owning the kernels and datasets (default: KAGGLE_USERNAME, else ~/.kaggle/kaggle.json)"
     k = sub.add_parser("kernels", help="render kernels/<name>/ (metadata + notebook with Kaggle parameters)")
-    k.add_argument("--owner", default=DEFAULT_OWNER, help="Kaggle user owning the kernels and datasets")
+    k.add_argument("--owner", help=owner_help)
+    k.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE,
+                   help=f"Kaggle machine of the GPU kernels (default {DEFAULT_MACHINE_SHAPE}: GPU T4 x2)")
+    k.add_argument("--num-gpus", type=int, default=None,
+                   help="GPUs the training kernels train on (default: all of the machine's, 2 on T4 x2)")
+    k.add_argument("--resume", action="store_true",
+                   help="the training kernels attach their own previous output (kernel_sources) and continue it")
     k.add_argument("--notebooks", type=Path, default=root / "notebooks")
     k.add_argument("--out", type=Path, default=root / "kernels")
     k.add_argument("names", nargs="*", default=list(KERNELS), help=f"kernels to render (default: {list(KERNELS)})")
     w = sub.add_parser("wheels", help="build the offline wheels dataset")
-    w.add_argument("--owner", default=DEFAULT_OWNER)
+    w.add_argument("--owner", help=owner_help)
     w.add_argument("--out", type=Path, default=root / "wheels")
-    w.add_argument("--python-version", default="3.11", help="Kaggle's Python version")
-    w.add_argument("--platform", default="manylinux2014_x86_64", help="Kaggle's platform tag")
+    w.add_argument("--python-versions", default=",".join(KAGGLE_PYTHONS),
+                   help=f"Python versions of the binary wheels (default {','.join(KAGGLE_PYTHONS)})")
+    w.add_argument("--platform", default=KAGGLE_PLATFORM, help="Kaggle's platform tag")
+    m = sub.add_parser("weights", help="build the weights dataset from a finished run")
+    m.add_argument("--owner", help=owner_help)
+    m.add_argument("--run", type=Path, required=True, help="the run directory (fold<K>/, thresholds.json)")
+    m.add_argument("--out", type=Path, default=root / "weights")
     args = parser.parse_args(argv)
-    if args.what == "kernels":
-        unknown = [n for n in args.names if n not in KERNELS]
-        if unknown:
-            parser.error(f"unknown kernel(s) {unknown}; known: {list(KERNELS)}")
-        for name in args.names:
-            print(render_kernel(name, args.notebooks, args.out, args.owner))
-    else:
-        for wheel in build_wheels(args.out, root, args.owner, args.python_version, args.platform):
-            print(wheel.name)
+    try:
+        owner = resolve_owner(args.owner)
+        if args.what == "kernels":
+            unknown = [n for n in args.names if n not in KERNELS]
+            if unknown:
+                parser.error(f"unknown kernel(s) {unknown}; known: {list(KERNELS)}")
+            for name in args.names:
+                print(render_kernel(name, args.notebooks, args.out, owner, args.machine_shape, args.num_gpus,
+                                    args.resume))
+        elif args.what == "wheels":
+            versions = parse_python_versions(args.python_versions)
+            for wheel in build_wheels(args.out, root, owner, versions, args.platform):
+                print(wheel.name)
+        else:
+            print(build_weights(args.run, args.out, owner))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"python -m cellkit.kaggle {args.what}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

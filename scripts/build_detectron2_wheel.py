@@ -52,7 +52,7 @@ REQUIRES = [
     "omegaconf>=2.1,<2.4",
     "hydra-core>=1.1",
     "packaging",
-    "setuptools<81",  # detectron2.model_zoo imports pkg_resources
+    "setuptools<82",  # detectron2.model_zoo imports pkg_resources (left setuptools in 82)
 ]
 
 

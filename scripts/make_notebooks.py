@@ -34,6 +34,11 @@ P_WHEELS = ("WHEELS_DIR", "", "folder of offline wheels (make wheels) to install
                               "cellkit-wheels dataset on Kaggle")
 P_SOURCE = ("CELLKIT_SOURCE", "", "pip arguments that install cellkit where it is missing (Colab), e.g. "
                                   "-e /content/cellkit after a git clone")
+P_BUDGET = ("TIME_BUDGET_MINUTES", 0, "minutes this session may train (0 for no limit): training stops cleanly "
+                                     "when they are spent and the next session resumes it")
+P_GPUS = ("NUM_GPUS", 1, "GPUs to train on (cellkit train --num-gpus; 2 on Kaggle's GPU T4 x2)")
+P_RESUME = ("RESUME_DIR", "", "an earlier session's output to continue (its runs with last_checkpoint); empty for "
+                              "auto: searched under the Kaggle inputs; 'none' for a fresh start")
 SETUP_PARAMS = [P_WHEELS, P_SOURCE]
 
 BOOTSTRAP = '''\
@@ -41,8 +46,9 @@ BOOTSTRAP = '''\
 # on Colab from CELLKIT_SOURCE.
 import glob, importlib.util, os, shlex, subprocess, sys
 if importlib.util.find_spec("cellkit") is None:
+    kaggle_input = os.path.join(os.environ.get("CELLKIT_KAGGLE_ROOT") or "/kaggle", "input")
     found = [WHEELS_DIR] if WHEELS_DIR else sorted(
-        {os.path.dirname(p) for p in glob.glob("/kaggle/input/**/cellkit-*.whl", recursive=True)})
+        {os.path.dirname(p) for p in glob.glob(os.path.join(kaggle_input, "**", "cellkit-*.whl"), recursive=True)})
     if found:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", found[0], "cellkit"],
                        check=True)
@@ -149,7 +155,7 @@ PRETRAIN = notebook(
      ("LIVECELL_JSON", "", "training json inside LIVECELL_DIR; empty for the first livecell*train*.json, "
                            "else the first livecell*.json"),
      ("LIVECELL_IMAGES", "", "folder of the LIVECell images; empty for LIVECELL_DIR/images or LIVECELL_DIR"),
-     P_OUT, P_PRESET, P_ITER,
+     P_OUT, P_PRESET, P_ITER, P_BUDGET, P_GPUS, P_RESUME,
      ("WEIGHTS", "", "starting checkpoint, a local file (e.g. a model-zoo COCO .pkl); empty for random init"),
      P_DEVICE, P_SMOKE],
     [
@@ -158,16 +164,26 @@ PRETRAIN = notebook(
                             'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", optional=True)\n'
                             'preset = kaggle.pretrain_preset(PRESET)\n'
                             'device = kaggle.resolve_device(DEVICE)\n'
-                            'print(f"{env.kind} run | LIVECell: {livecell} | preset {preset} on {device} | '
+                            'clock = kaggle.SessionClock(TIME_BUDGET_MINUTES)\n'
+                            'print(f"{env.kind} run | LIVECell: {livecell} | preset {preset} on {device} x {NUM_GPUS} | '
                             'artifacts: {out_dir}")')),
-        ("code", "if livecell is None:\n"
+        ("md", "## Training\nIn chunks: an earlier session's `pretrain/` (its output attached) is continued with "
+               "`--resume`, and training stops cleanly when `TIME_BUDGET_MINUTES` are spent."),
+        ("code", "budget = clock.train_args()\n"
+                 "if livecell is None:\n"
                  "    print(\"no LIVECell data: pretraining skipped (04_finetune starts from its WEIGHTS)\")\n"
+                 "elif budget is None:\n"
+                 "    print(\"TIME_BUDGET_MINUTES spent before training: nothing trained\")\n"
                  "else:\n"
+                 "    kaggle.restore_runs(out_dir, env, [\"pretrain\"], RESUME_DIR)\n"
                  "    command(\"train\", \"--config\", preset, \"--livecell\", livecell.json,\n"
                  "            \"--livecell-images\", livecell.images, \"--out\", out_dir / \"pretrain\",\n"
-                 "            \"--resume\",\n"
+                 "            \"--resume\", \"--num-gpus\", NUM_GPUS,\n"
                  "            *([\"--livecell-val\", livecell.val_json] if livecell.val_json else []),\n"
-                 "            *chain.train_args(device, ITERATIONS, SMOKE, weights))"),
+                 "            *chain.train_args(device, ITERATIONS, SMOKE, weights), *budget)\n"
+                 "    kaggle.prune_checkpoints(out_dir / \"pretrain\")  # the last and the best stay\n"
+                 "    if clock.spent():\n"
+                 "        print(\"time budget spent: attach this output to the next session to continue\")"),
         ("md", "## Training curves"),
         ("code", "from cellkit import viz\n\n"
                  "if livecell is not None:\n"
@@ -185,7 +201,7 @@ FINETUNE = notebook(
     [P_DATA, P_OUT, P_PRESET,
      ("FOLDS", "0", "folds to train, comma-separated (e.g. '0,1'), or 'all'"),
      ("K", 5, "number of folds if folds.csv has to be made here (else 02_folds made it)"),
-     P_ITER,
+     P_ITER, P_BUDGET, P_GPUS, P_RESUME,
      ("WEIGHTS", "", "starting checkpoint (local file); empty for OUT_DIR/pretrain/model_final.pth when 03 made one, "
                      "else the cellkit-pretrained dataset on Kaggle, else random init; 'none' for random init"),
      ("TTA", False, "out-of-fold predictions with test-time augmentation (scales x flips)"),
@@ -198,27 +214,44 @@ FINETUNE = notebook(
                             'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", out_dir / "pretrain" / '
                             '"model_final.pth",\n'
                             '                                  pattern="model_final.pth", '
-                            'prefer=kaggle.PRETRAINED_DATASET, optional=True)\n'
-                            'print(f"{env.kind} run | data: {data_dir} | preset {PRESET} on {device} | '
+                            'prefer=kaggle.PRETRAINED_DATASET, optional=True,\n'
+                            '                                  exclude="fold*")  # no fold of an earlier session\n'
+                            'clock = kaggle.SessionClock(TIME_BUDGET_MINUTES)\n'
+                            'print(f"{env.kind} run | data: {data_dir} | preset {PRESET} on {device} x {NUM_GPUS} | '
                             'weights: {weights or \'random init\'} | artifacts: {out_dir}")')),
         ("code", "from cellkit import folds\n\n"
+                 "# an earlier session's runs (its output attached): continued below with --resume\n"
+                 "kaggle.restore_runs(out_dir, env, [f\"fold{k}\" for k in range(K)], RESUME_DIR)\n"
                  "folds_csv = out_dir / \"folds.csv\"\n"
                  "if not folds_csv.exists():\n"
                  "    command(\"folds\", data_dir / \"train.csv\", \"--k\", K, \"--out\", folds_csv)\n"
                  "fold_list = chain.parse_folds(FOLDS, folds.read_folds(folds_csv))\n"
                  "fold_list"),
-        ("md", "## Training\nOne run per fold; `--resume` picks up an interrupted run from its last checkpoint."),
-        ("code", "for k in fold_list:\n"
+        ("md", "## Training\nOne run per fold; `--resume` picks up an interrupted run from its last checkpoint. "
+               "Training stops cleanly when `TIME_BUDGET_MINUTES` are spent: the folds left (and the one stopped) "
+               "continue in the next session, with this output attached."),
+        ("code", "trained = []  # folds trained to their end in this session\n"
+                 "for k in fold_list:\n"
+                 "    budget = clock.train_args()\n"
+                 "    if budget is None:\n"
+                 "        print(f\"time budget spent: folds from {k} on are left for the next session\")\n"
+                 "        break\n"
                  "    command(\"train\", \"--config\", PRESET, \"--data\", data_dir, \"--folds\", folds_csv,\n"
-                 "            \"--fold\", k, \"--out\", out_dir / f\"fold{k}\", \"--resume\",\n"
-                 "            *chain.train_args(device, ITERATIONS, SMOKE, weights))"),
+                 "            \"--fold\", k, \"--out\", out_dir / f\"fold{k}\", \"--resume\", \"--num-gpus\", NUM_GPUS,\n"
+                 "            *chain.train_args(device, ITERATIONS, SMOKE, weights), *budget)\n"
+                 "    kaggle.prune_checkpoints(out_dir / f\"fold{k}\")  # the last and the best stay\n"
+                 "    if clock.spent():\n"
+                 "        print(f\"time budget spent during fold {k}: it resumes in the next session\")\n"
+                 "        break\n"
+                 "    trained.append(k)\n"
+                 "trained"),
         ("md", "## Loss and validation-metric curves"),
         ("code", "from cellkit import viz\n\n"
-                 "for k in fold_list:\n"
+                 "for k in trained:\n"
                  "    viz.save_figure(viz.plot_training_curves(out_dir / f\"fold{k}\" / \"metrics.json\"),\n"
                  "                    out_dir / f\"fold{k}\" / \"curves.png\")"),
-        ("md", "## Out-of-fold predictions\nEach fold's model predicts its held-out images."),
-        ("code", "for k in fold_list:\n"
+        ("md", "## Out-of-fold predictions\nEach fold trained to its end predicts its held-out images."),
+        ("code", "for k in trained:\n"
                  "    command(\"predict\", \"--run\", out_dir / f\"fold{k}\", \"--fold\", k, \"--data\", data_dir,\n"
                  "            \"--folds-csv\", folds_csv, \"--out\", out_dir / \"oof\", \"--device\", device,\n"
                  "            *([\"--tta\"] if TTA else []))"),
@@ -257,7 +290,7 @@ SUBMISSION = notebook(
                       "data/demo locally"),
      P_OUT,
      ("RUN_DIR", "", "trained model run (config.yaml + model_*.pth); empty for the first OUT_DIR/fold<K>, else the "
-                     "cellkit-weights dataset on Kaggle"),
+                     "first fold of the cellkit-weights dataset (make weights) on Kaggle"),
      ("THRESHOLDS", "", "thresholds.json of the threshold search; empty for OUT_DIR/thresholds.json, else the one "
                         "in the weights dataset"),
      ("TTA", True, "test-time augmentation (scales x flips)"),
@@ -266,9 +299,7 @@ SUBMISSION = notebook(
         ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env, need="test")\n'
                             'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
                             'runs = chain.fold_runs(out_dir)  # fold<K>/ of 04_finetune, if it ran here\n'
-                            'run_dir = kaggle.resolve_artifact(RUN_DIR, env, "RUN_DIR", runs[0] if runs else None,\n'
-                            '                                  pattern="config.yaml", prefer=kaggle.WEIGHTS_DATASET, '
-                            'folder=True)\n'
+                            'run_dir = kaggle.find_weights_run(env, RUN_DIR, runs[0] if runs else None)\n'
                             'thresholds = kaggle.resolve_artifact(THRESHOLDS, env, "THRESHOLDS", out_dir / '
                             '"thresholds.json",\n'
                             '                                     pattern="thresholds.json", '

@@ -39,6 +39,47 @@ def test_detect_kaggle(tmp_path):
     assert env.default_out_dir == tmp_path / "kaggle" / "working" / "cellkit-run"
 
 
+def test_detect_kaggle_by_its_variable_first(tmp_path):
+    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch", "COLAB_GPU": "1"},
+                                    cwd=tmp_path)
+    assert env.kind == "kaggle"                       # even before /kaggle/input is looked at
+
+
+def test_detect_colab_with_kagglehub_mount_is_colab(tmp_path):
+    (tmp_path / "kaggle" / "input").mkdir(parents=True)        # kagglehub mounts /kaggle/input on Colab too
+    (tmp_path / "content").mkdir()
+    env = kaggle.detect_environment(tmp_path, environ={"COLAB_RELEASE_TAG": "x"}, cwd=tmp_path)
+    assert env.kind == "colab" and env.working_dir == tmp_path / "content"
+    assert tmp_path / "kaggle" / "input" in env.input_roots   # its datasets are still found
+
+
+def test_detect_kaggle_root_variable(tmp_path):
+    (tmp_path / "fake" / "input").mkdir(parents=True)
+    env = kaggle.detect_environment(environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch",
+                                             kaggle.KAGGLE_ROOT_VARIABLE: str(tmp_path / "fake")}, cwd=tmp_path)
+    assert env.input_roots == (tmp_path / "fake" / "input",) and env.working_dir == tmp_path / "fake" / "working"
+
+
+def test_kaggle_input_is_walked_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(kaggle.KAGGLE_ROOT_VARIABLE, str(tmp_path / "k"))
+    monkeypatch.setattr(kaggle, "_LISTINGS", {})
+    calls = []
+    real = kaggle._scan
+    monkeypatch.setattr(kaggle, "_scan", lambda root, depth: calls.append(root) or real(root, depth))
+    roots = (tmp_path / "k" / "input",)
+    data = competition(tmp_path / "k" / "input" / "competitions" / kaggle.COMPETITION)
+    wheels = touch(tmp_path / "k" / "input" / "datasets" / "me" / "cellkit-wheels" / "detectron2-0.6-py3-none-any.whl")
+    assert kaggle.find_competition_dir(roots) == data
+    assert kaggle.find_dataset_dir(roots, "detectron2-*.whl") == wheels.parent
+    assert kaggle.find_files(roots, "*.whl") == [wheels]
+    assert calls == [roots[0]]                              # one walk for three searches
+    other = (tmp_path / "elsewhere",)
+    competition(other[0] / "x")
+    kaggle.find_competition_dir(other)
+    kaggle.find_competition_dir(other)
+    assert calls.count(other[0]) == 2                       # any other root may change: walked each time
+
+
 def test_detect_colab_needs_its_variable(tmp_path):
     (tmp_path / "content").mkdir()
     assert kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path).kind == "local"
@@ -58,7 +99,8 @@ def test_detect_local_finds_project_root_from_notebooks_dir(tmp_path):
 # ---------------------------------------------------------------------------------------------------- globbing
 @pytest.mark.parametrize("layout", ["sartorius-cell-instance-segmentation",
                                     "competitions/sartorius-cell-instance-segmentation",
-                                    "datasets/someone/sartorius-copy"])
+                                    "datasets/someone/sartorius-copy",
+                                    "models/someone/sartorius/other/default/1"])
 def test_find_competition_dir_any_layout(tmp_path, layout):
     roots = (tmp_path / "input",)
     expected = competition(tmp_path / "input" / layout)
@@ -174,7 +216,7 @@ def test_missing_modules_sees_this_interpreter():
 
 # ---------------------------------------------------------------------------------------------------- metadata
 def test_submission_kernel_metadata():
-    meta = kaggle.kernel_metadata("submission", owner="me")
+    meta = kaggle.kernel_metadata("submission", "me")
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True
     assert meta["competition_sources"] == ["sartorius-cell-instance-segmentation"]
     assert meta["dataset_sources"] == ["me/cellkit-wheels", "me/cellkit-weights"]
@@ -183,36 +225,126 @@ def test_submission_kernel_metadata():
 
 
 @pytest.mark.parametrize("name", sorted(kaggle.KERNELS))
-def test_committed_kernel_metadata_is_current(name):
-    committed = json.loads((ROOT / "kernels" / name / "kernel-metadata.json").read_text())
-    assert committed == kaggle.kernel_metadata(name), "run `make kernels`"
-    assert "enable_internet" in committed and committed["enable_gpu"] is True
-
-
-@pytest.mark.parametrize("name", sorted(kaggle.KERNELS))
-def test_committed_kernel_notebook_is_current(name, tmp_path):
-    """kernels/<name>/<name>.ipynb is notebooks/<notebook> with the Kaggle parameters injected."""
+def test_rendered_kernel(name, tmp_path):
+    """kernels/<name>/ is notebooks/<notebook> with the Kaggle parameters injected, plus its metadata."""
     import nbformat
+    import papermill as pm
 
-    kaggle.render_kernel(name, ROOT / "notebooks", tmp_path, owner=kaggle.DEFAULT_OWNER)
-    fresh = nbformat.read(tmp_path / name / f"{name}.ipynb", as_version=4)
-    committed = nbformat.read(ROOT / "kernels" / name / f"{name}.ipynb", as_version=4)
-    assert [c.source for c in committed.cells] == [c.source for c in fresh.cells], "run `make kernels`"
-    tags = [c.metadata.get("tags", []) for c in fresh.cells]
+    folder = kaggle.render_kernel(name, ROOT / "notebooks", tmp_path, owner="someone")
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta == kaggle.kernel_metadata(name, "someone")
+    assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaTeslaT4" and "enable_internet" in meta
+    rendered = nbformat.read(folder / f"{name}.ipynb", as_version=4)
+    source = nbformat.read(ROOT / "notebooks" / kaggle.KERNELS[name].notebook, as_version=4)
+    tags = [c.metadata.get("tags", []) for c in rendered.cells]
     assert tags.index(["injected-parameters"]) == tags.index(["parameters"]) + 1
+    assert [c.source for c in rendered.cells if "injected-parameters" not in c.metadata.get("tags", [])] == \
+        [c.source for c in source.cells]
+    declared = pm.inspect_notebook(str(ROOT / "notebooks" / kaggle.KERNELS[name].notebook))
+    assert set(kaggle.KERNELS[name].parameters) <= set(declared), "a kernel parameter the notebook lacks"
+
+
+def test_rendering_is_reproducible(tmp_path):
+    first = kaggle.render_kernel("finetune", ROOT / "notebooks", tmp_path / "a", owner="me")
+    second = kaggle.render_kernel("finetune", ROOT / "notebooks", tmp_path / "b", owner="me")
+    assert (first / "finetune.ipynb").read_bytes() == (second / "finetune.ipynb").read_bytes()
+
+
+def test_kernel_metadata_machine_pinning_and_resume():
+    sub = kaggle.kernel_metadata("submission", "me")
+    assert sub["docker_image_pinning_type"] == "original" and sub["enable_internet"] is False
+    assert sub["kernel_sources"] == []
+    fine = kaggle.kernel_metadata("finetune", "me", machine_shape="NvidiaL4", resume=True)
+    assert fine["machine_shape"] == "NvidiaL4" and "docker_image_pinning_type" not in fine
+    assert fine["kernel_sources"] == ["me/cellkit-finetune"]              # its own previous output
+    assert kaggle.kernel_metadata("submission", "me", resume=True)["kernel_sources"] == []
+    with pytest.raises(ValueError, match="MACHINE_SHAPE='NvidiaTeslaP100': its sm_60"):
+        kaggle.kernel_metadata("finetune", "me", machine_shape="NvidiaTeslaP100")
+    with pytest.raises(ValueError, match="MACHINE_SHAPE=''"):
+        kaggle.kernel_metadata("finetune", "me", machine_shape="")
+
+
+def test_kernel_parameters_num_gpus_follow_the_machine():
+    assert kaggle.kernel_parameters("finetune")["NUM_GPUS"] == 2                 # T4 x2
+    assert kaggle.kernel_parameters("pretrain", "NvidiaL4")["NUM_GPUS"] == 1
+    assert kaggle.kernel_parameters("finetune", num_gpus=1)["NUM_GPUS"] == 1
+    assert "NUM_GPUS" not in kaggle.kernel_parameters("submission")
+    params = kaggle.kernel_parameters("finetune")
+    assert 0 < params["TIME_BUDGET_MINUTES"] < kaggle.SESSION_MINUTES          # leaves time for OOF + saving
+    with pytest.raises(ValueError, match="NUM_GPUS=0"):
+        kaggle.kernel_parameters("finetune", num_gpus=0)
+
+
+def test_owner_from_variable_token_or_a_clear_error(tmp_path):
+    assert kaggle.resolve_owner("given", environ={"KAGGLE_USERNAME": "env"}) == "given"
+    assert kaggle.resolve_owner(None, environ={"KAGGLE_USERNAME": "env"}, home=tmp_path) == "env"
+    with pytest.raises(ValueError, match=r"no Kaggle user .*KAGGLE_USERNAME.*kaggle.json"):
+        kaggle.resolve_owner(None, environ={}, home=tmp_path)
+    touch(tmp_path / ".kaggle" / "kaggle.json", json.dumps({"username": "tokenuser", "key": "k"}))
+    assert kaggle.resolve_owner(None, environ={}, home=tmp_path) == "tokenuser"
+    touch(tmp_path / "cfg" / "kaggle.json", json.dumps({"key": "k"}))
+    with pytest.raises(ValueError, match="no 'username'"):
+        kaggle.resolve_owner(None, environ={"KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}, home=tmp_path)
+    with pytest.raises(ValueError, match="not a Kaggle user name"):
+        kaggle.resolve_owner("a b")
+
+
+def test_no_owner_is_committed():
+    """No kernel or dataset metadata with a placeholder owner is in the repository: they are rendered."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert not [f for f in tracked if f.endswith(("kernel-metadata.json", "dataset-metadata.json"))]
+
+
+def test_kaggle_main_without_owner_stops_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    assert kaggle.main(["kernels", "--out", str(tmp_path / "k")]) == 2
+    assert "no Kaggle user" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
+
+
+def test_dataset_metadata_rules():
+    good = {"id": "me/cellkit-wheels", "title": "cellkit wheels", "subtitle": "x" * 20, "licenses": [{"name": "other"}]}
+    assert kaggle.check_dataset_metadata(good) == good
+    for change, message in [({"subtitle": "x" * 81}, "81 characters, must be 20-80"),
+                            ({"subtitle": "short"}, "must be 20-80"),
+                            ({"title": "abc"}, "title 'abc': 3 characters"),
+                            ({"id": "me/Bad_Slug"}, "slug must be"), ({"id": "me/short"[:7]}, "slug must be"),
+                            ({"id": "noslash"}, "owner/slug"),
+                            ({"licenses": []}, "exactly one"), ({"licenses": [{"name": "nope"}]}, "exactly one")]:
+        with pytest.raises(ValueError, match=message):
+            kaggle.check_dataset_metadata({**good, **change})
+    for meta in (kaggle.wheels_dataset_metadata("me"), kaggle.weights_dataset_metadata("me"),
+                 kaggle.wheels_dataset_metadata("a-rather-long-user-name", ("3.10", "3.11", "3.12"))):
+        assert 20 <= len(meta["subtitle"]) <= 80 and 6 <= len(meta["title"]) <= 50
 
 
 def test_wheels_dataset_metadata_and_commands(tmp_path):
     meta = kaggle.wheels_dataset_metadata("me")
     assert meta["id"] == "me/cellkit-wheels" and meta["licenses"]
-    cmds = kaggle.wheel_commands(tmp_path, "3.11", "manylinux2014_x86_64")
+    assert "3.12" in meta["subtitle"] and "3.13" in meta["subtitle"]
+    cmds = kaggle.wheel_commands(tmp_path)
     flat = [" ".join(c) for c in cmds]
     for dist in ("fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime", "portalocker"):
-        assert any(f" {dist}" in c for c in flat), dist
-    binary = next(c for c in cmds if "download" in c)
-    assert binary[binary.index("--python-version") + 1] == "3.11" and "--only-binary=:all:" in binary
+        assert sum(f" {dist}" in c for c in flat) == 1, dist                     # pure Python: once
+    assert not any(" setuptools" in c for c in flat)                             # the image's (<82) is kept
+    binary = [c for c in cmds if "download" in c]
+    assert [c[c.index("--python-version") + 1] for c in binary] == ["3.12", "3.13"]
+    assert all("--only-binary=:all:" in c and c[c.index("--platform") + 1] == "manylinux2014_x86_64" for c in binary)
     assert kaggle.pinned("pytest").startswith("pytest==")
     assert kaggle.pinned("no-such-dist-xyz") == "no-such-dist-xyz"
+    assert kaggle.parse_python_versions("3.12, 3.13,3.12") == ("3.12", "3.13")
+    with pytest.raises(ValueError, match="--python-versions 'py3'"):
+        kaggle.parse_python_versions("py3")
+
+
+def test_requirements_keep_the_images_setuptools():
+    text = (ROOT / "requirements.txt").read_text()
+    assert "setuptools<82" in text and "setuptools<81" not in text
 
 
 def test_resolve_artifact(tmp_path):
@@ -248,6 +380,102 @@ def test_resolve_livecell(tmp_path):
         kaggle.resolve_livecell(str(images), "", "", env)
 
 
+def test_resolve_livecell_real_layout_on_kaggle(tmp_path):
+    """The competition's LIVECell_dataset_2021/: json in annotations/LIVECell/, images in images/<split>_images/."""
+    root = tmp_path / "kaggle" / "input" / "competitions" / kaggle.COMPETITION / "LIVECell_dataset_2021"
+    ann = root / "annotations" / "LIVECell"
+    train = touch(ann / "livecell_coco_train.json", "{}")
+    val = touch(ann / "livecell_coco_val.json", "{}")
+    touch(ann / "livecell_coco_test.json", "{}")
+    touch(root / "images" / "livecell_test_images" / "t.tif")          # sorts before train_val: must not win
+    images = touch(root / "images" / "livecell_train_val_images" / "a.tif").parent
+    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    for given in ("", str(root)):
+        found = kaggle.resolve_livecell(given, "", "", env)
+        assert (found.json, found.images, found.val_json) == (train.resolve(), images.resolve(), val.resolve()), given
+
+
+class FakeCuda:
+    """What resolve_device asks torch.cuda, for a machine without the GPU."""
+
+    def __init__(self, capability, archs, name="Tesla P100-PCIE-16GB", count=1):
+        self.capability, self.archs, self.name, self.count = capability, archs, name, count
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return self.count
+
+    def get_device_capability(self, index=0):
+        return self.capability
+
+    def get_arch_list(self):
+        return self.archs
+
+    def get_device_name(self, index=0):
+        return self.name
+
+
+def test_resolve_device_refuses_a_gpu_torch_cannot_run(monkeypatch):
+    import torch
+
+    archs = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+    monkeypatch.setattr(torch, "cuda", FakeCuda((6, 0), archs))
+    for value in ("cuda", "auto", "cuda:0"):
+        with pytest.raises(ValueError, match=r"Tesla P100-PCIE-16GB \(compute capability 6.0\) is not supported.*"
+                                             r"GPU T4 x2.*NvidiaTeslaT4"):
+            kaggle.resolve_device(value)
+    with pytest.raises(ValueError, match="sees 1 CUDA device"):
+        kaggle.resolve_device("cuda:1")
+    monkeypatch.setattr(torch, "cuda", FakeCuda((7, 5), archs, "Tesla T4", 2))
+    assert kaggle.resolve_device("cuda") == "cuda" and kaggle.resolve_device("cuda:1") == "cuda:1"
+    assert kaggle.resolve_device("auto") == "cuda"
+
+
+def test_arch_supported():
+    assert kaggle.arch_supported((8, 9), ["sm_80"])                 # same major, lower minor: binary compatible
+    assert not kaggle.arch_supported((7, 0), ["sm_75", "sm_80"])
+    assert kaggle.arch_supported((9, 0), ["sm_80", "compute_80"])  # PTX compiled at load time
+    assert not kaggle.arch_supported((6, 0), ["sm_70", "compute_70"])
+
+
+def test_session_clock():
+    now = [0.0]
+    clock = kaggle.SessionClock(10, clock=lambda: now[0])
+    assert clock.train_args() == ["CELLKIT.TIME_BUDGET_MINUTES", "10.00"] and not clock.spent()
+    now[0] = 9.5 * 60
+    assert clock.train_args() is None                                   # under a minute left: next session
+    now[0] = 10 * 60
+    assert clock.spent()
+    assert kaggle.SessionClock(0).train_args() == [] and not kaggle.SessionClock(0).spent()
+    with pytest.raises(ValueError, match="TIME_BUDGET_MINUTES=-1"):
+        kaggle.SessionClock(-1)
+
+
+def test_restore_runs_from_an_earlier_session(tmp_path):
+    earlier = tmp_path / "kaggle" / "input" / "notebooks" / "me" / "cellkit-finetune"
+    touch(earlier / "folds.csv", "id,fold\n")
+    run = earlier / "fold0"
+    for name in ("config.yaml", "metrics.json", "model_0000499.pth", "model_0000999.pth", "model_best.pth"):
+        touch(run / name, name)
+    touch(run / "last_checkpoint", "model_0000999.pth")
+    touch(earlier / "fold1" / "config.yaml")                 # never checkpointed: nothing to resume
+    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    out = tmp_path / "kaggle" / "working"
+    restored = kaggle.restore_runs(out, env, ["fold0", "fold1"])
+    assert restored == [out / "fold0"]
+    assert sorted(p.name for p in (out / "fold0").iterdir()) == ["config.yaml", "last_checkpoint", "metrics.json",
+                                                                 "model_0000999.pth", "model_best.pth"]
+    assert (out / "folds.csv").is_file()
+    touch(out / "fold0" / "last_checkpoint", "model_0001499.pth")
+    assert kaggle.restore_runs(out, env, ["fold0"]) == []       # this session's own run wins
+    assert kaggle.restore_runs(tmp_path / "other", env, ["fold0"], "none") == []
+    local = kaggle.detect_environment(tmp_path / "nowhere", environ={}, cwd=tmp_path)
+    assert kaggle.restore_runs(tmp_path / "o2", local, ["fold0"]) == []
+    assert kaggle.restore_runs(tmp_path / "o3", local, ["fold0"], str(earlier)) == [tmp_path / "o3" / "fold0"]
+
+
 def test_presets_and_device():
     assert kaggle.pretrain_preset("paper") == "paper_pretrain"
     assert kaggle.pretrain_preset("demo") in ("demo", "demo_pretrain")
@@ -257,3 +485,25 @@ def test_presets_and_device():
     assert kaggle.resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="DEVICE='tpu'"):
         kaggle.resolve_device("tpu")
+
+
+def test_prune_checkpoints_keeps_last_and_best(tmp_path):
+    for name in ("model_0000249.pth", "model_0000499.pth", "model_0000749.pth", "model_best.pth", "metrics.json"):
+        touch(tmp_path / name)
+    assert kaggle.prune_checkpoints(tmp_path) == []                        # no last_checkpoint: nothing known
+    touch(tmp_path / "last_checkpoint", "model_0000749.pth")
+    deleted = kaggle.prune_checkpoints(tmp_path)
+    assert [p.name for p in deleted] == ["model_0000249.pth", "model_0000499.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "metrics.json", "model_0000749.pth",
+                                                          "model_best.pth"]
+
+
+def test_starting_weights_never_come_from_an_earlier_sessions_fold(tmp_path):
+    """With its own output attached to resume, the finetune kernel must not start fold 1 from fold 0's model."""
+    touch(tmp_path / "kaggle" / "input" / "notebooks" / "me" / "cellkit-finetune" / "fold0" / "model_final.pth")
+    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    args = dict(pattern="model_final.pth", prefer=kaggle.PRETRAINED_DATASET, optional=True)
+    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, **args) is not None      # what a plain search finds
+    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) is None
+    pretrained = touch(tmp_path / "kaggle" / "input" / "datasets" / "me" / "cellkit-pretrained" / "model_final.pth")
+    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) == pretrained
