@@ -27,7 +27,7 @@ from cellkit import CELL_TYPES, rle
 __all__ = [
     "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
     "read_train_csv", "find_image", "load_sartorius_dicts", "register_sartorius", "register_livecell",
-    "clear_cache",
+    "clear_cache", "IMAGE_MODES", "open_image", "read_image_array",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ OPTIONAL_COLUMNS = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 """Image file suffixes :func:`find_image` tries, in order."""
+
+IMAGE_MODES = ("L", "P", "RGB", "RGBA", "LA")
+"""PIL modes of 8-bit images cellkit reads (the competition's PNGs and LIVECell's TIFs are ``L``); any other mode
+(16-bit ``I;16``, 32-bit ``I``/``F``, ``CMYK``, ...) is an error, not a silent conversion."""
 
 LIVECELL_CELL_LINES = ("A172", "BT474", "BV2", "Huh7", "MCF7", "SHSY5Y", "SkBr3", "SKOV3")
 """LIVECell's eight cell lines (category-id order when registering with ``cell_line_classes=True``); a LIVECell image
@@ -175,11 +179,56 @@ def find_image(image_dir: str | os.PathLike, image_id: str) -> Path:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header only (PIL opens lazily)."""
+    """``(width, height)`` from the image header only (PIL opens lazily); ValueError naming the file if unreadable."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
+
+
+def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None):
+    """Open and decode an image completely, so that a broken file fails here, naming it, not later.
+
+    Args:
+        path: the image file.
+        size: expected ``(width, height)``; ``None`` accepts any size.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` of a mode in :data:`IMAGE_MODES` (pixel data read; the file is closed).
+
+    Raises:
+        FileNotFoundError: no such file (naming it).
+        ValueError: ``"<path>: ..."`` for an unreadable (not an image, truncated, corrupt) file, a mode outside
+            :data:`IMAGE_MODES`, or a size other than ``size``.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every pixel: a truncated file raises OSError here
+            image = im
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
+    if image.mode not in IMAGE_MODES:
+        raise ValueError(f"{path}: image mode {image.mode!r} is not an 8-bit mode ({', '.join(IMAGE_MODES)})")
+    if size is not None and tuple(image.size) != tuple(size):
+        raise ValueError(f"{path}: image is {image.size[0]}x{image.size[1]} (WxH), expected {size[0]}x{size[1]}")
+    return image
+
+
+def read_image_array(path: str | os.PathLike) -> np.ndarray:
+    """An image file as a uint8 array: ``(H, W)`` for grayscale, ``(H, W, C)`` otherwise (palette images expanded
+    to RGB). Errors as :func:`open_image`."""
+    image = open_image(path)
+    if image.mode == "P":
+        image = image.convert("RGB")
+    return np.asarray(image)
 
 
 def _boxes_xyxy(segmentations: list[dict]) -> np.ndarray:

@@ -413,7 +413,18 @@ def run_weights(run_dir, weights=None) -> Path:
     for name in WEIGHT_NAMES:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise FileNotFoundError(f"{run_dir}: no checkpoint ({' or '.join(WEIGHT_NAMES)}); pass --weights PATH")
+    from cellkit.train import FAILED_NAME, failure_reason
+
+    hints = []
+    reason = failure_reason(run_dir)
+    if reason:
+        hints.append(f"the run failed ({FAILED_NAME}: {reason})")
+    last = run_dir / "last_checkpoint"
+    if last.is_file() and (run_dir / last.read_text().strip()).is_file():
+        hints.append(f"its last checkpoint {last.read_text().strip()} is for `cellkit train --resume`")
+    hint = f"; {'; '.join(hints)}" if hints else ""
+    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)}){hint}; "
+                            f"pass --weights PATH to use another")
 
 
 def list_images(image_dir) -> list[tuple[str, Path]]:
@@ -551,36 +562,59 @@ def _merge_meta(out: Path, tta: dict, source: dict) -> dict:
     from cellkit import predictions
 
     meta = {"tta": tta, "sources": []}
-    if (out / predictions.META_NAME).is_file():
+    meta_path = out / predictions.META_NAME
+    if meta_path.is_file():
         old = predictions.read_meta(out)
         if old.get("tta") != tta:
-            raise ValueError(f"{out}: holds predictions made with TTA settings {old.get('tta')}, not {tta}; "
-                             f"use another --out")
-        meta["sources"] = list(old.get("sources", []))
+            raise ValueError(f"{meta_path}: the store holds predictions made with TTA settings {old.get('tta')}, "
+                             f"not {tta}; use another --out")
+        sources = old.get("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+            raise ValueError(f"{meta_path}: 'sources' must be a list of objects (not written by cellkit predict?)")
+        meta["sources"] = list(sources)
+    elif out.is_dir() and any(out.glob("*.npz")):
+        raise ValueError(f"{out}: holds predictions without {predictions.META_NAME} (not written by cellkit "
+                         f"predict); use another --out")
     key = ("fold", source["fold"]) if source["fold"] is not None else ("images", source["images"])
     for old_src in meta["sources"]:
         if old_src.get(key[0]) == key[1] and old_src.get("weights") != source["weights"]:
-            raise ValueError(f"{out}: holds predictions of {key[0]} {key[1]} made with {old_src.get('weights')}, "
-                             f"not {source['weights']}; use another --out")
+            raise ValueError(f"{meta_path}: the store holds predictions of {key[0]} {key[1]} made by another model "
+                             f"({old_src.get('weights')}), not {source['weights']}; use another --out")
     meta["sources"] = [s for s in meta["sources"] if s.get(key[0]) != key[1]] + [source]
     return meta
 
 
 def read_image(path, fmt: str) -> np.ndarray:
-    """An image as the model reads it: uint8 ``(H, W, 3)`` in ``fmt`` (``cfg.INPUT.FORMAT``), via detectron2.
+    """An image as the model reads it: uint8 ``(H, W, 3)`` in ``fmt`` (``cfg.INPUT.FORMAT``), like detectron2's
+    ``read_image`` (EXIF orientation applied), after a complete decode (:func:`cellkit.data.open_image`).
 
     Raises:
-        ValueError: naming the file, when it cannot be read.
+        FileNotFoundError: no such file.
+        ValueError: naming the file, when it is not an image, truncated or corrupt, or not 8-bit.
     """
-    from detectron2.data.detection_utils import read_image as d2_read_image
+    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 
+    from cellkit.data import open_image
+
+    image = open_image(path)
     try:
-        image = d2_read_image(str(path), format=fmt)
-    except Exception as exc:  # PIL raises several types for a broken or foreign file
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an 8-bit image, got {image.dtype}")
-    return image
+        array = convert_PIL_to_numpy(_apply_exif_orientation(image), fmt)
+    except Exception as exc:  # a mode detectron2 cannot convert to fmt
+        raise ValueError(f"{path}: cannot convert the image to {fmt} ({exc})") from None
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path}: expected an 8-bit image, got {array.dtype}")
+    return array
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files an interrupted (killed) run left in a store (``.<id>.npz.<random>.npz`` and
+    ``.meta.json.<random>.tmp``, :mod:`cellkit.atomic`'s names); readers skip them, but a resumed store should equal
+    an uninterrupted one."""
+    if not out.is_dir():
+        return
+    for pattern in (".*.npz.*.npz", ".meta.json.*.tmp"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, source: dict,
@@ -605,6 +639,7 @@ def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, 
 
     out = Path(out)
     done = _existing_ids(out)
+    _remove_stale_temporaries(out)
     tta = {"enabled": predictor.tta, **predictor.settings.as_dict()}
     meta = _merge_meta(out, tta, {**source, "n_images": len(images)})
     predictions.write_meta(out, meta)
