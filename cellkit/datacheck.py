@@ -52,11 +52,12 @@ class DataCheckError(ValueError):
             names the file (and row).
     """
 
-    def __init__(self, source: str, problems: list[tuple], max_problems: int = MAX_PROBLEMS):
+    def __init__(self, source: str, problems: list[tuple], max_problems: int = MAX_PROBLEMS,
+                 consequence: str = "nothing was trained"):
         self.problems = sorted(problems, key=lambda p: p[0])
         shown = [m for _, m in self.problems[:max_problems]]
         more = len(self.problems) - len(shown)
-        lines = [f"the data check found {len(self.problems)} problem(s) in {source}; nothing was trained:"]
+        lines = [f"the data check found {len(self.problems)} problem(s) in {source}; {consequence}:"]
         lines += [f"  {m}" for m in shown]
         if more:
             lines.append(f"  ... and {more} more")
@@ -127,7 +128,7 @@ def _run_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> l
         return list(results)
 
 
-def _check_image(path: Path, size: tuple[int, int]) -> str | None:
+def _check_image(path: Path, size: tuple[int, int] | None) -> str | None:
     """None when ``path`` decodes completely at ``size`` = ``(width, height)`` with an 8-bit mode, else the problem."""
     from cellkit.data import open_image
 

@@ -285,6 +285,14 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
         super().__init__(checkpointer, period)
         self.keep = int(keep)
 
+    def before_train(self):
+        super().before_train()
+        # temporary files of a save that was killed (cellkit.atomic's hidden names): never loadable, only litter
+        run_dir = Path(self.checkpointer.save_dir)
+        for pattern in (".model_*.pth.*.pth", ".last_checkpoint.*.tmp"):
+            for path in run_dir.glob(pattern):
+                path.unlink(missing_ok=True)
+
     def after_step(self):
         if getattr(self.trainer, "_train_failed", False):
             return
@@ -390,7 +398,19 @@ class CellkitTrainer(DefaultTrainer):
                 logger.exception("Exception during training:")
                 raise
             finally:
-                self.after_train()
+                if getattr(self, "_train_failed", False):
+                    self._after_failed_train()
+                else:
+                    self.after_train()
+
+    def _after_failed_train(self) -> None:
+        """``after_train`` of a run that raised: only the log writers and the timer. No final evaluation, best or
+        final checkpoint: detectron2 runs them when the failing iteration was the last one, which would make a run
+        that died at its last (or only) iteration look finished."""
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if isinstance(h, (hooks.PeriodicWriter, hooks.IterationTimer)):
+                h.after_train()
 
     def finished(self) -> str | None:
         """Why there is nothing left to train (after ``resume_or_load``), or None."""

@@ -47,7 +47,8 @@ from cellkit.predictions import InstancePredictions, quantize
 
 __all__ = ["TTASettings", "tta_settings", "CellTTA", "paste_crops", "crop_windows", "deaugment_boxes",
            "deaugment_masks", "check_num_classes", "check_held_out",
-           "load_predictor", "predict_images", "predict_oof", "fold_images", "list_images", "run_weights"]
+           "load_predictor", "predict_images", "predict_oof", "fold_images", "list_images", "run_weights",
+           "read_image", "check_images"]
 
 
 @dataclass(frozen=True)
@@ -545,7 +546,7 @@ def _existing_ids(out: Path) -> set:
         return set()
     if not out.is_dir():
         raise ValueError(f"{out}: output path exists and is not a directory")
-    if any(out.glob("*.npz")):
+    if any(not p.name.startswith(".") for p in out.glob("*.npz")):  # a killed first write leaves only a hidden temp
         return set(predictions.image_ids(out))
     foreign = [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]
     if foreign:
@@ -572,7 +573,7 @@ def _merge_meta(out: Path, tta: dict, source: dict) -> dict:
         if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
             raise ValueError(f"{meta_path}: 'sources' must be a list of objects (not written by cellkit predict?)")
         meta["sources"] = list(sources)
-    elif out.is_dir() and any(out.glob("*.npz")):
+    elif out.is_dir() and any(not p.name.startswith(".") for p in out.glob("*.npz")):
         raise ValueError(f"{out}: holds predictions without {predictions.META_NAME} (not written by cellkit "
                          f"predict); use another --out")
     key = ("fold", source["fold"]) if source["fold"] is not None else ("images", source["images"])
@@ -604,6 +605,27 @@ def read_image(path, fmt: str) -> np.ndarray:
     if array.dtype != np.uint8:
         raise ValueError(f"{path}: expected an 8-bit image, got {array.dtype}")
     return array
+
+
+def check_images(paths: Sequence[Path], workers: int | None = None, progress: bool = True,
+                 max_problems: int = 30) -> None:
+    """Decode every image completely (:func:`cellkit.data.open_image`, in parallel threads) before any work.
+
+    Raises:
+        ValueError: one :class:`cellkit.datacheck.DataCheckError` naming every unreadable, truncated or non-8-bit
+            image (up to ``max_problems`` listed).
+    """
+    from cellkit import datacheck
+
+    def problem(path):
+        return datacheck._check_image(Path(path), None)
+
+    results = datacheck._run_parallel(problem, list(paths), datacheck._workers(workers), "checking images",
+                                      progress)
+    problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
+    if problems:
+        raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,
+                                       consequence="nothing was predicted")
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -639,11 +661,12 @@ def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, 
 
     out = Path(out)
     done = _existing_ids(out)
-    _remove_stale_temporaries(out)
     tta = {"enabled": predictor.tta, **predictor.settings.as_dict()}
     meta = _merge_meta(out, tta, {**source, "n_images": len(images)})
-    predictions.write_meta(out, meta)
     todo = [(i, p) for i, p in images if i not in done]
+    check_images([p for _, p in todo], progress=progress)  # before anything is written
+    _remove_stale_temporaries(out)
+    predictions.write_meta(out, meta)
     fmt = predictor.cfg.INPUT.FORMAT
     start = time.perf_counter()
     for image_id, path in tqdm(todo, desc=f"predict -> {out.name}", unit="img", disable=not progress):
