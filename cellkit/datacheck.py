@@ -11,7 +11,7 @@ any work starts, so that a broken file ends the command with one message instead
   every annotation refers to a listed image and has a polygon (even number of >= 6 finite coordinates) or RLE
   segmentation.
 
-Images are read in parallel (threads: PIL's decoders release the GIL). Problems are collected, sorted by file and
+Images are decoded and annotations parsed in parallel (forked worker processes: both hold the GIL). Problems are collected, sorted by file and
 row, and raised together as one :class:`DataCheckError` (up to ``max_problems`` listed, then a count of the rest);
 each names the file and, for the CSV, the line (``line = 0-based row + 2``), for the json the annotation's index.
 
@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["CACHE_ENV", "MAX_PROBLEMS", "DataCheckError", "cache_dir", "check_sartorius", "check_livecell"]
@@ -115,21 +114,56 @@ def _workers(workers: int | None) -> int:
     return max(1, int(workers) if workers else min(8, os.cpu_count() or 1))
 
 
-def _run_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> list:
-    """``[fn(item) for item in items]`` on a thread pool, in order, with a tqdm bar for long lists."""
+_MIN_FOR_PROCESSES = 32  # fewer items are checked in this process: starting workers would cost more
+
+
+_SHARED: dict = {}  # read-only data for worker tasks, set before forking (inherited, never pickled per task)
+
+
+def _run_parallel(fn, items: list, workers: int, desc: str, progress: bool, shared: dict | None = None) -> list:
+    """``[fn(item) for item in items]``, in order, on ``workers`` forked processes (PNG decoding and RLE parsing
+    hold the GIL, so threads do not help), in this process for few items or one worker or where ``fork`` is not
+    available; a tqdm bar for 50+ items. ``fn`` must be a module-level function (pickled by reference); workers only
+    decode images and parse strings (no torch), so forking a process that has imported torch is safe. ``shared``
+    is available to ``fn`` as the module's ``_SHARED`` (inherited by the forked workers, not pickled per item)."""
+    import multiprocessing
+
     if not items:
         return []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(fn, items)
-        if progress and len(items) >= 50:
-            from tqdm.auto import tqdm
+    _SHARED.clear()
+    _SHARED.update(shared or {})
+    bar = None
+    if progress and len(items) >= 50:
+        from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(items), desc=desc, unit="img", leave=False)
-        return list(results)
+        bar = tqdm(total=len(items), desc=desc, unit="img", leave=False)
+    try:
+        if workers > 1 and len(items) >= _MIN_FOR_PROCESSES and "fork" in multiprocessing.get_all_start_methods():
+            from concurrent.futures import ProcessPoolExecutor
+
+            chunk = max(1, len(items) // (workers * 8))
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                results = []
+                for r in pool.map(fn, items, chunksize=chunk):
+                    results.append(r)
+                    if bar is not None:
+                        bar.update()
+                return results
+        results = []
+        for item in items:
+            results.append(fn(item))
+            if bar is not None:
+                bar.update()
+        return results
+    finally:
+        _SHARED.clear()
+        if bar is not None:
+            bar.close()
 
 
 def _check_image(path: Path, size: tuple[int, int] | None) -> str | None:
-    """None when ``path`` decodes completely at ``size`` = ``(width, height)`` with an 8-bit mode, else the problem."""
+    """None when ``path`` decodes completely (at ``size`` = ``(width, height)`` unless None) with an 8-bit mode,
+    else the problem (naming the file)."""
     from cellkit.data import open_image
 
     try:
@@ -137,6 +171,41 @@ def _check_image(path: Path, size: tuple[int, int] | None) -> str | None:
     except (ValueError, FileNotFoundError) as exc:
         return str(exc)
     return None
+
+
+def image_problem(task: tuple) -> str | None:
+    """:func:`_check_image` of ``task`` = ``(path, size or None)`` (module level: runs in worker processes)."""
+    return _check_image(Path(task[0]), task[1])
+
+
+def _sartorius_task(task: tuple) -> tuple[list, bool, bool]:
+    """Check one image of a train CSV in a worker: ``task`` = ``(csv_path, image_id, path or None, size, read,
+    rows, parse)``, the annotation strings in ``_SHARED["annotations"]``; returns ``(problems, image ok, some row
+    bad)``."""
+    from cellkit import data, rle
+
+    csv_path, image_id, path, size, read, rows, parse = task
+    annotations = [_SHARED["annotations"][r] for r in rows] if parse else None
+    problems, image_ok, bad_rows = [], True, False
+    where = f"{csv_path} line {data._line(rows[0])} (id {image_id})"
+    if path is not None and read:
+        problem = _check_image(Path(path), size)
+        if problem:
+            problems.append(((csv_path, int(rows[0])), f"{where}: {problem}"))
+            image_ok = False
+    if annotations is not None:
+        shape = (size[1], size[0])
+        try:
+            rle.parse_many(annotations, shape)
+        except ValueError:
+            for r, text in zip(rows, annotations):  # every bad row of this image, each with its own message
+                try:
+                    rle.parse(text, shape)
+                except ValueError as exc:
+                    bad_rows = True
+                    problems.append(((csv_path, int(r)), f"{csv_path} line {data._line(r)} (id {image_id}): "
+                                                         f"bad annotation: {exc}"))
+    return problems, image_ok, bad_rows
 
 
 # ----------------------------------------------------------------------------------------------- competition csv
@@ -147,7 +216,7 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
     Args:
         csv_path: the train CSV.
         image_dir: the folder of its images (``<id>.png`` or another of :data:`cellkit.data.IMAGE_EXTENSIONS`).
-        workers: threads reading images (default: the CPU count, at most 8).
+        workers: worker processes (default: the CPU count, at most 8).
         max_problems: problems listed in the error message.
         use_cache: skip files that passed before unchanged (see the module docstring); False checks everything.
         progress: tqdm bar for 50+ images.
@@ -162,7 +231,7 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
             :class:`DataCheckError` listing every missing, unreadable, truncated, wrong-mode or wrong-size image
             and every malformed annotation, each with the CSV line and the file.
     """
-    from cellkit import data, rle
+    from cellkit import data
 
     start = time.perf_counter()
     csv_path, image_dir = Path(csv_path), Path(image_dir)
@@ -178,51 +247,39 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
     widths, heights = table["width"].to_numpy(), table["height"].to_numpy()
     rows_by_id = table.groupby("id", sort=False).indices
 
-    def check_one(image_id: str):
-        rows = rows_by_id[image_id]
+    problems, tasks, ok_images, keys = [], [], {}, {}
+    for image_id, rows in rows_by_id.items():
         first = int(rows[0])
         size = (int(widths[first]), int(heights[first]))
-        where = f"{csv_path} line {data._line(first)} (id {image_id})"
-        problems, entry, read, bad_rows = [], None, False, False
         try:
             path = data.find_image(image_dir, image_id)
         except FileNotFoundError as exc:
-            problems.append(((str(csv_path), first), f"{where}: {exc}"))
+            problems.append(((str(csv_path), first), f"{csv_path} line {data._line(first)} (id {image_id}): {exc}"))
             path = None
+        read = False
         if path is not None:
-            key = [path.name] + (_stat_key(path) or []) + list(size)
-            if cache["images"].get(image_id) != key:
-                read = True
-                problem = _check_image(path, size)
-                if problem:
-                    problems.append(((str(csv_path), first), f"{where}: {problem}"))
-                else:
-                    entry = key
-            else:
-                entry = key
-        if parse_rows:
-            shape = (size[1], size[0])
-            try:
-                rle.parse_many([annotations[r] for r in rows], shape)
-            except ValueError:
-                for r in rows:  # find every bad row of this image, each with its own message
-                    try:
-                        rle.parse(annotations[r], shape)
-                    except ValueError as exc:
-                        bad_rows = True
-                        problems.append(((str(csv_path), int(r)), f"{csv_path} line {data._line(r)} (id "
-                                                                  f"{image_id}): bad annotation: {exc}"))
-        return problems, entry, read, bad_rows
-
-    results = _run_parallel(check_one, list(rows_by_id), _workers(workers), f"checking {csv_path.name}", progress)
-    problems = [p for r in results for p in r[0]]
-    ok_images = {image_id: r[1] for image_id, r in zip(rows_by_id, results) if r[1] is not None}
-    annotations_ok = not any(r[3] for r in results)
+            keys[image_id] = [path.name] + (_stat_key(path) or []) + list(size)
+            read = cache["images"].get(image_id) != keys[image_id]
+            if not read:
+                ok_images[image_id] = keys[image_id]
+        if read or parse_rows:
+            tasks.append((str(csv_path), image_id, None if path is None else str(path), size, read,
+                          [int(r) for r in rows], parse_rows))
+    results = _run_parallel(_sartorius_task, tasks, _workers(workers), f"checking {csv_path.name}", progress,
+                            shared={"annotations": annotations})
+    bad_rows = False
+    for task, (task_problems, image_ok, task_bad_rows) in zip(tasks, results):
+        problems += task_problems
+        bad_rows |= task_bad_rows
+        image_id, path, read = task[1], task[2], task[4]
+        if path is not None and read and image_ok:
+            ok_images[image_id] = keys[image_id]
     if use_cache:
-        _save_cache(cache_path, source_key, annotations_ok, ok_images)
+        _save_cache(cache_path, source_key, not bad_rows, ok_images)
     if problems:
         raise DataCheckError(str(csv_path), problems, max_problems)
-    stats = {"images": len(rows_by_id), "annotations": int(len(ids)), "images_read": sum(r[2] for r in results),
+    n_read = sum(1 for t in tasks if t[4])
+    stats = {"images": len(rows_by_id), "annotations": int(len(ids)), "images_read": n_read,
              "annotations_parsed": int(len(ids)) if parse_rows else 0, "seconds": time.perf_counter() - start}
     logger.info("cellkit: data check of %s: %d images, %d annotations OK (%d images read, %d annotations parsed, "
                 "%.1f s)", csv_path, stats["images"], stats["annotations"], stats["images_read"],
@@ -322,22 +379,24 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
                 problems.append(((str(json_path), 1, k), f"{where}: {problem}"))
     annotations_ok = not any(p[0][1] == 1 for p in problems)
 
-    def check_one(item):
-        image_id, (k, where, path, size) = item
+    todo, ok_images = [], {}
+    for image_id, (k, where, path, size) in images.items():
         key = [str(path.name)] + (_stat_key(path) or []) + list(size)
         if cache["images"].get(str(image_id)) == key:
-            return None, key, False
-        problem = _check_image(path, size)
-        return (((str(json_path), 0, k), f"{where}: {problem}") if problem else None), (None if problem else key), True
-
-    results = _run_parallel(check_one, list(images.items()), _workers(workers), f"checking {json_path.name}",
+            ok_images[str(image_id)] = key
+        else:
+            todo.append((image_id, k, where, key, (str(path), tuple(size))))
+    results = _run_parallel(image_problem, [t[4] for t in todo], _workers(workers), f"checking {json_path.name}",
                             progress)
-    problems += [r[0] for r in results if r[0] is not None]
-    ok_images = {str(image_id): r[1] for image_id, r in zip(images, results) if r[1] is not None}
+    for (image_id, k, where, key, _), problem in zip(todo, results):
+        if problem:
+            problems.append(((str(json_path), 0, k), f"{where}: {problem}"))
+        else:
+            ok_images[str(image_id)] = key
     if use_cache:
         _save_cache(cache_path, source_key, annotations_ok, ok_images)
     if problems:
         raise DataCheckError(str(json_path), problems, max_problems)
     n_ann = len(doc["annotations"])
-    return {"images": len(images), "annotations": n_ann, "images_read": sum(r[2] for r in results),
+    return {"images": len(images), "annotations": n_ann, "images_read": len(todo),
             "annotations_parsed": n_ann if parse else 0, "seconds": time.perf_counter() - start}

@@ -609,7 +609,7 @@ def read_image(path, fmt: str) -> np.ndarray:
 
 def check_images(paths: Sequence[Path], workers: int | None = None, progress: bool = True,
                  max_problems: int = 30) -> None:
-    """Decode every image completely (:func:`cellkit.data.open_image`, in parallel threads) before any work.
+    """Decode every image completely (:func:`cellkit.data.open_image`, in parallel processes) before any work.
 
     Raises:
         ValueError: one :class:`cellkit.datacheck.DataCheckError` naming every unreadable, truncated or non-8-bit
@@ -617,11 +617,8 @@ def check_images(paths: Sequence[Path], workers: int | None = None, progress: bo
     """
     from cellkit import datacheck
 
-    def problem(path):
-        return datacheck._check_image(Path(path), None)
-
-    results = datacheck._run_parallel(problem, list(paths), datacheck._workers(workers), "checking images",
-                                      progress)
+    results = datacheck._run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
+                                      datacheck._workers(workers), "checking images", progress)
     problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
     if problems:
         raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,

@@ -519,3 +519,22 @@ def test_data_check_is_remembered_and_redone_for_a_changed_file(data, tmp_path):
     cv2.imwrite(str(root / "train" / "img002.png"), cv2.imread(str(data / "train" / "img002.png"), 0))
     third = datacheck.check_sartorius(root / "train.csv", root / "train", progress=False)
     assert third["images_read"] == 1 and third["annotations_parsed"] == 0
+
+
+def test_data_check_in_worker_processes_reports_every_problem(data, tmp_path, monkeypatch):
+    from cellkit import datacheck
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    _break("bad RLE", root)
+    _break("truncated image", root)
+    (root / "train" / "img004.png").unlink()
+    monkeypatch.setattr(datacheck, "_MIN_FOR_PROCESSES", 1)  # the tiny data through the forked-worker path
+    with pytest.raises(datacheck.DataCheckError) as info:
+        datacheck.check_sartorius(root / "train.csv", root / "train", workers=2, progress=False)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"the data check found 4 problem(s) in {root / 'train.csv'}")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        f"{root / 'train.csv'} line {n}" + suffix for n, suffix in
+        [(7, " (id img001)"), (10, " (id img002)"), (15, " (id img003)"), (18, " (id img004)")]]
+    assert "img002.png: cannot read image" in lines[2] and "no image for id 'img004'" in lines[4]
