@@ -124,11 +124,24 @@ def _file_key(path: Path) -> tuple:
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
+_MAX_LINES = 20  # further bad lines listed after the first one in a table error
+
+
+def _bad_rows(path: Path, bad: np.ndarray, first_message: str) -> ValueError:
+    """One error for every bad row: the first row's full message, then the lines of the others (up to a cap)."""
+    message = first_message
+    if bad.size > 1:
+        others = ", ".join(str(_line(i)) for i in bad[1:1 + _MAX_LINES])
+        more = f" and {bad.size - 1 - _MAX_LINES} more" if bad.size - 1 > _MAX_LINES else ""
+        message += f"; the same problem on {bad.size - 1} more line(s) of {path}: {others}{more}"
+    return ValueError(message)
+
+
 def _check_ids(df: pd.DataFrame, path: Path) -> None:
     ids = df["id"].str.strip()
     bad = np.flatnonzero((ids == "").to_numpy())
     if bad.size:
-        raise ValueError(f"{path} line {_line(bad[0])}: empty image id")
+        raise _bad_rows(path, bad, f"{path} line {_line(bad[0])}: empty image id")
     df["id"] = ids
 
 
@@ -138,7 +151,7 @@ def _positive_ints(col: pd.Series, name: str, path: Path) -> pd.Series:
     bad = np.flatnonzero(~ok.to_numpy())
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{path} line {_line(i)}: {name} {str(col.iloc[i])!r} is not a positive integer")
+        raise _bad_rows(path, bad, f"{path} line {_line(i)}: {name} {str(col.iloc[i])!r} is not a positive integer")
     return values.astype(np.int64)
 
 
@@ -147,8 +160,8 @@ def _check_cell_types(df: pd.DataFrame, path: Path) -> None:
     bad = np.flatnonzero(~df["cell_type"].isin(CELL_TYPES).to_numpy())
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
-                         f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
+        raise _bad_rows(path, bad, f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
+                                   f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
 
 
 def _check_sizes_per_image(df: pd.DataFrame, path: Path) -> None:
@@ -156,9 +169,9 @@ def _check_sizes_per_image(df: pd.DataFrame, path: Path) -> None:
     bad = np.flatnonzero(((first["width"] != df["width"]) | (first["height"] != df["height"])).to_numpy())
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
-                         f"{df['height'].iloc[i]} differs from the image's earlier rows "
-                         f"({first['width'].iloc[i]}x{first['height'].iloc[i]})")
+        raise _bad_rows(path, bad, f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
+                                   f"{df['height'].iloc[i]} differs from the image's earlier rows "
+                                   f"({first['width'].iloc[i]}x{first['height'].iloc[i]})")
 
 
 # --------------------------------------------------------------------------------------------------------- images

@@ -410,7 +410,7 @@ def _break(kind: str, root: Path) -> tuple[str, str]:
         df.to_csv(csv, index=False)
         return str(csv), "line 2 (id img000): bad annotation"
     if kind == "unknown cell type":
-        df.loc[3, "cell_type"] = "neuron"
+        df.loc[[3, 17, 18], "cell_type"] = "neuron"
         df.to_csv(csv, index=False)
         return str(csv), "line 5 (id img000): unknown cell type 'neuron'"
     if kind == "non-integer width":
@@ -465,6 +465,8 @@ def test_train_refuses_bad_input_before_work(kind, data, tmp_path, capsys):
     assert named in err and text in err, err
     if kind == "bad RLE":
         assert "line 15 (id img003): bad annotation" in err and "2 problem(s)" in err
+    if kind == "unknown cell type":  # every bad row at once
+        assert f"the same problem on 2 more line(s) of {named}: 19, 20" in err
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())  # nothing written at all
 
 
