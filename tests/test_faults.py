@@ -540,3 +540,52 @@ def test_data_check_in_worker_processes_reports_every_problem(data, tmp_path, mo
         f"{root / 'train.csv'} line {n}" + suffix for n, suffix in
         [(7, " (id img001)"), (10, " (id img002)"), (15, " (id img003)"), (18, " (id img004)")]]
     assert "img002.png: cannot read image" in lines[2] and "no image for id 'img004'" in lines[4]
+
+
+def test_livecell_check_names_every_bad_entry(tmp_path, capsys):
+    from cellkit import datacheck
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, size in (("A172_Phase_A7_1_00d00h00m_1.tif", (40, 30)), ("BV2_Phase_B1_1_00d00h00m_2.tif", (40, 30)),
+                       ("Huh7_Phase_C1_1_00d00h00m_3.tif", (44, 30)), ("Foo_Phase_D1_1_00d00h00m_4.tif", (40, 30))):
+        cv2.imwrite(str(images / name), np.zeros((size[1], size[0]), np.uint8))
+    entries = [{"id": k + 1, "file_name": n, "width": 40, "height": 30} for k, n in enumerate(sorted(
+        p.name for p in images.iterdir()))] + [{"id": 9, "file_name": "MCF7_missing.tif", "width": 40, "height": 30}]
+    poly = [1, 1, 10, 1, 10, 10]
+    anns = [{"id": 100, "image_id": 1, "segmentation": [poly], "bbox": [1, 1, 9, 9]},
+            {"id": 101, "image_id": 2, "segmentation": [[1, 2, 3]], "bbox": [1, 1, 9, 9]},
+            {"id": 102, "image_id": 77, "segmentation": [poly], "bbox": [1, 1, 9, 9]},
+            {"id": 103, "image_id": 1, "segmentation": [poly], "bbox": [1, 1]}]
+    doc = tmp_path / "live.json"
+    doc.write_text(json.dumps({"images": entries, "annotations": anns, "categories": [{"id": 1, "name": "cell"}]}))
+    with pytest.raises(datacheck.DataCheckError) as info:
+        datacheck.check_livecell(doc, images, progress=False)
+    msg = str(info.value)
+    assert "found 6 problem(s)" in msg, msg
+    assert f"{doc} images[2] (id 3, Foo_Phase_D1_1_00d00h00m_4.tif): file name does not start with a LIVECell" in msg
+    assert "Huh7_Phase_C1_1_00d00h00m_3.tif): " in msg and "is 44x30 (WxH), expected 40x30" in msg
+    assert "MCF7_missing.tif): " in msg and "no such image file" in msg
+    assert f"{doc} annotations[1] (id 101): polygon 0 must be a list of an even number" in msg
+    assert f"{doc} annotations[2] (id 102): image_id 77 is not in 'images'" in msg
+    assert f"{doc} annotations[3] (id 103): bbox must be 4 finite numbers" in msg
+    # the same through `cellkit train` in pretrain mode: exit 2 before any work, nothing written
+    out = tmp_path / "run"
+    assert _main(["train", "--config", "demo", "--livecell", doc, "--livecell-images", images, "--out", out]) == 2
+    assert "found 6 problem(s)" in _err(capsys) and (not out.exists() or not any(out.iterdir()))
+    doc.write_text('{"images": [')
+    with pytest.raises(ValueError, match=f"{re.escape(str(doc))}: invalid JSON"):
+        datacheck.check_livecell(doc, images, progress=False)
+
+
+@pytest.mark.realdata
+def test_data_check_passes_on_the_real_data(real_data):
+    from cellkit import datacheck
+
+    stats = datacheck.check_sartorius(real_data / "sartorius" / "train.csv", real_data / "sartorius" / "train",
+                                      progress=False)
+    assert stats["images"] == 392 and stats["annotations"] == 32105
+    live = real_data / "livecell"
+    for name in ("livecell_coco_test.json", "livecell_coco_val.json"):
+        if (live / name).is_file():
+            assert datacheck.check_livecell(live / name, live / "images", progress=False)["images"] > 0
