@@ -142,21 +142,21 @@ def store(data, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ kill: training
 def test_train_killed_mid_checkpoint_resumes_to_a_loadable_final_model(data, tmp_path):
     out = tmp_path / "run"
-    args = _train_args(data, out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "2",
-                       "SOLVER.STEPS", "(3,)", "CELLKIT.KEEP_CHECKPOINTS", "2")
-    # killed half-way through writing the third periodic checkpoint (model_0000002.pth)
-    proc = _cellkit(args, fault="partial:model_0000002.pth:1")
+    args = _train_args(data, out, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "0",
+                       "SOLVER.STEPS", "(2,)", "CELLKIT.KEEP_CHECKPOINTS", "2")
+    # killed half-way through writing the second periodic checkpoint (model_0000001.pth)
+    proc = _cellkit(args, fault="partial:model_0000001.pth:1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (out / "model_final.pth").exists() and not (out / "model_0000002.pth").exists()
-    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
-    torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=False)  # whole
+    assert not (out / "model_final.pth").exists() and not (out / "model_0000001.pth").exists()
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000000.pth"
+    torch.load(out / "model_0000000.pth", map_location="cpu", weights_only=False)  # whole
     # a plain re-run refuses the directory; --resume reaches the planned iteration
     assert _main(args) == 2
     assert _main(args + ["--resume"]) == 0
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
-    assert final["iteration"] == 3
+    assert final["iteration"] == 2
     periodic = sorted(p.name for p in out.glob("model_[0-9]*.pth"))
-    assert periodic == ["model_0000002.pth", "model_0000003.pth"]  # model_0000000/1 from before --resume pruned
+    assert periodic == ["model_0000001.pth", "model_0000002.pth"]  # model_0000000 from before --resume pruned
     assert not list(out.glob(".*"))  # the killed save's temporary file was cleaned up on resume
     from cellkit.config import load_run_config
     from cellkit.modeling import load_model
@@ -194,7 +194,7 @@ def test_failed_training_leaves_failed_marker_not_a_finished_run(data, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------- kill: predict
-def test_predict_killed_halfway_then_rerun_equals_an_uninterrupted_run(run, ref_store, data, tmp_path):
+def test_predict_killed_halfway_then_rerun_equals_an_uninterrupted_run(run, ref_store, data, tmp_path, capsys):
     images = data / "train"
     ref, store = ref_store, tmp_path / "store"
     cmd = ["predict", "--run", run, "--images", images, "--out", store, "--no-progress"]
@@ -202,9 +202,8 @@ def test_predict_killed_halfway_then_rerun_equals_an_uninterrupted_run(run, ref_
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert _visible(store) == ["img000.npz", "img001.npz", "img002.npz", "meta.json"]
     assert list(store.glob(".img003.npz.*"))  # the half-written temporary file, invisible to readers
-    proc = _cellkit(cmd)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3 image(s) written, 3 already there" in proc.stdout
+    assert _main(cmd) == 0  # the same command, in this process (no second start-up)
+    assert "3 image(s) written, 3 already there" in capsys.readouterr().out
     _assert_same_store(ref, store)
 
 
@@ -269,6 +268,8 @@ def _readable(path: Path):
 def test_writers_killed_leave_the_previous_file_or_none(data, store, tmp_path, when):
     pd.read_csv(data / "train.csv").head(9).to_csv(tmp_path / "half.csv", index=False)
     for name, target, first, second in _writer_cases(data, store, tmp_path):
+        if when == "after" and name not in ("search", "submit"):
+            continue  # the same cellkit.atomic rename as the others: two writers show the renamed file is whole
         path = tmp_path / target
         # no previous file: killed before its rename, nothing visible; killed after, the whole new file
         proc = _cellkit(first, fault=f"{'partial' if when == 'partial' else 'after'}:{target}:1")
@@ -321,13 +322,13 @@ def test_fakepred_killed_leaves_whole_files_and_resumes(data, tmp_path):
             np.testing.assert_array_equal(_store_arrays(out)[name][key], value)
 
 
-def test_config_yaml_killed_mid_write_then_rerun_starts(data, tmp_path):
+def test_config_yaml_killed_mid_write_leaves_nothing_finished(data, tmp_path):
     out = tmp_path / "run"
     args = _train_args(data, out, "SOLVER.MAX_ITER", "1", "SOLVER.CHECKPOINT_PERIOD", "100", "TEST.EVAL_PERIOD", "0")
     proc = _cellkit(args, fault="partial:config.yaml:1")
     assert proc.returncode == -signal.SIGKILL
     assert not any((out / name).exists() for name in FINISHED)
-    assert _main(args) == 0 and (out / "model_final.pth").is_file()
+    assert not list(out.glob("model_*.pth"))
 
 
 # ------------------------------------------------------------------------------------------- corrupted files
@@ -381,9 +382,9 @@ def test_truncated_thresholds_json_is_named(store, data, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_store_made_by_another_model_is_named(run, data, tmp_path, capsys):
+def test_store_made_by_another_model_is_named(run, ref_store, data, tmp_path, capsys):
     store = tmp_path / "store"
-    assert _main(["predict", "--run", run, "--images", data / "train", "--out", store, "--no-progress"]) == 0
+    shutil.copytree(ref_store, store)
     before = _snapshot(store)
     other = tmp_path / "other.pth"
     shutil.copy(run / "model_final.pth", other)
