@@ -7,6 +7,11 @@ here), ``log.txt``, ``metrics.json`` (losses, learning rate and ``cellkit/*`` va
 states), ``last_checkpoint`` and ``model_best.pth`` (best ``CELLKIT.EVAL.METRIC``). ``--resume`` reloads the last
 checkpoint: same iteration count, same LR schedule, same best-metric and early-stopping state.
 
+Fail safety: all of the data is checked before any work (:func:`check_data`, :mod:`cellkit.datacheck`); checkpoints
+are written atomically and only the newest ``CELLKIT.KEEP_CHECKPOINTS`` periodic ones are kept
+(:class:`CellkitPeriodicCheckpointer`); a run that raises gets a ``FAILED`` marker (:func:`train_worker`) and never a
+``model_final.pth``, and skips detectron2's end-of-training evaluation and best checkpoint.
+
 Hook order (after each step): LR scheduler, evaluation on the held-out fold, best checkpoint, early stopping, then the
 periodic checkpoint (so a checkpoint holds the evaluation of its own iteration) and the log writers (progress and
 ETA from detectron2's ``CommonMetricPrinter``).
@@ -39,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "build_train_augmentations", "decode_masks", "transform_masks", "boxes_from_masks", "CellkitDatasetMapper", "CellkitTrainer", "CellkitBestCheckpointer",
     "EarlyStopping", "TimeBudget", "register_datasets", "prepare_config", "train_worker", "best_weights",
+    "CellkitPeriodicCheckpointer", "FAILED_NAME", "failure_reason",
 ]
 
 TRAIN_NAME = "cellkit_train"
@@ -600,7 +606,7 @@ def _write_failed(run_dir: Path, exc: BaseException, iteration) -> None:
     from cellkit import atomic
 
     message = " ".join(str(exc).split()) or type(exc).__name__
-    where = "before the first iteration" if iteration is None else f"at iteration {iteration}"
+    where = "before training started" if iteration is None else f"at iteration {iteration}"
     text = (f"training failed {where}: {type(exc).__name__}: {message}\n"
             f"time: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
             f"model_final.pth was not written; fix the cause, then `cellkit train --resume --out {run_dir}` continues "
@@ -632,7 +638,7 @@ def train_worker(cfg, specs: dict, resume: bool = False):
         (out / FAILED_NAME).unlink(missing_ok=True)
         if not (resume and (out / "last_checkpoint").is_file()):
             (out / "metrics.json").unlink(missing_ok=True)
-    trainer = None
+    trainer, started = None, False
     try:
         seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
         register_datasets(cfg, specs)
@@ -641,10 +647,11 @@ def train_worker(cfg, specs: dict, resume: bool = False):
             logger.info("cellkit: config saved to %s", out / "config.yaml")
         trainer = CellkitTrainer(cfg)
         trainer.resume_or_load(resume=resume)
+        started = True
         return trainer.train()
     except BaseException as exc:
         if main:
-            _write_failed(out, exc, getattr(trainer, "iter", None) if trainer is not None else None)
+            _write_failed(out, exc, trainer.iter if started else None)
         raise
 
 

@@ -351,7 +351,8 @@ def test_corrupted_checkpoint_is_named(run, data, tmp_path, capsys):
     last.write_bytes(b"not a checkpoint")
     assert _main(["train", "--out", copy, "--resume", "--data", data]) == 2
     assert f"{last}: cannot load checkpoint" in _err(capsys)
-    assert "cannot load checkpoint" in (copy / "FAILED").read_text()
+    assert (copy / "FAILED").read_text().startswith("training failed before training started: ValueError: "
+                                                    f"{last}: cannot load checkpoint")
 
 
 def test_corrupted_npz_in_a_store_is_named(store, data, tmp_path, capsys):
