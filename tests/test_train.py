@@ -325,3 +325,20 @@ def test_time_budget_finishes_cleanly_and_resumes(tiny_data, tmp_path):
     assert _train(tiny_data, out, "--resume", "CELLKIT.TIME_BUDGET_MINUTES", "0") == 0
     assert _checkpoint_iteration(out / "model_final.pth") == 2
     assert [m["iteration"] for m in _metrics(out) if "lr" in m][-2:] == [1, 2]
+
+
+def test_periodic_checkpointer_keeps_the_newest_and_what_last_checkpoint_names(tmp_path):
+    from types import SimpleNamespace
+
+    for name in ("model_0000004.pth", "model_0000009.pth", "model_0000014.pth", "model_0000019.pth",
+                 "model_best.pth", "model_final.pth", "model_0000002.pth.bak"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")  # e.g. resumed from it
+    fake = SimpleNamespace(save_dir=str(tmp_path), path_manager=None)
+    hook = ck_train.CellkitPeriodicCheckpointer(fake, period=5, keep=2)
+    deleted = hook.prune()
+    assert [p.name for p in deleted] == ["model_0000009.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last_checkpoint", "model_0000002.pth.bak", "model_0000004.pth", "model_0000014.pth", "model_0000019.pth",
+        "model_best.pth", "model_final.pth"]
+    assert ck_train.CellkitPeriodicCheckpointer(fake, period=5, keep=0).prune() == []  # 0 keeps everything
