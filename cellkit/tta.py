@@ -410,11 +410,18 @@ def run_weights(run_dir, weights=None) -> Path:
 
     if weights:
         return check_local_weights(weights)
+    from cellkit.train import FAILED_NAME, failure_reason
+
     run_dir = Path(run_dir)
     for name in WEIGHT_NAMES:
         if (run_dir / name).is_file():
+            reason = failure_reason(run_dir)
+            if reason:  # a best checkpoint of a run whose last attempt failed: usable, but say so
+                import logging
+
+                logging.getLogger(__name__).warning("%s: the run's last attempt failed (%s: %s); using its %s",
+                                                    run_dir, FAILED_NAME, reason, name)
             return run_dir / name
-    from cellkit.train import FAILED_NAME, failure_reason
 
     hints = []
     reason = failure_reason(run_dir)
