@@ -632,15 +632,25 @@ def check_images(paths: Sequence[Path], workers: int | None = None, progress: bo
                                        consequence="nothing was predicted")
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary files an interrupted (killed) run left in a store (``.<id>.npz.<random>.npz`` and
-    ``.meta.json.<random>.tmp``, :mod:`cellkit.atomic`'s names); readers skip them, but a resumed store should equal
-    an uninterrupted one."""
+def _remove_stale_temporaries(out: Path, image_ids: Sequence[str]) -> None:
+    """Delete temporary files a killed run left in a store (:mod:`cellkit.atomic`'s hidden names): those of the
+    images this run is about to write (``.<id>.npz.<random>.npz``) and ``meta.json`` temporaries older than a
+    minute. Readers skip them anyway, but a resumed store should equal an uninterrupted one; a concurrent run
+    writing other images (another fold) into the same store is left alone."""
+    import glob
+    import time
+
     if not out.is_dir():
         return
-    for pattern in (".*.npz.*.npz", ".meta.json.*.tmp"):
-        for path in out.glob(pattern):
+    for image_id in image_ids:
+        for path in out.glob(f".{glob.escape(image_id)}.npz.*.npz"):
             path.unlink(missing_ok=True)
+    for path in out.glob(".meta.json.*.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime > 60:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
 
 
 def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, source: dict,
@@ -669,7 +679,7 @@ def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, 
     meta = _merge_meta(out, tta, {**source, "n_images": len(images)})
     todo = [(i, p) for i, p in images if i not in done]
     check_images([p for _, p in todo], progress=progress)  # before anything is written
-    _remove_stale_temporaries(out)
+    _remove_stale_temporaries(out, [i for i, _ in todo])
     predictions.write_meta(out, meta)
     fmt = predictor.cfg.INPUT.FORMAT
     start = time.perf_counter()
