@@ -114,6 +114,10 @@ def add_cellkit_config(cfg) -> None:
     _C.CELLKIT.BACKBONE_CHECKPOINT = False
     # Iterations between two log lines (losses, learning rate, s/iter, ETA) and metrics.json entries.
     _C.CELLKIT.LOG_PERIOD = 20
+    # Periodic checkpoints (model_XXXXXXX.pth, every SOLVER.CHECKPOINT_PERIOD) kept in the run directory: older ones
+    # are deleted after each save, including those from before a --resume; model_best.pth, model_final.pth and the
+    # file last_checkpoint names are always kept. 0 keeps every checkpoint.
+    _C.CELLKIT.KEEP_CHECKPOINTS = 2
 
 
 def preset_names() -> list[str]:

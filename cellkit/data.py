@@ -27,7 +27,7 @@ from cellkit import CELL_TYPES, rle
 __all__ = [
     "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
     "read_train_csv", "find_image", "load_sartorius_dicts", "register_sartorius", "register_livecell",
-    "clear_cache",
+    "clear_cache", "IMAGE_MODES", "open_image", "read_image_array",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ OPTIONAL_COLUMNS = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 """Image file suffixes :func:`find_image` tries, in order."""
+
+IMAGE_MODES = ("L", "P", "RGB", "RGBA", "LA")
+"""PIL modes of 8-bit images cellkit reads (the competition's PNGs and LIVECell's TIFs are ``L``); any other mode
+(16-bit ``I;16``, 32-bit ``I``/``F``, ``CMYK``, ...) is an error, not a silent conversion."""
 
 LIVECELL_CELL_LINES = ("A172", "BT474", "BV2", "Huh7", "MCF7", "SHSY5Y", "SkBr3", "SKOV3")
 """LIVECell's eight cell lines (category-id order when registering with ``cell_line_classes=True``); a LIVECell image
@@ -120,11 +124,24 @@ def _file_key(path: Path) -> tuple:
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
+_MAX_LINES = 20  # further bad lines listed after the first one in a table error
+
+
+def _bad_rows(path: Path, bad: np.ndarray, first_message: str) -> ValueError:
+    """One error for every bad row: the first row's full message, then the lines of the others (up to a cap)."""
+    message = first_message
+    if bad.size > 1:
+        others = ", ".join(str(_line(i)) for i in bad[1:1 + _MAX_LINES])
+        more = f" and {bad.size - 1 - _MAX_LINES} more" if bad.size - 1 > _MAX_LINES else ""
+        message += f"; the same problem on {bad.size - 1} more line(s) of {path}: {others}{more}"
+    return ValueError(message)
+
+
 def _check_ids(df: pd.DataFrame, path: Path) -> None:
     ids = df["id"].str.strip()
     bad = np.flatnonzero((ids == "").to_numpy())
     if bad.size:
-        raise ValueError(f"{path} line {_line(bad[0])}: empty image id")
+        raise _bad_rows(path, bad, f"{path} line {_line(bad[0])}: empty image id")
     df["id"] = ids
 
 
@@ -134,7 +151,7 @@ def _positive_ints(col: pd.Series, name: str, path: Path) -> pd.Series:
     bad = np.flatnonzero(~ok.to_numpy())
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{path} line {_line(i)}: {name} {str(col.iloc[i])!r} is not a positive integer")
+        raise _bad_rows(path, bad, f"{path} line {_line(i)}: {name} {str(col.iloc[i])!r} is not a positive integer")
     return values.astype(np.int64)
 
 
@@ -143,8 +160,8 @@ def _check_cell_types(df: pd.DataFrame, path: Path) -> None:
     bad = np.flatnonzero(~df["cell_type"].isin(CELL_TYPES).to_numpy())
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
-                         f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
+        raise _bad_rows(path, bad, f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
+                                   f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
 
 
 def _check_sizes_per_image(df: pd.DataFrame, path: Path) -> None:
@@ -152,9 +169,9 @@ def _check_sizes_per_image(df: pd.DataFrame, path: Path) -> None:
     bad = np.flatnonzero(((first["width"] != df["width"]) | (first["height"] != df["height"])).to_numpy())
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
-                         f"{df['height'].iloc[i]} differs from the image's earlier rows "
-                         f"({first['width'].iloc[i]}x{first['height'].iloc[i]})")
+        raise _bad_rows(path, bad, f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
+                                   f"{df['height'].iloc[i]} differs from the image's earlier rows "
+                                   f"({first['width'].iloc[i]}x{first['height'].iloc[i]})")
 
 
 # --------------------------------------------------------------------------------------------------------- images
@@ -175,11 +192,56 @@ def find_image(image_dir: str | os.PathLike, image_id: str) -> Path:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header only (PIL opens lazily)."""
+    """``(width, height)`` from the image header only (PIL opens lazily); ValueError naming the file if unreadable."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
+
+
+def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None):
+    """Open and decode an image completely, so that a broken file fails here, naming it, not later.
+
+    Args:
+        path: the image file.
+        size: expected ``(width, height)``; ``None`` accepts any size.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` of a mode in :data:`IMAGE_MODES` (pixel data read; the file is closed).
+
+    Raises:
+        FileNotFoundError: no such file (naming it).
+        ValueError: ``"<path>: ..."`` for an unreadable (not an image, truncated, corrupt) file, a mode outside
+            :data:`IMAGE_MODES`, or a size other than ``size``.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every pixel: a truncated file raises OSError here
+            image = im
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
+    if image.mode not in IMAGE_MODES:
+        raise ValueError(f"{path}: image mode {image.mode!r} is not an 8-bit mode ({', '.join(IMAGE_MODES)})")
+    if size is not None and tuple(image.size) != tuple(size):
+        raise ValueError(f"{path}: image is {image.size[0]}x{image.size[1]} (WxH), expected {size[0]}x{size[1]}")
+    return image
+
+
+def read_image_array(path: str | os.PathLike) -> np.ndarray:
+    """An image file as a uint8 array: ``(H, W)`` for grayscale, ``(H, W, C)`` otherwise (palette images expanded
+    to RGB). Errors as :func:`open_image`."""
+    image = open_image(path)
+    if image.mode == "P":
+        image = image.convert("RGB")
+    return np.asarray(image)
 
 
 def _boxes_xyxy(segmentations: list[dict]) -> np.ndarray:

@@ -394,16 +394,48 @@ def check_local_weights(path: str | os.PathLike, hint: str = "") -> Path:
 
 
 class CellkitCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that loads local files only and logs re-initialised heads.
+    """``DetectionCheckpointer`` that loads local files only, saves atomically and logs re-initialised heads.
 
     Parameters whose shape differs from the checkpoint's (a head with another class count) keep their fresh
-    initialisation; each is logged at INFO level with both shapes.
+    initialisation; each is logged at INFO level with both shapes. :meth:`save` writes a temporary file and renames
+    it (:mod:`cellkit.atomic`), then updates ``last_checkpoint`` the same way, so a kill mid-save leaves the
+    previous checkpoint and tag intact. A file that cannot be loaded (truncated, not a checkpoint) raises one
+    ValueError naming it.
     """
+
+    def save(self, name: str, **kwargs) -> None:
+        from cellkit import atomic
+
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        with atomic.atomic_path(save_file, suffix=".pth") as tmp:
+            torch.save(data, tmp)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        from cellkit import atomic
+
+        atomic.write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def load(self, path, *args, **kwargs):
         if path:
             check_local_weights(path)
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except Exception as exc:  # torch.load / pickle raise many types for a truncated or foreign file
+            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ValueError(f"{filename}: cannot load checkpoint, the file is corrupt or not a checkpoint "
+                             f"({type(exc).__name__}: {detail})") from None
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

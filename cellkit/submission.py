@@ -164,15 +164,17 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
 
 
 def image_sizes(image_dir) -> dict[str, tuple[int, int]]:
-    """``{image id: (height, width)}`` for the images of a directory, read from their headers (PIL, lazily).
+    """``{image id: (height, width)}`` for the images of a directory, each decoded completely
+    (:func:`cellkit.data.open_image`), so that a broken test image is found here, naming it.
 
     Ids are file stems of files ending in :data:`IMAGE_SUFFIXES` (case-insensitive).
 
     Raises:
         FileNotFoundError: the directory does not exist.
-        ValueError: it holds no image, two images share a stem, or an image's header cannot be read (naming it).
+        ValueError: it holds no image, two images share a stem, or an image is unreadable, truncated or not 8-bit
+            (naming it).
     """
-    from PIL import Image
+    from cellkit.data import open_image
 
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
@@ -184,11 +186,7 @@ def image_sizes(image_dir) -> dict[str, tuple[int, int]]:
             continue
         if p.stem in seen:
             raise ValueError(f"{image_dir}: two images with id {p.stem!r}: {seen[p.stem].name}, {p.name}")
-        try:
-            with Image.open(p) as im:
-                width, height = im.size
-        except OSError as exc:
-            raise ValueError(f"{p}: cannot read the image header ({exc})") from None
+        width, height = open_image(p).size  # decoded completely: a truncated or 16-bit image is an error here
         seen[p.stem] = p
         sizes[p.stem] = (int(height), int(width))
     if not sizes:

@@ -7,6 +7,11 @@ here), ``log.txt``, ``metrics.json`` (losses, learning rate and ``cellkit/*`` va
 states), ``last_checkpoint`` and ``model_best.pth`` (best ``CELLKIT.EVAL.METRIC``). ``--resume`` reloads the last
 checkpoint: same iteration count, same LR schedule, same best-metric and early-stopping state.
 
+Fail safety: all of the data is checked before any work (:func:`check_data`, :mod:`cellkit.datacheck`); checkpoints
+are written atomically and only the newest ``CELLKIT.KEEP_CHECKPOINTS`` periodic ones are kept
+(:class:`CellkitPeriodicCheckpointer`); a run that raises gets a ``FAILED`` marker (:func:`train_worker`) and never a
+``model_final.pth``, and skips detectron2's end-of-training evaluation and best checkpoint.
+
 Hook order (after each step): LR scheduler, evaluation on the held-out fold, best checkpoint, early stopping, then the
 periodic checkpoint (so a checkpoint holds the evaluation of its own iteration) and the log writers (progress and
 ETA from detectron2's ``CommonMetricPrinter``).
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "build_train_augmentations", "CellkitDatasetMapper", "CellkitTrainer", "CellkitBestCheckpointer",
     "EarlyStopping", "TimeBudget", "register_datasets", "prepare_config", "train_worker", "best_weights",
+    "CellkitPeriodicCheckpointer", "FAILED_NAME", "failure_reason",
 ]
 
 TRAIN_NAME = "cellkit_train"
@@ -85,6 +91,13 @@ class CellkitDatasetMapper(DatasetMapper):
             ret["augmentations"] = build_train_augmentations(cfg)
             ret["recompute_boxes"] = bool(cfg.MODEL.MASK_ON)
         return ret
+
+    def __call__(self, dataset_dict):
+        """detectron2's mapping; an image that cannot be read (corrupt, truncated) raises one ValueError naming it."""
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError, EOFError) as exc:  # PIL's errors for broken files (UnidentifiedImageError too)
+            raise ValueError(f"{dataset_dict.get('file_name')}: cannot read image ({exc})") from None
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
         if not self.use_instance_mask or self.use_keypoint:
@@ -192,6 +205,55 @@ class TimeBudget(HookBase):
                         self._seconds / 60, self.trainer.iter + 1, self.trainer.max_iter)
             self.trainer.max_iter = self.trainer.iter + 1
             self.trainer.request_stop()
+
+
+class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """detectron2's ``PeriodicCheckpointer`` that never marks a failed run finished and keeps few checkpoints.
+
+    - ``model_final.pth`` is written only when the last iteration completed without an exception (detectron2 writes
+      it from the step at ``MAX_ITER - 1``; a run that raises never reaches that step's end, and the trainer's
+      ``_train_failed`` flag is checked too);
+    - after each periodic save, only the newest ``keep`` ``model_XXXXXXX.pth`` files of the run directory are kept
+      (found by glob, so files from before a ``--resume`` are pruned too); ``model_best.pth``, ``model_final.pth``
+      and whatever ``last_checkpoint`` names are never deleted. ``keep`` <= 0 keeps every checkpoint.
+    """
+
+    def __init__(self, checkpointer, period: int, keep: int = 2):
+        super().__init__(checkpointer, period)
+        self.keep = int(keep)
+
+    def before_train(self):
+        super().before_train()
+        # temporary files of a save that was killed (cellkit.atomic's hidden names): never loadable, only litter
+        run_dir = Path(self.checkpointer.save_dir)
+        for pattern in (".model_*.pth.*.pth", ".last_checkpoint.*.tmp"):
+            for path in run_dir.glob(pattern):
+                path.unlink(missing_ok=True)
+
+    def after_step(self):
+        if getattr(self.trainer, "_train_failed", False):
+            return
+        super().after_step()
+        if (self.trainer.iter + 1) % self.period == 0:
+            self.prune()
+
+    def prune(self) -> list[Path]:
+        """Delete periodic checkpoints beyond the newest ``keep``; returns the deleted paths."""
+        if self.keep <= 0:
+            return []
+        run_dir = Path(self.checkpointer.save_dir)
+        periodic = sorted(p for p in run_dir.glob("model_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pth") if p.is_file())
+        last = run_dir / "last_checkpoint"
+        protected = {last.read_text().strip()} if last.is_file() else set()
+        deleted = []
+        for path in periodic[:-self.keep]:
+            if path.name not in protected:
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+        if deleted:
+            logger.info("cellkit: removed %d old checkpoint(s) (CELLKIT.KEEP_CHECKPOINTS=%d): %s", len(deleted),
+                        self.keep, ", ".join(p.name for p in deleted))
+        return deleted
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -315,7 +377,8 @@ class CellkitTrainer(DefaultTrainer):
         if cfg.CELLKIT.TIME_BUDGET_MINUTES > 0:
             ret.insert(2, TimeBudget(cfg.CELLKIT.TIME_BUDGET_MINUTES))  # before evaluation: a last step ends cleanly
         if comm.is_main_process():
-            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.append(CellkitPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                   cfg.CELLKIT.KEEP_CHECKPOINTS))
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD))
         return ret
 
@@ -335,11 +398,24 @@ class CellkitTrainer(DefaultTrainer):
                         break
                 # like detectron2: iter = the iteration after the last one run, for the after_train hooks
                 self.iter += 1
-            except Exception:
+            except BaseException:
+                self._train_failed = True  # the after_train hooks must not mark the run finished
                 logger.exception("Exception during training:")
                 raise
             finally:
-                self.after_train()
+                if getattr(self, "_train_failed", False):
+                    self._after_failed_train()
+                else:
+                    self.after_train()
+
+    def _after_failed_train(self) -> None:
+        """``after_train`` of a run that raised: only the log writers and the timer. No final evaluation, best or
+        final checkpoint: detectron2 runs them when the failing iteration was the last one, which would make a run
+        that died at its last (or only) iteration look finished."""
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if isinstance(h, (hooks.PeriodicWriter, hooks.IterationTimer)):
+                h.after_train()
 
     def finished(self) -> str | None:
         """Why there is nothing left to train (after ``resume_or_load``), or None."""
@@ -378,12 +454,17 @@ def _fold_image_ids(folds_csv: Path, fold: int) -> tuple[list, list]:
 def check_data(cfg) -> dict:
     """Validate the data named by ``cfg`` (before any work) and write ``folds.csv`` when it is absent.
 
+    All of the data is read the way training reads it (:mod:`cellkit.datacheck`: every annotation decodes, every
+    image decodes completely with an 8-bit mode at the size its rows say; LIVECell's json and images likewise),
+    in parallel and remembered by file size and mtime, and every problem is reported in one error.
+
     Returns:
         ``{"train": kwargs, "val": kwargs or None}`` for :func:`register_datasets`.
 
     Raises:
         FileNotFoundError: missing ``train.csv``, image folder or LIVECell json.
-        ValueError: a fold with no images, unknown mode.
+        ValueError: a fold with no images, unknown mode; :class:`cellkit.datacheck.DataCheckError` listing every
+            bad annotation and image (file and CSV line).
     """
     d = cfg.CELLKIT.DATA
     if cfg.CELLKIT.MODE == "pretrain":
@@ -394,12 +475,18 @@ def check_data(cfg) -> dict:
                 raise FileNotFoundError(f"LIVECell json {path} does not exist")
         if not Path(d.LIVECELL_IMAGES).is_dir():
             raise FileNotFoundError(f"LIVECell image folder {d.LIVECELL_IMAGES or '(empty)'} does not exist")
+        if comm.is_main_process():
+            from cellkit import datacheck
+
+            for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
+                if path:
+                    datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
         return {"train": dict(json_path=d.LIVECELL_JSON, image_root=d.LIVECELL_IMAGES),
                 "val": dict(json_path=d.LIVECELL_VAL_JSON, image_root=d.LIVECELL_IMAGES) if d.LIVECELL_VAL_JSON
                 else None}
     if cfg.CELLKIT.MODE != "finetune":
         raise ValueError(f"CELLKIT.MODE must be 'finetune' or 'pretrain', got {cfg.CELLKIT.MODE!r}")
-    from cellkit import data, folds as folds_mod
+    from cellkit import data, datacheck, folds as folds_mod
 
     root = Path(d.ROOT)
     csv_path, image_dir = root / "train.csv", root / "train"
@@ -410,9 +497,8 @@ def check_data(cfg) -> dict:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"data dir {root} has no train/ image folder")
     table = data.read_train_csv(csv_path)
-    missing = [i for i in dict.fromkeys(table["id"]) if not _has_image(image_dir, i)]
-    if missing:
-        raise FileNotFoundError(f"{image_dir}: {len(missing)} image(s) of train.csv missing, e.g. {missing[0]}")
+    if comm.is_main_process():
+        datacheck.check_sartorius(csv_path, image_dir)
     fold = int(d.FOLD)
     if fold < 0:
         return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir)), "val": None}
@@ -438,16 +524,6 @@ def check_data(cfg) -> dict:
         raise ValueError(f"holding out fold {fold} of {folds_csv} leaves no training image")
     common = dict(csv_path=str(csv_path), image_dir=str(image_dir), folds_csv=str(folds_csv), fold=fold)
     return {"train": dict(common, split="train"), "val": dict(common, split="val")}
-
-
-def _has_image(image_dir: Path, image_id: str) -> bool:
-    from cellkit import data
-
-    try:
-        data.find_image(image_dir, image_id)
-        return True
-    except (FileNotFoundError, ValueError):
-        return False
 
 
 def register_datasets(cfg, specs: dict) -> None:
@@ -505,34 +581,89 @@ def setup_logging(cfg) -> None:
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="cellkit", abbrev_name="cellkit")
 
 
+FAILED_NAME = "FAILED"
+"""Marker file a run directory gets when training raised: the error, the iteration and the traceback. Removed when
+the run is started (or resumed) again; a run with it has no ``model_final.pth`` from that attempt."""
+
+
+def failure_reason(run_dir: str | os.PathLike) -> str | None:
+    """The first line of ``<run_dir>/FAILED`` (why the run's last attempt failed), or None when there is none."""
+    path = Path(run_dir) / FAILED_NAME
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(FAILED marker unreadable)"
+    return (text.splitlines() or ["(empty FAILED marker)"])[0]
+
+
+def _write_failed(run_dir: Path, exc: BaseException, iteration) -> None:
+    import datetime
+    import traceback
+
+    from cellkit import atomic
+
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    where = "before training started" if iteration is None else f"at iteration {iteration}"
+    text = (f"training failed {where}: {type(exc).__name__}: {message}\n"
+            f"time: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+            f"model_final.pth was not written; fix the cause, then `cellkit train --resume --out {run_dir}` continues "
+            f"from the last checkpoint (if any) or starts afresh.\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    try:
+        atomic.write_text(run_dir / FAILED_NAME, text)
+    except OSError as write_exc:
+        logger.error("cellkit: could not write %s: %s", run_dir / FAILED_NAME, write_exc)
+
+
 def train_worker(cfg, specs: dict, resume: bool = False):
-    """Train in this process (one per GPU under ``detectron2.engine.launch``); returns the last eval results."""
+    """Train in this process (one per GPU under ``detectron2.engine.launch``); returns the last eval results.
+
+    On any exception (KeyboardInterrupt included) the main process writes ``OUTPUT_DIR/FAILED`` (see
+    :data:`FAILED_NAME`) and re-raises; ``model_final.pth`` is never written by a failed attempt. A start without a
+    checkpoint to resume from (a fresh run, or a retry after a failure before the first checkpoint) removes a stale
+    ``metrics.json`` of an earlier failed attempt, so the new run's metrics are not appended to it.
+    """
     from detectron2.utils.env import seed_all_rng
 
     setup_logging(cfg)
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    register_datasets(cfg, specs)
-    if comm.is_main_process():
-        save_config(cfg, cfg.OUTPUT_DIR)
-        logger.info("cellkit: config saved to %s", Path(cfg.OUTPUT_DIR) / "config.yaml")
-    trainer = CellkitTrainer(cfg)
-    trainer.resume_or_load(resume=resume)
-    return trainer.train()
+    out = Path(cfg.OUTPUT_DIR)
+    main = comm.is_main_process()
+    if main:
+        previous = failure_reason(out)
+        if previous:
+            logger.info("cellkit: the previous attempt in %s failed (%s); starting again", out, previous)
+        (out / FAILED_NAME).unlink(missing_ok=True)
+        if not (resume and (out / "last_checkpoint").is_file()):
+            (out / "metrics.json").unlink(missing_ok=True)
+    trainer, started = None, False
+    try:
+        seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+        register_datasets(cfg, specs)
+        if main:
+            save_config(cfg, cfg.OUTPUT_DIR)
+            logger.info("cellkit: config saved to %s", out / "config.yaml")
+        trainer = CellkitTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        started = True
+        return trainer.train()
+    except BaseException as exc:
+        if main:
+            _write_failed(out, exc, trainer.iter if started else None)
+        raise
 
 
 def best_weights(run_dir: str | os.PathLike) -> Path:
-    """The checkpoint of a run to predict with: ``model_best.pth``, else ``model_final.pth``, else the last one.
+    """The checkpoint of a run to predict with: ``model_best.pth``, else ``model_final.pth``.
+
+    A periodic checkpoint alone (an interrupted or failed run) is not enough: it is for ``--resume``, and a model
+    from it would look like a finished one; name it explicitly (``cellkit predict --weights``) to use it.
 
     Raises:
-        FileNotFoundError: the directory holds no checkpoint.
+        FileNotFoundError: neither file exists; the message names the run's last checkpoint and, when the run
+            failed, why (its ``FAILED`` marker).
     """
-    run_dir = Path(run_dir)
-    for name in ("model_best.pth", "model_final.pth"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    last = run_dir / "last_checkpoint"
-    if last.is_file():
-        path = run_dir / last.read_text().strip()
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no checkpoint (model_best.pth, model_final.pth, last_checkpoint) in {run_dir}")
+    from cellkit.tta import run_weights
+
+    return run_weights(run_dir)

@@ -47,7 +47,8 @@ from cellkit.predictions import InstancePredictions, quantize
 
 __all__ = ["TTASettings", "tta_settings", "CellTTA", "paste_crops", "crop_windows", "deaugment_boxes",
            "deaugment_masks", "check_num_classes", "check_held_out",
-           "load_predictor", "predict_images", "predict_oof", "fold_images", "list_images", "run_weights"]
+           "load_predictor", "predict_images", "predict_oof", "fold_images", "list_images", "run_weights",
+           "read_image", "check_images"]
 
 
 @dataclass(frozen=True)
@@ -409,11 +410,29 @@ def run_weights(run_dir, weights=None) -> Path:
 
     if weights:
         return check_local_weights(weights)
+    from cellkit.train import FAILED_NAME, failure_reason
+
     run_dir = Path(run_dir)
     for name in WEIGHT_NAMES:
         if (run_dir / name).is_file():
+            reason = failure_reason(run_dir)
+            if reason:  # a best checkpoint of a run whose last attempt failed: usable, but say so
+                import logging
+
+                logging.getLogger(__name__).warning("%s: the run's last attempt failed (%s: %s); using its %s",
+                                                    run_dir, FAILED_NAME, reason, name)
             return run_dir / name
-    raise FileNotFoundError(f"{run_dir}: no checkpoint ({' or '.join(WEIGHT_NAMES)}); pass --weights PATH")
+
+    hints = []
+    reason = failure_reason(run_dir)
+    if reason:
+        hints.append(f"the run failed ({FAILED_NAME}: {reason})")
+    last = run_dir / "last_checkpoint"
+    if last.is_file() and (run_dir / last.read_text().strip()).is_file():
+        hints.append(f"its last checkpoint {last.read_text().strip()} is for `cellkit train --resume`")
+    hint = f"; {'; '.join(hints)}" if hints else ""
+    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)}){hint}; "
+                            f"pass --weights PATH to use another")
 
 
 def list_images(image_dir) -> list[tuple[str, Path]]:
@@ -534,7 +553,7 @@ def _existing_ids(out: Path) -> set:
         return set()
     if not out.is_dir():
         raise ValueError(f"{out}: output path exists and is not a directory")
-    if any(out.glob("*.npz")):
+    if any(not p.name.startswith(".") for p in out.glob("*.npz")):  # a killed first write leaves only a hidden temp
         return set(predictions.image_ids(out))
     foreign = [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]
     if foreign:
@@ -551,36 +570,87 @@ def _merge_meta(out: Path, tta: dict, source: dict) -> dict:
     from cellkit import predictions
 
     meta = {"tta": tta, "sources": []}
-    if (out / predictions.META_NAME).is_file():
+    meta_path = out / predictions.META_NAME
+    if meta_path.is_file():
         old = predictions.read_meta(out)
         if old.get("tta") != tta:
-            raise ValueError(f"{out}: holds predictions made with TTA settings {old.get('tta')}, not {tta}; "
-                             f"use another --out")
-        meta["sources"] = list(old.get("sources", []))
+            raise ValueError(f"{meta_path}: the store holds predictions made with TTA settings {old.get('tta')}, "
+                             f"not {tta}; use another --out")
+        sources = old.get("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+            raise ValueError(f"{meta_path}: 'sources' must be a list of objects (not written by cellkit predict?)")
+        meta["sources"] = list(sources)
+    elif out.is_dir() and any(not p.name.startswith(".") for p in out.glob("*.npz")):
+        raise ValueError(f"{out}: holds predictions without {predictions.META_NAME} (not written by cellkit "
+                         f"predict); use another --out")
     key = ("fold", source["fold"]) if source["fold"] is not None else ("images", source["images"])
     for old_src in meta["sources"]:
         if old_src.get(key[0]) == key[1] and old_src.get("weights") != source["weights"]:
-            raise ValueError(f"{out}: holds predictions of {key[0]} {key[1]} made with {old_src.get('weights')}, "
-                             f"not {source['weights']}; use another --out")
+            raise ValueError(f"{meta_path}: the store holds predictions of {key[0]} {key[1]} made by another model "
+                             f"({old_src.get('weights')}), not {source['weights']}; use another --out")
     meta["sources"] = [s for s in meta["sources"] if s.get(key[0]) != key[1]] + [source]
     return meta
 
 
 def read_image(path, fmt: str) -> np.ndarray:
-    """An image as the model reads it: uint8 ``(H, W, 3)`` in ``fmt`` (``cfg.INPUT.FORMAT``), via detectron2.
+    """An image as the model reads it: uint8 ``(H, W, 3)`` in ``fmt`` (``cfg.INPUT.FORMAT``), like detectron2's
+    ``read_image`` (EXIF orientation applied), after a complete decode (:func:`cellkit.data.open_image`).
 
     Raises:
-        ValueError: naming the file, when it cannot be read.
+        FileNotFoundError: no such file.
+        ValueError: naming the file, when it is not an image, truncated or corrupt, or not 8-bit.
     """
-    from detectron2.data.detection_utils import read_image as d2_read_image
+    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 
+    from cellkit.data import open_image
+
+    image = open_image(path)
     try:
-        image = d2_read_image(str(path), format=fmt)
-    except Exception as exc:  # PIL raises several types for a broken or foreign file
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an 8-bit image, got {image.dtype}")
-    return image
+        array = convert_PIL_to_numpy(_apply_exif_orientation(image), fmt)
+    except Exception as exc:  # a mode detectron2 cannot convert to fmt
+        raise ValueError(f"{path}: cannot convert the image to {fmt} ({exc})") from None
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path}: expected an 8-bit image, got {array.dtype}")
+    return array
+
+
+def check_images(paths: Sequence[Path], workers: int | None = None, progress: bool = True,
+                 max_problems: int = 30) -> None:
+    """Decode every image completely (:func:`cellkit.data.open_image`, in parallel processes) before any work.
+
+    Raises:
+        ValueError: one :class:`cellkit.datacheck.DataCheckError` naming every unreadable, truncated or non-8-bit
+            image (up to ``max_problems`` listed).
+    """
+    from cellkit import datacheck
+
+    results = datacheck._run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
+                                      datacheck._workers(workers), "checking images", progress)
+    problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
+    if problems:
+        raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,
+                                       consequence="nothing was predicted")
+
+
+def _remove_stale_temporaries(out: Path, image_ids: Sequence[str]) -> None:
+    """Delete temporary files a killed run left in a store (:mod:`cellkit.atomic`'s hidden names): those of the
+    images this run is about to write (``.<id>.npz.<random>.npz``) and ``meta.json`` temporaries older than a
+    minute. Readers skip them anyway, but a resumed store should equal an uninterrupted one; a concurrent run
+    writing other images (another fold) into the same store is left alone."""
+    import glob
+    import time
+
+    if not out.is_dir():
+        return
+    for image_id in image_ids:
+        for path in out.glob(f".{glob.escape(image_id)}.npz.*.npz"):
+            path.unlink(missing_ok=True)
+    for path in out.glob(".meta.json.*.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime > 60:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
 
 
 def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, source: dict,
@@ -607,8 +677,10 @@ def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, 
     done = _existing_ids(out)
     tta = {"enabled": predictor.tta, **predictor.settings.as_dict()}
     meta = _merge_meta(out, tta, {**source, "n_images": len(images)})
-    predictions.write_meta(out, meta)
     todo = [(i, p) for i, p in images if i not in done]
+    check_images([p for _, p in todo], progress=progress)  # before anything is written
+    _remove_stale_temporaries(out, [i for i, _ in todo])
+    predictions.write_meta(out, meta)
     fmt = predictor.cfg.INPUT.FORMAT
     start = time.perf_counter()
     for image_id, path in tqdm(todo, desc=f"predict -> {out.name}", unit="img", disable=not progress):

@@ -78,10 +78,11 @@ def overlay(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.45,
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a uint8 array (grayscale ``(H, W)`` stays 2-D)."""
-    from PIL import Image
-    with Image.open(path) as img:
-        return np.asarray(img)
+    """Read an image file as a uint8 array (grayscale ``(H, W)`` stays 2-D); ValueError naming the file when it is
+    unreadable, truncated or not 8-bit (:func:`cellkit.data.read_image_array`)."""
+    from cellkit.data import read_image_array
+
+    return read_image_array(path)
 
 
 def type_counts(df: pd.DataFrame) -> pd.DataFrame:

@@ -36,3 +36,10 @@ def real_train_csv(real_data: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _data_check_cache(tmp_path_factory, monkeypatch):
+    """The data-check cache (``cellkit.datacheck``) of every test in the session's temp folder, never in
+    ``~/.cache/cellkit`` (subprocesses inherit the variable)."""
+    monkeypatch.setenv("CELLKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cellkit-cache"))

@@ -176,7 +176,12 @@ def test_image_sizes_errors(tmp_path):
         S.image_sizes(tmp_path)
     (tmp_path / "x.tif").unlink()
     (tmp_path / "y.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="y.png: cannot read the image header"):
+    with pytest.raises(ValueError, match="y.png: cannot read image"):
+        S.image_sizes(tmp_path)
+    Image.fromarray(np.full((40, 50), 7, np.uint8)).save(tmp_path / "y.png")
+    blob = (tmp_path / "y.png").read_bytes()
+    (tmp_path / "y.png").write_bytes(blob[: len(blob) // 2])  # header intact, pixels truncated
+    with pytest.raises(ValueError, match="y.png: cannot read image"):
         S.image_sizes(tmp_path)
 
 

@@ -273,11 +273,14 @@ def test_early_stopping_stops_and_stays_stopped(tiny_data, tmp_path, capsys):
 
 
 def test_best_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no finished or best checkpoint"):
         ck_train.best_weights(tmp_path)
     (tmp_path / "model_0000009.pth").write_bytes(b"x")
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
-    assert ck_train.best_weights(tmp_path).name == "model_0000009.pth"
+    (tmp_path / "FAILED").write_text("training failed at iteration 12: RuntimeError: boom\n")
+    # a periodic checkpoint alone is for --resume: refused, naming it and why the run failed
+    with pytest.raises(FileNotFoundError, match=r"failed \(FAILED: training failed at iteration 12.*model_0000009"):
+        ck_train.best_weights(tmp_path)
     (tmp_path / "model_final.pth").write_bytes(b"x")
     assert ck_train.best_weights(tmp_path).name == "model_final.pth"
     (tmp_path / "model_best.pth").write_bytes(b"x")
@@ -355,7 +358,9 @@ def test_bad_data_dirs(tiny_data, tmp_path, capsys):
     (no_images / "train.csv").write_text((tiny_data / "train.csv").read_text())
     (no_images / "train").mkdir()
     assert _train(no_images, tmp_path / "o2") == 2
-    assert "image(s) of train.csv missing" in _err(capsys)
+    err = _err(capsys)
+    assert "the data check found 6 problem(s)" in err  # every missing image listed at once, with its CSV line
+    assert "line 2 (id img000)" in err and "line 22 (id img005)" in err and "no image for id 'img005'" in err
     assert _train(tiny_data, tmp_path / "o3", fold="7") == 2
     assert "fold 7 has no images" in _err(capsys)
     assert not (tmp_path / "o3" / "folds.csv").exists()
@@ -385,3 +390,20 @@ def test_time_budget_finishes_cleanly_and_resumes(tiny_data, tmp_path):
     assert _train(tiny_data, out, "--resume", "CELLKIT.TIME_BUDGET_MINUTES", "0") == 0
     assert _checkpoint_iteration(out / "model_final.pth") == 2
     assert [m["iteration"] for m in _metrics(out) if "lr" in m][-2:] == [1, 2]
+
+
+def test_periodic_checkpointer_keeps_the_newest_and_what_last_checkpoint_names(tmp_path):
+    from types import SimpleNamespace
+
+    for name in ("model_0000004.pth", "model_0000009.pth", "model_0000014.pth", "model_0000019.pth",
+                 "model_best.pth", "model_final.pth", "model_0000002.pth.bak"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")  # e.g. resumed from it
+    fake = SimpleNamespace(save_dir=str(tmp_path), path_manager=None)
+    hook = ck_train.CellkitPeriodicCheckpointer(fake, period=5, keep=2)
+    deleted = hook.prune()
+    assert [p.name for p in deleted] == ["model_0000009.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last_checkpoint", "model_0000002.pth.bak", "model_0000004.pth", "model_0000014.pth", "model_0000019.pth",
+        "model_best.pth", "model_final.pth"]
+    assert ck_train.CellkitPeriodicCheckpointer(fake, period=5, keep=0).prune() == []  # 0 keeps everything

@@ -55,8 +55,11 @@ def build_config(args):
             print(f"cellkit train: --resume uses {saved}; --config {args.config} ignored", file=sys.stderr)
     elif args.config:
         if (out / "last_checkpoint").is_file() and not args.resume:
-            raise CellkitError(f"{out} already holds a training run (last_checkpoint): pass --resume to continue it "
-                               "or choose another --out")
+            from cellkit.train import failure_reason
+
+            failed = failure_reason(out)
+            state = f"a failed training run ({failed})" if failed else "a training run (last_checkpoint)"
+            raise CellkitError(f"{out} already holds {state}: pass --resume to continue it or choose another --out")
         cfg = get_preset_cfg(args.config)
     else:
         raise CellkitError("--config PRESET_OR_YAML is required (or --resume on a run dir with config.yaml)")
