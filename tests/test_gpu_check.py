@@ -22,8 +22,12 @@ def test_gpu_check_smoke_prints_the_table(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--work", str(tmp_path / "w"),
                            "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert table[0] == "| step | figure | value |" and len(table) == 7
+    lines = proc.stdout.splitlines()
+    start = lines.index("| step | figure | value |")  # (detectron2 logs tables of its own before)
+    table = lines[start:start + 8]
+    assert table[1] == "|---|---|---:|" and all(line.startswith("| ") for line in table[2:])
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| paper train"] * 2 + ["| paper TTA"] * 2 + [
+        "| r50 from scratch"] * 2
     figures = json.loads(out.read_text())
     assert figures["paper_train"]["iters"] == 3 and figures["paper_train"]["s_per_iter"] > 0
     assert figures["paper_train"]["amp"] is False  # CPU: AMP off
