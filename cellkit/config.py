@@ -70,8 +70,9 @@ def add_cellkit_config(cfg) -> None:
     _C.CELLKIT.DATA.FOLD = 0
     # Number of folds used when folds.csv has to be written.
     _C.CELLKIT.DATA.NUM_FOLDS = 5
-    # Seed of the fold split written when folds.csv is absent.
-    _C.CELLKIT.DATA.FOLD_SEED = 42
+    # Seed of the fold split written when folds.csv is absent (cellkit.folds.DEFAULT_SEED, the same default as
+    # `cellkit folds` and notebook 02, so every entry point splits alike).
+    _C.CELLKIT.DATA.FOLD_SEED = 0
     # "pretrain" mode: LIVECell COCO json for training and the folder holding its images.
     _C.CELLKIT.DATA.LIVECELL_JSON = ""
     _C.CELLKIT.DATA.LIVECELL_IMAGES = ""
@@ -99,6 +100,9 @@ def add_cellkit_config(cfg) -> None:
     _C.CELLKIT.EVAL.SCORE_THRESHOLD = 0.5
     # Name of the validation metric tracked for the best checkpoint and early stopping (max is better).
     _C.CELLKIT.EVAL.METRIC = "cellkit/mAP"
+    # With TEST.EVAL_PERIOD 0: evaluate once after the last iteration (detectron2's default). False skips it, e.g.
+    # for fold runs whose out-of-fold predictions `cellkit predict --fold` makes anyway (no model_best.pth then).
+    _C.CELLKIT.EVAL.AT_END = True
 
     # Evaluations (every TEST.EVAL_PERIOD iterations) without improvement of CELLKIT.EVAL.METRIC before training
     # stops early; 0 disables early stopping.

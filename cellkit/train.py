@@ -363,7 +363,7 @@ class CellkitTrainer(DefaultTrainer):
         cfg = self.cfg
         ret = [hooks.IterationTimer(), hooks.LRScheduler()]
         period = cfg.TEST.EVAL_PERIOD
-        if cfg.DATASETS.TEST:
+        if cfg.DATASETS.TEST and (period > 0 or cfg.CELLKIT.EVAL.AT_END):
             def test_and_save_results():
                 self._last_eval_results = self.test(self.cfg, self.model)
                 return self._last_eval_results
