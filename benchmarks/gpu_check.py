@@ -83,7 +83,7 @@ def step_paper_train(data: Path, work: Path, iters: int, smoke: bool) -> tuple[d
 def step_tta(run: Path, images: Path, smoke: bool, n_images: int) -> dict:
     import torch
 
-    from cellkit import tta
+    from cellkit import predict
     from cellkit.config import load_run_config, save_config
 
     cfg = load_run_config(run)  # the trained model at 1000 forced detections per image
@@ -95,13 +95,13 @@ def step_tta(run: Path, images: Path, smoke: bool, n_images: int) -> dict:
 
         apply_overrides(cfg, SMOKE["test"])
     save_config(cfg, run)
-    predictor, info = tta.load_predictor(run, tta=True)
-    listed = tta.list_images(images)[:n_images]
+    predictor = predict.load_ensemble([run], tta=True)
+    listed = predict.list_images(images)[:n_images]
     out = run.parent / "tta_store"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    predictor.predict(tta.read_image(listed[0][1], cfg.INPUT.FORMAT), listed[0][0])  # warm-up (cudnn, allocator)
-    res = tta.predict_images(predictor, listed, out, {**info, "fold": None, "images": str(images)}, progress=False)
+    predictor.predict(predict.read_image(listed[0][1], cfg.INPUT.FORMAT), listed[0][0])  # warm-up (cudnn, allocator)
+    res = predict.predict_images(predictor, listed, out, {"fold": None, "images": str(images)}, progress=False)
     from cellkit import predictions
 
     counts = [len(p) for p in predictions.iter_dir(out)]

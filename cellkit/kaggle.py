@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import glob
 import os
 import re
 import shutil
@@ -749,8 +750,8 @@ KERNELS: dict[str, KernelSpec] = {
     "submission": KernelSpec(
         notebook="06_submission.ipynb",
         title="cellkit submission",
-        parameters={"DATA_DIR": "", "OUT_DIR": "/kaggle/working", "RUN_DIR": "", "THRESHOLDS": "",
-                    "WHEELS_DIR": "", "DEVICE": "cuda", "TTA": True, "SMOKE": False},
+        parameters={"DATA_DIR": "", "OUT_DIR": "/kaggle/working", "RUNS": "", "THRESHOLDS": "",
+                    "WHEELS_DIR": "", "DEVICE": "cuda", "SMOKE": False},
         datasets=(WHEELS_DATASET, WEIGHTS_DATASET),
         pin_image=True,
     ),
@@ -1230,27 +1231,52 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
     return out
 
 
-def find_weights_run(env: Environment, value: str = "", default: Path | None = None) -> Path:
-    """Resolve the submission notebook's ``RUN_DIR``: a given path; else ``default`` (an earlier notebook's first
-    ``fold<K>`` in the run directory) when it exists; else the first fold of the weights dataset (the folder holding
-    ``thresholds.json`` and ``fold*/config.yaml``, preferring one named ``cellkit-weights``).
+def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path] = ()) -> list[Path]:
+    """Resolve the submission notebook's ``RUNS``: the fold models the test images are predicted with (an ensemble).
+
+    ``value``: comma-separated run directories or globs (``'fold*'``), each resolved like any input path; ``""``:
+    ``default`` (the fold runs an earlier notebook left in the run directory) when there are any, else every fold
+    of the weights dataset (the folder holding ``thresholds.json`` and ``fold*/config.yaml``, preferring one named
+    ``cellkit-weights``).
 
     Raises:
-        FileNotFoundError: naming ``RUN_DIR``.
+        FileNotFoundError: naming ``RUNS``.
     """
+    from cellkit.chain import fold_runs
+
     if value:
-        return resolve_input(value, env, "RUN_DIR")
-    if default is not None and Path(default).exists():
-        return Path(default).resolve()
+        runs: list[Path] = []
+        for item in (v.strip() for v in str(value).split(",")):
+            if not item:
+                continue
+            if glob.has_magic(item):
+                pattern = str(kaggle_path(os.path.expanduser(item)))
+                bases = [""] if os.path.isabs(pattern) else [
+                    str(Path.cwd()), *([str(env.project_root)] if env.project_root else []), *map(str, env.input_roots)]
+                found: list[Path] = []
+                for base in bases:  # the first place where the glob matches, as resolve_input tries them
+                    found = sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern))
+                                   if (Path(p) / "config.yaml").is_file())
+                    if found:
+                        break
+                if not found:
+                    raise FileNotFoundError(f"RUNS={value!r}: {item!r} matches no run directory (config.yaml)")
+                runs += [p for p in found if p not in runs]
+            else:
+                runs.append(resolve_input(item, env, "RUNS"))
+        if not runs:
+            raise FileNotFoundError(f"RUNS={value!r}: no run directory given")
+        return runs
+    default = [Path(d).resolve() for d in default if Path(d).exists()]
+    if default:
+        return default
     try:
         dataset = _pick(find_dirs(env.input_roots, ("thresholds.json", "fold*/config.yaml")), "weights dataset "
                         "(thresholds.json and fold*/config.yaml)", env.input_roots, WEIGHTS_DATASET)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"RUN_DIR='' (auto): no fold<K> in the run directory and {exc}; attach the "
-                                f"{WEIGHTS_DATASET} dataset (make weights) or pass RUN_DIR") from None
-    from cellkit.chain import fold_runs
-
-    return fold_runs(dataset)[0]
+        raise FileNotFoundError(f"RUNS='' (auto): no fold<K> in the run directory and {exc}; attach the "
+                                f"{WEIGHTS_DATASET} dataset (make weights) or pass RUNS") from None
+    return fold_runs(dataset)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from cellkit import CELL_TYPES, atomic
 __all__ = [
     "FORMAT", "META_NAME", "InstancePredictions", "quantize",
     "save", "load", "iter_dir", "image_ids", "write_meta", "read_meta",
+    "store_signature", "read_signature", "signature_difference", "describe_signature",
 ]
 
 FORMAT = "cellkit.predictions/1"
@@ -344,3 +345,84 @@ def read_meta(directory) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     return meta
+
+
+# ------------------------------------------------------------------------------------------------ signatures
+# The inference signature of a store (how its predictions were made: passes, fusion, detections per image) is
+# written by cellkit.predict into meta.json; see that module's docstring.
+def store_signature(meta: Mapping) -> dict | None:
+    """The inference signature of a store's ``meta.json`` (a legacy ``"tta"`` store: NMS, ``max`` score)."""
+    if isinstance(meta.get("signature"), Mapping):
+        return dict(meta["signature"])
+    if isinstance(meta.get("tta"), Mapping):  # cellkit before the signature: TTA merged by NMS, one pass's score
+        tta = meta["tta"]
+        return {"passes": {k: tta.get(k) for k in ("min_sizes", "max_size", "flip", "n_passes")},
+                "fusion": {"mode": "nms", "iou": None, "score": "max"}, "detections_per_image": None}
+    return None
+
+
+def read_signature(path) -> tuple[dict | None, str]:
+    """The inference signature of a ``thresholds.json`` (its ``"inference"``), or of a store (directory or its
+    ``meta.json``); returns ``(signature or None, description of the source)``.
+
+    Raises:
+        FileNotFoundError: no such file or store.
+    """
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        return store_signature(read_meta(path)), f"store {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no thresholds.json or predictions store")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{path}: expected a JSON object")
+    if "thresholds" in doc:
+        sig = doc.get("inference")
+        return (dict(sig) if isinstance(sig, Mapping) else None), f"thresholds {path}"
+    return store_signature(doc), f"store meta {path}"
+
+
+def _describe(part: str, value) -> str:
+    if not isinstance(value, Mapping):
+        return f"{part}={value}"
+    if part == "passes":
+        return (f"passes min_sizes={list(value.get('min_sizes') or [])} max_size={value.get('max_size')} "
+                f"flip={value.get('flip')}")
+    return f"fusion mode={value.get('mode')} iou={value.get('iou')} score={value.get('score')}"
+
+
+def describe_signature(signature: Mapping) -> str:
+    """One line: the passes, the fusion and the detections per image of a signature."""
+    return (f"{_describe('passes', signature.get('passes'))}; {_describe('fusion', signature.get('fusion'))}; "
+            f"detections_per_image={signature.get('detections_per_image')}")
+
+
+def signature_difference(expected: Mapping | None, actual: Mapping | None) -> str | None:
+    """What differs between two signatures (passes, fusion, detections per image), in one line; None if nothing.
+
+    The members are not compared (module docstring). A legacy signature's unknown ``iou`` or detections match
+    anything.
+    """
+    if expected is None or actual is None:
+        return None
+    diffs = []
+    for part, keys in (("passes", ("min_sizes", "max_size", "flip")), ("fusion", ("mode", "iou", "score"))):
+        a, b = expected.get(part) or {}, actual.get(part) or {}
+        differ = False
+        for k in keys:
+            x, y = a.get(k), b.get(k)
+            if x is None or y is None:
+                continue
+            if isinstance(x, float) or isinstance(y, float):
+                differ |= abs(float(x) - float(y)) > 1e-9
+            else:
+                differ |= (list(x) if isinstance(x, (list, tuple)) else x) != (list(y) if isinstance(y, (list, tuple))
+                                                                            else y)
+        if differ:
+            diffs.append(f"{_describe(part, a)} vs {_describe(part, b)}")
+    x, y = expected.get("detections_per_image"), actual.get("detections_per_image")
+    if x is not None and y is not None and int(x) != int(y):
+        diffs.append(f"detections_per_image={x} vs {y}")
+    return "; ".join(diffs) or None

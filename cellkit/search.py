@@ -832,6 +832,7 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
             "seconds": round(time.perf_counter() - start, 2),
             "peak_rss_mb": round(peak_mb, 1),
         },
+        "inference": P.store_signature(meta),
         "provenance": {
             "predictions": str(pred_dir),
             "truth": truth_path or truth.attrs.get("path"),
@@ -845,12 +846,14 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
 
 def _source_provenance(meta: dict) -> dict:
     """``config``, ``weights`` and ``folds`` of a predictions ``meta.json``: its top-level keys, or those of its
-    ``sources`` (one entry per fold model, as ``cellkit predict`` writes); one value when all sources agree, else the
-    list of distinct values (``folds`` always a sorted list when taken from sources)."""
+    ``sources`` (one entry per fold, each with its ``members``, as ``cellkit predict`` writes); one value when all
+    members agree, else the list of distinct values (``folds`` always a sorted list when taken from sources)."""
     sources = [src for src in meta.get("sources", []) if isinstance(src, dict)]
     if not sources:
         return {"config": meta.get("config"), "weights": meta.get("weights"),
                 "folds": meta.get("folds", meta.get("fold"))}
+    # a store with an inference signature lists each source's members (one per fold model, or an ensemble)
+    sources = [{**m, "fold": src.get("fold")} for src in sources for m in (src.get("members") or [src])]
 
     def distinct(key):
         values = []

@@ -664,6 +664,6 @@ def best_weights(run_dir: str | os.PathLike) -> Path:
         FileNotFoundError: neither file exists; the message names the run's last checkpoint and, when the run
             failed, why (its ``FAILED`` marker).
     """
-    from cellkit.tta import run_weights
+    from cellkit.predict import run_weights
 
     return run_weights(run_dir)

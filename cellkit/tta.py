@@ -7,9 +7,12 @@ rescaling and head switching :class:`CellTTA` inherits); what it produces and wh
    ``cfg.TEST.AUG.FLIP``; without TTA a single pass at ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``) runs the backbone
    once and the box heads (mask head off); boxes are mapped back to the original image (scale and flip undone,
    :func:`deaugment_boxes`);
-2. the union of boxes is merged by class-wise NMS (``ROI_HEADS.NMS_THRESH_TEST``, at most
-   ``TEST.DETECTIONS_PER_IMAGE``) as detectron2 does (vectorised: its per-box Python loop is slow at 1000s of boxes);
-3. the mask head runs on the merged boxes under every augmentation, on the backbone features kept from step 1
+2. the union of boxes is merged (:mod:`cellkit.fusion`): by default class-wise NMS (``ROI_HEADS.NMS_THRESH_TEST``,
+   at most ``TEST.DETECTIONS_PER_IMAGE``) as detectron2 does (vectorised: its per-box Python loop is slow at 1000s
+   of boxes), with the fused score (mean over passes) instead of the kept pass's (``score="max"``: detectron2's);
+   or weighted box fusion. With several models (a fold ensemble, :func:`predict_members`) every model's boxes of
+   every pass are pooled first;
+3. the mask head (of every model) runs on the merged boxes under every augmentation, on the backbone features kept from step 1
    (detectron2 recomputes them: twice the backbone cost), and the ``M x M`` box-relative mask probabilities are
    averaged after undoing the flip (:func:`deaugment_masks`; a box-relative mask is scale-free);
 4. instead of :func:`~detectron2.modeling.postprocessing.detector_postprocess`, which pastes every mask into a
@@ -18,8 +21,10 @@ rescaling and head switching :class:`CellTTA` inherits); what it produces and wh
    probability, quantised to uint8 (``round(p * 255)``), in a :class:`cellkit.predictions.InstancePredictions`.
 
 With ``batch_size=1`` in detectron2's class (its default of 3 pads images of different sizes into one batch, which
-changes GroupNorm statistics), boxes, scores and 0.5-binarised masks are identical to detectron2's TTA
-(``tests/test_tta.py``); Mask R-CNN and Cascade Mask R-CNN alike.
+changes GroupNorm statistics) and ``FusionSettings(score="max")``, boxes, scores and 0.5-binarised masks are
+identical to detectron2's TTA (``tests/test_tta.py``); Mask R-CNN and Cascade Mask R-CNN alike.
+
+Running models over image folders, folds and stores (weights lookup, resume, ``meta.json``) is :mod:`cellkit.predict`.
 
 A single pass (no TTA) skips steps 2-3: the model's own boxes and masks from one forward pass, then step 4.
 
@@ -43,12 +48,11 @@ from detectron2.modeling.test_time_augmentation import DatasetMapperTTA, General
 from detectron2.structures import Boxes, Instances
 
 from cellkit import CELL_TYPES
+from cellkit.fusion import FusionSettings, merge_boxes, weighted_mask_fusion
 from cellkit.predictions import InstancePredictions, quantize
 
-__all__ = ["TTASettings", "tta_settings", "CellTTA", "paste_crops", "crop_windows", "deaugment_boxes",
-           "deaugment_masks", "check_num_classes", "check_held_out",
-           "load_predictor", "predict_images", "predict_oof", "fold_images", "list_images", "run_weights",
-           "read_image", "check_images"]
+__all__ = ["TTASettings", "tta_settings", "CellTTA", "predict_members", "fused_boxes_and_masks", "paste_crops",
+           "crop_windows", "deaugment_boxes", "deaugment_masks", "check_num_classes"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,19 @@ class TTASettings:
         """JSON-friendly form (for ``meta.json``)."""
         return {"min_sizes": [int(s) for s in self.min_sizes], "max_size": int(self.max_size),
                 "flip": bool(self.flip), "n_passes": self.n_passes}
+
+    @classmethod
+    def from_dict(cls, doc, where: str = "passes") -> "TTASettings":
+        """Inverse of :meth:`as_dict` (``n_passes`` is recomputed); ValueError naming ``where`` when malformed."""
+        try:
+            sizes = tuple(int(s) for s in doc["min_sizes"])
+            settings = cls(sizes, int(doc["max_size"]), bool(doc["flip"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: expected {{'min_sizes': [...], 'max_size': int, 'flip': bool}}, got "
+                             f"{doc!r} ({exc})") from None
+        if not sizes or min(sizes) <= 0 or settings.max_size <= 0:
+            raise ValueError(f"{where}: sizes must be positive, got {doc!r}")
+        return settings
 
 
 def tta_settings(cfg, tta: bool) -> TTASettings:
@@ -230,6 +247,9 @@ def _paste_batch(masks, boxes, windows, wh, idx, crops) -> None:
 class CellTTA(GeneralizedRCNNWithTTA):
     """A GeneralizedRCNN (Mask R-CNN or Cascade Mask R-CNN) wrapped for (TTA) inference to box-cropped probabilities.
 
+    One member of an inference run: :func:`predict_members` fuses several (a fold ensemble, :mod:`cellkit.predict`);
+    :meth:`predict` is the one-member case of the same code.
+
     Args:
         cfg: the model's config (``TEST.AUG.*``, ``INPUT.*_TEST``, ``ROI_HEADS.NMS_THRESH_TEST``,
             ``TEST.DETECTIONS_PER_IMAGE``, ``INPUT.FORMAT``).
@@ -239,20 +259,28 @@ class CellTTA(GeneralizedRCNNWithTTA):
             (holds every pass's FPN pyramid at once, ~0.15 GB per pass at 1490x1100 in float32; False keeps one
             at a time and runs the backbone twice per pass, as detectron2 does).
         amp: run under CUDA autocast (float16); default: ``SOLVER.AMP.ENABLED`` on a CUDA model, else off.
+        settings: the passes, overriding ``tta`` and the config (an inference signature's, :mod:`cellkit.predict`).
+        fusion: how the passes' boxes are merged (:class:`cellkit.fusion.FusionSettings`; default NMS at
+            ``ROI_HEADS.NMS_THRESH_TEST`` with the fused ``mean`` score).
     """
 
-    def __init__(self, cfg, model, tta: bool = True, cache_features: bool = True, amp: bool | None = None):
+    def __init__(self, cfg, model, tta: bool = True, cache_features: bool = True, amp: bool | None = None,
+                 settings: TTASettings | None = None, fusion: FusionSettings | None = None):
         if not isinstance(model, GeneralizedRCNN):
             raise ValueError(f"TTA needs a detectron2 GeneralizedRCNN, got {type(model).__name__}")
         if not cfg.MODEL.MASK_ON:
             raise ValueError("config MODEL.MASK_ON is False: predictions need a mask head")
-        self.tta = bool(tta)
-        self.settings = tta_settings(cfg, tta)
+        self.settings = settings if settings is not None else tta_settings(cfg, tta)
+        self.tta = self.settings.n_passes > 1 or (bool(tta) and settings is None)
         mapper = DatasetMapperTTA(min_sizes=list(self.settings.min_sizes), max_size=self.settings.max_size,
                                   flip=self.settings.flip)
         super().__init__(cfg, model, tta_mapper=mapper, batch_size=1)
         self.model.eval()
         self.cache_features = cache_features
+        self.fusion = (fusion or FusionSettings()).resolved(cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST)
+        if self.fusion.mode == "wmf":
+            raise ValueError("fusion 'wmf' fuses members' predictions (cellkit.predict); a member's passes are "
+                             "merged box-first ('nms' or 'wbf')")
         device = next(model.parameters()).device
         self.amp = bool(cfg.SOLVER.AMP.ENABLED and device.type == "cuda") if amp is None else bool(amp)
         if self.amp and device.type != "cuda":
@@ -264,10 +292,15 @@ class CellTTA(GeneralizedRCNNWithTTA):
         """Forward passes per image (``len(MIN_SIZES) x (1 + FLIP)`` with TTA, else 1)."""
         return self.settings.n_passes
 
+    @property
+    def mask_size(self) -> int:
+        """``M`` of the ``M x M`` box-relative masks of the mask head."""
+        return int(self.cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION) * 2
+
     # -- public --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: np.ndarray, image_id: str) -> InstancePredictions:
-        """Predict one image.
+        """Predict one image (this model alone: :func:`predict_members` with one member).
 
         Args:
             image: uint8 ``(H, W, C)`` in ``cfg.INPUT.FORMAT`` channel order (or ``(H, W)`` grayscale, repeated
@@ -278,21 +311,7 @@ class CellTTA(GeneralizedRCNNWithTTA):
             InstancePredictions with classes, scores, boxes (original pixels), crop windows and uint8 probability
             crops; the instances are sorted by descending score.
         """
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3:
-            raise ValueError(f"image {image_id!r}: expected (H, W, C) or (H, W), got shape {image.shape}")
-        height, width = image.shape[:2]
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        inp = {"image": tensor, "height": height, "width": width}
-        with self._autocast():
-            boxes, scores, classes, masks = self._boxes_and_masks(inp)
-        mask_boxes, crops = paste_crops(masks.float(), boxes, height, width)
-        order = np.argsort(-scores.cpu().numpy(), kind="stable")
-        pred = InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores.float().cpu().numpy(),
-                                   boxes.cpu().numpy(), mask_boxes, crops)
-        return pred.select(order)
+        return predict_members([self], image, image_id, self.fusion)
 
     # -- internals -----------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -319,68 +338,134 @@ class CellTTA(GeneralizedRCNNWithTTA):
         out = self.model.roi_heads.forward_with_given_boxes(features, [instances.to(self.model.device)])
         return out[0].pred_masks
 
-    def _boxes_and_masks(self, inp):
-        """Run every pass; return boxes (orig. XYXY float32), scores, classes and averaged (N, 1, M, M) masks."""
-        shape_hw = (inp["height"], inp["width"])
+    def _single_pass(self, inp):
+        """The model's own boxes and masks from one forward pass (no merge)."""
         aug_inputs, tfms = self._get_augmented_inputs(inp)
-        if len(aug_inputs) == 1:
-            images, features = self._features(aug_inputs[0])
-            res = self._detect(images, features, with_masks=True)
-            boxes = deaugment_boxes(res.pred_boxes.tensor, tfms[0])
-            keep = self._valid(boxes, shape_hw)
-            masks = deaugment_masks(res.pred_masks, tfms[0])
-            return boxes[keep], res.scores[keep], res.pred_classes[keep], masks[keep]
+        images, features = self._features(aug_inputs[0])
+        res = self._detect(images, features, with_masks=True)
+        boxes = deaugment_boxes(res.pred_boxes.tensor, tfms[0])
+        keep = _valid(boxes, (inp["height"], inp["width"]))
+        masks = deaugment_masks(res.pred_masks, tfms[0])
+        return boxes[keep], res.scores[keep], res.pred_classes[keep], masks[keep]
 
-        # pass 1: boxes of every augmentation, mapped back to the original image
-        cached, all_boxes, all_scores, all_classes = [], [], [], []
+    def _pass_boxes(self, inp):
+        """Pass 1 of every augmentation: ``(aug_inputs, tfms, cached, [(boxes, scores, classes)] per pass)``."""
+        aug_inputs, tfms = self._get_augmented_inputs(inp)
+        cached, found = [], []
         for aug_input, tfm in zip(aug_inputs, tfms):
             images, features = self._features(aug_input)
             cached.append((images, features) if self.cache_features else None)
             res = self._detect(images, features, with_masks=False)
-            all_boxes.append(deaugment_boxes(res.pred_boxes.tensor, tfm))
-            all_scores.append(res.scores.float())
-            all_classes.append(res.pred_classes)
-        all_boxes = torch.cat(all_boxes)
-        merged = self._merge_detections(all_boxes, torch.cat(all_scores), torch.cat(all_classes), shape_hw)
-        keep = self._valid(merged.pred_boxes.tensor, shape_hw)
-        merged = merged[keep]
-        if len(merged) == 0:
-            m = self.cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION * 2
-            empty = torch.zeros((0, 1, m, m), device=all_boxes.device)
-            return merged.pred_boxes.tensor, merged.scores, merged.pred_classes, empty
+            found.append((deaugment_boxes(res.pred_boxes.tensor, tfm), res.scores.float(), res.pred_classes))
+        return aug_inputs, tfms, cached, found
 
-        # pass 2: the mask head on the merged boxes under every augmentation, probabilities averaged
+    def _pass_masks(self, aug_inputs, tfms, cached, merged: Instances) -> torch.Tensor:
+        """Pass 2: the sum over this model's passes of ``(N, 1, M, M)`` mask probabilities on ``merged`` boxes."""
         aug_instances = self._rescale_detected_boxes(aug_inputs, merged, tfms)
-        masks = None
+        total = None
         for k, (aug_input, inst, tfm) in enumerate(zip(aug_inputs, aug_instances, tfms)):
             images, features = cached[k] if self.cache_features else self._features(aug_input)
             if self.cache_features:
                 cached[k] = None  # free this pass's pyramid as soon as it is used
             # as detectron2's _reduce_pred_masks: box-relative masks are scale-free, only the flip is undone
             pass_masks = deaugment_masks(self._masks_for_boxes(images, features, inst).float(), tfm)
-            masks = pass_masks if masks is None else masks + pass_masks
-        masks = masks / len(aug_inputs)
-        return merged.pred_boxes.tensor.float(), merged.scores, merged.pred_classes, masks
+            total = pass_masks if total is None else total + pass_masks
+        return total
 
-    def _merge_detections(self, all_boxes, all_scores, all_classes, shape_hw):
-        """detectron2's class-wise NMS merge, on tensors (its loop over python scalars is slow at 1000s of boxes)."""
-        from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
 
-        num_classes = self.cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        scores_2d = torch.zeros(len(all_boxes), num_classes + 1, device=all_boxes.device)
-        if len(all_boxes):
-            scores_2d[torch.arange(len(all_boxes), device=all_boxes.device), all_classes.long()] = all_scores
-        merged, _ = fast_rcnn_inference_single_image(all_boxes.float(), scores_2d, shape_hw, 1e-8,
-                                                     self.cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
-                                                     self.cfg.TEST.DETECTIONS_PER_IMAGE)
-        return merged
+def _valid(boxes: torch.Tensor, shape_hw) -> torch.Tensor:
+    """Clip to the image in place and keep non-empty boxes (as detectron2's ``detector_postprocess`` does)."""
+    b = Boxes(boxes)
+    b.clip(shape_hw)
+    return b.nonempty()
 
-    @staticmethod
-    def _valid(boxes: torch.Tensor, shape_hw) -> torch.Tensor:
-        """Clip to the image in place and keep non-empty boxes (as detectron2's ``detector_postprocess`` does)."""
-        b = Boxes(boxes)
-        b.clip(shape_hw)
-        return b.nonempty()
+
+def _as_input(image: np.ndarray, image_id: str) -> dict:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3:
+        raise ValueError(f"image {image_id!r}: expected (H, W, C) or (H, W), got shape {image.shape}")
+    height, width = image.shape[:2]
+    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return {"image": tensor, "height": height, "width": width}
+
+
+def fused_boxes_and_masks(members: Sequence[CellTTA], inp: dict, fusion: FusionSettings):
+    """Box-first fusion of ``members`` x their passes on one image (see :mod:`cellkit.fusion`).
+
+    One member with one pass: its own boxes and masks. Otherwise every member's boxes of every pass are pooled and
+    merged (``fusion``: ``nms`` or ``wbf``), then every member's mask head runs on the merged boxes in every pass
+    (each member's backbone once per pass when it caches features) and the probabilities are averaged.
+
+    Returns:
+        ``(boxes (N, 4) float32 XYXY original pixels, scores (N,), classes (N,) int64, masks (N, 1, M, M))``.
+
+    Raises:
+        ValueError: members whose passes or mask sizes differ (their masks cannot be averaged box-first).
+    """
+    shape_hw = (inp["height"], inp["width"])
+    lead = members[0]
+    for m in members[1:]:
+        if m.settings != lead.settings:
+            raise ValueError(f"ensemble members' passes differ ({lead.settings.as_dict()} vs {m.settings.as_dict()})")
+        if m.mask_size != lead.mask_size:
+            raise ValueError(f"ensemble members' mask heads differ ({lead.mask_size} vs {m.mask_size} px masks): "
+                             f"use fusion 'wmf'")
+    if len(members) == 1 and lead.n_passes == 1:
+        return lead._single_pass(inp)
+    n_groups = len(members) * lead.n_passes
+    runs, boxes, scores, classes, groups = [], [], [], [], []
+    for mi, member in enumerate(members):
+        aug_inputs, tfms, cached, found = member._pass_boxes(inp)
+        runs.append((aug_inputs, tfms, cached))
+        for pi, (b, s, c) in enumerate(found):
+            boxes.append(b)
+            scores.append(s)
+            classes.append(c)
+            groups.append(torch.full((len(b),), mi * lead.n_passes + pi, dtype=torch.int64, device=b.device))
+    merged_boxes, merged_scores, merged_classes = merge_boxes(
+        fusion, torch.cat(boxes), torch.cat(scores), torch.cat(classes), torch.cat(groups), n_groups, shape_hw,
+        int(lead.cfg.TEST.DETECTIONS_PER_IMAGE))
+    keep = _valid(merged_boxes, shape_hw)
+    merged = Instances(shape_hw, pred_boxes=Boxes(merged_boxes[keep]), scores=merged_scores[keep],
+                       pred_classes=merged_classes[keep])
+    if len(merged) == 0:
+        empty = torch.zeros((0, 1, lead.mask_size, lead.mask_size), device=merged_boxes.device)
+        return merged.pred_boxes.tensor, merged.scores, merged.pred_classes, empty
+    masks = None
+    for member, (aug_inputs, tfms, cached) in zip(members, runs):
+        total = member._pass_masks(aug_inputs, tfms, cached, merged)
+        masks = total if masks is None else masks + total.to(masks.device)
+    masks = masks / n_groups
+    return merged.pred_boxes.tensor.float(), merged.scores, merged.pred_classes, masks
+
+
+@torch.no_grad()
+def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str,
+                    fusion: FusionSettings) -> InstancePredictions:
+    """Predict one image with the fusion of ``members`` (a one-member list: that model alone).
+
+    ``fusion.mode`` ``nms``/``wbf``: :func:`fused_boxes_and_masks`; ``wmf``: each member predicts alone (its passes
+    merged by NMS with the fused score), then :func:`cellkit.fusion.weighted_mask_fusion`.
+
+    Returns:
+        InstancePredictions sorted by descending score (see :meth:`CellTTA.predict`).
+    """
+    if not members:
+        raise ValueError("predict_members: no members")
+    if fusion.mode == "wmf":
+        preds = [m.predict(image, image_id) for m in members]
+        return weighted_mask_fusion(preds, fusion.iou, int(members[0].cfg.TEST.DETECTIONS_PER_IMAGE))
+    inp = _as_input(image, image_id)
+    height, width = inp["height"], inp["width"]
+    with members[0]._autocast():
+        boxes, scores, classes, masks = fused_boxes_and_masks(members, inp, fusion)
+    mask_boxes, crops = paste_crops(masks.float(), boxes, height, width)
+    order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
+    pred = InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores.float().cpu().numpy(),
+                               boxes.cpu().numpy(), mask_boxes, crops)
+    return pred.select(order)
 
 
 def check_num_classes(cfg) -> None:
@@ -389,345 +474,3 @@ def check_num_classes(cfg) -> None:
     if n != len(CELL_TYPES):
         raise ValueError(f"config MODEL.ROI_HEADS.NUM_CLASSES is {n}; predictions are stored for the "
                          f"{len(CELL_TYPES)} cell types {list(CELL_TYPES)}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Prediction runs: a run directory's model over a folder of images (or a fold's held-out images) -> a store
-# --------------------------------------------------------------------------------------------------------------
-
-WEIGHT_NAMES = ("model_best.pth", "model_final.pth")
-"""Checkpoints looked up in a run directory, in order, when no weights file is given."""
-
-
-def run_weights(run_dir, weights=None) -> Path:
-    """The checkpoint to predict with: ``weights`` when given, else ``model_best.pth``, else ``model_final.pth``.
-
-    Raises:
-        FileNotFoundError: naming the run directory and the files tried (or the missing ``weights``).
-        ValueError: ``weights`` is a URL (nothing is downloaded).
-    """
-    from cellkit.modeling import check_local_weights
-
-    if weights:
-        return check_local_weights(weights)
-    from cellkit.train import FAILED_NAME, failure_reason
-
-    run_dir = Path(run_dir)
-    for name in WEIGHT_NAMES:
-        if (run_dir / name).is_file():
-            reason = failure_reason(run_dir)
-            if reason:  # a best checkpoint of a run whose last attempt failed: usable, but say so
-                import logging
-
-                logging.getLogger(__name__).warning("%s: the run's last attempt failed (%s: %s); using its %s",
-                                                    run_dir, FAILED_NAME, reason, name)
-            return run_dir / name
-
-    hints = []
-    reason = failure_reason(run_dir)
-    if reason:
-        hints.append(f"the run failed ({FAILED_NAME}: {reason})")
-    last = run_dir / "last_checkpoint"
-    if last.is_file() and (run_dir / last.read_text().strip()).is_file():
-        hints.append(f"its last checkpoint {last.read_text().strip()} is for `cellkit train --resume`")
-    hint = f"; {'; '.join(hints)}" if hints else ""
-    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)}){hint}; "
-                            f"pass --weights PATH to use another")
-
-
-def list_images(image_dir) -> list[tuple[str, Path]]:
-    """``(image_id, path)`` of every image (:data:`cellkit.data.IMAGE_EXTENSIONS`) in ``image_dir``, sorted by id.
-
-    Raises:
-        FileNotFoundError: the directory does not exist.
-        ValueError: it holds no image, or two files share an id (``a.png`` and ``a.tif``).
-    """
-    from cellkit.data import IMAGE_EXTENSIONS
-
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir}: image directory does not exist")
-    found: dict[str, Path] = {}
-    for p in sorted(image_dir.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-            if p.stem in found:
-                raise ValueError(f"{image_dir}: two images with id {p.stem!r} ({found[p.stem].name}, {p.name})")
-            found[p.stem] = p
-    if not found:
-        raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return sorted(found.items())
-
-
-def fold_images(data_dir, fold: int, folds_csv=None) -> list[tuple[str, Path]]:
-    """``(image_id, path)`` of the held-out images of ``fold`` in a competition-layout data directory.
-
-    Args:
-        data_dir: holds ``train/<id>.png`` (and usually ``train.csv``, ``folds.csv``).
-        fold: the held-out fold.
-        folds_csv: the folds file; default ``<data_dir>/folds.csv``.
-
-    Raises:
-        FileNotFoundError: no folds file, no ``train/`` folder, an image of the fold missing (naming it).
-        ValueError: a fold that is not in the folds file (see :func:`cellkit.folds.fold_ids`).
-    """
-    from cellkit.data import find_image
-    from cellkit.folds import fold_ids, read_folds
-
-    data_dir = Path(data_dir)
-    folds_csv = Path(folds_csv) if folds_csv else data_dir / "folds.csv"
-    if not folds_csv.is_file():
-        raise FileNotFoundError(f"{folds_csv}: no folds file (write one with `python -m cellkit folds`, or train "
-                                f"first: the run directory keeps its folds.csv)")
-    ids = fold_ids(read_folds(folds_csv), int(fold), "val")
-    if not ids:
-        raise ValueError(f"{folds_csv}: fold {fold} has no images")
-    image_dir = data_dir / "train"
-    return sorted((i, find_image(image_dir, i)) for i in ids)
-
-
-def check_held_out(cfg, fold: int, run_dir) -> None:
-    """Refuse predictions on ``fold`` by a run that trained on it (they would not be out-of-fold).
-
-    Raises:
-        ValueError: the run's ``CELLKIT.DATA.FOLD`` is not ``fold`` (``-1``: it trained on every image).
-    """
-    held_out = int(cfg.CELLKIT.DATA.FOLD)
-    if held_out != int(fold):
-        what = "trained on every image (CELLKIT.DATA.FOLD -1)" if held_out < 0 else f"held out fold {held_out}"
-        raise ValueError(f"{run_dir}: the run {what}, so its predictions on fold {fold} would not be out-of-fold; "
-                         f"use the run that held out fold {fold}")
-
-
-def run_folds_csv(run_dir, cfg, data_dir) -> Path | None:
-    """The folds file a run was trained with: ``CELLKIT.DATA.FOLDS_CSV``, ``<run>/folds.csv``, ``<data>/folds.csv``."""
-    candidates = []
-    if "CELLKIT" in cfg and cfg.CELLKIT.DATA.FOLDS_CSV:
-        candidates.append(Path(cfg.CELLKIT.DATA.FOLDS_CSV))
-    candidates += [Path(run_dir) / "folds.csv", Path(data_dir) / "folds.csv"]
-    return next((c for c in candidates if c.is_file()), candidates[-1])
-
-
-def load_predictor(run_dir, weights=None, tta: bool = False, device: str | None = None):
-    """Load a run directory's ``config.yaml`` and checkpoint into a :class:`CellTTA`.
-
-    Args:
-        run_dir: a ``cellkit train`` output directory.
-        weights: checkpoint path; default :func:`run_weights`.
-        tta: every ``TEST.AUG`` pass, else one pass at the test size.
-        device: ``cpu``/``cuda``; default the config's ``MODEL.DEVICE``, falling back to ``cpu`` without CUDA.
-
-    Returns:
-        ``(predictor, info)`` where ``info`` holds ``run``, ``config``, ``weights`` (str) for ``meta.json``.
-
-    Raises:
-        FileNotFoundError / ValueError: missing run directory, config or weights, or a model whose class count is
-            not the competition's, before the model is built.
-    """
-    from cellkit.config import CONFIG_FILE_NAME, load_run_config
-    from cellkit.modeling import load_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run directory does not exist")
-    cfg = load_run_config(run_dir)
-    weights = run_weights(run_dir, weights)
-    check_num_classes(cfg)
-    if device:
-        cfg.MODEL.DEVICE = device
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    if not cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.SOLVER.AMP.ENABLED = False
-    tta_settings(cfg, tta)  # validate the sizes before building the model
-    model = load_model(cfg, weights)
-    info = {"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
-            "weights": str(Path(weights).resolve())}
-    return CellTTA(cfg, model, tta=tta), info
-
-
-def _existing_ids(out: Path) -> set:
-    """Ids already stored in ``out`` (resume); an error for a foreign file there."""
-    from cellkit import predictions
-
-    if not out.exists():
-        return set()
-    if not out.is_dir():
-        raise ValueError(f"{out}: output path exists and is not a directory")
-    if any(not p.name.startswith(".") for p in out.glob("*.npz")):  # a killed first write leaves only a hidden temp
-        return set(predictions.image_ids(out))
-    foreign = [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]
-    if foreign:
-        raise ValueError(f"{foreign[0]}: foreign file in predictions directory {out}")
-    return set()
-
-
-def _merge_meta(out: Path, tta: dict, source: dict) -> dict:
-    """``meta.json`` content after adding ``source``; refuses to mix TTA settings or weights in one directory.
-
-    ``meta = {"tta": {...}, "sources": [{"run", "config", "weights", "fold", "images", "n_images"}, ...]}``; a
-    source with the same ``fold`` (or, without folds, the same ``images``) is replaced.
-    """
-    from cellkit import predictions
-
-    meta = {"tta": tta, "sources": []}
-    meta_path = out / predictions.META_NAME
-    if meta_path.is_file():
-        old = predictions.read_meta(out)
-        if old.get("tta") != tta:
-            raise ValueError(f"{meta_path}: the store holds predictions made with TTA settings {old.get('tta')}, "
-                             f"not {tta}; use another --out")
-        sources = old.get("sources", [])
-        if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
-            raise ValueError(f"{meta_path}: 'sources' must be a list of objects (not written by cellkit predict?)")
-        meta["sources"] = list(sources)
-    elif out.is_dir() and any(not p.name.startswith(".") for p in out.glob("*.npz")):
-        raise ValueError(f"{out}: holds predictions without {predictions.META_NAME} (not written by cellkit "
-                         f"predict); use another --out")
-    key = ("fold", source["fold"]) if source["fold"] is not None else ("images", source["images"])
-    for old_src in meta["sources"]:
-        if old_src.get(key[0]) == key[1] and old_src.get("weights") != source["weights"]:
-            raise ValueError(f"{meta_path}: the store holds predictions of {key[0]} {key[1]} made by another model "
-                             f"({old_src.get('weights')}), not {source['weights']}; use another --out")
-    meta["sources"] = [s for s in meta["sources"] if s.get(key[0]) != key[1]] + [source]
-    return meta
-
-
-def read_image(path, fmt: str) -> np.ndarray:
-    """An image as the model reads it: uint8 ``(H, W, 3)`` in ``fmt`` (``cfg.INPUT.FORMAT``), like detectron2's
-    ``read_image`` (EXIF orientation applied), after a complete decode (:func:`cellkit.data.open_image`).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: naming the file, when it is not an image, truncated or corrupt, or not 8-bit.
-    """
-    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
-
-    from cellkit.data import open_image
-
-    image = open_image(path)
-    try:
-        array = convert_PIL_to_numpy(_apply_exif_orientation(image), fmt)
-    except Exception as exc:  # a mode detectron2 cannot convert to fmt
-        raise ValueError(f"{path}: cannot convert the image to {fmt} ({exc})") from None
-    if array.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an 8-bit image, got {array.dtype}")
-    return array
-
-
-def check_images(paths: Sequence[Path], workers: int | None = None, progress: bool = True,
-                 max_problems: int = 30) -> None:
-    """Decode every image completely (:func:`cellkit.data.open_image`, in parallel processes) before any work.
-
-    Raises:
-        ValueError: one :class:`cellkit.datacheck.DataCheckError` naming every unreadable, truncated or non-8-bit
-            image (up to ``max_problems`` listed).
-    """
-    from cellkit import datacheck
-
-    results = datacheck._run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
-                                      datacheck._workers(workers), "checking images", progress)
-    problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
-    if problems:
-        raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,
-                                       consequence="nothing was predicted")
-
-
-def _remove_stale_temporaries(out: Path, image_ids: Sequence[str]) -> None:
-    """Delete temporary files a killed run left in a store (:mod:`cellkit.atomic`'s hidden names): those of the
-    images this run is about to write (``.<id>.npz.<random>.npz``) and ``meta.json`` temporaries older than a
-    minute. Readers skip them anyway, but a resumed store should equal an uninterrupted one; a concurrent run
-    writing other images (another fold) into the same store is left alone."""
-    import glob
-    import time
-
-    if not out.is_dir():
-        return
-    for image_id in image_ids:
-        for path in out.glob(f".{glob.escape(image_id)}.npz.*.npz"):
-            path.unlink(missing_ok=True)
-    for path in out.glob(".meta.json.*.tmp"):
-        try:
-            if time.time() - path.stat().st_mtime > 60:
-                path.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
-
-
-def predict_images(predictor: CellTTA, images: Sequence[tuple[str, Path]], out, source: dict,
-                   progress: bool = True) -> dict:
-    """Predict images into a store directory, skipping ids already there (resume).
-
-    Args:
-        predictor: from :func:`load_predictor`.
-        images: ``(image_id, path)`` pairs.
-        out: predictions directory (created); gets one ``<id>.npz`` per image and ``meta.json``.
-        source: provenance of this call (``run``, ``config``, ``weights``, ``fold``, ``images``).
-        progress: show a tqdm bar.
-
-    Returns:
-        ``{"written": n, "skipped": n, "seconds": s}``.
-    """
-    import time
-
-    from tqdm import tqdm
-
-    from cellkit import predictions
-
-    out = Path(out)
-    done = _existing_ids(out)
-    tta = {"enabled": predictor.tta, **predictor.settings.as_dict()}
-    meta = _merge_meta(out, tta, {**source, "n_images": len(images)})
-    todo = [(i, p) for i, p in images if i not in done]
-    check_images([p for _, p in todo], progress=progress)  # before anything is written
-    _remove_stale_temporaries(out, [i for i, _ in todo])
-    predictions.write_meta(out, meta)
-    fmt = predictor.cfg.INPUT.FORMAT
-    start = time.perf_counter()
-    for image_id, path in tqdm(todo, desc=f"predict -> {out.name}", unit="img", disable=not progress):
-        pred = predictor.predict(read_image(path, fmt), image_id)
-        predictions.save(pred, out)
-    return {"written": len(todo), "skipped": len(images) - len(todo), "seconds": time.perf_counter() - start}
-
-
-def predict_oof(run_dirs_by_fold: dict, data_dir, out, tta: bool = False, weights_by_fold: dict | None = None,
-                device: str | None = None, progress: bool = True) -> dict:
-    """Out-of-fold predictions: each fold's held-out images by that fold's model, all into one directory.
-
-    Every fold's inputs (run directory, config, weights, folds file, images) are checked before any prediction.
-
-    Args:
-        run_dirs_by_fold: ``{fold: run_dir}``.
-        data_dir: competition-layout data directory (``train/<id>.png``, ``folds.csv``).
-        out: the predictions directory (resumable).
-        tta: TTA passes for every fold.
-        weights_by_fold: optional ``{fold: checkpoint}`` overriding each run's best/final checkpoint.
-        device: see :func:`load_predictor`.
-
-    Returns:
-        ``{fold: {"written", "skipped", "seconds"}}``.
-    """
-    from cellkit.config import load_run_config
-
-    if not run_dirs_by_fold:
-        raise ValueError("predict_oof: no fold run directories given")
-    weights_by_fold = weights_by_fold or {}
-    plans = {}
-    for fold, run_dir in sorted(run_dirs_by_fold.items()):
-        if not Path(run_dir).is_dir():
-            raise FileNotFoundError(f"{run_dir}: run directory of fold {fold} does not exist")
-        cfg = load_run_config(run_dir)
-        check_num_classes(cfg)
-        check_held_out(cfg, fold, run_dir)
-        run_weights(run_dir, weights_by_fold.get(fold))
-        images = fold_images(data_dir, fold, run_folds_csv(run_dir, cfg, data_dir))
-        plans[fold] = (run_dir, images)
-    ids = [i for _, images in plans.values() for i, _ in images]
-    if len(ids) != len(set(ids)):
-        raise ValueError("predict_oof: an image is held out by more than one fold (folds files differ between runs)")
-    results = {}
-    for fold, (run_dir, images) in plans.items():
-        predictor, info = load_predictor(run_dir, weights_by_fold.get(fold), tta=tta, device=device)
-        source = {**info, "fold": int(fold), "images": str(Path(data_dir).resolve() / "train")}
-        results[fold] = predict_images(predictor, images, out, source, progress=progress)
-        del predictor
-    return results

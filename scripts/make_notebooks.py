@@ -204,7 +204,8 @@ FINETUNE = notebook(
      P_ITER, P_BUDGET, P_GPUS, P_RESUME,
      ("WEIGHTS", "", "starting checkpoint (local file); empty for OUT_DIR/pretrain/model_final.pth when 03 made one, "
                      "else the cellkit-pretrained dataset on Kaggle, else random init; 'none' for random init"),
-     ("TTA", False, "out-of-fold predictions with test-time augmentation (scales x flips)"),
+     ("TTA", False, "out-of-fold predictions with test-time augmentation (scales x flips); 06_submission "
+                    "predicts the test images the same way (thresholds.json carries this choice)"),
      P_DEVICE, P_SMOKE],
     [
         ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
@@ -282,34 +283,39 @@ SEARCH = notebook(
 # ------------------------------------------------------------------------------------------------ 06 submission
 SUBMISSION = notebook(
     "06_submission", "06 · Submission",
-    "Predicts the test images (with TTA), applies the searched class-wise post-processing and writes "
-    "`OUT_DIR/submission.csv`, validated. On Kaggle this is the offline submission kernel (`kernels/submission`): "
-    "packages come from the wheels dataset, the model and thresholds from the weights dataset.\n\n"
+    "Predicts the test images with the ensemble of every fold model (box-first fusion: every model's boxes of every "
+    "pass merged, mask probabilities averaged), made the way the out-of-fold predictions the thresholds were fitted "
+    "on were made (the passes, fusion and detections per image in `thresholds.json`), applies the searched "
+    "class-wise post-processing and writes `OUT_DIR/submission.csv`, validated. On Kaggle this is the offline "
+    "submission kernel (`kernels/submission`): packages come from the wheels dataset, the models and thresholds "
+    "from the weights dataset.\n\n"
     + RUN_HINT.format(stem="06_submission"),
     [("DATA_DIR", "", "folder with test/ (the competition layout); empty for auto: the competition's mount on Kaggle, "
                       "data/demo locally"),
      P_OUT,
-     ("RUN_DIR", "", "trained model run (config.yaml + model_*.pth); empty for the first OUT_DIR/fold<K>, else the "
-                     "first fold of the cellkit-weights dataset (make weights) on Kaggle"),
+     ("RUNS", "", "trained model runs (config.yaml + model_*.pth), comma-separated or globs; empty for every "
+                  "OUT_DIR/fold<K>, else every fold of the cellkit-weights dataset (make weights) on Kaggle"),
      ("THRESHOLDS", "", "thresholds.json of the threshold search; empty for OUT_DIR/thresholds.json, else the one "
                         "in the weights dataset"),
-     ("TTA", True, "test-time augmentation (scales x flips)"),
      P_DEVICE, ("N_OVERLAYS", 3, "test images drawn with their predicted masks"), P_SMOKE],
     [
         ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env, need="test")\n'
                             'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
-                            'runs = chain.fold_runs(out_dir)  # fold<K>/ of 04_finetune, if it ran here\n'
-                            'run_dir = kaggle.find_weights_run(env, RUN_DIR, runs[0] if runs else None)\n'
+                            'runs = kaggle.find_weights_runs(env, RUNS, chain.fold_runs(out_dir))  # 04\'s folds\n'
                             'thresholds = kaggle.resolve_artifact(THRESHOLDS, env, "THRESHOLDS", out_dir / '
                             '"thresholds.json",\n'
                             '                                     pattern="thresholds.json", '
                             'prefer=kaggle.WEIGHTS_DATASET)\n'
                             'device = kaggle.resolve_device(DEVICE)\n'
-                            'print(f"{env.kind} run | test images: {data_dir / \'test\'} | model: {run_dir} | '
-                            'thresholds: {thresholds} | {device}")')),
+                            'print(f"{env.kind} run | test images: {data_dir / \'test\'} | {len(runs)} model(s): '
+                            '{[str(r) for r in runs]} | thresholds: {thresholds} | {device}")')),
+        ("md", "## Test predictions\nThe passes, fusion and detections per image come from `thresholds.json` "
+               "(`--like`): the test store is made as the out-of-fold store the thresholds were fitted on, and "
+               "`submit` checks it."),
         ("code", "pred_dir = out_dir / \"test_pred\"\n"
-                 "command(\"predict\", \"--run\", run_dir, \"--images\", data_dir / \"test\", \"--out\", pred_dir,\n"
-                 "        \"--device\", device, *([\"--tta\"] if TTA else []))"),
+                 "command(\"predict\", *[arg for run in runs for arg in (\"--run\", run)], \"--images\", "
+                 "data_dir / \"test\",\n"
+                 "        \"--out\", pred_dir, \"--like\", thresholds, \"--device\", device)"),
         ("code", "submission_csv = out_dir / \"submission.csv\"\n"
                  "command(\"submit\", \"--pred\", pred_dir, \"--thresholds\", thresholds,\n"
                  "        \"--images\", data_dir / \"test\", \"--out\", submission_csv)\n"

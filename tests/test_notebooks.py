@@ -288,6 +288,25 @@ def test_chain_smoke(tmp_path, tiny_data):
     assert check.returncode == 0, check.stdout + check.stderr
     submission = pd.read_csv(out / "submission.csv", keep_default_na=False)
     assert set(submission["id"]) == {p.stem for p in (tiny_data / "test").iterdir()}
+    # the chain's defaults: the test store is predicted as the OOF store the thresholds were fitted on
+    from cellkit import predictions
+
+    oof_sig = predictions.read_meta(out / "oof")["signature"]
+    test_meta = predictions.read_meta(out / "test_pred")
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["inference"] == oof_sig == test_meta["signature"]
+    assert len(test_meta["sources"][0]["members"]) == len(chain.fold_runs(out))
+
+
+def test_submission_notebook_predicts_like_the_thresholds():
+    """06 has no TTA/fusion default of its own that could disagree with 04's: it predicts --like thresholds.json."""
+    declared = chain.notebook_parameters(chain.NOTEBOOK_DIR / "06_submission.ipynb")
+    assert not {"TTA", "FUSION"} & set(declared)
+    assert "TTA" in chain.notebook_parameters(chain.NOTEBOOK_DIR / "04_finetune.ipynb")
+    import nbformat
+
+    source = "".join(c.source for c in nbformat.read(chain.NOTEBOOK_DIR / "06_submission.ipynb", 4).cells)
+    assert '"--like", thresholds' in source and '"--tta"' not in source
 
 
 @pytest.mark.slow

@@ -163,9 +163,9 @@ def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
 
     kernel = kaggle.render_kernel("submission", ROOT / "notebooks", tmp_path / "kernels", OWNER)   # make kernels
     executed = fs / "working" / "submission.executed.ipynb"
-    # Kaggle's GPU is not here: CPU, no TTA; every other parameter is the kernel's own (papermill replaces the
-    # injected cell, so they are all passed again).
-    params = {**kaggle.kernel_parameters("submission"), "DEVICE": "cpu", "TTA": False}
+    # Kaggle's GPU is not here: CPU; every other parameter is the kernel's own (papermill replaces the injected
+    # cell, so they are all passed again). The passes come from thresholds.json: those of the OOF predictions.
+    params = {**kaggle.kernel_parameters("submission"), "DEVICE": "cpu"}
     assert params["OUT_DIR"] == "/kaggle/working"
     cmd = [str(python), "-m", "papermill", str(kernel / "submission.ipynb"), str(executed),
            "-y", json.dumps(params), "--cwd", str(fs / "working"), "--no-progress-bar"]

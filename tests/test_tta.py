@@ -20,7 +20,8 @@ from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from detectron2.structures import Boxes, Instances
 
-from cellkit import predictions, tta
+from cellkit import predict, predictions, tta
+from cellkit.fusion import FusionSettings
 from cellkit.cli import main
 from cellkit.config import new_config, save_config
 
@@ -255,7 +256,7 @@ def test_single_pass_matches_plain_model(tiny):
 def test_tta_matches_detectron2_tta(tiny):
     cfg, model = tiny
     img = make_image(1)
-    ours = tta.CellTTA(cfg, model, tta=True)
+    ours = tta.CellTTA(cfg, model, tta=True, fusion=FusionSettings(score="max"))  # detectron2 keeps one pass's score
     pred = ours.predict(img, "img")
     assert ours.passes_run == ours.n_passes == len(cfg.TEST.AUG.MIN_SIZES) * 2
     d2 = GeneralizedRCNNWithTTA(cfg, model, tta_mapper=DatasetMapperTTA(cfg), batch_size=1)
@@ -270,7 +271,7 @@ def test_tta_matches_detectron2_tta(tiny):
     assert (mb[:, :2] >= 0).all() and (mb[:, 2] <= W).all() and (mb[:, 3] <= H).all()
     assert np.all(np.diff(pred.scores) <= 0)
     # recomputing the features for the mask pass (detectron2's way) gives identical predictions
-    no_cache = tta.CellTTA(cfg, model, tta=True, cache_features=False)
+    no_cache = tta.CellTTA(cfg, model, tta=True, cache_features=False, fusion=FusionSettings(score="max"))
     recomputed = no_cache.predict(img, "img")
     assert no_cache.passes_run == 2 * no_cache.n_passes
     np.testing.assert_array_equal(pred.boxes, recomputed.boxes)
@@ -286,14 +287,15 @@ def test_no_detections_gives_empty_predictions(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ predict CLI
-def make_run(run, fold: int):
-    """A run directory as `cellkit train` leaves it: config.yaml + model_final.pth (tiny, random init)."""
+def make_run(run, fold: int, seed: int | None = None):
+    """A run directory as `cellkit train` leaves it: config.yaml + model_final.pth (tiny, random init; the seed is
+    the fold's unless given)."""
     cfg = tiny_cfg()
     cfg.TEST.DETECTIONS_PER_IMAGE = 20
     cfg.TEST.AUG.MIN_SIZES = (128, 144)
     cfg.CELLKIT.DATA.FOLD = fold
     save_config(cfg, run)
-    DetectionCheckpointer(tiny_model(cfg, seed=fold), save_dir=str(run)).save("model_final")
+    DetectionCheckpointer(tiny_model(cfg, seed=fold if seed is None else seed), save_dir=str(run)).save("model_final")
     return run
 
 
@@ -332,8 +334,10 @@ def test_predict_cli_writes_and_resumes(run_dir, data_dir, tmp_path, capsys):
     assert cli("--run", run_dir, "--images", data_dir / "train", "--out", out) == 0
     assert predictions.image_ids(out) == ["img_a", "img_b", "img_c"]
     meta = predictions.read_meta(out)
-    assert meta["tta"]["enabled"] is False and meta["tta"]["n_passes"] == 1
-    assert meta["sources"][0]["weights"].endswith("model_final.pth")
+    assert meta["signature"]["passes"]["n_passes"] == 1
+    assert meta["signature"]["fusion"] == {"mode": "nms", "iou": 0.5, "score": "mean"}
+    assert meta["sources"][0]["members"][0]["weights"].endswith("model_final.pth")
+    assert len(meta["sources"][0]["members"][0]["sha256"]) == 64
     pred = predictions.load(out / "img_b.npz")
     assert (pred.height, pred.width) == (H, W) and 0 < len(pred) <= 20
     capsys.readouterr()
@@ -347,7 +351,7 @@ def test_predict_cli_writes_and_resumes(run_dir, data_dir, tmp_path, capsys):
     assert len(again) > 0
     # the same directory with other TTA settings is refused
     assert cli("--run", run_dir, "--images", data_dir / "train", "--out", out, "--tta") == 2
-    assert "TTA settings" in capsys.readouterr().err
+    assert "other settings (passes min_sizes=[128] max_size=256 flip=False vs" in capsys.readouterr().err
 
 
 def test_predict_cli_tta_and_fold(run_dir, run_dir1, data_dir, tmp_path):
@@ -357,22 +361,22 @@ def test_predict_cli_tta_and_fold(run_dir, run_dir1, data_dir, tmp_path):
     assert cli("--run", run_dir1, "--fold", 1, "--data", data_dir, "--out", out, "--tta") == 0
     assert predictions.image_ids(out) == ["img_a", "img_b", "img_c"]
     meta = predictions.read_meta(out)
-    assert meta["tta"] == {"enabled": True, "min_sizes": [128, 144], "max_size": 256, "flip": True, "n_passes": 4}
+    assert meta["signature"]["passes"] == {"min_sizes": [128, 144], "max_size": 256, "flip": True, "n_passes": 4}
     assert sorted(s["fold"] for s in meta["sources"]) == [0, 1]
 
 
 def test_predict_oof_collects_all_folds(run_dir, run_dir1, data_dir, tmp_path):
     out = tmp_path / "oof"
-    result = tta.predict_oof({0: run_dir, 1: run_dir1}, data_dir, out, progress=False)
+    result = predict.predict_oof({0: run_dir, 1: run_dir1}, data_dir, out, progress=False)
     assert {k: v["written"] for k, v in result.items()} == {0: 2, 1: 1}
     assert predictions.image_ids(out) == ["img_a", "img_b", "img_c"]
-    sources = {s["fold"]: s["run"] for s in predictions.read_meta(out)["sources"]}
+    sources = {s["fold"]: s["members"][0]["run"] for s in predictions.read_meta(out)["sources"]}
     assert sources == {0: str(run_dir.resolve()), 1: str(run_dir1.resolve())}
     # every fold is checked before any prediction: a missing run, a run that trained on the fold
     with pytest.raises(FileNotFoundError, match="fold 2"):
-        tta.predict_oof({0: run_dir, 2: tmp_path / "missing"}, data_dir, tmp_path / "oof2", progress=False)
+        predict.predict_oof({0: run_dir, 2: tmp_path / "missing"}, data_dir, tmp_path / "oof2", progress=False)
     with pytest.raises(ValueError, match="not be out-of-fold"):
-        tta.predict_oof({0: run_dir, 1: run_dir}, data_dir, tmp_path / "oof2", progress=False)
+        predict.predict_oof({0: run_dir, 1: run_dir}, data_dir, tmp_path / "oof2", progress=False)
     assert not (tmp_path / "oof2").exists()
 
 
@@ -427,9 +431,9 @@ def test_real_image_predicts_inside_the_image():
     image_dir = REAL / "sartorius" / "train"
     if not image_dir.is_dir():
         pytest.skip(f"no real data at {image_dir}")
-    image_id, path = tta.list_images(image_dir)[0]
+    image_id, path = predict.list_images(image_dir)[0]
     cfg = tiny_cfg()
-    image = tta.read_image(path, cfg.INPUT.FORMAT)
+    image = predict.read_image(path, cfg.INPUT.FORMAT)
     assert image.shape == (520, 704, 3) and image.dtype == np.uint8
     pred = tta.CellTTA(cfg, tiny_model(cfg), tta=False).predict(image, image_id)
     assert (pred.height, pred.width) == (520, 704) and len(pred) > 0

@@ -4,6 +4,11 @@ Post-processes each test image's predictions with the searched thresholds and op
 (:func:`cellkit.postprocess.apply_predictions`) and writes the submission through
 :func:`cellkit.submission.write_submission` (atomic; every image of ``--images`` listed, an empty ``predicted`` for an
 image without a kept cell), then checks it with :func:`cellkit.submission.validate_submission`.
+
+The store must have been predicted as the out-of-fold predictions the thresholds were fitted on: its inference
+signature (passes, fusion, detections per image; :mod:`cellkit.predict`) must equal the thresholds' ``"inference"``
+(the member count may differ). Otherwise nothing is written and the command exits with 2, naming what differs;
+``--allow-inference-mismatch`` goes on with a warning.
 """
 from __future__ import annotations
 
@@ -17,7 +22,40 @@ def add_arguments(parser) -> None:
     parser.add_argument("--thresholds", required=True, metavar="JSON", help="thresholds.json from `cellkit search`")
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of the test images")
     parser.add_argument("--out", required=True, metavar="CSV", help="submission.csv to write")
+    parser.add_argument("--allow-inference-mismatch", action="store_true",
+                        help="submit even when the store was predicted with other passes or fusion than the "
+                             "thresholds were fitted on (a warning instead of an error)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_inference(pred_dir, thresholds_path, doc, allow: bool) -> list[str]:
+    """Compare the store's inference signature with the thresholds'; returns log lines (warnings).
+
+    Raises:
+        CellkitError: they differ (one line naming what), unless ``allow``.
+    """
+    from cellkit import predictions as P
+    from cellkit.cli import CellkitError
+
+    expected = doc.get("inference")
+    try:
+        actual = P.store_signature(P.read_meta(pred_dir))
+    except FileNotFoundError:
+        actual = None
+    if expected is None:
+        return [f"warning: {thresholds_path} carries no inference signature (an older cellkit's): the store's "
+                f"passes and fusion are not checked"]
+    if actual is None:
+        return [f"warning: {pred_dir} has no inference signature (no meta.json): not checked"]
+    diff = P.signature_difference(expected, actual)
+    if not diff:
+        return [f"inference: {P.describe_signature(actual)} (as the thresholds')"]
+    message = (f"{pred_dir}: predicted otherwise than the out-of-fold predictions {thresholds_path} was fitted on: "
+               f"{diff} (thresholds vs store); predict with `--like {thresholds_path}` or pass "
+               f"--allow-inference-mismatch")
+    if not allow:
+        raise CellkitError(message)
+    return [f"warning: {message}"]
 
 
 def run(args) -> int:
@@ -36,6 +74,7 @@ def run(args) -> int:
     for name in CELL_TYPES:
         t = thresholds[name]
         log.append(f"  {name:7} score >= {t['score']:.3f}  mask >= {t['mask']:.3f}  min_area {t['min_area']}")
+    log += check_inference(args.pred, args.thresholds, doc, args.allow_inference_mismatch)
     print("\n".join(log), file=sys.stderr)
     sizes = image_sizes(args.images)
     ids = P.image_ids(args.pred)

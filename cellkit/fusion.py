@@ -1,0 +1,312 @@
+"""Fusion of detections from several passes and models: box merging (NMS, WBF) and weighted mask fusion.
+
+An inference run has ``K`` members (models) and ``P`` passes each (test-time augmentations, :mod:`cellkit.tta`).
+Two families of fusion, chosen by :class:`FusionSettings`:
+
+- **box-first** (``nms``, ``wbf``): every member's boxes of every pass, mapped back to the original image, are pooled
+  and merged class-wise into one set of boxes; then every member's mask head runs on the merged boxes in every pass
+  and the mask probabilities are averaged (:mod:`cellkit.predict`). This is detectron2's TTA scheme extended to
+  models, as the 1st and 7th place Sartorius solutions did. :func:`merge_boxes` does the merging:
+
+  * ``nms``: class-wise non-maximum suppression (IoU > ``iou`` suppresses; at most ``detections_per_image``), the
+    boxes kept are the pooled boxes themselves (detectron2's TTA merge). Their score is ``score="max"``: the kept
+    box's own score (detectron2's TTA: one pass's score), or ``score="mean"``: the fused score, the mean over the
+    ``K x P`` groups of each group's best score among the same-class boxes overlapping the kept one by IoU > ``iou``
+    (0 for a group that has none), so a box found by every pass and model keeps its score and a box found by one
+    of them is scaled down by its share.
+  * ``wbf``: weighted box fusion (the ``ensemble-boxes`` package, ``conf_type="avg"``): clusters of same-class boxes
+    with IoU > ``iou`` are replaced by their score-weighted mean box, scored by the cluster's mean score times
+    ``min(n, K x P) / (K x P)`` for ``n`` boxes in it.
+
+- **mask-level** (``wmf``, weighted mask fusion, for members whose heads differ): each member predicts alone (its own
+  boxes and masks, its passes merged box-first), then :func:`weighted_mask_fusion` clusters the members' instances
+  class-wise by mask IoU (``>= iou``, at most one instance per member in a cluster, greedy by descending score), and
+  gives each cluster the score-weighted mean of its probabilities (over the union of the crop windows; a member's
+  probability outside its window is 0) and the score ``sum(scores) / K``: the mean score scaled by the share of
+  members that agree.
+
+Conventions: boxes are XYXY float32 in original-image pixels; ``groups`` number the ``K x P`` (member, pass) sources
+of the pooled boxes ``0..n_groups-1``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["MODES", "SCORE_MODES", "FusionSettings", "merge_boxes", "nms_merge", "wbf_merge",
+           "weighted_mask_fusion", "box_iou"]
+
+MODES = ("nms", "wbf", "wmf")
+"""Fusion modes: box-first NMS, box-first weighted box fusion, weighted mask fusion."""
+
+SCORE_MODES = ("mean", "max")
+"""Score of an NMS-merged box: fused over the groups (``mean``) or the kept box's own (``max``, detectron2's TTA)."""
+
+DEFAULT_IOU = {"nms": None, "wbf": 0.55, "wmf": 0.5}
+"""Default IoU per mode; ``None`` = the model's ``MODEL.ROI_HEADS.NMS_THRESH_TEST`` (resolved when loading)."""
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """How passes and members are fused.
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        iou: IoU of a match (box IoU for ``nms``/``wbf``, mask IoU for ``wmf``); ``None`` until resolved.
+        score: NMS score mode (:data:`SCORE_MODES`); ignored by ``wbf``/``wmf`` (recorded as given).
+    """
+
+    mode: str = "nms"
+    iou: float | None = None
+    score: str = "mean"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"fusion mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"fusion score {self.score!r}: expected one of {', '.join(SCORE_MODES)}")
+        if self.iou is not None and not (0.0 < float(self.iou) < 1.0):
+            raise ValueError(f"fusion iou {self.iou!r}: expected a number in (0, 1)")
+
+    def resolved(self, nms_thresh_test: float) -> "FusionSettings":
+        """A copy with ``iou`` set: the given one, else :data:`DEFAULT_IOU`, else ``nms_thresh_test``."""
+        iou = self.iou if self.iou is not None else DEFAULT_IOU[self.mode]
+        return FusionSettings(self.mode, float(nms_thresh_test if iou is None else iou), self.score)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form (for ``meta.json`` / ``thresholds.json``)."""
+        return {"mode": self.mode, "iou": None if self.iou is None else round(float(self.iou), 6),
+                "score": self.score}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping, where: str = "fusion") -> "FusionSettings":
+        """Inverse of :meth:`as_dict`; raises ValueError naming ``where`` for a malformed document."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"{where}: expected an object with 'mode', 'iou', 'score', got {doc!r}")
+        try:
+            return cls(str(doc.get("mode", "nms")), doc.get("iou"), str(doc.get("score", "mean")))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------------- box merging
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of XYXY boxes ``a (N, 4)`` and ``b (M, 4)`` -> float32 ``(N, M)``."""
+    from detectron2.structures import Boxes, pairwise_iou
+
+    return pairwise_iou(Boxes(a.float()), Boxes(b.float()))
+
+
+def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, groups: torch.Tensor, n_groups: int,
+              shape_hw, iou: float, max_dets: int, score: str = "mean"):
+    """Class-wise NMS over pooled boxes (detectron2's ``fast_rcnn_inference_single_image``), optionally re-scored.
+
+    Args:
+        boxes: float ``(N, 4)`` XYXY in the original image; scores float ``(N,)``; classes int ``(N,)``.
+        groups: int ``(N,)``, the (member, pass) each box came from, in ``0..n_groups-1``.
+        n_groups: ``K x P``.
+        shape_hw: image ``(H, W)`` (boxes are clipped to it).
+        iou: NMS threshold (IoU > iou suppresses).
+        max_dets: at most this many boxes kept (highest scores before re-scoring).
+        score: ``"max"`` keeps each kept box's own score; ``"mean"`` fuses (module docstring).
+
+    Returns:
+        ``(boxes (n, 4) float32, scores (n,) float32, classes (n,) int64)``, highest raw score first.
+    """
+    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+
+    device = boxes.device
+    num_classes = int(classes.max()) + 1 if len(classes) else 1
+    scores_2d = torch.zeros(len(boxes), num_classes + 1, device=device)
+    if len(boxes):
+        scores_2d[torch.arange(len(boxes), device=device), classes.long()] = scores.float()
+    merged, kept = fast_rcnn_inference_single_image(boxes.float(), scores_2d, tuple(shape_hw), 1e-8, float(iou),
+                                                    int(max_dets))
+    out_boxes = merged.pred_boxes.tensor.float()
+    out_scores = merged.scores.float()
+    out_classes = merged.pred_classes.long()
+    if score == "mean" and len(out_boxes):
+        from detectron2.structures import Boxes
+
+        pooled = Boxes(boxes.float().clone())
+        pooled.clip(tuple(shape_hw))
+        overlap = box_iou(out_boxes, pooled.tensor)  # (n, N)
+        match = (overlap > float(iou)) & (out_classes[:, None] == classes.long()[None, :].to(device))
+        match[torch.arange(len(kept), device=device), kept.to(device)] = True  # a kept box matches itself
+        contrib = torch.where(match, scores.float()[None, :].to(device), torch.zeros((), device=device))
+        best = torch.zeros(len(out_boxes), int(n_groups), device=device)
+        best.scatter_reduce_(1, groups.long().to(device)[None, :].expand_as(contrib), contrib, reduce="amax")
+        out_scores = best.sum(dim=1) / float(n_groups)
+    return out_boxes, out_scores, out_classes
+
+
+def wbf_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, groups: torch.Tensor,
+              n_groups: int, shape_hw, iou: float, max_dets: int):
+    """Weighted box fusion (``ensemble_boxes.weighted_boxes_fusion``, every group weight 1, ``conf_type="avg"``).
+
+    Args: as :func:`nms_merge` (boxes normalised to [0, 1] by the image size for the package and back).
+
+    Returns:
+        ``(boxes (n, 4) float32, scores (n,) float32, classes (n,) int64)``, highest fused score first, at most
+        ``max_dets``.
+
+    Raises:
+        ImportError: naming the package when ``ensemble-boxes`` is not installed.
+    """
+    try:
+        from ensemble_boxes import weighted_boxes_fusion
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"fusion mode 'wbf' needs the ensemble-boxes package (and numba): {exc}") from None
+    device = boxes.device
+    h, w = (float(s) for s in shape_hw)
+    scale = np.array([w, h, w, h], dtype=np.float64)
+    b = np.clip(boxes.detach().double().cpu().numpy() / scale, 0.0, 1.0)
+    s = scores.detach().double().cpu().numpy()
+    c = classes.detach().cpu().numpy()
+    g = groups.detach().cpu().numpy()
+    valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    boxes_list, scores_list, labels_list = [], [], []
+    for k in range(int(n_groups)):
+        sel = (g == k) & valid
+        boxes_list.append(b[sel].tolist())
+        scores_list.append(s[sel].tolist())
+        labels_list.append(c[sel].tolist())
+    if not any(len(x) for x in scores_list):
+        return (torch.zeros((0, 4), device=device), torch.zeros((0,), device=device),
+                torch.zeros((0,), dtype=torch.int64, device=device))
+    fb, fs, fl = weighted_boxes_fusion(boxes_list, scores_list, labels_list, iou_thr=float(iou), skip_box_thr=0.0,
+                                       conf_type="avg")
+    order = np.argsort(-np.asarray(fs), kind="stable")[: int(max_dets)]
+    fb = np.asarray(fb, dtype=np.float64)[order] * scale
+    return (torch.as_tensor(fb, dtype=torch.float32, device=device),
+            torch.as_tensor(np.asarray(fs)[order], dtype=torch.float32, device=device),
+            torch.as_tensor(np.asarray(fl)[order], dtype=torch.int64, device=device))
+
+
+def merge_boxes(settings: FusionSettings, boxes, scores, classes, groups, n_groups: int, shape_hw, max_dets: int):
+    """Merge pooled boxes with ``settings`` (``nms`` or ``wbf``; ``iou`` must be resolved)."""
+    if settings.iou is None:
+        raise ValueError("merge_boxes: fusion iou is not resolved (FusionSettings.resolved)")
+    if settings.mode == "nms":
+        return nms_merge(boxes, scores, classes, groups, n_groups, shape_hw, settings.iou, max_dets, settings.score)
+    if settings.mode == "wbf":
+        return wbf_merge(boxes, scores, classes, groups, n_groups, shape_hw, settings.iou, max_dets)
+    raise ValueError(f"merge_boxes: mode {settings.mode!r} is not a box merge (use weighted_mask_fusion)")
+
+
+# ---------------------------------------------------------------------------------------------- weighted mask fusion
+def _mask_iou_matrix(pred, ids_a: np.ndarray, ids_b: np.ndarray, binary: list) -> np.ndarray:
+    """Mask IoU between instances ``ids_a`` and ``ids_b`` of one pooled prediction (binary crops + windows)."""
+    out = np.zeros((len(ids_a), len(ids_b)), np.float64)
+    wins = pred.mask_boxes
+    for r, i in enumerate(ids_a):
+        xi0, yi0, xi1, yi1 = wins[i]
+        ai = binary[i].sum()
+        for c, j in enumerate(ids_b):
+            xj0, yj0, xj1, yj1 = wins[j]
+            x0, y0, x1, y1 = max(xi0, xj0), max(yi0, yj0), min(xi1, xj1), min(yi1, yj1)
+            inter = 0
+            if x1 > x0 and y1 > y0:
+                inter = int(np.count_nonzero(binary[i][y0 - yi0:y1 - yi0, x0 - xi0:x1 - xi0]
+                                             & binary[j][y0 - yj0:y1 - yj0, x0 - xj0:x1 - xj0]))
+            union = ai + binary[j].sum() - inter
+            out[r, c] = inter / union if union else 0.0
+    return out
+
+
+def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None = None):
+    """Fuse the instance predictions of ``K`` members of one image by weighted mask fusion (module docstring).
+
+    Args:
+        preds: ``K`` :class:`cellkit.predictions.InstancePredictions` of the same image (same id and size).
+        iou: mask IoU (at probability >= 0.5) at which two instances of the same class are the same cell.
+        max_dets: keep at most this many fused instances (highest fused score); None keeps all.
+
+    Returns:
+        InstancePredictions: one instance per cluster, sorted by descending fused score; the crop window of a
+        cluster is the union of its members' windows, holding ``round(255 * sum_i s_i p_i / sum_i s_i)``; the box is
+        the score-weighted mean box; the class is the cluster's (all members of a cluster share it).
+
+    Raises:
+        ValueError: no members, or members of different images.
+    """
+    from cellkit.predictions import InstancePredictions, quantize
+
+    preds = list(preds)
+    if not preds:
+        raise ValueError("weighted_mask_fusion: no member predictions")
+    first = preds[0]
+    for p in preds[1:]:
+        if (p.image_id, p.height, p.width) != (first.image_id, first.height, first.width):
+            raise ValueError(f"weighted_mask_fusion: members predict different images ({first.image_id!r} "
+                             f"{first.height}x{first.width} vs {p.image_id!r} {p.height}x{p.width})")
+    k = len(preds)
+    member = np.concatenate([np.full(len(p), m, np.int64) for m, p in enumerate(preds)])
+    pooled = InstancePredictions(first.image_id, first.height, first.width,
+                                 np.concatenate([p.classes for p in preds]),
+                                 np.concatenate([p.scores for p in preds]),
+                                 np.concatenate([p.boxes for p in preds]).reshape(-1, 4),
+                                 np.concatenate([p.mask_boxes for p in preds]).reshape(-1, 4),
+                                 [m for p in preds for m in p.masks])
+    n = len(pooled)
+    if n == 0:
+        return pooled
+    binary = [m >= 128 for m in pooled.masks]  # uint8 q >= 128 <=> probability >= 0.5 (q / 255 >= 0.5)
+    order = np.argsort(-pooled.scores, kind="stable")
+    wins = pooled.mask_boxes.astype(np.int64)
+    clusters: list[list[int]] = []
+    head_of: list[int] = []
+    for i in order:
+        i = int(i)
+        best, best_iou = -1, float(iou)
+        if clusters:
+            heads = np.asarray(head_of)
+            hw = wins[heads]
+            touching = ((hw[:, 0] < wins[i, 2]) & (hw[:, 2] > wins[i, 0]) & (hw[:, 1] < wins[i, 3])
+                        & (hw[:, 3] > wins[i, 1]) & (pooled.classes[heads] == pooled.classes[i]))
+            cand = np.flatnonzero(touching)
+            cand = [c for c in cand if member[i] not in {member[j] for j in clusters[c]}]
+            if cand:
+                ious = _mask_iou_matrix(pooled, np.array([i]), heads[cand], binary)[0]
+                j = int(np.argmax(ious))
+                if ious[j] >= best_iou:
+                    best = int(cand[j])
+        if best < 0:
+            clusters.append([i])
+            head_of.append(i)
+        else:
+            clusters[best].append(i)
+
+    classes, scores, boxes, windows, crops = [], [], [], [], []
+    for cl in clusters:
+        s = pooled.scores[cl].astype(np.float64)
+        if len(cl) == 1:
+            i = cl[0]
+            classes.append(pooled.classes[i])
+            scores.append(float(s[0]) / k)
+            boxes.append(pooled.boxes[i])
+            windows.append(wins[i])
+            crops.append(pooled.masks[i])
+            continue
+        w = s / s.sum() if s.sum() > 0 else np.full(len(cl), 1.0 / len(cl))
+        x0, y0 = wins[cl, 0].min(), wins[cl, 1].min()
+        x1, y1 = wins[cl, 2].max(), wins[cl, 3].max()
+        acc = np.zeros((y1 - y0, x1 - x0), np.float64)
+        for weight, i in zip(w, cl):
+            a0, b0, a1, b1 = wins[i]
+            acc[b0 - y0:b1 - y0, a0 - x0:a1 - x0] += weight * pooled.masks[i].astype(np.float64) / 255.0
+        classes.append(pooled.classes[cl[0]])
+        scores.append(float(s.sum()) / k)
+        boxes.append((w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0))
+        windows.append(np.array([x0, y0, x1, y1]))
+        crops.append(quantize(acc))
+    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
+                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
+                                np.asarray(windows, np.int32).reshape(-1, 4), crops)
+    keep = np.argsort(-fused.scores, kind="stable")
+    if max_dets is not None:
+        keep = keep[: int(max_dets)]
+    return fused.select(keep)
