@@ -19,7 +19,8 @@ COMMANDS = {
     "submit": "post-process test predictions with thresholds.json and write a valid submission.csv",
     "fakepred": "generate realistic instance predictions from a train.csv (for developing post-processing)",
     "train": "train a model (preset paper / r50 / demo or a YAML) on competition data or LIVECell",
-    "predict": "predict instance probabilities (optionally with TTA) for a folder of images or a held-out fold",
+    "predict": "predict instance probabilities (one model or an ensemble, optionally with TTA) for images or a held-out fold",
+    "fuse": "fuse prediction stores of several models by weighted mask fusion into one store",
     "chain": "run notebooks 01..06 in order with papermill (make demo) and print the CV score",
 }
 

@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_images", "check_held_out",
            "run_folds_csv", "expand_runs", "sha256_file", "Ensemble", "load_ensemble", "store_signature",
-           "read_signature", "signature_difference", "predict_images", "predict_oof", "read_image", "check_images"]
+           "read_signature", "signature_difference", "predict_images", "predict_oof", "fuse_stores", "read_image",
+           "check_images"]
 
 META_FORMAT = "cellkit.predict/2"
 """``format`` of a store's ``meta.json`` written with an inference signature."""
@@ -511,3 +512,75 @@ def predict_oof(run_dirs_by_fold: Mapping, data_dir, out, tta: bool = False, wei
         results[fold] = predict_images(predictor, images, out, source, progress=progress)
         del predictor
     return results
+
+
+def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) -> dict:
+    """Weighted mask fusion of stores predicted by different models over the same images into one store.
+
+    The same result as predicting with ``--fusion wmf`` (each member alone, its passes merged by NMS, then
+    :func:`cellkit.fusion.weighted_mask_fusion` with at most ``detections_per_image`` instances), from stores made
+    separately (other sessions, other machines, members whose heads differ). Resumes: ids already in ``out`` are
+    skipped.
+
+    Args:
+        stores: ``K`` predictions directories with the same images, passes and detections per image, each made by
+            NMS fusion (one model, or box-first ensembles).
+        out: the fused store (``meta.json``: fusion ``wmf`` with ``iou``, the members of every store).
+        iou: mask IoU of a match.
+
+    Returns:
+        ``{"written": n, "skipped": n, "seconds": s}``.
+
+    Raises:
+        ValueError: fewer than two stores, other image sets, passes or detections per image (naming the stores), a
+            store not made by NMS fusion.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from cellkit import predictions
+    from cellkit.fusion import weighted_mask_fusion
+
+    stores = [Path(s) for s in stores]
+    if len(stores) < 2:
+        raise ValueError("fuse: give at least two stores (--pred)")
+    metas = [predictions.read_meta(s) for s in stores]
+    sigs = [store_signature(m) for m in metas]
+    ids = [predictions.image_ids(s) for s in stores]
+    for store, meta, sig, these in zip(stores, metas, sigs, ids):
+        if sig is None or "signature" not in meta:
+            raise ValueError(f"{store}: no inference signature in meta.json (made by an older cellkit?)")
+        if sig["fusion"]["mode"] != "nms":
+            raise ValueError(f"{store}: made with fusion {sig['fusion']['mode']!r}; fuse stores made with 'nms'")
+        diff = signature_difference({**sigs[0], "fusion": sig["fusion"]}, sig)
+        if diff:
+            raise ValueError(f"{store}: predicted otherwise than {stores[0]} ({diff}: {stores[0].name} vs "
+                             f"{store.name})")
+        if these != ids[0]:
+            missing = sorted(set(ids[0]) ^ set(these))
+            raise ValueError(f"{store}: holds other images than {stores[0]} (e.g. {missing[:3]})")
+    fusion = FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean")
+    signature = {**sigs[0], "fusion": fusion.as_dict()}
+    by_key: dict = {}
+    for meta in metas:
+        for src in meta.get("sources", []):
+            key = (src.get("fold"), src.get("images") if src.get("fold") is None else None)
+            entry = by_key.setdefault(key, {"fold": src.get("fold"), "images": src.get("images"),
+                                            "n_images": src.get("n_images"), "members": []})
+            entry["members"] += src.get("members", [])
+    out = Path(out)
+    done = _existing_ids(out)
+    meta = None
+    for src in by_key.values():
+        meta = _merge_meta(out, signature, src)
+        predictions.write_meta(out, meta)
+    todo = [i for i in ids[0] if i not in done]
+    _remove_stale_temporaries(out, todo)
+    max_dets = sigs[0].get("detections_per_image")
+    start = time.perf_counter()
+    for image_id in tqdm(todo, desc=f"fuse -> {out.name}", unit="img", disable=not progress):
+        preds = [predictions.load(s / f"{image_id}.npz") for s in stores]
+        predictions.save(weighted_mask_fusion(preds, float(iou), max_dets), out)
+    return {"written": len(todo), "skipped": len(ids[0]) - len(todo), "seconds": time.perf_counter() - start}
+

@@ -297,3 +297,22 @@ def test_legacy_store_signature_reads_as_nms_max():
            "fusion": {"mode": "nms", "iou": 0.5, "score": "mean"}, "detections_per_image": 20}
     assert "score=max vs" in predictions.signature_difference(sig, new)
     assert predictions.signature_difference(new, dict(new)) is None
+
+
+def test_fuse_stores_equals_predicting_with_wmf(runs, labelled, tmp_path):
+    stores = []
+    for name in ("a", "b"):
+        store = tmp_path / f"store_{name}"
+        assert cli("predict", "--run", runs[name], "--images", labelled / "train", "--out", store) == 0
+        stores.append(store)
+    fused = tmp_path / "fused"
+    assert cli("fuse", "--pred", stores[0], "--pred", stores[1], "--out", fused) == 0
+    direct = tmp_path / "direct"
+    assert cli("predict", "--run", runs["a"], "--run", runs["b"], "--images", labelled / "train", "--out", direct,
+               "--fusion", "wmf") == 0
+    assert predictions.read_meta(fused)["signature"] == predictions.read_meta(direct)["signature"]
+    for image_id in predictions.image_ids(direct):
+        assert_same_predictions(predictions.load(fused / f"{image_id}.npz"),
+                                predictions.load(direct / f"{image_id}.npz"))
+    with pytest.raises(ValueError, match="at least two stores"):
+        predict.fuse_stores([stores[0]], tmp_path / "x")
