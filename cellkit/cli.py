@@ -18,6 +18,7 @@ COMMANDS = {
     "search": "search per-class score/mask/min-area thresholds on out-of-fold predictions -> thresholds.json",
     "submit": "post-process test predictions with thresholds.json and write a valid submission.csv",
     "fakepred": "generate realistic instance predictions from a train.csv (for developing post-processing)",
+    "pseudo": "turn predictions of unlabeled images into pseudo-labels (competition layout) for cellkit train",
     "train": "train a model (preset paper / r50 / demo or a YAML) on competition data or LIVECell",
     "predict": "predict instance probabilities (one model or an ensemble, optionally with TTA) for images or a held-out fold",
     "fuse": "fuse prediction stores of several models by weighted mask fusion into one store",

@@ -73,6 +73,14 @@ def add_cellkit_config(cfg) -> None:
     # Seed of the fold split written when folds.csv is absent (cellkit.folds.DEFAULT_SEED, the same default as
     # `cellkit folds` and notebook 02, so every entry point splits alike).
     _C.CELLKIT.DATA.FOLD_SEED = 0
+    # "finetune" mode: extra training data, a competition-layout folder (train.csv, train/), e.g. pseudo-labels from
+    # `cellkit pseudo`; "" = none. Added to the training set of every fold, never to validation; its image ids must
+    # not occur in ROOT's train.csv.
+    _C.CELLKIT.DATA.EXTRA_DATA = ""
+    # Repeat factor of each EXTRA_DATA image relative to a real one (> 0): 1.0 = plain concatenation; otherwise
+    # detectron2's RepeatFactorTrainingSampler with factor 1 for real images and EXTRA_WEIGHT for extra ones
+    # (stochastic rounding per epoch: 0.5 = each extra image in about every other epoch, 2.0 = twice per epoch).
+    _C.CELLKIT.DATA.EXTRA_WEIGHT = 1.0
     # "pretrain" mode: LIVECell COCO json for training and the folder holding its images.
     _C.CELLKIT.DATA.LIVECELL_JSON = ""
     _C.CELLKIT.DATA.LIVECELL_IMAGES = ""

@@ -43,11 +43,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "build_train_augmentations", "CellkitDatasetMapper", "CellkitTrainer", "CellkitBestCheckpointer",
     "EarlyStopping", "TimeBudget", "register_datasets", "prepare_config", "train_worker", "best_weights",
-    "CellkitPeriodicCheckpointer", "FAILED_NAME", "failure_reason",
+    "CellkitPeriodicCheckpointer", "FAILED_NAME", "failure_reason", "EXTRA_NAME", "extra_repeat_factors",
 ]
 
 TRAIN_NAME = "cellkit_train"
 VAL_NAME = "cellkit_val"
+EXTRA_NAME = "cellkit_extra"
+"""Dataset name of ``CELLKIT.DATA.EXTRA_DATA`` (e.g. pseudo-labels): a second entry of ``DATASETS.TRAIN`` only."""
 
 
 # ------------------------------------------------------------------------------------------------- augmentations
@@ -337,7 +339,21 @@ class CellkitTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=CellkitDatasetMapper(cfg, is_train=True))
+        """detectron2's train loader with cellkit's mapper; with ``CELLKIT.DATA.EXTRA_DATA`` and an
+        ``EXTRA_WEIGHT`` other than 1, a :class:`RepeatFactorTrainingSampler` (:func:`extra_repeat_factors`)."""
+        mapper = CellkitDatasetMapper(cfg, is_train=True)
+        d = cfg.CELLKIT.DATA
+        if not (d.EXTRA_DATA and EXTRA_NAME in cfg.DATASETS.TRAIN and float(d.EXTRA_WEIGHT) != 1.0):
+            return build_detection_train_loader(cfg, mapper=mapper)
+        from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+        from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        factors = extra_repeat_factors(dicts, MetadataCatalog.get(EXTRA_NAME).image_ids, float(d.EXTRA_WEIGHT))
+        logger.info("cellkit: %d extra image(s) of %s at repeat factor %g among %d training image(s)",
+                    int((factors != 1.0).sum()), d.EXTRA_DATA, d.EXTRA_WEIGHT, len(dicts))
+        sampler = RepeatFactorTrainingSampler(factors, seed=None if cfg.SEED < 0 else cfg.SEED)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -459,14 +475,19 @@ def check_data(cfg) -> dict:
     in parallel and remembered by file size and mtime, and every problem is reported in one error.
 
     Returns:
-        ``{"train": kwargs, "val": kwargs or None}`` for :func:`register_datasets`.
+        ``{"train": kwargs, "val": kwargs or None, "extra": kwargs or None}`` for :func:`register_datasets`
+        (``"extra"``: ``CELLKIT.DATA.EXTRA_DATA``, finetune mode only; always absent in pretrain mode).
 
     Raises:
-        FileNotFoundError: missing ``train.csv``, image folder or LIVECell json.
-        ValueError: a fold with no images, unknown mode; :class:`cellkit.datacheck.DataCheckError` listing every
+        FileNotFoundError: missing ``train.csv``, image folder or LIVECell json (also of the extra data).
+        ValueError: a fold with no images, unknown mode, extra data in pretrain mode or sharing an image id with
+            the training CSV (naming it); :class:`cellkit.datacheck.DataCheckError` listing every
             bad annotation and image (file and CSV line).
     """
     d = cfg.CELLKIT.DATA
+    if cfg.CELLKIT.MODE == "pretrain" and d.EXTRA_DATA:
+        raise ValueError("CELLKIT.DATA.EXTRA_DATA (--extra-data) is for finetune mode (competition data), not for "
+                         "LIVECell pretraining")
     if cfg.CELLKIT.MODE == "pretrain":
         if not d.LIVECELL_JSON:
             raise ValueError("pretrain mode needs a LIVECell json (--livecell JSON --livecell-images DIR)")
@@ -499,9 +520,10 @@ def check_data(cfg) -> dict:
     table = data.read_train_csv(csv_path)
     if comm.is_main_process():
         datacheck.check_sartorius(csv_path, image_dir)
+    extra = _check_extra(cfg, table)
     fold = int(d.FOLD)
     if fold < 0:
-        return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir)), "val": None}
+        return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir)), "val": None, "extra": extra}
     folds_csv = Path(d.FOLDS_CSV) if d.FOLDS_CSV else Path(cfg.OUTPUT_DIR) / "folds.csv"
     if not folds_csv.is_file():
         if d.FOLDS_CSV:
@@ -523,14 +545,52 @@ def check_data(cfg) -> dict:
     if not train_ids:
         raise ValueError(f"holding out fold {fold} of {folds_csv} leaves no training image")
     common = dict(csv_path=str(csv_path), image_dir=str(image_dir), folds_csv=str(folds_csv), fold=fold)
-    return {"train": dict(common, split="train"), "val": dict(common, split="val")}
+    return {"train": dict(common, split="train"), "val": dict(common, split="val"), "extra": extra}
+
+
+def extra_repeat_factors(dicts: list[dict], extra_ids, weight: float) -> torch.Tensor:
+    """Per-image repeat factors for :class:`detectron2.data.samplers.RepeatFactorTrainingSampler`.
+
+    Args:
+        dicts: the training dataset dicts (real and extra images, any order).
+        extra_ids: image ids of the extra data (``CELLKIT.DATA.EXTRA_DATA``).
+        weight: ``CELLKIT.DATA.EXTRA_WEIGHT``, > 0.
+
+    Returns:
+        float32 ``(len(dicts),)``: 1.0 for a real image, ``weight`` for an extra one.
+    """
+    extra = set(map(str, extra_ids))
+    return torch.tensor([weight if str(r["image_id"]) in extra else 1.0 for r in dicts], dtype=torch.float32)
+
+
+def _check_extra(cfg, table) -> dict | None:
+    """Validate ``CELLKIT.DATA.EXTRA_DATA`` (competition layout, ids disjoint from the main ``table``); its spec."""
+    from cellkit import data, datacheck
+
+    d = cfg.CELLKIT.DATA
+    if not d.EXTRA_DATA:
+        return None
+    root = Path(d.EXTRA_DATA)
+    csv_path, image_dir = root / "train.csv", root / "train"
+    if not csv_path.is_file() or not image_dir.is_dir():
+        raise FileNotFoundError(f"extra data dir {root} (CELLKIT.DATA.EXTRA_DATA / --extra-data) needs train.csv and "
+                                f"train/ (the competition layout, as `cellkit pseudo` writes it)")
+    extra = data.read_train_csv(csv_path)
+    common = sorted(set(extra["id"]) & set(table["id"]))
+    if common:
+        raise ValueError(f"{csv_path}: image id {common[0]!r} is also in {Path(d.ROOT) / 'train.csv'} "
+                         f"({len(common)} id(s) in both); extra data must be other images")
+    if comm.is_main_process():
+        datacheck.check_sartorius(csv_path, image_dir)
+    return dict(csv_path=str(csv_path), image_dir=str(image_dir))
 
 
 def register_datasets(cfg, specs: dict) -> None:
-    """Register the train (and val) datasets of :func:`check_data`'s ``specs`` under the names in ``cfg.DATASETS``."""
+    """Register the train (and val, and extra) datasets of :func:`check_data`'s ``specs`` under the names in
+    ``cfg.DATASETS`` (the extra data as :data:`EXTRA_NAME`, every image of its CSV)."""
     from cellkit import data
 
-    for name, spec in ((TRAIN_NAME, specs["train"]), (VAL_NAME, specs["val"])):
+    for name, spec in ((TRAIN_NAME, specs["train"]), (VAL_NAME, specs["val"]), (EXTRA_NAME, specs.get("extra"))):
         if spec is None:
             continue
         if cfg.CELLKIT.MODE == "pretrain":
@@ -556,9 +616,15 @@ def prepare_config(cfg, *, resume: bool = False, has_cuda: bool | None = None):
         check_local_weights(cfg.MODEL.WEIGHTS, cfg.CELLKIT.WEIGHTS_SOURCE)
     if cfg.CELLKIT.EVAL.SCORE_THRESHOLD < 0 or cfg.CELLKIT.EVAL.SCORE_THRESHOLD > 1:
         raise ValueError(f"CELLKIT.EVAL.SCORE_THRESHOLD must be in [0, 1], got {cfg.CELLKIT.EVAL.SCORE_THRESHOLD}")
+    weight = float(cfg.CELLKIT.DATA.EXTRA_WEIGHT)
+    if not weight > 0 or weight == float("inf"):
+        raise ValueError(f"CELLKIT.DATA.EXTRA_WEIGHT (--extra-weight) must be a finite number > 0, got {weight}")
+    if cfg.CELLKIT.DATA.EXTRA_DATA and weight != 1.0 and cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(f"CELLKIT.DATA.EXTRA_WEIGHT {weight} needs DATALOADER.SAMPLER_TRAIN 'TrainingSampler' (the "
+                         f"weight sets per-image repeat factors itself), got {cfg.DATALOADER.SAMPLER_TRAIN!r}")
     out.mkdir(parents=True, exist_ok=True)
     specs = check_data(cfg)
-    cfg.DATASETS.TRAIN = (TRAIN_NAME,)
+    cfg.DATASETS.TRAIN = (TRAIN_NAME,) + ((EXTRA_NAME,) if specs.get("extra") else ())
     cfg.DATASETS.TEST = (VAL_NAME,) if specs["val"] is not None else ()
     if cfg.CELLKIT.MODE == "pretrain":
         from cellkit.data import LIVECELL_CELL_LINES

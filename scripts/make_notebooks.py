@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate ``notebooks/01_eda.ipynb`` .. ``06_submission.ipynb`` with nbformat, so the six stay consistent.
+"""Generate ``notebooks/01_eda.ipynb`` .. ``06_submission.ipynb`` (and the optional ``04b_pseudo_labels.ipynb``, not
+part of :data:`cellkit.chain.NOTEBOOKS`) with nbformat, so they stay consistent.
 
 Every notebook: a title cell, a ``parameters`` cell (one comment per parameter: ``papermill --help-notebook`` shows
 them), the same setup cells (cellkit importable, missing packages installed, environment and paths resolved and
@@ -330,8 +331,86 @@ SUBMISSION = notebook(
                  "viz.masks_per_image(submission).to_frame()"),
     ])
 
+# ------------------------------------------------------------------------------------------------ 04b pseudo-labels
+PSEUDO = notebook(
+    "04b_pseudo_labels", "04b · Pseudo-labels (optional, not part of `make demo`)",
+    "After 04 and 05: per fold K, predicts the unlabeled pool with the fold-K model only (it held fold K out, so "
+    "fold K's CV stays honest), made as the out-of-fold predictions `thresholds.json` was fitted on; turns them "
+    "into pseudo-labels with `cellkit pseudo` (confidence screening) into `OUT_DIR/pl<K>/`; retrains fold K on "
+    "train + pseudo-labels (`RECIPE` mixed) or additionally fine-tunes that on train alone (`RECIPE` staged) into "
+    "`OUT_DIR/pl_fold<K>/`; predicts fold K's held-out images into `OUT_DIR/oof_pl/` and searches thresholds on "
+    "them (`OUT_DIR/pl_thresholds.json`) to compare the CV score with 05's.\n\n"
+    + RUN_HINT.format(stem="04b_pseudo_labels"),
+    [P_DATA, P_OUT, P_PRESET,
+     ("POOL_DIR", "", "folder of unlabeled images; empty for DATA_DIR/train_semi_supervised"),
+     ("FOLDS", "0", "folds to retrain, comma-separated (e.g. '0,1'), or 'all'; each needs OUT_DIR/fold<K> from 04"),
+     ("RECIPE", "mixed", "mixed (train + pseudo-labels in one run) or staged (then fine-tuned on train alone)"),
+     ("EXTRA_WEIGHT", 1.0, "repeat factor of a pseudo-labelled image relative to a real one"),
+     ("MIN_SHARE", 0.8, "screening: minimal vote share of an image's cell type"),
+     ("MIN_MEAN_SCORE", "0.6", "screening: minimal mean mask score of an image, one number or per-class pairs "
+                               "as cellkit pseudo --min-mean-score takes them"),
+     ("MIN_MASK_SCORE", "0.5", "screening: minimal score of a kept mask (on top of thresholds.json)"),
+     ("SCREEN", True, "confidence screening (False: every mask submit would write)"),
+     P_ITER, P_DEVICE, P_SMOKE],
+    [
+        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+                            'kaggle.check_preset(PRESET)\n'
+                            'device = kaggle.resolve_device(DEVICE)\n'
+                            'pool_dir = kaggle.resolve_input(POOL_DIR, env, "POOL_DIR") if POOL_DIR else '
+                            'data_dir / "train_semi_supervised"\n'
+                            'if not pool_dir.is_dir():\n'
+                            '    raise FileNotFoundError(f"POOL_DIR: {pool_dir} is not a folder of unlabeled images")\n'
+                            'if RECIPE not in ("mixed", "staged"):\n'
+                            '    raise ValueError(f"RECIPE={RECIPE!r}: expected mixed or staged")\n'
+                            'thresholds = kaggle.resolve_artifact("", env, "thresholds.json (05)", '
+                            'out_dir / "thresholds.json")\n'
+                            'print(f"{env.kind} run | data: {data_dir} | pool: {pool_dir} | recipe {RECIPE} | '
+                            'preset {PRESET} on {device} | artifacts: {out_dir}")')),
+        ("code", "from cellkit import folds\n\n"
+                 "folds_csv = out_dir / \"folds.csv\"\n"
+                 "fold_list = chain.parse_folds(FOLDS, folds.read_folds(folds_csv))\n"
+                 "missing = [k for k in fold_list if not (out_dir / f\"fold{k}\" / \"config.yaml\").is_file()]\n"
+                 "if missing:\n"
+                 "    raise FileNotFoundError(f\"FOLDS: no run {out_dir}/fold<K> from 04_finetune for folds {missing}\")\n"
+                 "fold_list"),
+        ("md", "## Pseudo-labels per fold\nThe fold-K model alone labels the pool: an ensemble of every fold has seen "
+               "fold K's validation images, and its labels would leak them into fold K's CV."),
+        ("code", "screen = [\"--no-screen\"] if not SCREEN else [\"--min-share\", MIN_SHARE, \"--min-mean-score\", "
+                 "MIN_MEAN_SCORE,\n"
+                 "                                           \"--min-mask-score\", MIN_MASK_SCORE]\n"
+                 "for k in fold_list:\n"
+                 "    command(\"predict\", \"--run\", out_dir / f\"fold{k}\", \"--images\", pool_dir,\n"
+                 "            \"--out\", out_dir / f\"pool_pred{k}\", \"--like\", thresholds, \"--device\", device)\n"
+                 "    command(\"pseudo\", \"--pred\", out_dir / f\"pool_pred{k}\", \"--thresholds\", thresholds,\n"
+                 "            \"--images\", pool_dir, \"--out\", out_dir / f\"pl{k}\", \"--overwrite\", *screen)"),
+        ("md", "## Retraining per fold\n`mixed`: train + pseudo-labels in one run. `staged`: that run, then a "
+               "fine-tune on train alone from its `model_final.pth`."),
+        ("code", "for k in fold_list:\n"
+                 "    common = [\"--config\", PRESET, \"--data\", data_dir, \"--folds\", folds_csv, \"--fold\", k,\n"
+                 "              \"--resume\", *chain.train_args(device, ITERATIONS, SMOKE)]\n"
+                 "    first = out_dir / (f\"pl_fold{k}\" if RECIPE == \"mixed\" else f\"pl_stage1_fold{k}\")\n"
+                 "    command(\"train\", *common, \"--out\", first, \"--extra-data\", out_dir / f\"pl{k}\",\n"
+                 "            \"--extra-weight\", EXTRA_WEIGHT)\n"
+                 "    if RECIPE == \"staged\":\n"
+                 "        command(\"train\", *common, \"--out\", out_dir / f\"pl_fold{k}\", \"--weights\", "
+                 "first / \"model_final.pth\")"),
+        ("md", "## CV with pseudo-labels\nOut-of-fold predictions of the retrained folds, made as 04's, and the "
+               "threshold search on them: compare with 05's CV score over the same folds."),
+        ("code", "from cellkit import postprocess\n\n"
+                 "for k in fold_list:\n"
+                 "    command(\"predict\", \"--run\", out_dir / f\"pl_fold{k}\", \"--fold\", k, \"--data\", data_dir,\n"
+                 "            \"--folds-csv\", folds_csv, \"--out\", out_dir / \"oof_pl\", \"--like\", thresholds,\n"
+                 "            \"--device\", device)\n"
+                 "command(\"search\", \"--pred\", out_dir / \"oof_pl\", \"--truth\", data_dir / \"train.csv\",\n"
+                 "        \"--out\", out_dir / \"pl_thresholds.json\")\n"
+                 "print(\"with pseudo-labels:\", chain.format_cv(postprocess.load_thresholds(out_dir / "
+                 "\"pl_thresholds.json\")))\n"
+                 "print(\"without (05, every fold of oof/):\", chain.format_cv(chain.cv_summary(out_dir)))"),
+    ])
+
 NOTEBOOKS = {"01_eda": EDA, "02_folds": FOLDS, "03_pretrain": PRETRAIN, "04_finetune": FINETUNE,
-             "05_threshold_search": SEARCH, "06_submission": SUBMISSION}
+             "04b_pseudo_labels": PSEUDO, "05_threshold_search": SEARCH, "06_submission": SUBMISSION}
 
 
 def main(argv=None) -> int:

@@ -407,3 +407,95 @@ def test_periodic_checkpointer_keeps_the_newest_and_what_last_checkpoint_names(t
         "last_checkpoint", "model_0000002.pth.bak", "model_0000004.pth", "model_0000014.pth", "model_0000019.pth",
         "model_best.pth", "model_final.pth"]
     assert ck_train.CellkitPeriodicCheckpointer(fake, period=5, keep=0).prune() == []  # 0 keeps everything
+
+
+# ------------------------------------------------------------------------------------------------ extra data
+@pytest.fixture(scope="module")
+def extra_data(tmp_path_factory):
+    """A pseudo-label-like folder: 3 other images in the competition layout, with a ``source`` column."""
+    root = tmp_path_factory.mktemp("extra")
+    (root / "train").mkdir()
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(3):
+        img, masks = _tiny_image(rng, "astro")
+        cv2.imwrite(str(root / "train" / f"pl{i:03d}.png"), img)
+        rows += [{"id": f"pl{i:03d}", "annotation": rle.encode(m), "width": SIZE, "height": SIZE,
+                  "cell_type": "astro", "source": "pseudo:test"} for m in masks]
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def _registered(data, extra, out, fold, *opts):
+    from detectron2.data import DatasetCatalog
+
+    from cellkit.cli import build_parser
+    from cellkit.commands.train import build_config
+
+    args = build_parser("train").parse_args(["train", "--config", "demo", "--data", str(data), "--fold", str(fold),
+                                             "--out", str(out), "--extra-data", str(extra), *opts, *TINY])
+    cfg, specs = ck_train.prepare_config(build_config(args), has_cuda=False)
+    ck_train.register_datasets(cfg, specs)
+    ids = lambda names: [r["image_id"] for n in names for r in DatasetCatalog.get(n)]  # noqa: E731
+    return cfg, ids(cfg.DATASETS.TRAIN), ids(cfg.DATASETS.TEST)
+
+
+def test_extra_data_only_in_training_of_every_fold(tiny_data, extra_data, tmp_path):
+    extra_ids = {"pl000", "pl001", "pl002"}
+    seen_val = set()
+    for fold in (0, 1):
+        cfg, train_ids, val_ids = _registered(tiny_data, extra_data, tmp_path / f"f{fold}", fold)
+        assert cfg.DATASETS.TRAIN == (ck_train.TRAIN_NAME, ck_train.EXTRA_NAME)
+        assert cfg.DATASETS.TEST == (ck_train.VAL_NAME,)
+        assert extra_ids <= set(train_ids) and not extra_ids & set(val_ids)
+        assert len(train_ids) == len(set(train_ids)) and val_ids and not set(train_ids) & set(val_ids)
+        seen_val |= set(val_ids)
+    assert seen_val == {f"img{i:03d}" for i in range(6)}  # every real image validated once, no extra one ever
+    cfg, train_ids, val_ids = _registered(tiny_data, extra_data, tmp_path / "all", -1)
+    assert set(train_ids) == seen_val | extra_ids and val_ids == []
+
+
+def test_extra_weight_sets_repeat_factors(tiny_data, extra_data, tmp_path, monkeypatch):
+    captured = {}
+    monkeypatch.setattr(ck_train, "build_detection_train_loader", lambda cfg, **kw: captured.update(kw))
+    cfg, train_ids, _ = _registered(tiny_data, extra_data, tmp_path / "w", 0, "--extra-weight", "3")
+    assert cfg.CELLKIT.DATA.EXTRA_WEIGHT == 3.0
+    ck_train.CellkitTrainer.build_train_loader(cfg)
+    dataset, sampler = captured["dataset"], captured["sampler"]
+    extra = np.array([r["image_id"].startswith("pl") for r in dataset])
+    assert extra.sum() == 3 and (~extra).sum() == 3  # fold 0 of 2 trains on 3 real images
+    draws = np.array([i for _, i in zip(range(6000), iter(sampler))])
+    ratio = extra[draws].sum() / (~extra[draws]).sum()
+    assert ratio == pytest.approx(3.0, rel=0.1)  # each extra image three times as often as a real one
+    np.testing.assert_array_equal(ck_train.extra_repeat_factors(dataset, ["pl001"], 0.5).numpy(),
+                                  [0.5 if r["image_id"] == "pl001" else 1.0 for r in dataset])
+    captured.clear()
+    cfg, _, _ = _registered(tiny_data, extra_data, tmp_path / "w1", 0)  # weight 1: detectron2's default sampler
+    ck_train.CellkitTrainer.build_train_loader(cfg)
+    assert "sampler" not in captured
+
+
+def test_extra_data_errors(tiny_data, extra_data, tmp_path, capsys):
+    clash = tmp_path / "clash"
+    (clash / "train").mkdir(parents=True)
+    table = pd.read_csv(extra_data / "train.csv")
+    table.loc[table["id"] == "pl001", "id"] = "img004"
+    table.to_csv(clash / "train.csv", index=False)
+    assert _train(tiny_data, tmp_path / "o1", "--extra-data", str(clash)) == 2
+    assert "image id 'img004' is also in" in _err(capsys)
+    assert _train(tiny_data, tmp_path / "o2", "--extra-data", str(tmp_path / "nope")) == 2
+    assert "needs train.csv and train/" in _err(capsys)
+    assert _train(tiny_data, tmp_path / "o3", "--extra-data", str(extra_data), "--extra-weight", "0") == 2
+    assert "EXTRA_WEIGHT (--extra-weight) must be a finite number > 0" in _err(capsys)
+    assert _train(tiny_data, tmp_path / "o4", "--extra-data", str(extra_data), "--extra-weight", "2",
+                  "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler") == 2
+    assert "needs DATALOADER.SAMPLER_TRAIN 'TrainingSampler'" in _err(capsys)
+
+
+def test_tiny_training_with_extra_data(tiny_data, extra_data, tmp_path):
+    out = tmp_path / "run"
+    assert _train(tiny_data, out, "--extra-data", str(extra_data), "--extra-weight", "2", "SOLVER.MAX_ITER", "2",
+                  "TEST.EVAL_PERIOD", "0", "CELLKIT.EVAL.AT_END", "False") == 0
+    assert (out / "model_final.pth").is_file()
+    saved = (out / "config.yaml").read_text()
+    assert f"EXTRA_DATA: {extra_data}" in saved and "EXTRA_WEIGHT: 2.0" in saved

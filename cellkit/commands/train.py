@@ -10,6 +10,10 @@ Everything is checked before any work starts (config keys, weights file, data fo
 saved as ``OUT/config.yaml``. ``--resume`` continues the run in ``OUT`` from its last checkpoint with the saved
 config (``KEY VALUE`` pairs still apply on top). ``--num-gpus N`` trains on N GPUs through detectron2's ``launch``
 (on a machine without CUDA: N CPU processes with the gloo backend, as the distributed test does).
+
+``--extra-data PL_DIR [--extra-weight W]`` adds a competition-layout folder (typically pseudo-labels from
+``cellkit pseudo``) to the training set of the fold, never to its validation set; each extra image is drawn ``W``
+times as often as a real one (detectron2's ``RepeatFactorTrainingSampler``; 1.0 = plain concatenation).
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     parser.add_argument("--weights", metavar="PATH",
                         help="initial weights, a local .pth/.pkl file (model-zoo or a previous run's checkpoint)")
+    parser.add_argument("--extra-data", metavar="DIR",
+                        help="extra training images, a competition-layout dir (e.g. `cellkit pseudo` output): added to "
+                             "the training set only, never to validation (CELLKIT.DATA.EXTRA_DATA)")
+    parser.add_argument("--extra-weight", type=float, metavar="W",
+                        help="repeat factor of each extra image relative to a real one (default 1.0: plain "
+                             "concatenation; CELLKIT.DATA.EXTRA_WEIGHT)")
     parser.add_argument("--livecell", metavar="JSON", help="pretrain on this LIVECell COCO json")
     parser.add_argument("--livecell-images", metavar="DIR", help="folder of the LIVECell images")
     parser.add_argument("--livecell-val", metavar="JSON", help="LIVECell json to validate on during pretraining")
@@ -72,6 +82,10 @@ def build_config(args):
         cfg.CELLKIT.DATA.FOLDS_CSV = str(args.folds)
     if args.weights:
         cfg.MODEL.WEIGHTS = str(args.weights)
+    if args.extra_data:
+        cfg.CELLKIT.DATA.EXTRA_DATA = str(args.extra_data)
+    if args.extra_weight is not None:
+        cfg.CELLKIT.DATA.EXTRA_WEIGHT = float(args.extra_weight)
     if args.livecell:
         cfg.CELLKIT.MODE = "pretrain"
         cfg.CELLKIT.DATA.LIVECELL_JSON = str(args.livecell)

@@ -1,0 +1,412 @@
+"""Pseudo-labels: predictions of unlabeled images turned into a competition-layout training folder.
+
+From a predictions store (:mod:`cellkit.predictions`, typically an ensemble of fold models written by
+``cellkit predict``) and a ``thresholds.json`` (``cellkit search``), :func:`write_pseudo_labels` writes:
+
+- ``OUT/train.csv``: the competition's columns ``id, annotation, width, height, cell_type`` plus ``source``
+  (``"pseudo:<store path>"``); one row per kept mask, RLE row-major and 1-indexed, exactly the strings ``cellkit
+  submit`` writes for the same store and thresholds (:func:`cellkit.postprocess.apply_predictions`, then
+  :meth:`~cellkit.postprocess.KeptMasks.rles`), in the same order (descending score); every row of an image carries
+  the image's one cell type (:func:`class_vote`). It passes :func:`cellkit.data.read_train_csv` and is usable as
+  ``cellkit train --data OUT`` or ``--extra-data OUT``.
+- ``OUT/train/<id>.<ext>``: each kept image, a symlink to the source image (absolute), or a copy where symlinks
+  cannot be made. Nothing is ever written into the source image folder or the store.
+- ``OUT/pseudo.json``: the settings and one decision per image (:func:`summary_document`), written last.
+
+Every file is written atomically (:mod:`cellkit.atomic`); an interrupted run leaves no ``pseudo.json``.
+
+Screening (class-wise, on by default; :class:`ScreenSettings`), per image, after the thresholds.json
+post-processing (the masks ``submit`` would write, their scores being the post-processing's, rescored when
+``rescore`` is on, and their classes the model's own predicted classes):
+
+1. no mask left -> dropped (``"no_mask"``; also without screening: a training image needs annotations);
+2. the cell type is the score-weighted vote of the masks' predicted classes (ties: the lower class id); its vote
+   share (the winner's score sum / all masks' score sum) must be ``>= min_share`` (else ``"mixed_classes"``);
+3. the mean score of the masks must be ``>= min_mean_score[cell type]`` (else ``"low_confidence"``);
+4. masks whose score is under ``min_mask_score[cell type]`` are removed (their pixels become background: a
+   confident image with a few doubtful cells keeps its confident ones); none left -> ``"no_confident_mask"``.
+
+Without screening (``settings=None``, ``--no-screen``) only step 1 applies and every mask is kept.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellkit import CELL_TYPES, atomic
+
+__all__ = [
+    "FORMAT", "SUMMARY_NAME", "CSV_COLUMNS", "REASONS", "ScreenSettings", "ImageDecision", "class_vote",
+    "screen_image", "pseudo_label_image", "parse_class_values", "write_pseudo_labels", "summary_document",
+]
+
+FORMAT = "cellkit.pseudo/1"
+"""Value of ``format`` in ``pseudo.json``."""
+
+SUMMARY_NAME = "pseudo.json"
+"""File name of the settings and decisions beside ``train.csv``."""
+
+CSV_COLUMNS = ("id", "annotation", "width", "height", "cell_type", "source")
+"""Columns of a pseudo-label ``train.csv`` (the competition's required ones, then ``source``)."""
+
+REASONS = ("no_mask", "mixed_classes", "low_confidence", "no_confident_mask")
+"""Why an image is dropped (module docstring, steps 1-4)."""
+
+
+def _unit(value, where: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a number in [0, 1], got {value!r}") from None
+    if not math.isfinite(x) or not 0.0 <= x <= 1.0:
+        raise ValueError(f"{where}: {value!r} is out of range [0, 1]")
+    return x
+
+
+def _per_class(value, where: str) -> dict[str, float]:
+    """A number for every class, or a mapping with every class of CELL_TYPES."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(CELL_TYPES))
+        if unknown:
+            raise ValueError(f"{where}: unknown class {unknown[0]!r} (expected {', '.join(CELL_TYPES)})")
+        missing = [c for c in CELL_TYPES if c not in value]
+        if missing:
+            raise ValueError(f"{where}: missing class {missing[0]!r} (every class of {', '.join(CELL_TYPES)} "
+                             f"is needed)")
+        return {c: _unit(value[c], f"{where}: class {c!r}") for c in CELL_TYPES}
+    x = _unit(value, where)
+    return {c: x for c in CELL_TYPES}
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    """Confidence screening of pseudo-labels (module docstring for the steps).
+
+    Attributes:
+        min_share: minimal score-weighted vote share of the image's cell type among its masks, in [0, 1].
+        min_mean_score: ``{cell type: s}``, minimal mean mask score of an image of that type.
+        min_mask_score: ``{cell type: s}``, minimal score of a kept mask in an image of that type (on top of the
+            thresholds.json score threshold).
+
+    A number for ``min_mean_score`` / ``min_mask_score`` applies to every class. Values are validated on
+    construction (ValueError naming the setting and class).
+    """
+
+    min_share: float = 0.8
+    min_mean_score: Mapping = field(default_factory=lambda: {c: 0.6 for c in CELL_TYPES})
+    min_mask_score: Mapping = field(default_factory=lambda: {c: 0.5 for c in CELL_TYPES})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_share", _unit(self.min_share, "screen: min_share"))
+        object.__setattr__(self, "min_mean_score", _per_class(self.min_mean_score, "screen: min_mean_score"))
+        object.__setattr__(self, "min_mask_score", _per_class(self.min_mask_score, "screen: min_mask_score"))
+
+    def to_dict(self) -> dict:
+        """JSON form: ``{"min_share": float, "min_mean_score": {class: float}, "min_mask_score": {class: float}}``."""
+        return {"min_share": self.min_share, "min_mean_score": dict(self.min_mean_score),
+                "min_mask_score": dict(self.min_mask_score)}
+
+
+@dataclass
+class ImageDecision:
+    """What happened to one image.
+
+    Attributes:
+        image_id: the image's id.
+        kept: whether the image is in the output.
+        reason: one of :data:`REASONS` when dropped, else None.
+        cell_type: the voted cell type (None when no mask was left by post-processing).
+        share: vote share of ``cell_type`` (score-weighted), 0.0 without masks.
+        mean_score: mean score of the post-processed masks, 0.0 without masks.
+        n_detections: instances in the store for the image.
+        n_postprocessed: masks left by the thresholds.json post-processing (what ``submit`` writes).
+        n_masks: masks written to ``train.csv`` (0 when dropped).
+        keep: int64 ``(n_masks,)`` indices of the written masks among the post-processed ones (not saved).
+    """
+
+    image_id: str
+    kept: bool
+    reason: str | None
+    cell_type: str | None
+    share: float
+    mean_score: float
+    n_detections: int
+    n_postprocessed: int
+    n_masks: int
+    keep: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def to_dict(self) -> dict:
+        """JSON form (every attribute but ``image_id`` and ``keep``)."""
+        return {"kept": self.kept, "reason": self.reason, "cell_type": self.cell_type,
+                "share": round(self.share, 6), "mean_score": round(self.mean_score, 6),
+                "n_detections": self.n_detections, "n_postprocessed": self.n_postprocessed, "n_masks": self.n_masks}
+
+
+def class_vote(classes, scores) -> tuple[int | None, float]:
+    """The score-weighted class vote of an image's masks.
+
+    Args:
+        classes: int ``(N,)`` class ids (indices into :data:`cellkit.CELL_TYPES`).
+        scores: float ``(N,)`` scores, >= 0.
+
+    Returns:
+        ``(class id, share)``: the class with the largest score sum (ties: the lower id) and that sum divided by the
+        sum over all classes (1.0 when every score is 0 and all masks agree); ``(None, 0.0)`` when ``N == 0``.
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if classes.size != scores.size:
+        raise ValueError(f"class_vote: {classes.size} classes but {scores.size} scores")
+    if classes.size == 0:
+        return None, 0.0
+    sums = np.bincount(classes, weights=scores, minlength=len(CELL_TYPES))
+    total = float(sums.sum())
+    if total <= 0.0:  # every score 0: a plain count vote
+        sums = np.bincount(classes, minlength=len(CELL_TYPES)).astype(np.float64)
+        total = float(sums.sum())
+    winner = int(np.argmax(sums))  # first maximum: the lower id on ties
+    return winner, float(sums[winner]) / total
+
+
+def screen_image(image_id: str, classes, scores, settings: ScreenSettings | None,
+                 n_detections: int | None = None) -> ImageDecision:
+    """Decide about one image from its post-processed masks (pure: numbers in, a decision out).
+
+    Args:
+        image_id: the image's id.
+        classes: int ``(K,)`` predicted class ids of the post-processed masks.
+        scores: float ``(K,)`` their scores (as post-processing used them).
+        settings: the screening, or None for none (only images without masks are dropped).
+        n_detections: instances before post-processing (recorded only; default ``K``).
+
+    Returns:
+        The :class:`ImageDecision` (``keep`` indexes ``classes``/``scores``).
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    k = int(classes.size)
+    n_det = k if n_detections is None else int(n_detections)
+    winner, share = class_vote(classes, scores)
+    if winner is None:
+        return ImageDecision(image_id, False, "no_mask", None, 0.0, 0.0, n_det, 0, 0)
+    cell_type = CELL_TYPES[winner]
+    mean = float(scores.mean())
+
+    def drop(reason):
+        return ImageDecision(image_id, False, reason, cell_type, share, mean, n_det, k, 0)
+
+    if settings is None:
+        return ImageDecision(image_id, True, None, cell_type, share, mean, n_det, k, k, np.arange(k, dtype=np.int64))
+    if share < settings.min_share:
+        return drop("mixed_classes")
+    if mean < settings.min_mean_score[cell_type]:
+        return drop("low_confidence")
+    keep = np.flatnonzero(scores >= settings.min_mask_score[cell_type]).astype(np.int64)
+    if keep.size == 0:
+        return drop("no_confident_mask")
+    return ImageDecision(image_id, True, None, cell_type, share, mean, n_det, k, int(keep.size), keep)
+
+
+def pseudo_label_image(pred, thresholds: Mapping, options: Mapping,
+                       settings: ScreenSettings | None) -> tuple[ImageDecision, list[str]]:
+    """Post-process one image's predictions as ``submit`` does, then screen them.
+
+    Args:
+        pred: :class:`cellkit.predictions.InstancePredictions` of the image.
+        thresholds: per-class thresholds of thresholds.json (:func:`cellkit.postprocess.validate_thresholds`).
+        options: post-processing options of thresholds.json.
+        settings: screening, or None.
+
+    Returns:
+        ``(decision, rles)``: the RLE strings (row-major, 1-indexed, descending score) of the kept masks, a subset
+        in order of ``apply_predictions(pred, thresholds, **options).rles()`` (all of it without screening).
+    """
+    from cellkit import postprocess as pp
+
+    kept = pp.apply_predictions(pred, thresholds, **options)
+    own_classes = np.asarray(pred.classes, dtype=np.int64)[kept.indices]
+    decision = screen_image(pred.image_id, own_classes, kept.scores, settings, n_detections=len(pred))
+    if not decision.kept:
+        return decision, []
+    rles = kept.rles()
+    return decision, [rles[i] for i in decision.keep.tolist()]
+
+
+def parse_class_values(text: str, where: str) -> float | dict[str, float]:
+    """Parse a class-wise CLI value: ``"0.6"`` (every class) or ``"shsy5y=0.5,astro=0.7,cort=0.6"`` (every class).
+
+    Raises:
+        ValueError: naming ``where`` (the option), a malformed item, an unknown or missing class, a value out of
+            [0, 1].
+    """
+    text = str(text).strip()
+    if "=" not in text:
+        return _unit(text, where)
+    values = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{where}: malformed item {item!r} (expected CLASS=VALUE, e.g. astro=0.7)")
+        values[name.strip()] = value.strip()
+    return _per_class(values, where)
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_out(out: Path, image_dir: Path, pred_dir: Path, overwrite: bool) -> None:
+    out_r, images_r, pred_r = out.resolve(), image_dir.resolve(), pred_dir.resolve()
+    for name, src in (("--images", images_r), ("--pred", pred_r)):
+        if _inside(out_r, src) or (out_r / "train") == src:
+            raise ValueError(f"{out}: output folder would write into the source {name} folder {src}; choose "
+                             f"another output folder")
+    existing = [p for p in (out / "train.csv", out / SUMMARY_NAME, out / "train") if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{out}: already holds pseudo-labels ({existing[0].name}); choose another output folder "
+                         f"or pass --overwrite")
+
+
+def _place_image(src: Path, dst: Path, link: bool) -> str:
+    """Symlink ``dst`` -> ``src`` (absolute), atomically; a copy where symlinks fail. Returns "link" or "copy"."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    if link:
+        try:
+            os.symlink(src.resolve(), tmp)
+            os.replace(tmp, dst)
+            return "link"
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    with atomic.atomic_path(dst) as part:
+        shutil.copyfile(src, part)
+    return "copy"
+
+
+def _csv_text(rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def summary_document(*, source: str, pred_dir, image_dir, thresholds_path, doc: Mapping, settings,
+                     decisions: list[ImageDecision], placed: Mapping[str, str]) -> dict:
+    """The ``pseudo.json`` document.
+
+    Layout: ``format`` (:data:`FORMAT`), ``source``, ``pred``, ``images``, ``thresholds`` (paths as given),
+    ``inference`` (the thresholds' inference signature or None), ``postprocess`` (``{"thresholds", "options"}``
+    applied), ``screen`` (:meth:`ScreenSettings.to_dict` or None for ``--no-screen``), ``counts`` (``images``,
+    ``kept``, ``dropped`` (total), ``dropped_by_reason`` (every reason of :data:`REASONS`), ``masks`` (written),
+    ``masks_postprocessed``, ``by_cell_type`` (kept images per type), ``linked``, ``copied``), ``images_detail``
+    (``{image id: ImageDecision.to_dict()}``, sorted by id), ``cellkit_version``.
+    """
+    from cellkit import __version__
+
+    kept = [d for d in decisions if d.kept]
+    by_reason = {r: sum(1 for d in decisions if d.reason == r) for r in REASONS}
+    return {
+        "format": FORMAT, "source": source, "pred": str(pred_dir), "images": str(image_dir),
+        "thresholds": str(thresholds_path), "inference": doc.get("inference"),
+        "postprocess": {"thresholds": doc["thresholds"], "options": doc["options"]},
+        "screen": None if settings is None else settings.to_dict(),
+        "counts": {"images": len(decisions), "kept": len(kept), "dropped": len(decisions) - len(kept),
+                   "dropped_by_reason": by_reason, "masks": sum(d.n_masks for d in kept),
+                   "masks_postprocessed": sum(d.n_postprocessed for d in decisions),
+                   "by_cell_type": {c: sum(1 for d in kept if d.cell_type == c) for c in CELL_TYPES},
+                   "linked": sum(1 for v in placed.values() if v == "link"),
+                   "copied": sum(1 for v in placed.values() if v == "copy")},
+        "images_detail": {d.image_id: d.to_dict() for d in sorted(decisions, key=lambda d: d.image_id)},
+        "cellkit_version": __version__,
+    }
+
+
+def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings: ScreenSettings | None, *,
+                        doc: Mapping | None = None, link: bool = True, overwrite: bool = False,
+                        progress: bool = True) -> dict:
+    """Write a pseudo-label folder (module docstring): ``OUT/train.csv``, ``OUT/train/``, ``OUT/pseudo.json``.
+
+    Args:
+        pred_dir: predictions store of the images (one ``.npz`` per image of ``image_dir``, same sizes).
+        thresholds_path: thresholds.json (post-processing thresholds and options).
+        image_dir: folder of the (unlabeled) images; never written into.
+        out_dir: output folder (created); must not lie inside ``image_dir`` or ``pred_dir``.
+        settings: the screening, or None (``--no-screen``).
+        doc: thresholds.json already loaded (:func:`cellkit.postprocess.load_thresholds`); default: loaded here.
+        link: symlink the images (else, or where a symlink fails, copy them).
+        overwrite: replace an earlier output in ``out_dir`` (its train.csv, pseudo.json and train/ entries).
+        progress: tqdm bar.
+
+    Returns:
+        The ``pseudo.json`` document (:func:`summary_document`).
+
+    Raises:
+        FileNotFoundError: missing store, thresholds or image folder.
+        ValueError: predictions for images not in ``image_dir`` or images without predictions (naming some), an
+            image whose size differs from its predictions', no image kept, an output folder inside a source or
+            holding an earlier output without ``overwrite``.
+    """
+    from tqdm import tqdm
+
+    from cellkit import postprocess as pp
+    from cellkit import predictions as P
+    from cellkit.data import find_image
+    from cellkit.submission import image_sizes
+
+    pred_dir, image_dir, out_dir = Path(pred_dir), Path(image_dir), Path(out_dir)
+    doc = pp.load_thresholds(thresholds_path) if doc is None else doc
+    thresholds, options = doc["thresholds"], doc["options"]
+    ids = P.image_ids(pred_dir)
+    sizes = image_sizes(image_dir)
+    unknown = sorted(set(ids) - set(sizes))
+    if unknown:
+        raise ValueError(f"{pred_dir}: predictions for {len(unknown)} image(s) not in {image_dir}, e.g. {unknown[:5]}")
+    missing = sorted(set(sizes) - set(ids))
+    if missing:
+        raise ValueError(f"{pred_dir}: no predictions for {len(missing)} image(s) of {image_dir}, e.g. {missing[:5]}")
+    _check_out(out_dir, image_dir, pred_dir, overwrite)
+    source = f"pseudo:{pred_dir}"
+    decisions, rows = [], []
+    for pred in tqdm(P.iter_dir(pred_dir), total=len(ids), desc="pseudo", unit="image", disable=not progress):
+        h, w = sizes[pred.image_id]
+        if (pred.height, pred.width) != (h, w):
+            raise ValueError(f"{pred_dir}/{pred.image_id}.npz: size {pred.height}x{pred.width} differs from the "
+                             f"image's {h}x{w}")
+        decision, rles = pseudo_label_image(pred, thresholds, options, settings)
+        decisions.append(decision)
+        rows += [(pred.image_id, r, w, h, decision.cell_type, source) for r in rles]
+    kept_ids = [d.image_id for d in decisions if d.kept]
+    if not kept_ids:
+        reasons = {r: n for r in REASONS if (n := sum(1 for d in decisions if d.reason == r))}
+        raise ValueError(f"{pred_dir}: no image kept out of {len(decisions)} (dropped: {reasons}); nothing written "
+                         f"(lower the screening thresholds or use --no-screen)")
+    train_dir = out_dir / "train"
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)  # no pseudo.json until this output is complete
+    train_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # an earlier output's images (links or copies made here) that this run does not keep
+        for stale in train_dir.iterdir():
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink()
+    placed = {}
+    for image_id in kept_ids:
+        src = find_image(image_dir, image_id)
+        placed[image_id] = _place_image(src, train_dir / src.name, link)
+    atomic.write_text(out_dir / "train.csv", _csv_text(rows))
+    summary = summary_document(source=source, pred_dir=pred_dir, image_dir=image_dir, thresholds_path=thresholds_path,
+                               doc=doc, settings=settings, decisions=decisions, placed=placed)
+    atomic.write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
