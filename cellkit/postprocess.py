@@ -23,8 +23,9 @@ Three options, chosen by the threshold search (:mod:`cellkit.search`), not by ha
   before overlaps; 0 for an empty mask). Steps 1 and 3 then use that score. Default: off.
 - ``free_dropped``: a mask dropped for its area does not take its pixels: they stay free for the lower-scored masks
   (the common approach; with it a mask's residual, and so whether it is kept, depends on which higher masks were
-  kept). Default: off (the seed's order: dropped masks still took theirs). Thresholds files written before the
-  option existed have no such key and load as off, so they keep the results they were searched for.
+  kept). Default: off (the seed's order: dropped masks still took theirs). The search decides it by an exact
+  evaluation of its chosen thresholds both ways. Thresholds files written before the option existed have no such
+  key and load as off, so they keep the results they were searched for.
 
 Two forms of the same computation (one core, :func:`_resolve`):
 
