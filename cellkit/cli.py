@@ -16,6 +16,7 @@ COMMANDS = {
     "score": "score a submission CSV against a truth CSV with the competition metric",
     "validate": "check a submission.csv against a folder of test images",
     "search": "search per-class score/mask/min-area thresholds on out-of-fold predictions -> thresholds.json",
+    "cv": "score out-of-fold predictions naive vs post-processed, per fold and overall -> OUT/cv.json + cv.png",
     "submit": "post-process test predictions with thresholds.json and write a valid submission.csv",
     "fakepred": "generate realistic instance predictions from a train.csv (for developing post-processing)",
     "pseudo": "turn predictions of unlabeled images into pseudo-labels (competition layout) for cellkit train",

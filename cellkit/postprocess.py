@@ -5,18 +5,27 @@ Per image, from instance predictions (class, score, probability mask) and per-cl
 
 1. drop instances whose score is under their class's ``score`` threshold (kept when ``score >= s``);
 2. binarise each probability mask at its class's ``mask`` threshold (a pixel is kept when ``prob >= m``);
-3. remove overlaps: in descending score order (ties: lower input index first) each mask keeps only the pixels that no
-   higher-scoring kept mask took (an occupancy map over the image; masks dropped in step 4 still took theirs);
+3. remove overlaps: in descending score order (ties: lower input index first) each mask keeps only the pixels that
+   higher-scoring masks have not taken (an occupancy map over the image);
 4. drop masks whose remaining area is under their class's ``min_area`` (masks left with no pixel are always dropped:
    an empty ``predicted`` means "no cell" in a submission).
 
-Two options, chosen by the threshold search (:mod:`cellkit.search`), not by hand; defaults follow the seed:
+Steps 3 and 4 run together, one mask at a time in that order. Whether a mask dropped in step 4 has taken its pixels
+is the option ``free_dropped`` below: by default (the seed's order, overlaps removed before the area filter) it has,
+so a small high-scored fragment still cuts its pixels out of the lower-scored masks under it.
+
+Three options, chosen by the threshold search (:mod:`cellkit.search`), not by hand; defaults follow the seed:
 
 - ``image_class_vote``: every Sartorius image holds one cell type, so every instance takes the image's class, the
   majority vote of the image's confident detections (raw score ``>= vote_min_score``; all detections when none is
   confident; ties go to the larger score sum, then the lower class id). Default: each instance's own class.
 - ``rescore``: the score of each instance becomes ``score x mean probability inside its binarised mask`` (step 2,
   before overlaps; 0 for an empty mask). Steps 1 and 3 then use that score. Default: off.
+- ``free_dropped``: a mask dropped for its area does not take its pixels: they stay free for the lower-scored masks
+  (the common approach; with it a mask's residual, and so whether it is kept, depends on which higher masks were
+  kept). Default: off (the seed's order: dropped masks still took theirs). The search decides it by an exact
+  evaluation of its chosen thresholds both ways. Thresholds files written before the option existed have no such
+  key and load as off, so they keep the results they were searched for.
 
 Two forms of the same computation (one core, :func:`_resolve`):
 
@@ -43,7 +52,7 @@ import numpy as np
 from cellkit import CELL_TYPES, atomic, rle
 
 __all__ = [
-    "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "validate_thresholds", "validate_options",
+    "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
     "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply", "apply_predictions",
     "crop_runs", "crops_runs", "load_thresholds", "save_thresholds",
 ]
@@ -54,8 +63,12 @@ THRESHOLD_KEYS = ("score", "mask", "min_area")
 SEED_THRESHOLDS = {c: {"score": 0.5, "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
 """The seed's defaults, the "before" of the threshold search."""
 
-DEFAULT_OPTIONS = {"image_class_vote": False, "rescore": False, "vote_min_score": 0.5}
-"""The seed's options: each instance's own class, no rescoring (``vote_min_score`` only matters with the vote)."""
+DEFAULT_OPTIONS = {"image_class_vote": False, "rescore": False, "vote_min_score": 0.5, "free_dropped": False}
+"""The seed's options: each instance's own class, no rescoring (``vote_min_score`` only matters with the vote), masks
+dropped for their area still take their pixels."""
+
+BOOL_OPTIONS = ("image_class_vote", "rescore", "free_dropped")
+"""The options that are true or false."""
 
 _PROB_TABLE = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)  # uint8 q -> float32 probability
 _Q = np.arange(256, dtype=np.int64)
@@ -122,7 +135,8 @@ def validate_options(options, where: str = "options") -> dict:
     """Check the post-processing options and return them completed with :data:`DEFAULT_OPTIONS`.
 
     Raises:
-        ValueError: an unknown key, a non-bool ``image_class_vote``/``rescore``, ``vote_min_score`` outside [0, 1].
+        ValueError: an unknown key, a non-bool ``image_class_vote``/``rescore``/``free_dropped``, ``vote_min_score``
+            outside [0, 1].
     """
     if options is None:
         options = {}
@@ -132,7 +146,7 @@ def validate_options(options, where: str = "options") -> dict:
     if extra:
         raise ValueError(f"{where}: unknown option {extra[0]!r} (expected {', '.join(DEFAULT_OPTIONS)})")
     out = {**DEFAULT_OPTIONS, **options}
-    for key in ("image_class_vote", "rescore"):
+    for key in BOOL_OPTIONS:
         if not isinstance(out[key], (bool, np.bool_)):
             raise ValueError(f"{where}: option {key!r} must be true or false, got {out[key]!r}")
         out[key] = bool(out[key])
@@ -258,7 +272,7 @@ def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
 
 
 def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray], shape: tuple[int, int],
-             min_areas: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+             min_areas: np.ndarray, free_dropped: bool = False) -> tuple[list[int], list[np.ndarray]]:
     """Steps 3 and 4 on binarised crops.
 
     Args:
@@ -267,6 +281,7 @@ def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray
         binary: bool crops, ``binary[i]`` of window ``windows[i]``.
         shape: ``(H, W)``.
         min_areas: int ``(N,)`` minimum area of each instance (its class's).
+        free_dropped: a mask dropped for its area leaves its pixels unoccupied (else it occupies them too).
 
     Returns:
         ``(kept, residuals)``: kept instance indices (in ``order``'s order) and their residual bool crops.
@@ -280,9 +295,11 @@ def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray
             continue
         view = occupied[y0:y1, x0:x1]
         residual = b & ~view
-        view |= b
         area = int(np.count_nonzero(residual))
-        if area >= max(int(min_areas[i]), 1):
+        keep = area >= max(int(min_areas[i]), 1)
+        if keep or not free_dropped:
+            view |= residual  # the rest of b is occupied already
+        if keep:
             kept.append(int(i))
             residuals.append(residual)
     return kept, residuals
@@ -365,19 +382,20 @@ def _pipeline(class_ids_: np.ndarray, scores: np.ndarray, windows: np.ndarray, b
         eff_scores = scores
     passed = np.flatnonzero(eff_scores >= score_thr[eff])
     order = passed[np.argsort(-eff_scores[passed], kind="stable")]
-    kept, residuals = _resolve(order, windows, binary, shape, min_area[eff])
+    kept, residuals = _resolve(order, windows, binary, shape, min_area[eff], options["free_dropped"])
     return kept, residuals, eff, eff_scores, binary
 
 
 # -------------------------------------------------------------------------------------------------- public forms
 def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, rescore: bool = False,
-                      vote_min_score: float = 0.5) -> KeptMasks:
+                      vote_min_score: float = 0.5, free_dropped: bool = False) -> KeptMasks:
     """Post-process one image's :class:`~cellkit.predictions.InstancePredictions` (the fast, box-cropped form).
 
     Args:
         pred: the image's predictions (uint8 probability crops in integer windows).
         thresholds: per-class thresholds (see :func:`validate_thresholds`).
-        image_class_vote, rescore, vote_min_score: options (module docstring).
+        image_class_vote, rescore, vote_min_score, free_dropped: options (module docstring); the keywords of
+            :data:`DEFAULT_OPTIONS`, so ``apply_predictions(pred, doc["thresholds"], **doc["options"])`` works.
 
     Returns:
         :class:`KeptMasks` (``.rles()`` for the submission, ``.runs()``, ``.full_masks()``).
@@ -385,7 +403,8 @@ def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, resco
     Raises:
         ValueError: invalid thresholds or options (naming class and key).
     """
-    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score}
+    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score,
+               "free_dropped": free_dropped}
     tables = {}
 
     mask_of = {}
@@ -412,7 +431,7 @@ def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, resco
 
 
 def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = False, rescore: bool = False,
-          vote_min_score: float = 0.5) -> list[np.ndarray]:
+          vote_min_score: float = 0.5, free_dropped: bool = False) -> list[np.ndarray]:
     """Post-process one image given full-image probability masks (the reference form).
 
     Args:
@@ -425,6 +444,7 @@ def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = F
             for every instance instead of its own.
         rescore: score = score x mean probability inside the binarised mask.
         vote_min_score: confidence of a voting detection.
+        free_dropped: a mask dropped for its area leaves its pixels to the lower-scored masks.
 
     Returns:
         The kept masks, bool ``(H, W)`` each, disjoint, in descending (effective) score order.
@@ -436,10 +456,11 @@ def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = F
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(prob_masks) != len(ids) or len(scores) != len(ids):
         raise ValueError(f"apply: {len(ids)} classes, {len(scores)} scores, {len(prob_masks)} masks: lengths differ")
+    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score,
+               "free_dropped": free_dropped}
     if len(ids) == 0:
         validate_thresholds(thresholds)
-        validate_options({"image_class_vote": image_class_vote, "rescore": rescore,
-                          "vote_min_score": vote_min_score})
+        validate_options(options)
         return []
     masks = [np.asarray(m) for m in prob_masks]
     shape = masks[0].shape
@@ -462,7 +483,6 @@ def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = F
         x0, y0, x1, y1 = windows[i]
         return float(masks[i][y0:y1, x0:x1][b].mean(dtype=np.float64))
 
-    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score}
     kept, residuals, *_ = _pipeline(ids, scores, windows, binarize, prob_mean, shape, thresholds, options)
     out = []
     for i, r in zip(kept, residuals):

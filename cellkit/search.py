@@ -6,9 +6,18 @@ have predictions), by coordinate ascent over the classes: one class's three thre
 the other classes fixed, then the next class, until a round changes nothing (one round is exact when no image mixes
 classes, e.g. always with the vote). The option set with the best mAP wins (ties keep the seed's options).
 
-Exactness: the search evaluates exactly what :func:`cellkit.postprocess.apply_predictions` followed by
-:func:`cellkit.metric.score_image` gives (tested). Speed comes from sweeping the score threshold and the minimum
-area without re-running post-processing:
+The third option, ``free_dropped`` (a mask dropped for its area leaves its pixels to lower-scored masks, see
+:mod:`cellkit.postprocess`), is not swept: with it, whether a mask is kept depends on which higher-scored masks were
+kept, so the area filter no longer separates from the overlap removal (the sweep below relies on that). Instead the
+winner's thresholds are re-evaluated exactly, through :func:`cellkit.postprocess.apply_predictions` and
+:func:`cellkit.metric.score_sets` on every image, once with dropped masks claiming their pixels and once freeing
+them; the better mAP wins, a tie keeps the default (claiming), and both figures go to ``search.free_dropped`` of
+``thresholds.json``. ``metric.after`` is the exact figure of the chosen setting. The thresholds themselves are
+those optimal under claiming, so this can only under-rate ``free_dropped`` (never choose it where it scores worse).
+
+Exactness: the sweep evaluates exactly what :func:`cellkit.postprocess.apply_predictions` (``free_dropped`` off)
+followed by :func:`cellkit.metric.score_image` gives (tested). Speed comes from sweeping the score threshold and the
+minimum area without re-running post-processing:
 
 - per image, once: the pixels of every probability crop at or above the smallest pixel threshold of the grid, as
   flat entries ``(instance, pixel, uint8 probability, truth label)``; the per-instance sums for rescoring;
@@ -42,7 +51,7 @@ from cellkit import postprocess as pp
 from cellkit import predictions as P
 
 __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
-           "ThresholdSearch", "search", "plot_search"]
+           "exact_image_scores", "truth_mask_set", "ThresholdSearch", "search", "plot_search"]
 
 logger = logging.getLogger(__name__)
 
@@ -481,13 +490,55 @@ def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, gr
                        np.asarray(grid["score"], dtype=np.float64), np.asarray(grid["min_area"], dtype=np.int64))[0]
 
 
+# ------------------------------------------------------------------------------------------------ exact evaluation
+def truth_mask_set(annotations, shape: tuple[int, int], where: str = "truth") -> metric.MaskSet:
+    """The true masks of one image (competition RLE strings, empty ones skipped) as a :class:`cellkit.metric.MaskSet`.
+
+    Raises:
+        ValueError: a malformed string, naming ``where`` and its position in ``annotations``.
+    """
+    try:
+        return metric.MaskSet.from_rles(list(annotations), shape)
+    except rle.MaskError as exc:
+        raise ValueError(f"{where}: annotation {exc.index}: {exc.problem}") from None
+
+
+def exact_image_scores(pred: P.InstancePredictions, truth: metric.MaskSet, candidates) -> np.ndarray:
+    """Image score of one image under each post-processing candidate, exactly as a submission would score.
+
+    Each candidate ``(thresholds, options)`` goes through :func:`cellkit.postprocess.apply_predictions` (the path of
+    ``cellkit submit``), then :func:`cellkit.metric.score_sets` of the kept masks against the truth; the image score is
+    the mean precision over the IoU thresholds 0.50..0.95 (1.0 with neither kept masks nor true masks).
+
+    Args:
+        pred: the image's predictions.
+        truth: its true masks (:func:`truth_mask_set`).
+        candidates: sequence of ``(thresholds, options)``; ``options`` are keywords of
+            :data:`cellkit.postprocess.DEFAULT_OPTIONS` (absent ones take their defaults).
+
+    Returns:
+        float64 ``(len(candidates),)``; equal candidates are computed once.
+    """
+    out = np.empty(len(candidates))
+    done: dict = {}
+    for k, (thresholds, options) in enumerate(candidates):
+        thresholds, options = pp.validate_thresholds(thresholds), pp.validate_options(options)
+        key = repr((thresholds, options))  # validated: keys in a fixed order
+        if key not in done:
+            kept = pp.apply_predictions(pred, thresholds, **options)
+            done[key] = float(metric.score_sets(metric.MaskSet.from_indices(kept.indices_flat()), truth).mean())
+        out[k] = done[key]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ workers
 class _Shard:
     """A set of images held by one process, answering sweep and evaluation requests."""
 
-    def __init__(self, images: list[ImageData], grid: dict):
+    def __init__(self, images: list[ImageData], grid: dict, source: tuple | None = None):
         self.images = images
         self.grid = grid
+        self.source = source  # (pred_dir, ids, truth_by_id, shape_by_id): to re-read the predictions for exact()
         self.score_grid = np.asarray(grid["score"], dtype=np.float64)
         self.area_grid = np.asarray(grid["min_area"], dtype=np.int64)
         self.mask_grid = np.asarray(grid["mask"], dtype=np.float64)
@@ -536,6 +587,20 @@ class _Shard:
                                  fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
         return out
 
+    def exact(self, candidates) -> np.ndarray:
+        """Exact image scores of every image under each candidate (:func:`exact_image_scores`), float64
+        ``(n_images, len(candidates))`` in :attr:`images` order; the predictions are re-read one image at a time."""
+        pred_dir, ids, truth_by_id, shape_by_id = self.source
+        out = np.empty((len(self.images), len(candidates)))
+        for j, pred in enumerate(P.iter_dir(pred_dir, ids=ids)):  # sorted by id, as _load_shard read them
+            if pred.image_id != self.images[j].image_id:
+                raise ValueError(f"{pred_dir}: image {pred.image_id} read where {self.images[j].image_id} was "
+                                 f"expected (the store changed during the search)")
+            truth = truth_mask_set(truth_by_id[pred.image_id], shape_by_id[pred.image_id],
+                                   f"truth of image {pred.image_id}")
+            out[j] = exact_image_scores(pred, truth, candidates)
+        return out
+
     def _fixed(self, thr: dict):
         mask_index = np.array([self.grid["mask"].index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64)
         fixed_score = np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64)
@@ -561,7 +626,7 @@ def _load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, 
 
 def _worker(conn, args):
     try:
-        shard = _Shard(_load_shard(*args), args[5])
+        shard = _Shard(_load_shard(*args), args[5], (args[0], args[1], args[2], args[4]))
         conn.send(("ok", shard.info()))
     except BaseException as exc:  # report, then stop
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -587,7 +652,7 @@ class _Pool:
         self.shard_ids = [s for s in shards if s]
         if workers <= 1:
             self.local = _Shard(_load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid,
-                                            vote_min_score), grid)
+                                            vote_min_score), grid, (pred_dir, ids, truth_by_id, shape_by_id))
             self.infos = [self.local.info()]
             return
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
@@ -685,9 +750,21 @@ class ThresholdSearch:
         return own + (sum(self.pool.call("peak_rss_mb")) if self.pool.local is None else 0.0)
 
     def evaluate(self, thresholds: dict, options: dict) -> np.ndarray:
-        """Image scores, float64 ``(n_images,)`` in :attr:`info` order, at on-grid thresholds."""
+        """Image scores, float64 ``(n_images,)`` in :attr:`info` order, at on-grid thresholds (by the sweep).
+
+        Raises:
+            ValueError: off-grid thresholds, or ``free_dropped`` set in ``options`` (the sweep cannot evaluate it:
+                use :meth:`exact`).
+        """
+        _sweepable(options)
         thresholds = self._on_grid(thresholds)
         return np.concatenate(self.pool.call("evaluate", thresholds, options))
+
+    def exact(self, candidates) -> np.ndarray:
+        """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
+        ``(n_images, len(candidates))`` in :attr:`info` order; one pass over the predictions store per worker."""
+        candidates = [(pp.validate_thresholds(t), pp.validate_options(o)) for t, o in candidates]
+        return np.concatenate(self.pool.call("exact", candidates), axis=0)
 
     def _on_grid(self, thresholds: dict) -> dict:
         thresholds = pp.validate_thresholds(thresholds)
@@ -710,6 +787,7 @@ class ThresholdSearch:
             ``{"options", "thresholds", "mAP", "rounds", "curves", "image_scores"}``; ``curves[class]`` holds the
             mAP (over all images) against each threshold of that class with the others at their chosen values.
         """
+        _sweepable(options)
         options = {**options, "vote_min_score": self.vote_min_score}
         thr = {c: dict((init or pp.SEED_THRESHOLDS)[c]) for c in CELL_TYPES}
         offsets = np.cumsum([0] + [len(p) for p in self.pool.infos])
@@ -754,8 +832,16 @@ class ThresholdSearch:
                 "curves": curves, "image_scores": final}
 
 
+def _sweepable(options: dict) -> None:
+    """Raise unless the sweep can evaluate ``options`` (``free_dropped`` off; see the module docstring)."""
+    if options.get("free_dropped"):
+        raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
+                         "separate from the overlap removal); evaluate free_dropped=True with ThresholdSearch.exact")
+
+
 def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, workers: int = 2,
-           max_rounds: int = 3, vote_min_score: float = 0.5, progress: bool = True) -> dict:
+           max_rounds: int = 3, vote_min_score: float = 0.5, try_free_dropped: bool = True,
+           progress: bool = True) -> dict:
     """Search per-class thresholds and options on out-of-fold predictions.
 
     Args:
@@ -766,12 +852,16 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
         workers: processes.
         max_rounds: coordinate-ascent rounds at most per option set.
         vote_min_score: confidence of a voting detection.
+        try_free_dropped: re-evaluate the winner's thresholds exactly with ``free_dropped`` off and on and keep the
+            better (module docstring); False keeps it off (only the exact figure with it off is computed).
         progress: tqdm bar.
 
     Returns:
         The ``thresholds.json`` document: ``thresholds``, ``options``, ``metric`` (``before`` = seed defaults and
-        options, ``after``; each ``{"mAP", "per_class"}``), ``search`` (grid, per option set results, curves,
-        image counts, seconds) and ``provenance`` (predictions dir, its meta.json: config, weights, folds).
+        options, ``after`` = the exact figure of the chosen thresholds and options; each ``{"mAP", "per_class"}``),
+        ``search`` (grid, per option set results of the sweep, curves, image counts, ``free_dropped``: the exact
+        figures with it off and on and the choice, seconds) and ``provenance`` (predictions dir, its meta.json:
+        config, weights, folds).
     """
     from tqdm import tqdm
 
@@ -807,19 +897,40 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
             init = init["thresholds"] if (init is not None and not options["image_class_vote"]) else None
             by_key[(options["image_class_vote"], options["rescore"])] = s.optimise(options, max_rounds, bar, init)
             bar.total = max(bar.total, bar.n)
-        bar.close()
         results = [by_key[(o["image_class_vote"], o["rescore"])] for o in option_sets]
         best = results[0]
         for r in results[1:]:
             if r["mAP"] > best["mAP"] + 1e-12:
                 best = r
-        after = s.per_class(best["image_scores"])
+        # free_dropped: the winner's thresholds, exactly, with dropped masks claiming and freeing their pixels
+        settings = [False, True] if try_free_dropped else [False]
+        base = pp.validate_options(best["options"])
+        bar.total += 1
+        bar.set_postfix_str("exact free_dropped")
+        exact = s.exact([(best["thresholds"], {**base, "free_dropped": f}) for f in settings])
+        bar.update(1)
+        bar.close()
+        gap = float(np.abs(exact[:, 0] - best["image_scores"]).max()) if s.n_images else 0.0
+        if gap > 1e-9:
+            logger.warning("the sweep and the exact evaluation of the chosen thresholds differ by up to %.3g on an "
+                           "image (a bug: please report it); the exact figures are used", gap)
+        means = exact.mean(axis=0)
+        chosen = len(settings) > 1 and means[1] > means[0] + 1e-12  # a tie keeps the default
+        after = s.per_class(exact[:, int(chosen)])
+        free_report = {
+            "method": "exact re-evaluation (postprocess.apply_predictions -> metric) of the thresholds the sweep "
+                      "chose, with masks dropped for their area claiming (false) or freeing (true) their pixels; "
+                      "the better mAP wins, a tie keeps false",
+            "results": [{"free_dropped": f, **s.per_class(exact[:, k])} for k, f in enumerate(settings)],
+            "chosen": bool(chosen),
+            "sweep_mAP": best["mAP"],
+        }
         n_images = s.n_images
         missing = len(s.missing)
         peak_mb = s.peak_rss_mb()
     doc = {
         "thresholds": best["thresholds"],
-        "options": pp.validate_options(best["options"]),
+        "options": pp.validate_options({**best["options"], "free_dropped": bool(chosen)}),
         "metric": {"before": before, "after": after},
         "search": {
             "grid": s.grid,
@@ -827,6 +938,7 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
             "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
                          "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
             "curves": best["curves"],
+            "free_dropped": free_report,
             "n_images": n_images,
             "n_truth_images_without_predictions": missing,
             "seconds": round(time.perf_counter() - start, 2),
@@ -896,7 +1008,8 @@ def plot_search(doc: dict, path) -> Path:
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
     opts = doc["options"]
-    fig.suptitle(f"threshold search (vote={opts['image_class_vote']}, rescore={opts['rescore']}): "
+    fig.suptitle(f"threshold search (vote={opts['image_class_vote']}, rescore={opts['rescore']}, "
+                 f"free_dropped={opts.get('free_dropped', False)}; curves with free_dropped=False): "
                  f"mAP {doc['metric']['before']['mAP']:.4f} -> {doc['metric']['after']['mAP']:.4f}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

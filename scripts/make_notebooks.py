@@ -262,8 +262,9 @@ FINETUNE = notebook(
 # ------------------------------------------------------------------------------------------------ 05 search
 SEARCH = notebook(
     "05_threshold_search", "05 · Class-wise threshold search",
-    "Per cell type, the score threshold, pixel threshold and minimum area (and the two options) that maximise the "
-    "competition metric on the out-of-fold predictions. Writes `OUT_DIR/thresholds.json` and the CV score.\n\n"
+    "Per cell type, the score threshold, pixel threshold and minimum area (and the three options) that maximise the "
+    "competition metric on the out-of-fold predictions. Writes `OUT_DIR/thresholds.json` and the CV score, then its "
+    "tables per fold and class, naive vs post-processed (`OUT_DIR/cv.json`, `OUT_DIR/cv.png`).\n\n"
     + RUN_HINT.format(stem="05_threshold_search"),
     [P_DATA, P_OUT, ("OOF_DIR", "", "out-of-fold predictions; empty for OUT_DIR/oof (from 04_finetune)"), P_SMOKE],
     [
@@ -279,6 +280,13 @@ SEARCH = notebook(
                  "Image(filename=str(out_dir / \"thresholds.png\"))  # written by `cellkit search` next to the json"),
         ("md", "## CV score\nThe competition metric on the out-of-fold images, after the searched post-processing."),
         ("code", "print(chain.format_cv(chain.cv_summary(out_dir)))"),
+        ("md", "## CV per fold and class: naive vs post-processed\nThe seed paper's Tables 1 and 2: the out-of-fold "
+               "images scored with the seed's naive post-processing (score 0.5, mask 0.5, min area 0) and with the "
+               "searched one, per fold and overall. Writes `OUT_DIR/cv.json` and `OUT_DIR/cv.png`; the tables are "
+               "markdown."),
+        ("code", "command(\"cv\", out_dir, \"--pred\", oof_dir, \"--truth\", data_dir / \"train.csv\",\n"
+                 "        \"--folds\", out_dir / \"folds.csv\", \"--thresholds\", out_dir / \"thresholds.json\")"),
+        ("code", "Image(filename=str(out_dir / \"cv.png\"))  # written by `cellkit cv`"),
     ])
 
 # ------------------------------------------------------------------------------------------------ 06 submission

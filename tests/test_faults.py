@@ -237,6 +237,11 @@ def _writer_cases(data, store, tmp):
               "--mask-grid", "0.5", "--min-area-grid", "0", "--workers", "1", "--rounds", "1", "--options", "seed",
               "--no-progress"]
     sub = ["submit", "--pred", store / "pred", "--thresholds", th, "--images", data / "train", "--no-progress"]
+    # cv writes tmp/cv.png then tmp/cv.json (killed at the json; the png goes through the same cellkit.atomic path as
+    # the search plot); it runs after the cases above wrote tmp/folds.csv and tmp/thresholds.json
+    cv = ["cv", tmp, "--pred", store / "pred", "--truth", data / "train.csv", "--folds", tmp / "folds.csv",
+          "--no-progress"]
+    cv_first, cv_second = cv + ["--thresholds", th], cv + ["--thresholds", tmp / "thresholds.json"]
     return [
         ("folds", "folds.csv", ["folds", data / "train.csv", "--k", "2", "--out", tmp / "folds.csv"],
          ["folds", data / "train.csv", "--k", "2", "--seed", "1", "--out", tmp / "folds.csv"]),
@@ -247,6 +252,7 @@ def _writer_cases(data, store, tmp):
         ("search plot", "plot.png", search[:6] + [tmp / "plot.json"] + search[7:] + ["--score-grid", "0.3"],
          search[:6] + [tmp / "plot.json"] + search[7:] + ["--score-grid", "0.5,0.7"]),
         ("submit", "submission.csv", sub + ["--out", tmp / "submission.csv"], None),
+        ("cv", "cv.json", cv_first, cv_second),
     ]
 
 

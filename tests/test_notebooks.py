@@ -285,7 +285,8 @@ def test_chain_smoke(tmp_path, tiny_data):
     for name in chain.NOTEBOOKS:
         assert (out / "notebooks" / f"{name}.ipynb").is_file()
     for artifact in ("folds.csv", "fold0/config.yaml", "fold0/metrics.json", "fold0/curves.png", "thresholds.json",
-                     "thresholds.png", "submission.csv", "submission.png", "eda/overlays.png", "eda/areas.png"):
+                     "thresholds.png", "cv.json", "cv.png", "submission.csv", "submission.png", "eda/overlays.png",
+                     "eda/areas.png"):
         assert (out / artifact).exists(), artifact
     check = subprocess.run([sys.executable, "-m", "cellkit", "validate", str(out / "submission.csv"), "--images",
                             str(tiny_data / "test")], capture_output=True, text=True)

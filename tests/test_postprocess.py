@@ -72,6 +72,33 @@ def test_dropped_small_mask_still_took_its_pixels():
     assert len(out) == 1 and out[0].sum() == 36 - 4
 
 
+def test_free_dropped_leaves_the_pixels_of_a_dropped_mask_to_lower_masks():
+    # the same small high-scored mask over a big low-scored one: dropped for its area, it no longer cuts the big one
+    hi, lo = box(0, 2, 0, 2), box(0, 6, 0, 6)
+    out = pp.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=5), free_dropped=True)
+    assert len(out) == 1 and out[0].sum() == 36 and out[0][0:2, 0:2].all()
+    # a kept mask still takes its pixels, whichever the option
+    for free in (False, True):
+        out = pp.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=4), free_dropped=free)
+        assert [m.sum() for m in out] == [4, 32]
+
+
+def test_free_dropped_cascades_down_the_score_order():
+    # a (0.95) takes most of b (0.9): b's 4 px residual (col 5) is under min_area 5, so b is dropped. Claimed, that
+    # residual also cuts c (0.8, cols 5-6) to 4 px and c is dropped; freed, c keeps its 8 px and is kept. d (0.7)
+    # loses col 6 either way (to c, kept or not under the seed's order).
+    a = box(0, 4, 0, 5)    # rows 0-3, cols 0-4: 20 px
+    b = box(0, 4, 1, 6)    # rows 0-3, cols 1-5: residual col 5
+    c = box(0, 4, 5, 7)    # rows 0-3, cols 5-6
+    d = box(0, 6, 6, 12)   # rows 0-5, cols 6-11: 36 px, col 6 shared with c
+    masks, scores = [a, b, c, d], [0.95, 0.9, 0.8, 0.7]
+    claimed = pp.apply(["cort"] * 4, scores, masks, thr(min_area=5))
+    assert [int(m.sum()) for m in claimed] == [20, 32]                 # a, d: b and c dropped
+    freed = pp.apply(["cort"] * 4, scores, masks, thr(min_area=5), free_dropped=True)
+    assert [int(m.sum()) for m in freed] == [20, 8, 32]                # a, c whole (b freed col 5), d
+    assert freed[1][0:4, 5:7].all() and not freed[2][0:4, 6].any() and freed[2][4:6, 6].all()
+
+
 def test_empty_residual_is_dropped_even_without_min_area():
     a = box(0, 4, 0, 4)
     out = pp.apply(["cort", "cort"], [0.9, 0.8], [a, a.copy()], thr(min_area=0))
@@ -140,8 +167,11 @@ def random_pred(seed=0, n=40, shape=(48, 64)):
                                np.array(boxes, dtype=np.float32), np.array(boxes), masks)
 
 
-@pytest.mark.parametrize("options", [{}, {"rescore": True}, {"image_class_vote": True},
-                                     {"image_class_vote": True, "rescore": True}])
+OPTION_SETS = [{"image_class_vote": vote, "rescore": rescore, "free_dropped": free}
+               for free in (False, True) for vote in (False, True) for rescore in (False, True)]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "seed")
 def test_crop_form_equals_full_form(options):
     pred = random_pred()
     t = thr(score=0.2, mask=0.45, min_area=4, astro={"mask": 0.6, "score": 0.4}, cort={"min_area": 20})
@@ -158,6 +188,57 @@ def test_crop_form_equals_full_form(options):
         assert np.array_equal(s, s2) and np.array_equal(n, n2)
     flat = kept.indices_flat()
     assert all(np.array_equal(f, np.flatnonzero(m)) for f, m in zip(flat, full))
+
+
+def test_free_dropped_changes_the_random_case():
+    # the equivalence test above is only meaningful for free_dropped if that option changes its result
+    pred = random_pred()
+    t = thr(score=0.2, mask=0.45, min_area=4, astro={"mask": 0.6, "score": 0.4}, cort={"min_area": 20})
+    claimed, freed = pp.apply_predictions(pred, t), pp.apply_predictions(pred, t, free_dropped=True)
+    assert claimed.rles() != freed.rles()
+    assert freed.areas.sum() > claimed.areas.sum()
+
+
+def reference(pred, t, free_dropped):
+    """An independent, plain full-image version of the four steps (own class, raw scores)."""
+    names = [CELL_TYPES[c] for c in pred.classes]
+    order = sorted(range(len(pred)), key=lambda i: (-float(pred.scores[i]), i))
+    occupied = np.zeros(pred.shape, dtype=bool)
+    out = []
+    for i in order:
+        c = t[names[i]]
+        if float(pred.scores[i]) < c["score"]:
+            continue
+        mask = pred.full_prob(i) >= np.float32(c["mask"])
+        residual = mask & ~occupied
+        keep = residual.sum() >= max(c["min_area"], 1)
+        if keep or not free_dropped:
+            occupied |= mask
+        if keep:
+            out.append(residual)
+    return out
+
+
+@pytest.mark.parametrize("free_dropped", [False, True])
+def test_fast_form_equals_independent_reference_on_random_images(free_dropped):
+    rng = np.random.default_rng(7)
+    differ = 0
+    for seed in range(25):
+        pred = random_pred(seed, n=int(rng.integers(1, 60)))
+        t = {c: {"score": float(rng.choice([0.0, 0.3, 0.6])), "mask": float(rng.choice([0.3, 0.5, 0.7])),
+                 "min_area": int(rng.choice([0, 5, 15, 40]))} for c in CELL_TYPES}
+        kept = pp.apply_predictions(pred, t, free_dropped=free_dropped)
+        expected = reference(pred, t, free_dropped)
+        assert kept.rles() == [rle.encode(m) for m in expected], seed
+        other = pp.apply_predictions(pred, t, free_dropped=not free_dropped)
+        differ += kept.rles() != other.rles()
+        # freed occupancy is the union of kept masks only, a subset of the claimed one: every mask kept when
+        # dropped masks claim is kept when they are freed, with at least the same pixels
+        claimed, freed = (other, kept) if free_dropped else (kept, other)
+        freed_by_index = dict(zip(freed.indices.tolist(), freed.full_masks()))
+        for i, m in zip(claimed.indices.tolist(), claimed.full_masks()):
+            assert i in freed_by_index and not (m & ~freed_by_index[i]).any(), (seed, i)
+    assert differ >= 5  # the option matters on these images
 
 
 def test_crop_runs_touching_the_right_edge_do_not_merge_rows():
@@ -198,6 +279,18 @@ def test_invalid_thresholds_name_class_and_key(change, message):
         pp.apply(["cort"], [0.9], [box(0, 2, 0, 2)], t)
 
 
+def test_free_dropped_round_trips_through_thresholds_files(tmp_path):
+    path = pp.save_thresholds(tmp_path / "t.json", {"thresholds": thr(min_area=5), "options": {"free_dropped": True}})
+    doc = pp.load_thresholds(path)
+    assert doc["options"]["free_dropped"] is True
+    hi, lo = box(0, 2, 0, 2), box(0, 6, 0, 6)
+    pred = InstancePredictions.from_full_masks("x", [2, 2], [0.9, 0.8], np.zeros((2, 4)), np.stack([hi, lo]))
+    kept = pp.apply_predictions(pred, doc["thresholds"], **doc["options"])  # as `cellkit submit` calls it
+    assert kept.areas.tolist() == [36]
+    with pytest.raises(ValueError, match="unknown option 'free'"):
+        pp.validate_options({"free": True})
+
+
 def test_unknown_class_name_and_length_mismatch():
     with pytest.raises(ValueError, match="instance 0: unknown class 'hela'"):
         pp.apply(["hela"], [0.9], [box(0, 2, 0, 2)], thr())
@@ -211,7 +304,8 @@ def test_thresholds_file_roundtrip_and_errors(tmp_path):
     path = pp.save_thresholds(tmp_path / "thresholds.json", doc)
     back = pp.load_thresholds(path)
     assert back["thresholds"]["cort"] == {"score": 0.4, "mask": 0.5, "min_area": 30}
-    assert back["options"] == {"image_class_vote": False, "rescore": True, "vote_min_score": 0.5}
+    assert back["options"] == {"image_class_vote": False, "rescore": True, "vote_min_score": 0.5,
+                               "free_dropped": False}  # a file without the key: today's behaviour
     assert back["metric"] == {"before": {"mAP": 0.3}}
     assert [p.name for p in tmp_path.iterdir()] == ["thresholds.json"]  # no temporary file left
 
@@ -221,6 +315,9 @@ def test_thresholds_file_roundtrip_and_errors(tmp_path):
         pp.load_thresholds(bad)
     bad.write_text(json.dumps({"thresholds": thr(), "options": {"rescore": "yes"}}))
     with pytest.raises(ValueError, match="option 'rescore' must be true or false"):
+        pp.load_thresholds(bad)
+    bad.write_text(json.dumps({"thresholds": thr(), "options": {"free_dropped": 1}}))
+    with pytest.raises(ValueError, match=rf"{bad}: options: option 'free_dropped' must be true or false, got 1"):
         pp.load_thresholds(bad)
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="invalid JSON"):

@@ -133,6 +133,11 @@ def test_search_finds_planted_thresholds(planted):
         assert doc["metric"]["after"]["per_class"][name] == pytest.approx(1.0)
         assert doc["metric"]["before"]["per_class"][name] < 0.9  # the seed's defaults keep the false positives
     assert doc["options"]["image_class_vote"] is False and doc["options"]["rescore"] is False  # ties keep the seed's
+    free = doc["search"]["free_dropped"]
+    assert [r["free_dropped"] for r in free["results"]] == [False, True]
+    assert free["results"][0]["mAP"] == pytest.approx(free["sweep_mAP"], abs=1e-12)  # exact == sweep
+    assert free["results"][1]["mAP"] <= free["results"][0]["mAP"] + 1e-12  # cannot beat 1.0: a tie keeps false
+    assert free["chosen"] is False and doc["options"]["free_dropped"] is False
     assert doc["provenance"]["config"] == "fakepred"
     assert doc["search"]["n_images"] == 6 and doc["search"]["grid"]["score"][0] == 0.1
     # the chosen thresholds really score 1.0 through postprocess + metric
@@ -144,12 +149,85 @@ def test_search_finds_planted_thresholds(planted):
     assert scored["mAP"] == pytest.approx(1.0)
 
 
+FRAGMENT = 12  # pixels of the high-scored fragment inside each cell
+
+
+@pytest.fixture(scope="module")
+def fragments(tmp_path_factory):
+    """Predictions where freeing the pixels of dropped masks pays: every cell is predicted exactly (score 0.9) with a
+    12-pixel fragment inside it scored higher (0.95, probability 1, so no score or pixel threshold removes it alone).
+    min_area 30 drops the fragments; claimed, they still cut 12 px out of every cell (IoU ~0.94: precision 0 at
+    IoU 0.95), freed, every cell is whole (mAP 1)."""
+    root = tmp_path_factory.mktemp("fragments")
+    shape = (64, 96)
+    rng = np.random.default_rng(5)
+    truth = truth_frame(rng, shape, per_class=2, n=(2, 4), overlap=False, r=(7.0, 8.5))  # < 240 px: IoU < 0.95
+    csv = root / "train.csv"
+    truth.to_csv(csv, index=False)
+    store = root / "oof"
+    for image_id, rows in truth.groupby("id"):
+        cls = CELL_TYPES.index(rows["cell_type"].iat[0])
+        masks, scores = [], []
+        for s in rows["annotation"]:
+            cell = rle.decode(s, shape).astype(bool)
+            ys, xs = np.nonzero(cell)
+            cy, cx = int(np.median(ys)), int(np.median(xs))
+            frag = np.zeros(shape, dtype=bool)
+            frag[cy - 1:cy + 2, cx - 2:cx + 2] = True  # 3 x 4 = 12 px
+            assert (frag & cell).sum() == FRAGMENT and cell.sum() < 240  # IoU without the fragment < 0.95
+            masks += [frag, cell]
+            scores += [0.95, 0.9]
+        pred = P.InstancePredictions.from_full_masks(image_id, [cls] * len(masks), scores,
+                                                     np.zeros((len(masks), 4)), np.stack(masks))
+        P.save(pred, store)
+    P.write_meta(store, {"config": "test-fragments"})
+    return root, csv, truth
+
+
+def test_search_chooses_free_dropped_when_it_scores_better(fragments):
+    root, csv, truth = fragments
+    grid = {"score": [0.5], "mask": [0.5], "min_area": [0, 30]}
+    doc = S.search(root / "oof", csv, grid=grid, workers=1, progress=False)
+    assert all(doc["thresholds"][c]["min_area"] == 30 for c in CELL_TYPES)  # chosen by the sweep (claiming)
+    free = doc["search"]["free_dropped"]
+    by = {r["free_dropped"]: r["mAP"] for r in free["results"]}
+    assert by[False] == pytest.approx(0.9) and by[False] == pytest.approx(free["sweep_mAP"])
+    assert by[True] == pytest.approx(1.0)
+    assert free["chosen"] is True and doc["options"]["free_dropped"] is True
+    assert doc["metric"]["after"]["mAP"] == pytest.approx(1.0)
+    # the chosen options reproduce that figure through the submission path
+    rows = [(pred.image_id, r) for pred in P.iter_dir(root / "oof")
+            for r in pp.apply_predictions(pred, doc["thresholds"], **doc["options"]).rles()]
+    assert metric.score_frames(truth, pd.DataFrame(rows, columns=["id", "predicted"]))["mAP"] == pytest.approx(1.0)
+    # without trying it, the option stays off and only its exact figure is recorded
+    off = S.search(root / "oof", csv, grid=grid, workers=1, try_free_dropped=False, progress=False)
+    assert off["options"]["free_dropped"] is False and off["metric"]["after"]["mAP"] == pytest.approx(0.9)
+    assert [r["free_dropped"] for r in off["search"]["free_dropped"]["results"]] == [False]
+
+
+def test_sweep_refuses_free_dropped(fragments):
+    root, csv, truth = fragments
+    with S.ThresholdSearch(root / "oof", truth, {"score": [0.5], "mask": [0.5], "min_area": [0]}, workers=1) as s:
+        with pytest.raises(ValueError, match="free_dropped=False only"):
+            s.evaluate(pp.SEED_THRESHOLDS, {"image_class_vote": False, "rescore": False, "free_dropped": True})
+        with pytest.raises(ValueError, match="free_dropped=False only"):
+            s.optimise({"image_class_vote": False, "rescore": False, "free_dropped": True})
+        # exact() evaluates anything, and agrees with the sweep where both can
+        t = {c: {"score": 0.5, "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
+        opts = {"image_class_vote": False, "rescore": False}
+        exact = s.exact([(t, opts), (t, {**opts, "free_dropped": True})])
+        assert exact.shape == (s.n_images, 2)
+        assert np.allclose(exact[:, 0], s.evaluate(t, opts), atol=1e-12)
+        assert np.array_equal(exact[:, 0], exact[:, 1])  # min_area 0 drops only empty residuals: nothing to free
+
+
 def test_search_workers_agree(planted):
     root, csv, _ = planted
     grid = {"score": [0.2, 0.5, 0.8], "mask": [0.4, 0.5, 0.6], "min_area": [0, 20, 40]}
     one = S.search(root / "oof", csv, grid=grid, workers=1, progress=False)
     two = S.search(root / "oof", csv, grid=grid, workers=2, progress=False)
     assert one["thresholds"] == two["thresholds"] and one["metric"] == two["metric"]
+    assert one["search"]["free_dropped"] == two["search"]["free_dropped"]
 
 
 def test_search_cli_writes_thresholds_and_plot(planted, tmp_path, capsys):
@@ -165,7 +243,16 @@ def test_search_cli_writes_thresholds_and_plot(planted, tmp_path, capsys):
     assert set(doc["search"]["curves"]) == set(CELL_TYPES)
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "mAP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mAP" in printed and "free_dropped=True" in printed and "free_dropped=False" in printed
+    assert doc["options"]["free_dropped"] is doc["search"]["free_dropped"]["chosen"]
+    # --options seed: the seed's options only, free_dropped included
+    assert main(["search", "--pred", str(root / "oof"), "--truth", str(csv), "--out", str(out), "--options", "seed",
+                 "--score-grid", "0.5", "--mask-grid", "0.5", "--min-area-grid", "0", "--workers", "1",
+                 "--no-progress"]) == 0
+    doc = pp.load_thresholds(out)
+    assert doc["options"] == pp.DEFAULT_OPTIONS
+    assert len(doc["search"]["free_dropped"]["results"]) == 1
 
 
 # ------------------------------------------------------------------------------------------------ errors

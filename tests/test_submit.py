@@ -92,3 +92,24 @@ def test_submit_errors(setup, capsys):
                  "--out", str(out), "--no-progress"]) == 2
     assert "not in" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("free_dropped", [False, True])
+def test_submit_applies_free_dropped_from_thresholds(setup, free_dropped):
+    tmp, images, _, _ = setup
+    store = tmp / "pred_free"
+    # a1: a small high-scored mask (2 x 2 inside its window) over a big lower-scored one (12 x 12); min_area 5
+    P.save(pred("a1", [0.9, 0.8], [(4, 4, 8, 8), (0, 0, 14, 14)]), store)
+    P.save(pred("b2", [], []), store)
+    P.save(pred("c3", [], []), store)
+    thresholds = tmp / "free.json"
+    pp.save_thresholds(thresholds, {"thresholds": {c: {"score": 0.5, "mask": 0.5, "min_area": 5} for c in CELL_TYPES},
+                                    "options": {"free_dropped": free_dropped}})
+    out = tmp / "submission_free.csv"
+    assert main(["submit", "--pred", str(store), "--thresholds", str(thresholds), "--images", str(images),
+                 "--out", str(out), "--no-progress"]) == 0
+    masks = [p for i, p in read_rows(out)[1:] if i == "a1"]
+    assert len(masks) == 1
+    area = sum(int(n) for n in masks[0].split()[1::2])
+    assert area == (144 if free_dropped else 144 - 4)  # freed, the dropped small mask leaves its 4 px
+    assert validate_submission(out, images) == []

@@ -1,7 +1,8 @@
 """``python -m cellkit search --pred OOF --truth TRAIN.csv --out thresholds.json``: class-wise threshold search.
 
 Maximises the competition metric on out-of-fold predictions over a grid of score thresholds, pixel thresholds and
-minimum areas per class and the two post-processing options (see :mod:`cellkit.search`). Writes
+minimum areas per class and the post-processing options (the vote and rescoring by the sweep, ``free_dropped`` by an
+exact re-evaluation of the winner; see :mod:`cellkit.search`). Writes
 ``thresholds.json`` (chosen values, options, metric before/after per class, the grid, provenance) and, next to it,
 a plot of the metric against each threshold per class (``--plot``, default ``<out stem>.png``).
 """
@@ -40,7 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-area-grid", type=_floats, metavar="LIST",
                         help="minimum areas (default 0,10,20,...,300)")
     parser.add_argument("--options", choices=("all", "seed"), default="all",
-                        help="option sets to try: all four (vote x rescore) or only the seed's (default all)")
+                        help="options to try: all (the four vote x rescore sets, then free_dropped off/on at the "
+                             "winner) or only the seed's (default all)")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-ascent rounds at most (default 3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,7 +59,7 @@ def run(args) -> int:
     grid = {"score": args.score_grid, "mask": args.mask_grid, "min_area": args.min_area_grid}
     options = S.OPTION_SETS if args.options == "all" else S.OPTION_SETS[:1]
     doc = S.search(args.pred, args.truth, grid=grid, option_sets=options, workers=args.workers,
-                   max_rounds=args.rounds, progress=not args.no_progress)
+                   max_rounds=args.rounds, try_free_dropped=args.options == "all", progress=not args.no_progress)
     out = pp.save_thresholds(args.out, doc)
     plot = S.plot_search(doc, args.plot or Path(args.out).with_suffix(".png"))
     before, after = doc["metric"]["before"], doc["metric"]["after"]
@@ -69,7 +71,10 @@ def run(args) -> int:
         print(f"{name:8} {t['score']:6.2f} {t['mask']:6.2f} {t['min_area']:8d}   {fmt(b)} {fmt(a)}")
     print(f"{'mAP':8} {'':6} {'':6} {'':8}   {before['mAP']:7.4f} {after['mAP']:7.4f}")
     opts = doc["options"]
-    print(f"options: image_class_vote={opts['image_class_vote']} rescore={opts['rescore']}; "
-          f"{doc['search']['n_images']} images, {doc['search']['seconds']} s")
+    print(f"options: image_class_vote={opts['image_class_vote']} rescore={opts['rescore']} "
+          f"free_dropped={opts['free_dropped']}; {doc['search']['n_images']} images, {doc['search']['seconds']} s")
+    free = doc["search"]["free_dropped"]["results"]
+    print("exact mAP of the chosen thresholds: "
+          + ", ".join(f"free_dropped={r['free_dropped']} {r['mAP']:.4f}" for r in free))
     print(f"wrote {out} and {plot}")
     return 0

@@ -70,7 +70,8 @@ def run(args) -> int:
     doc = pp.load_thresholds(args.thresholds)
     thresholds, options = doc["thresholds"], doc["options"]
     log = [f"thresholds from {args.thresholds}: options image_class_vote={options['image_class_vote']} "
-           f"rescore={options['rescore']} vote_min_score={options['vote_min_score']}"]
+           f"rescore={options['rescore']} vote_min_score={options['vote_min_score']} "
+           f"free_dropped={options['free_dropped']}"]
     for name in CELL_TYPES:
         t = thresholds[name]
         log.append(f"  {name:7} score >= {t['score']:.3f}  mask >= {t['mask']:.3f}  min_area {t['min_area']}")
