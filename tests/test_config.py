@@ -186,3 +186,19 @@ def test_amp_follows_the_config_on_cuda_and_is_off_on_cpu(tmp_path):
     cpu_dev = ck.get_preset_cfg("paper", ["MODEL.DEVICE", "cpu"])
     ck.resolve_runtime(cpu_dev, has_cuda=True)
     assert cpu_dev.SOLVER.AMP.ENABLED is False
+
+
+def test_one_fold_seed_default_everywhere():
+    """`cellkit train` (when it writes folds.csv), `cellkit folds` and notebook 02 split with the same seed."""
+    import inspect
+
+    from cellkit import chain, folds
+    from cellkit.cli import build_parser
+    from cellkit.config import new_config
+
+    parser = build_parser("folds")
+    folds_cmd = parser._subparsers._group_actions[0].choices["folds"]
+    cli_seed = next(a.default for a in folds_cmd._actions if a.dest == "seed")
+    notebook_seed = chain.notebook_parameters(chain.NOTEBOOK_DIR / "02_folds.ipynb")["SEED"]["default"]
+    library_seed = inspect.signature(folds.make_folds).parameters["seed"].default
+    assert new_config().CELLKIT.DATA.FOLD_SEED == cli_seed == int(notebook_seed) == library_seed == 0
