@@ -307,6 +307,8 @@ def plot_cv(doc: Mapping, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cellkit.viz import save_figure
+
     path = Path(path)
     settings = list(doc.get("settings", SETTINGS))
     panels = [(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
@@ -340,13 +342,10 @@ def plot_cv(doc: Mapping, path) -> Path:
         axes[k // ncols][k % ncols].axis("off")
     fig.suptitle("out-of-fold competition mAP: naive (seed 0.5 / 0.5 / 0) vs post-processed (thresholds.json)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic.atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
+        return save_figure(fig, path, dpi=80)
     finally:
         plt.close(fig)
-    return path
 
 
 def write_report(doc: Mapping, out_dir) -> tuple[Path, Path]:

@@ -989,6 +989,8 @@ def plot_search(doc: dict, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cellkit.viz import save_figure
+
     path = Path(path)
     grid, curves = doc["search"]["grid"], doc["search"]["curves"]
     fig, axes = plt.subplots(len(CELL_TYPES), 3, figsize=(12, 3.2 * len(CELL_TYPES)), squeeze=False)
@@ -1012,10 +1014,7 @@ def plot_search(doc: dict, path) -> Path:
                  f"free_dropped={opts.get('free_dropped', False)}; curves with free_dropped=False): "
                  f"mAP {doc['metric']['before']['mAP']:.4f} -> {doc['metric']['after']['mAP']:.4f}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic.atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
+        return save_figure(fig, path, dpi=80)
     finally:
         plt.close(fig)
-    return path
