@@ -18,6 +18,8 @@ COMMANDS = {
     "search": "search per-class score/mask/min-area thresholds on out-of-fold predictions -> thresholds.json",
     "submit": "post-process test predictions with thresholds.json and write a valid submission.csv",
     "fakepred": "generate realistic instance predictions from a train.csv (for developing post-processing)",
+    "audit": "flag suspicious annotations of a train.csv (duplicates, overlaps, tiny; missed/spurious with OOF "
+             "predictions) -> audit.csv, instances.csv",
     "train": "train a model (preset paper / r50 / demo or a YAML) on competition data or LIVECell",
     "predict": "predict instance probabilities (optionally with TTA) for a folder of images or a held-out fold",
     "chain": "run notebooks 01..06 in order with papermill (make demo) and print the CV score",
