@@ -73,6 +73,14 @@ def add_cellkit_config(cfg) -> None:
     # Seed of the fold split written when folds.csv is absent (cellkit.folds.DEFAULT_SEED, the same default as
     # `cellkit folds` and notebook 02, so every entry point splits alike).
     _C.CELLKIT.DATA.FOLD_SEED = 0
+    # Images dropped from the training split (finetune mode), e.g. those a label audit (`cellkit audit`) found
+    # suspicious: a text file with one image id per line (# comments allowed), a CSV with an `id` column, or an
+    # audit.csv with EXCLUDE_TOP > 0 (its EXCLUDE_TOP highest-scoring images). "" excludes nothing. The validation
+    # fold keeps every image, so that the CV score of runs with and without exclusions stays comparable; ids that are
+    # not in train.csv are an error naming the file.
+    _C.CELLKIT.DATA.EXCLUDE = ""
+    # With an audit.csv as EXCLUDE: how many of its highest-scoring images are excluded (0 for a plain id list).
+    _C.CELLKIT.DATA.EXCLUDE_TOP = 0
     # "pretrain" mode: LIVECell COCO json for training and the folder holding its images.
     _C.CELLKIT.DATA.LIVECELL_JSON = ""
     _C.CELLKIT.DATA.LIVECELL_IMAGES = ""

@@ -10,6 +10,11 @@ Everything is checked before any work starts (config keys, weights file, data fo
 saved as ``OUT/config.yaml``. ``--resume`` continues the run in ``OUT`` from its last checkpoint with the saved
 config (``KEY VALUE`` pairs still apply on top). ``--num-gpus N`` trains on N GPUs through detectron2's ``launch``
 (on a machine without CUDA: N CPU processes with the gloo backend, as the distributed test does).
+
+``--exclude FILE`` (``CELLKIT.DATA.EXCLUDE``) drops images from the training split only, e.g. the worst of a label
+audit (``--exclude AUDIT/audit.csv --exclude-top N``); the validation fold keeps them, so that CV scores of runs with
+different exclusions stay comparable. The excluded ids are logged with their count and written to
+``OUT/excluded_ids.txt``.
 """
 from __future__ import annotations
 
@@ -32,6 +37,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     parser.add_argument("--weights", metavar="PATH",
                         help="initial weights, a local .pth/.pkl file (model-zoo or a previous run's checkpoint)")
+    parser.add_argument("--exclude", metavar="FILE",
+                        help="drop these images from the training split (not from validation): a list of ids (one per "
+                             "line, or a CSV with an id column), or an audit.csv with --exclude-top "
+                             "(CELLKIT.DATA.EXCLUDE)")
+    parser.add_argument("--exclude-top", type=int, default=None, metavar="N",
+                        help="with an audit.csv as --exclude: its N highest-scoring images (CELLKIT.DATA.EXCLUDE_TOP)")
     parser.add_argument("--livecell", metavar="JSON", help="pretrain on this LIVECell COCO json")
     parser.add_argument("--livecell-images", metavar="DIR", help="folder of the LIVECell images")
     parser.add_argument("--livecell-val", metavar="JSON", help="LIVECell json to validate on during pretraining")
@@ -72,6 +83,10 @@ def build_config(args):
         cfg.CELLKIT.DATA.FOLDS_CSV = str(args.folds)
     if args.weights:
         cfg.MODEL.WEIGHTS = str(args.weights)
+    if args.exclude:
+        cfg.CELLKIT.DATA.EXCLUDE = str(args.exclude)
+    if args.exclude_top is not None:
+        cfg.CELLKIT.DATA.EXCLUDE_TOP = args.exclude_top
     if args.livecell:
         cfg.CELLKIT.MODE = "pretrain"
         cfg.CELLKIT.DATA.LIVECELL_JSON = str(args.livecell)
