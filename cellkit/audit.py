@@ -105,7 +105,8 @@ __all__ = [
     "IMAGE_COLUMNS", "INSTANCE_COLUMNS", "AUDIT_NAME", "INSTANCES_NAME", "SUMMARY_NAME", "AuditSpec", "MaskRuns",
     "RATE_KINDS", "box_pairs", "pair_intersections", "label_flags", "prediction_flags", "image_fractions",
     "excess", "image_score", "apply_baselines",
-    "cleanlab_matrices", "cleanlab_format", "vectorised_cleanlab", "cleanlab_image_scores", "AuditResult", "audit", "write_audit", "read_audit",
+    "cleanlab_matrices", "cleanlab_format", "vectorised_cleanlab", "cleanlab_image_scores", "AuditResult",
+    "has_predictions", "audit", "write_audit", "read_audit",
     "exclusion_ids",
 ]
 
@@ -817,6 +818,19 @@ class AuditResult(NamedTuple):
     images: pd.DataFrame
     instances: pd.DataFrame
     summary: dict
+
+
+def has_predictions(path) -> bool:
+    """Whether ``path`` is a predictions store holding at least one image (so that ``audit(pred_dir=path)`` can use
+    it), e.g. ``OUT_DIR/oof`` once notebook 04 predicted a fold. Never raises for a missing or empty folder."""
+    from cellkit import predictions as P
+
+    if path is None or not Path(path).is_dir():
+        return False
+    try:
+        return bool(P.image_ids(path))
+    except ValueError:
+        return False
 
 
 def _load_thresholds(path) -> dict:

@@ -406,3 +406,41 @@ def test_readme_near_duplicate_images(real_train_csv, image_id):
     if image_id not in set(table["id"]):
         pytest.skip(f"{image_id} (named by the data README) is not in {real_train_csv}")
     assert A.audit(table, image_ids=[image_id], progress=False).images["n_duplicate"].iloc[0] > 0
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def test_audit_overlay_highlights_flagged_masks():
+    from cellkit import viz
+
+    image = np.full(SHAPE, 100, np.uint8)
+    plain, flagged = square(2, 2, 6, 6), square(20, 20, 6, 6)
+    out = viz.audit_overlay(image, [plain, flagged], {1: "duplicate"}, boxes=[("missed", (30, 2, 40, 10))])
+    assert out.shape == (*SHAPE, 3) and out.dtype == np.uint8
+    assert (out[4, 4] == 100).all()                                   # inside an unflagged mask: untouched
+    assert tuple(out[2, 4]) == viz.OUTLINE_COLOR                      # its outline grey
+    assert tuple(out[20, 22]) == viz.AUDIT_COLORS["duplicate"]        # a flagged mask's outline in its colour
+    assert not (out[23, 23] == 100).all()                             # and its inside tinted
+    assert tuple(out[2, 35]) == viz.AUDIT_COLORS["missed"] and (out[5, 35] == 100).all()  # a box: outline only
+    with pytest.raises(ValueError, match="unknown audit kind 'odd'"):
+        viz.audit_overlay(image, [plain], {0: "odd"})
+    with pytest.raises(ValueError, match="mask 0 has shape"):
+        viz.audit_overlay(image, [np.zeros((3, 3), bool)], {})
+
+
+def test_plot_audit_draws_the_worst_images(tmp_path):
+    from PIL import Image
+
+    from cellkit import viz
+
+    a = square(4, 4, 7, 7)
+    table = pd.concat([frame([a, a], "dup"), frame([square(8, 8, 7, 7)], "ok", start_row=2)])
+    (tmp_path / "img").mkdir()
+    for image_id in ("dup", "ok"):
+        Image.fromarray(np.full(SHAPE, 90, np.uint8)).save(tmp_path / "img" / f"{image_id}.png")
+    result = A.audit(table, progress=False)
+    fig = viz.plot_audit(table, tmp_path / "img", result, n=5)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["dup cort score 1.000\nduplicate:1"]  # only flagged images, highest score first
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["duplicate"]
+    out = viz.save_figure(fig, tmp_path / "audit.png")
+    assert out.stat().st_size > 1000
