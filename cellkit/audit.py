@@ -20,9 +20,9 @@ from the labels alone
   cort 40). The real train.csv's smallest masks are 30 / 37 / 33 px and its 1st percentiles 51 / 109 / 62 px
   (shsy5y / astro / cort), so these thresholds catch fragments (astro fragments are larger) and nothing typical.
 
-with predictions (``match_iou`` 0.5; a prediction is *confident* when its score is >= the class's score threshold of
-``--thresholds``, else the seed's 0.5; its mask is binarised at the class's pixel threshold and must keep
-``min_area`` pixels)
+with predictions (``match_iou`` 0.5; a prediction is *confident* when its score is >= ``AuditSpec.confident_score``,
+by default the class's score threshold of ``--thresholds``, else the seed's 0.5; its mask is binarised at the
+class's pixel threshold and must keep that file's ``min_area`` pixels, at least 1)
 
 - ``missed``: a confident prediction that no annotation matches (best IoU < ``match_iou``) and that lies mostly off the
   annotations (less than ``missed_coverage`` = 0.5 of its pixels on any annotation): a cell the annotator left out.
@@ -77,11 +77,13 @@ predictions). Where it does not fit, and why it is a column and not part of ``sc
 Efficiency: masks stay run-length encoded (:class:`MaskRuns`, row-major runs); candidate pairs are the pairs whose
 bounding boxes (from the runs) overlap (:func:`box_pairs`), and only their intersections are computed, from the runs
 (:func:`pair_intersections`: the union of two sets of disjoint intervals, for all pairs in one sort). The labels-only
-audit of the real train.csv (392 images, 32,105 masks) takes a few seconds on one core (``benchmarks/RESULTS.md``).
+audit of the real train.csv (392 images, 32,105 masks) takes under a second on one core, with predictions of every
+image about 20 s (``benchmarks/RESULTS.md``). Images are processed one at a time (tqdm bar); only their counts, flags
+and boxes are kept.
 
 Conventions: mask strings are the competition's RLE (row-major, 1-indexed starts, :mod:`cellkit.rle`); ``row`` and
 ``partner_row`` are 0-based data rows of the train CSV as :func:`cellkit.data.read_train_csv` indexes them (CSV line
-= row + 2); ``pred_index`` indexes an image's predictions as stored (descending score); boxes are ``x0, y0, x1, y1``
+= row + 2); ``pred_index`` indexes an image's predictions in the order of its ``.npz``; boxes are ``x0, y0, x1, y1``
 pixels, end exclusive.
 """
 from __future__ import annotations
@@ -820,6 +822,14 @@ class AuditResult(NamedTuple):
     summary: dict
 
 
+def _cleanlab_available() -> bool:
+    try:
+        import cleanlab.object_detection.rank  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def has_predictions(path) -> bool:
     """Whether ``path`` is a predictions store holding at least one image (so that ``audit(pred_dir=path)`` can use
     it), e.g. ``OUT_DIR/oof`` once notebook 04 predicted a fold. Never raises for a missing or empty folder."""
@@ -912,7 +922,10 @@ def audit(truth, pred_dir=None, thresholds=None, spec: AuditSpec | None = None, 
             cl_images.append(cl)
             cl_rows.append(len(image_records) - 1)
     images = pd.DataFrame.from_records(image_records, columns=list(IMAGE_COLUMNS))
-    if cl_images:
+    if cl_images and not _cleanlab_available():
+        logger.warning("cellkit audit: cleanlab is not installed: the cleanlab_* columns stay empty (pip install "
+                       "'cleanlab>=2.9'); every flag and the score are computed without it")
+    elif cl_images:
         scores = cleanlab_image_scores(cl_images)
         for col, k in (("cleanlab_quality", 0), ("cleanlab_overlooked", 1), ("cleanlab_badloc", 2),
                        ("cleanlab_swap", 3)):

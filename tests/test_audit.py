@@ -239,6 +239,35 @@ def test_audit_with_predictions_end_to_end(tmp_path, caplog):
     assert result.summary["flags"]["missed"] == 1 and result.summary["n_with_pred"] == 1
 
 
+def test_thresholds_file_sets_the_confidence_and_the_spec_overrides_it(tmp_path):
+    from cellkit import postprocess
+
+    labels, preds, scores = _prediction_case()
+    _store(tmp_path / "store", "imgA", preds, scores)
+    thresholds = {c: dict(v) for c, v in postprocess.SEED_THRESHOLDS.items()}
+    thresholds["cort"]["score"] = 0.88  # cell 1's true position (0.85) is no longer confident
+    path = postprocess.save_thresholds(tmp_path / "thresholds.json", {"thresholds": thresholds})
+    result = A.audit(frame(labels, "imgA"), pred_dir=tmp_path / "store", thresholds=path, progress=False)
+    assert result.images["flags"].iloc[0] == "missed:1 spurious:2" and result.summary["thresholds"] == str(path)
+    spec = A.AuditSpec(confident_score=0.5)
+    result = A.audit(frame(labels, "imgA"), pred_dir=tmp_path / "store", thresholds=path, spec=spec, progress=False)
+    assert result.images["flags"].iloc[0] == "missed:1 spurious:1 misplaced:1"
+
+
+def test_audit_without_cleanlab_keeps_every_flag(tmp_path, caplog, monkeypatch):
+    import sys
+
+    labels, preds, scores = _prediction_case()
+    _store(tmp_path / "store", "imgA", preds, scores)
+    for name in [m for m in sys.modules if m == "cleanlab" or m.startswith("cleanlab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab -> ImportError
+    result = A.audit(frame(labels, "imgA"), pred_dir=tmp_path / "store", progress=False)
+    assert "cleanlab is not installed" in caplog.text
+    row = result.images.iloc[0]
+    assert row["flags"] == "missed:1 spurious:1 misplaced:1" and np.isnan(row["cleanlab_quality"])
+
+
 def test_audit_image_subset_and_errors(tmp_path):
     table = pd.concat([frame([square(2, 2, 5, 5)], "a"), frame([square(2, 2, 5, 5)], "b", start_row=1)])
     assert A.audit(table, image_ids=["b"], progress=False).images["id"].tolist() == ["b"]
