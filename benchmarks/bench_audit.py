@@ -207,8 +207,9 @@ def main() -> int:
                                                 & (result.instances["id"] == image_id), "row"].astype(int))
         expected = {b for _, b, _ in reference[image_id]}
         flags = images.loc[images["id"] == image_id, "flags"].iat[0]
-        print(f"      {image_id}: {len(reference[image_id])} pair(s) (IoU {min(v for *_, v in reference[image_id]):.3f}.."
-              f"{max(v for *_, v in reference[image_id]):.3f}), flagged rows match: {flagged_rows == expected}, "
+        values = [v for *_, v in reference[image_id]]
+        print(f"      {image_id}: {len(values)} pair(s) (IoU {min(values):.3f}..{max(values):.3f}), flagged rows "
+              f"match: {flagged_rows == expected}, "
               f"rank {rank[image_id]}, flags {flags}")
     print(f"    all near-duplicate images flagged: {set(truth_dups) == set(dup_images)}")
 

@@ -59,7 +59,8 @@ needs predictions. ``cleanlab_quality`` (in [0, 1], lower worse) is ``rank.get_l
 three subtype scores (``compute_overlooked_box_scores``, ``compute_badloc_box_scores``, ``compute_swap_box_scores``
 pooled by ``pool_box_scores_per_image``); the only change is speed (:func:`vectorised_cleanlab`: its box matrices
 come from numpy instead of two nested Python loops, ~9 s for one median shsy5y image of 312 labels x 453
-predictions). Where it does not fit, and why it is a column and not part of ``score``:
+predictions). cleanlab is optional: without it the four columns stay empty (with a warning) and nothing else changes.
+Where it does not fit, and why it is a column and not part of ``score``:
 
 - it works on boxes, not masks: crowded shsy5y boxes overlap their neighbours, so box IoU cannot tell a shifted mask
   from a neighbour's, and its overlooked subtype only considers predictions whose box touches no label box at all;
@@ -727,7 +728,7 @@ def _dist_matrix(bb1_list, bb2_list) -> np.ndarray:
 
 
 class _CleanlabImage(NamedTuple):
-    """One image's boxes for ObjectLab: labels XYXY + class, predictions XYXY + class + probability (float64 / int64)."""
+    """One image's boxes for ObjectLab: labels XYXY + class, predictions XYXY + class + probability."""
 
     label_boxes: np.ndarray
     label_classes: np.ndarray
@@ -1020,7 +1021,6 @@ def _audit_image(image_id: str, positions: np.ndarray, columns: dict, rows_index
         b = pf.label_best_pred[k]
         add("misplaced", k, pred=b, iou=pf.label_best_iou[k], pred_score=pred.scores[b])
     nonempty = labels.areas > 0
-    n = max(n_labels, 1)
     record.update({
         "has_pred": True, "n_pred": len(pred), "n_confident": len(pf.confident), "n_missed": len(pf.missed),
         "n_spurious": len(pf.spurious), "n_misplaced": len(pf.misplaced),
