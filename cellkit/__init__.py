@@ -2,7 +2,8 @@
 
 Modules, one stage each (see README): ``rle`` (mask strings), ``data`` (dataset dicts), ``synth`` (demo data),
 ``folds``, ``metric``, ``submission``; model stages live in ``config``, ``modeling``, ``train``, ``tta``,
-``predictions``, ``postprocess`` and ``search``.
+``predictions``, ``postprocess`` and ``search``; ``audit`` checks the labels (duplicates, overlaps, tiny masks, and
+with out-of-fold predictions missed and spurious cells).
 """
 
 __version__ = "0.1.0"

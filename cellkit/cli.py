@@ -20,6 +20,8 @@ COMMANDS = {
     "submit": "post-process test predictions with thresholds.json and write a valid submission.csv",
     "fakepred": "generate realistic instance predictions from a train.csv (for developing post-processing)",
     "pseudo": "turn predictions of unlabeled images into pseudo-labels (competition layout) for cellkit train",
+    "audit": "flag suspicious annotations of a train.csv (duplicates, overlaps, tiny; missed/spurious with OOF "
+             "predictions) -> audit.csv, instances.csv",
     "train": "train a model (preset paper / r50 / demo or a YAML) on competition data or LIVECell",
     "predict": "predict instance probabilities (one model or an ensemble, optionally with TTA) for images or a held-out fold",
     "fuse": "fuse prediction stores of several models by weighted mask fusion into one store",

@@ -81,6 +81,14 @@ def add_cellkit_config(cfg) -> None:
     # detectron2's RepeatFactorTrainingSampler with factor 1 for real images and EXTRA_WEIGHT for extra ones
     # (stochastic rounding per epoch: 0.5 = each extra image in about every other epoch, 2.0 = twice per epoch).
     _C.CELLKIT.DATA.EXTRA_WEIGHT = 1.0
+    # Images dropped from the training split (finetune mode), e.g. those a label audit (`cellkit audit`) found
+    # suspicious: a text file with one image id per line (# comments allowed), a CSV with an `id` column, or an
+    # audit.csv with EXCLUDE_TOP > 0 (its EXCLUDE_TOP highest-scoring images). "" excludes nothing. The validation
+    # fold keeps every image, so that the CV score of runs with and without exclusions stays comparable; ids that are
+    # not in train.csv are an error naming the file.
+    _C.CELLKIT.DATA.EXCLUDE = ""
+    # With an audit.csv as EXCLUDE: how many of its highest-scoring images are excluded (0 for a plain id list).
+    _C.CELLKIT.DATA.EXCLUDE_TOP = 0
     # "pretrain" mode: LIVECell COCO json for training and the folder holding its images.
     _C.CELLKIT.DATA.LIVECELL_JSON = ""
     _C.CELLKIT.DATA.LIVECELL_IMAGES = ""

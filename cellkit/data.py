@@ -369,7 +369,7 @@ def _replace_registration(name: str) -> None:
 
 def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | os.PathLike,
                        folds_csv: str | os.PathLike | None = None, fold: int | None = None,
-                       split: str = "train") -> str:
+                       split: str = "train", exclude: Iterable[str] = ()) -> str:
     """Register a competition-format dataset (or one fold split of it) in detectron2's catalogs.
 
     The CSV (and folds file) are validated now, so mistakes surface at registration; masks are decoded lazily, when
@@ -382,14 +382,18 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
         folds_csv: a ``folds.csv`` (see :mod:`cellkit.folds`); ``None`` registers every image of the CSV.
         fold: the fold to split on; required with ``folds_csv``.
         split: ``"train"`` (every image not in ``fold``) or ``"val"`` (the images of ``fold``).
+        exclude: image ids left out of this dataset (e.g. the training split without the images a label audit
+            flagged, :func:`cellkit.audit.exclusion_ids`); each must be in the CSV. Ids of other splits are ignored.
 
     Returns:
         ``name``. Its metadata: ``thing_classes`` = CELL_TYPES, ``evaluator_type="sartorius"``, ``csv_file``,
-        ``image_root``, ``folds_csv``, ``fold``, ``split``, ``image_ids`` (tuple).
+        ``image_root``, ``folds_csv``, ``fold``, ``split``, ``image_ids`` (tuple, without the excluded ones),
+        ``excluded`` (tuple: the ids of ``exclude`` that were in this split and are left out).
 
     Raises:
-        ValueError: ``fold``/``split`` inconsistent with ``folds_csv``; folds ids missing from the CSV; any
-            :func:`read_train_csv` or :func:`cellkit.folds.read_folds` error.
+        ValueError: ``fold``/``split`` inconsistent with ``folds_csv``; folds ids missing from the CSV; excluded ids
+            missing from the CSV; nothing left after the exclusion; any :func:`read_train_csv` or
+            :func:`cellkit.folds.read_folds` error.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -410,13 +414,23 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
             raise ValueError(f"{folds_csv}: {len(missing)} id(s) not in {csv_path}, e.g. {missing[0]!r}")
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image directory does not exist")
+    exclude = {str(i) for i in exclude}
+    unknown = sorted(exclude - set(table["id"]))
+    if unknown:
+        raise ValueError(f"register_sartorius({name!r}): {len(unknown)} excluded id(s) not in {csv_path}, e.g. "
+                         f"{unknown[0]!r}")
+    excluded = tuple(i for i in image_ids if i in exclude)
+    image_ids = [i for i in image_ids if i not in exclude]
+    if not image_ids:
+        raise ValueError(f"register_sartorius({name!r}): excluding {len(excluded)} image(s) leaves none in the "
+                         f"{split} split of {csv_path}")
     _replace_registration(name)
     ids = tuple(image_ids)
     DatasetCatalog.register(name, lambda: load_sartorius_dicts(csv_path, image_dir, ids))
     MetadataCatalog.get(name).set(
         thing_classes=list(CELL_TYPES), evaluator_type="sartorius", csv_file=str(csv_path),
         image_root=str(image_dir), folds_csv=None if folds_csv is None else str(folds_csv), fold=fold,
-        split=split if folds_csv is not None else "all", image_ids=ids,
+        split=split if folds_csv is not None else "all", image_ids=ids, excluded=excluded,
     )
     return name
 

@@ -474,14 +474,21 @@ def check_data(cfg) -> dict:
     image decodes completely with an 8-bit mode at the size its rows say; LIVECell's json and images likewise),
     in parallel and remembered by file size and mtime, and every problem is reported in one error.
 
+    ``CELLKIT.DATA.EXCLUDE`` (with ``EXCLUDE_TOP``) names images to drop from the training split only: the
+    validation fold keeps every image, so that CV scores of runs with and without an exclusion list stay comparable
+    (dropping suspicious images from validation too would change what the score measures). Their count is logged and
+    the list written to ``OUTPUT_DIR/excluded_ids.txt``.
+
     Returns:
         ``{"train": kwargs, "val": kwargs or None, "extra": kwargs or None}`` for :func:`register_datasets`
-        (``"extra"``: ``CELLKIT.DATA.EXTRA_DATA``, finetune mode only; always absent in pretrain mode).
+        (the train kwargs carry ``exclude``, a tuple of ids; ``"extra"``: ``CELLKIT.DATA.EXTRA_DATA``, finetune mode
+        only; always absent in pretrain mode).
 
     Raises:
         FileNotFoundError: missing ``train.csv``, image folder or LIVECell json (also of the extra data).
         ValueError: a fold with no images, unknown mode, extra data in pretrain mode or sharing an image id with
-            the training CSV (naming it); :class:`cellkit.datacheck.DataCheckError` listing every
+            the training CSV (naming it), an exclusion file naming ids that are not in train.csv (naming the file)
+            or leaving no training image; :class:`cellkit.datacheck.DataCheckError` listing every
             bad annotation and image (file and CSV line).
     """
     d = cfg.CELLKIT.DATA
@@ -494,6 +501,9 @@ def check_data(cfg) -> dict:
         for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
             if path and not Path(path).is_file():
                 raise FileNotFoundError(f"LIVECell json {path} does not exist")
+        if d.EXCLUDE:
+            raise ValueError(f"CELLKIT.DATA.EXCLUDE ({d.EXCLUDE}) applies to fine-tuning on train.csv, not to "
+                             f"pretraining on LIVECell")
         if not Path(d.LIVECELL_IMAGES).is_dir():
             raise FileNotFoundError(f"LIVECell image folder {d.LIVECELL_IMAGES or '(empty)'} does not exist")
         if comm.is_main_process():
@@ -518,12 +528,17 @@ def check_data(cfg) -> dict:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"data dir {root} has no train/ image folder")
     table = data.read_train_csv(csv_path)
+    exclude = _exclusions(cfg, table)
     if comm.is_main_process():
         datacheck.check_sartorius(csv_path, image_dir)
     extra = _check_extra(cfg, table)
     fold = int(d.FOLD)
     if fold < 0:
-        return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir)), "val": None, "extra": extra}
+        if exclude and not set(table["id"]) - set(exclude):
+            raise ValueError(f"{d.EXCLUDE}: excluding {len(exclude)} image(s) leaves no training image in {csv_path}")
+        _log_exclusions(cfg, exclude, set(table["id"]), set())
+        return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir), exclude=exclude), "val": None,
+                "extra": extra}
     folds_csv = Path(d.FOLDS_CSV) if d.FOLDS_CSV else Path(cfg.OUTPUT_DIR) / "folds.csv"
     if not folds_csv.is_file():
         if d.FOLDS_CSV:
@@ -544,8 +559,13 @@ def check_data(cfg) -> dict:
         raise ValueError(f"fold {fold} has no images in {folds_csv} (folds there: {folds_present})")
     if not train_ids:
         raise ValueError(f"holding out fold {fold} of {folds_csv} leaves no training image")
+    if exclude and not set(train_ids) - set(exclude):
+        raise ValueError(f"{d.EXCLUDE}: excluding {len(exclude)} image(s) leaves no training image outside fold "
+                         f"{fold} of {folds_csv}")
+    _log_exclusions(cfg, exclude, set(train_ids), set(val_ids))
     common = dict(csv_path=str(csv_path), image_dir=str(image_dir), folds_csv=str(folds_csv), fold=fold)
-    return {"train": dict(common, split="train"), "val": dict(common, split="val"), "extra": extra}
+    return {"train": dict(common, split="train", exclude=exclude), "val": dict(common, split="val"),
+            "extra": extra}
 
 
 def extra_repeat_factors(dicts: list[dict], extra_ids, weight: float) -> torch.Tensor:
@@ -585,6 +605,35 @@ def _check_extra(cfg, table) -> dict | None:
     return dict(csv_path=str(csv_path), image_dir=str(image_dir))
 
 
+def _exclusions(cfg, table) -> tuple:
+    """The image ids ``CELLKIT.DATA.EXCLUDE`` / ``EXCLUDE_TOP`` name (checked against ``table``); () when unset."""
+    d = cfg.CELLKIT.DATA
+    if not d.EXCLUDE:
+        if d.EXCLUDE_TOP:
+            raise ValueError(f"CELLKIT.DATA.EXCLUDE_TOP={d.EXCLUDE_TOP} needs CELLKIT.DATA.EXCLUDE (--exclude "
+                             f"AUDIT/audit.csv)")
+        return ()
+    from cellkit.audit import exclusion_ids
+
+    return tuple(exclusion_ids(d.EXCLUDE, table["id"].unique(), top=int(d.EXCLUDE_TOP)))
+
+
+def _log_exclusions(cfg, exclude: tuple, train_ids: set, val_ids: set) -> None:
+    """Write ``OUTPUT_DIR/excluded_ids.txt`` (main process, atomically): every excluded id, and how many of them were
+    in the training split (dropped) and in the validation fold (kept there). :func:`register_datasets` logs it."""
+    if not exclude:
+        return
+    dropped = [i for i in exclude if i in train_ids]
+    kept = [i for i in exclude if i in val_ids]
+    if comm.is_main_process():
+        from cellkit import atomic
+
+        header = (f"# images excluded from training by CELLKIT.DATA.EXCLUDE={cfg.CELLKIT.DATA.EXCLUDE}"
+                  + (f" (top {cfg.CELLKIT.DATA.EXCLUDE_TOP})" if cfg.CELLKIT.DATA.EXCLUDE_TOP else "")
+                  + f": {len(dropped)} dropped from training, {len(kept)} in the validation fold kept there\n")
+        atomic.write_text(Path(cfg.OUTPUT_DIR) / "excluded_ids.txt", header + "".join(f"{i}\n" for i in exclude))
+
+
 def register_datasets(cfg, specs: dict) -> None:
     """Register the train (and val, and extra) datasets of :func:`check_data`'s ``specs`` under the names in
     ``cfg.DATASETS`` (the extra data as :data:`EXTRA_NAME`, every image of its CSV)."""
@@ -597,6 +646,15 @@ def register_datasets(cfg, specs: dict) -> None:
             data.register_livecell(name, spec["json_path"], spec["image_root"], cell_line_classes=True)
         else:
             data.register_sartorius(name, **spec)
+    exclude = specs["train"].get("exclude") or ()
+    if exclude:
+        from detectron2.data import MetadataCatalog
+
+        meta = MetadataCatalog.get(TRAIN_NAME)
+        logger.info("cellkit: %d image(s) excluded from training (%s%s): %d of them were training images, now %d; "
+                    "the validation fold keeps the other %d", len(exclude), cfg.CELLKIT.DATA.EXCLUDE,
+                    f", top {cfg.CELLKIT.DATA.EXCLUDE_TOP}" if cfg.CELLKIT.DATA.EXCLUDE_TOP else "",
+                    len(meta.excluded), len(meta.image_ids), len(exclude) - len(meta.excluded))
 
 
 def prepare_config(cfg, *, resume: bool = False, has_cuda: bool | None = None):

@@ -1,4 +1,4 @@
-"""Pictures for the notebooks: mask overlays, per-type counts, cell-area distributions, training curves.
+"""Pictures for the notebooks: mask overlays, per-type counts, cell-area distributions, training curves, label audits.
 
 Pure helpers (:func:`overlay`, :func:`type_counts`, :func:`cell_areas`, :func:`read_metrics`) return arrays and
 DataFrames; ``plot_*`` functions return a matplotlib ``Figure`` (shown inline by Jupyter, saved with
@@ -19,6 +19,14 @@ from cellkit import CELL_TYPES, SHAPE, atomic, rle
 
 TYPE_COLORS = {"shsy5y": "tab:blue", "astro": "tab:orange", "cort": "tab:green"}
 """One matplotlib colour per cell type, the same in every plot."""
+
+AUDIT_COLORS = {"duplicate": (230, 25, 75), "overlap": (245, 130, 48), "empty": (128, 128, 128),
+                "tiny": (240, 50, 230), "spurious": (66, 212, 244), "misplaced": (255, 225, 25),
+                "missed": (60, 220, 75)}
+"""RGB colour of each :mod:`cellkit.audit` flag kind in :func:`audit_overlay` / :func:`plot_audit`."""
+
+OUTLINE_COLOR = (170, 170, 170)
+"""RGB colour of the outlines of unflagged annotations in :func:`audit_overlay`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,6 +82,64 @@ def overlay(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.45,
         inner[:, 1:] &= mask[:, :-1]
         inner[:, :-1] &= mask[:, 1:]
         out[mask & ~inner] = color
+    return out.astype(np.uint8)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a bool mask with a 4-neighbour outside it (or on the image border)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def audit_overlay(image: np.ndarray, masks: Sequence[np.ndarray], kinds: dict[int, str], alpha: float = 0.55,
+                  boxes: Sequence[tuple[str, Sequence[int]]] = ()) -> np.ndarray:
+    """One image's annotations with the flagged ones highlighted (pure function).
+
+    Args:
+        image: ``(H, W)`` grayscale or ``(H, W, 3)`` image.
+        masks: the image's annotations, bool ``(H, W)`` each, in CSV order.
+        kinds: ``{mask index: kind}`` of the flagged annotations (:data:`AUDIT_COLORS` keys); an unflagged mask is
+            outlined in :data:`OUTLINE_COLOR`, a flagged one filled (opacity ``alpha``) and outlined in its kind's
+            colour, drawn after the others.
+        boxes: ``(kind, (x0, y0, x1, y1))`` rectangles (end exclusive) drawn in the kind's colour, e.g. the boxes of
+            missed predictions, which have no annotation.
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+
+    Raises:
+        ValueError: a mask of another shape than the image, or an unknown kind.
+    """
+    out = to_rgb(image).astype(np.float32)
+    for k, kind in kinds.items():
+        if kind not in AUDIT_COLORS:
+            raise ValueError(f"unknown audit kind {kind!r} for mask {k} (expected one of {', '.join(AUDIT_COLORS)})")
+    for k, mask in enumerate(masks):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != out.shape[:2]:
+            raise ValueError(f"mask {k} has shape {mask.shape}, the image {out.shape[:2]}")
+        if k not in kinds:
+            out[_boundary(mask)] = OUTLINE_COLOR
+    for k, kind in kinds.items():
+        mask = np.asarray(masks[k], dtype=bool)
+        color = np.asarray(AUDIT_COLORS[kind], dtype=np.float32)
+        out[mask] = (1.0 - alpha) * out[mask] + alpha * color
+        out[_boundary(mask)] = color
+    h, w = out.shape[:2]
+    for kind, (x0, y0, x1, y1) in boxes:
+        if kind not in AUDIT_COLORS:
+            raise ValueError(f"unknown audit kind {kind!r} for a box (expected one of {', '.join(AUDIT_COLORS)})")
+        color = np.asarray(AUDIT_COLORS[kind], dtype=np.float32)
+        x0, y0 = max(int(x0), 0), max(int(y0), 0)
+        x1, y1 = min(int(x1), w), min(int(y1), h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        out[y0, x0:x1] = out[y1 - 1, x0:x1] = color
+        out[y0:y1, x0] = out[y0:y1, x1 - 1] = color
     return out.astype(np.uint8)
 
 
@@ -233,6 +299,73 @@ def plot_rle_overlays(df: pd.DataFrame, image_dir: str | os.PathLike, image_ids:
         label = f"{image_id} {rows['cell_type'].iloc[0]}" if "cell_type" in rows and len(rows) else image_id
         panels.append((label, image, image_masks(df, image_id, column, shape=image.shape[:2])))
     return plot_overlays(panels, ncols=ncols)
+
+
+def plot_audit(df: pd.DataFrame, image_dir: str | os.PathLike, result, n: int = 6,
+               image_ids: Sequence[str] | None = None, ncols: int = 3, size: float = 4.5):
+    """The most suspicious images of a label audit, their flagged annotations highlighted (:func:`audit_overlay`).
+
+    Args:
+        df: the audited train.csv frame (:func:`cellkit.data.read_train_csv`: index = the data rows the audit's
+            ``row`` column names).
+        image_dir: folder of its images.
+        result: a :class:`cellkit.audit.AuditResult` (from :func:`cellkit.audit.audit` or
+            :func:`cellkit.audit.read_audit`).
+        n: how many images, the highest scores first (only images with a flag); ignored with ``image_ids``.
+        image_ids: draw these images instead.
+        ncols, size: grid columns and panel size (inches).
+
+    Returns:
+        matplotlib Figure: one panel per image titled with its id, cell type, score and flags; a legend of the kinds
+        drawn. Missed predictions (no annotation) are drawn as boxes.
+    """
+    from matplotlib.patches import Patch
+
+    from cellkit.data import find_image
+
+    plt = _plt()
+    images = result.images
+    if image_ids is None:
+        image_ids = images.loc[images["score"] > 0, "id"].astype(str).head(int(n)).tolist()
+    by_id = images.set_index(images["id"].astype(str))
+    instances = result.instances
+    panels, seen = [], set()
+    for image_id in image_ids:
+        rows = df[df["id"] == image_id]
+        image = read_image(find_image(image_dir, image_id))
+        shape = image.shape[:2]
+        position = {int(r): k for k, r in enumerate(rows.index)}
+        masks = [rle.decode(s, shape) if isinstance(s, str) else np.zeros(shape, bool) for s in rows["annotation"]]
+        flagged = instances[instances["id"].astype(str) == image_id]
+        kinds, boxes = {}, []
+        for r in flagged.itertuples():
+            if r.kind == "missed" or pd.isna(r.row):
+                boxes.append((r.kind, (r.x0, r.y0, r.x1, r.y1)))
+            elif int(r.row) in position and r.kind != "empty":
+                kinds.setdefault(position[int(r.row)], r.kind)
+            seen.add(r.kind)
+        if image_id in by_id.index:
+            info = by_id.loc[image_id]
+            title = f"{image_id} {info['cell_type']} score {float(info['score']):.3f}\n{info['flags'] or 'no flag'}"
+        else:
+            title = f"{image_id} (not audited)"
+        panels.append((title, audit_overlay(image, masks, kinds, boxes=boxes)))
+    count = max(len(panels), 1)
+    ncols = min(ncols, count)
+    nrows = (count + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols * 1.35, size * nrows + 0.8), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (title, picture) in zip(axes.ravel(), panels):
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=8)
+    if not panels:
+        axes[0, 0].set_title("no flagged image")
+    handles = [Patch(color=np.asarray(AUDIT_COLORS[k]) / 255.0, label=k) for k in AUDIT_COLORS if k in seen]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    return fig
 
 
 def plot_type_counts(df: pd.DataFrame):

@@ -103,8 +103,10 @@ RUN_HINT = ("Run headless from the repository root: `papermill notebooks/{stem}.
 # ------------------------------------------------------------------------------------------------ 01 EDA
 EDA = notebook(
     "01_eda", "01 · Exploratory data analysis",
-    "Images and cells per cell type, cell-area distributions, masks over images.\n\n" + RUN_HINT.format(stem="01_eda"),
-    [P_DATA, P_OUT, ("N_OVERLAYS", 2, "images per cell type drawn with their masks"), P_SMOKE],
+    "Images and cells per cell type, cell-area distributions, masks over images, and a label audit (suspicious "
+    "annotations, the worst images).\n\n" + RUN_HINT.format(stem="01_eda"),
+    [P_DATA, P_OUT, ("N_OVERLAYS", 2, "images per cell type drawn with their masks"),
+     ("N_AUDIT", 6, "most suspicious images of the label audit drawn with their flags"), P_SMOKE],
     [
         ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
                             'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
@@ -123,6 +125,24 @@ EDA = notebook(
         ("code", "ids = viz.sample_images(train, per_type=1 if SMOKE else N_OVERLAYS, seed=0)\n"
                  "viz.save_figure(viz.plot_rle_overlays(train, data_dir / \"train\", ids), "
                  "out_dir / \"eda\" / \"overlays.png\")"),
+        ("md", "## Label audit\nNear-duplicate annotations (mask IoU >= 0.9), heavy overlaps (>= half of the smaller "
+               "mask), empty and tiny masks; once `OUT_DIR/oof` holds out-of-fold predictions (notebook 04; re-run "
+               "this one), also cells without a label (missed) and labels without a cell (spurious, misplaced). "
+               "Writes `OUT_DIR/audit/` (`audit.csv`: images by score, `instances.csv`: every flag); "
+               "`cellkit train --exclude OUT_DIR/audit/audit.csv --exclude-top N` drops the N worst images from "
+               "training (not from validation)."),
+        ("code", "from cellkit import audit\n\n"
+                 "oof_dir, thresholds = out_dir / \"oof\", out_dir / \"thresholds.json\"\n"
+                 "result = audit.audit(train, pred_dir=oof_dir if audit.has_predictions(oof_dir) else None,\n"
+                 "                     thresholds=thresholds if thresholds.is_file() else None)\n"
+                 "audit.write_audit(result, out_dir / \"audit\")\n"
+                 "print(f\"{result.summary['n_with_pred']} of {result.summary['n_images']} images with predictions; \"\n"
+                 "      f\"flags: {result.summary['flags']}\")\n"
+                 "result.images.head(10)[[\"id\", \"cell_type\", \"score\", \"n_labels\", \"flags\"]]"),
+        ("md", "## The most suspicious images\nUnflagged annotations outlined in grey, flagged ones filled by kind; "
+               "missed cells (no annotation) boxed."),
+        ("code", "viz.save_figure(viz.plot_audit(train, data_dir / \"train\", result, n=3 if SMOKE else N_AUDIT),\n"
+                 "                out_dir / \"eda\" / \"audit.png\")"),
     ])
 
 # ------------------------------------------------------------------------------------------------ 02 folds

@@ -243,6 +243,23 @@ def test_register_sartorius_folds(tmp_path, catalog_names):
     assert (meta.fold, meta.split, meta.folds_csv) == (0, "val", folds)
 
 
+def test_register_sartorius_exclude(tmp_path, catalog_names):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    ids = ["a", "b", "c", "d"]
+    csv, image_dir = write_set(tmp_path, [row(i, box_mask(0, 2, 0, 2)) for i in ids])
+    folds = folds_file(tmp_path, {"a": 0, "b": 1, "c": 0, "d": 1})
+    catalog_names += ["ck_ex_train"]
+    ckdata.register_sartorius("ck_ex_train", csv, image_dir, folds, fold=0, split="train", exclude=["d", "a"])
+    assert [d["image_id"] for d in DatasetCatalog.get("ck_ex_train")] == ["b"]
+    meta = MetadataCatalog.get("ck_ex_train")
+    assert meta.excluded == ("d",) and meta.image_ids == ("b",)  # "a" is in the other split: nothing to drop
+    with pytest.raises(ValueError, match=r"1 excluded id\(s\) not in .*train\.csv, e\.g\. 'zz'"):
+        ckdata.register_sartorius("ck_ex_train", csv, image_dir, exclude=["zz"])
+    with pytest.raises(ValueError, match="excluding 2 image\\(s\\) leaves none in the train split"):
+        ckdata.register_sartorius("ck_ex_train", csv, image_dir, folds, fold=0, split="train", exclude=["b", "d"])
+
+
 def test_register_sartorius_errors(tmp_path, catalog_names):
     csv, image_dir = write_set(tmp_path, [row("a", box_mask(0, 2, 0, 2)), row("b", box_mask(0, 2, 0, 2))])
     catalog_names.append("ck_bad")

@@ -371,6 +371,79 @@ def test_bad_data_dirs(tiny_data, tmp_path, capsys):
     assert "fold 3" in _err(capsys)
 
 
+# ------------------------------------------------------------------------------------------------ exclusion
+def _excluding_cfg(data, out, *extra):
+    cfg = get_preset_cfg("demo", TINY + ["CELLKIT.DATA.ROOT", str(data), *extra])
+    cfg.OUTPUT_DIR = str(out)
+    return cfg
+
+
+def _registered_ids(name):
+    from detectron2.data import DatasetCatalog
+
+    return [r["image_id"] for r in DatasetCatalog.get(name)]
+
+
+def test_exclude_drops_images_from_the_training_split_only(tiny_data, tmp_path):
+    """No training: the config, the data check and the registration, then the registered dataset dicts."""
+    from detectron2.data import MetadataCatalog
+
+    folds = tmp_path / "folds.csv"
+    pd.DataFrame({"id": [f"img{i:03d}" for i in range(6)], "cell_type": [CELL_TYPES[i % 3] for i in range(6)],
+                  "fold": [0, 0, 0, 1, 1, 1]}).to_csv(folds, index=False)
+    listed = tmp_path / "exclude.txt"
+    listed.write_text("# flagged by the audit\nimg001\nimg004  # in the validation fold\n")
+    cfg = _excluding_cfg(tiny_data, tmp_path / "run", "CELLKIT.DATA.FOLDS_CSV", str(folds), "CELLKIT.DATA.FOLD", "1",
+                         "CELLKIT.DATA.EXCLUDE", str(listed))
+    cfg, specs = ck_train.prepare_config(cfg, has_cuda=False)
+    ck_train.register_datasets(cfg, specs)
+    assert _registered_ids(ck_train.TRAIN_NAME) == ["img000", "img002"]
+    assert _registered_ids(ck_train.VAL_NAME) == ["img003", "img004", "img005"]  # validation keeps every image
+    meta = MetadataCatalog.get(ck_train.TRAIN_NAME)
+    assert meta.excluded == ("img001",) and meta.image_ids == ("img000", "img002")
+    record = (tmp_path / "run" / "excluded_ids.txt").read_text().splitlines()
+    assert record[1:] == ["img001", "img004"] and "1 dropped from training, 1 in the validation fold" in record[0]
+    # without the key nothing is excluded
+    cfg, specs = ck_train.prepare_config(_excluding_cfg(tiny_data, tmp_path / "run2", "CELLKIT.DATA.FOLDS_CSV",
+                                                        str(folds), "CELLKIT.DATA.FOLD", "1"), has_cuda=False)
+    ck_train.register_datasets(cfg, specs)
+    assert _registered_ids(ck_train.TRAIN_NAME) == ["img000", "img001", "img002"]
+
+
+def test_exclude_top_of_an_audit_csv(tiny_data, tmp_path):
+    audit_csv = tmp_path / "audit.csv"
+    pd.DataFrame({"id": ["img005", "img002", "img000"], "cell_type": ["cort", "cort", "shsy5y"],
+                  "score": [0.4, 0.3, 0.0]}).to_csv(audit_csv, index=False)
+    cfg = _excluding_cfg(tiny_data, tmp_path / "run", "CELLKIT.DATA.FOLD", "-1", "CELLKIT.DATA.EXCLUDE",
+                         str(audit_csv), "CELLKIT.DATA.EXCLUDE_TOP", "2")
+    cfg, specs = ck_train.prepare_config(cfg, has_cuda=False)
+    ck_train.register_datasets(cfg, specs)
+    assert _registered_ids(ck_train.TRAIN_NAME) == ["img000", "img001", "img003", "img004"]
+
+
+def test_exclude_errors_name_the_file_before_work(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("img001\nnot_an_image\n")
+    out = tmp_path / "o"
+    assert _train(tiny_data, out, "--exclude", str(bad)) == 2
+    err = _err(capsys)
+    assert f"{bad}: 1 excluded id(s) are not in the train CSV, e.g. 'not_an_image'" in err
+    assert not (out / "last_checkpoint").exists() and not (out / "config.yaml").exists()
+    audit_csv = tmp_path / "audit.csv"
+    pd.DataFrame({"id": ["img001"], "score": [0.5]}).to_csv(audit_csv, index=False)
+    assert _train(tiny_data, tmp_path / "o2", "--exclude", str(audit_csv)) == 2
+    assert f"{audit_csv}: an audit.csv lists every audited image: give --exclude-top N" in _err(capsys)
+    good = tmp_path / "good.txt"
+    good.write_text("img001\n")
+    assert _train(tiny_data, tmp_path / "o3", "--exclude", str(good), "--exclude-top", "3") == 2
+    assert f"{good}: --exclude-top needs an audit.csv" in _err(capsys)
+    everything = tmp_path / "all.txt"
+    everything.write_text("".join(f"img{i:03d}\n" for i in range(6)))
+    assert _train(tiny_data, tmp_path / "o4", "--exclude", str(everything), fold="-1") == 2
+    assert f"{everything}: excluding 6 image(s) leaves no training image" in _err(capsys)
+    assert not (tmp_path / "o4" / "config.yaml").exists()
+
+
 def test_pretrain_needs_livecell(tmp_path, capsys):
     assert main(["train", "--config", "r50_pretrain", "--out", str(tmp_path / "p")]) == 2
     assert "LIVECell json" in _err(capsys)

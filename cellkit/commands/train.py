@@ -14,6 +14,11 @@ config (``KEY VALUE`` pairs still apply on top). ``--num-gpus N`` trains on N GP
 ``--extra-data PL_DIR [--extra-weight W]`` adds a competition-layout folder (typically pseudo-labels from
 ``cellkit pseudo``) to the training set of the fold, never to its validation set; each extra image is drawn ``W``
 times as often as a real one (detectron2's ``RepeatFactorTrainingSampler``; 1.0 = plain concatenation).
+
+``--exclude FILE`` (``CELLKIT.DATA.EXCLUDE``) drops images from the training split only, e.g. the worst of a label
+audit (``--exclude AUDIT/audit.csv --exclude-top N``); the validation fold keeps them, so that CV scores of runs with
+different exclusions stay comparable. The excluded ids are logged with their count and written to
+``OUT/excluded_ids.txt``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--extra-weight", type=float, metavar="W",
                         help="repeat factor of each extra image relative to a real one (default 1.0: plain "
                              "concatenation; CELLKIT.DATA.EXTRA_WEIGHT)")
+    parser.add_argument("--exclude", metavar="FILE",
+                        help="drop these images from the training split (not from validation): a list of ids (one per "
+                             "line, or a CSV with an id column), or an audit.csv with --exclude-top "
+                             "(CELLKIT.DATA.EXCLUDE)")
+    parser.add_argument("--exclude-top", type=int, default=None, metavar="N",
+                        help="with an audit.csv as --exclude: its N highest-scoring images (CELLKIT.DATA.EXCLUDE_TOP)")
     parser.add_argument("--livecell", metavar="JSON", help="pretrain on this LIVECell COCO json")
     parser.add_argument("--livecell-images", metavar="DIR", help="folder of the LIVECell images")
     parser.add_argument("--livecell-val", metavar="JSON", help="LIVECell json to validate on during pretraining")
@@ -86,6 +97,10 @@ def build_config(args):
         cfg.CELLKIT.DATA.EXTRA_DATA = str(args.extra_data)
     if args.extra_weight is not None:
         cfg.CELLKIT.DATA.EXTRA_WEIGHT = float(args.extra_weight)
+    if args.exclude:
+        cfg.CELLKIT.DATA.EXCLUDE = str(args.exclude)
+    if args.exclude_top is not None:
+        cfg.CELLKIT.DATA.EXCLUDE_TOP = args.exclude_top
     if args.livecell:
         cfg.CELLKIT.MODE = "pretrain"
         cfg.CELLKIT.DATA.LIVECELL_JSON = str(args.livecell)
