@@ -393,12 +393,17 @@ def test_store_made_by_another_model_is_named(run, ref_store, data, tmp_path, ca
     store = tmp_path / "store"
     shutil.copytree(ref_store, store)
     before = _snapshot(store)
-    other = tmp_path / "other.pth"
-    shutil.copy(run / "model_final.pth", other)
+    other = tmp_path / "other.pth"  # other weights (a byte-identical copy would be the same model: same sha256)
+    import torch
+
+    checkpoint = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)
+    name = next(iter(checkpoint["model"]))
+    checkpoint["model"][name] = checkpoint["model"][name] + 1
+    torch.save(checkpoint, other)
     assert _main(["predict", "--run", run, "--images", data / "train", "--out", store, "--weights", other,
                  "--no-progress"]) == 2
     err = _err(capsys)
-    assert f"{store / 'meta.json'}: the store holds predictions" in err and "made by another model" in err
+    assert f"{store / 'meta.json'}: the store holds predictions" in err and "made by other models" in err
     assert _snapshot(store) == before
 
 
