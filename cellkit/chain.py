@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from cellkit import atomic
+from cellkit.rundir import fold_runs  # noqa: F401  (the notebooks call chain.fold_runs)
 
 NOTEBOOKS = ("01_eda", "02_folds", "03_pretrain", "04_finetune", "05_threshold_search", "06_submission")
 """The chain, in order (file stems in ``notebooks/``)."""
@@ -107,12 +108,6 @@ def parse_folds(value: str, folds_table) -> list[int]:
     if not chosen or unknown:
         raise ValueError(f"FOLDS={value!r}: folds.csv has folds {known}")
     return chosen
-
-
-def fold_runs(out_dir: Path) -> list[Path]:
-    """The trained fold runs of a run directory (``fold<K>/`` holding ``config.yaml``), by fold number."""
-    runs = [p for p in Path(out_dir).glob("fold*") if p.name[4:].isdigit() and (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda p: int(p.name[4:]))
 
 
 def notebook_parameters(path: Path) -> dict[str, dict]:

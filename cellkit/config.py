@@ -27,12 +27,14 @@ from typing import Iterable, Sequence
 
 import yaml
 
+from cellkit import rundir
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """Folder of the preset YAML files shipped with the package."""
 
-CONFIG_FILE_NAME = "config.yaml"
+CONFIG_FILE_NAME = rundir.CONFIG
 """Name of the resolved config saved into every run / prediction directory."""
 
 SCRATCH_PIXEL_STD = (57.375, 57.120, 58.395)

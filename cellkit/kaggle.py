@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cellkit import atomic
+from cellkit import atomic, rundir
+from cellkit.rundir import prune_checkpoints  # noqa: F401  (the training notebooks call kaggle.prune_checkpoints)
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 """The competition's slug: its Kaggle mount folder name and the kernels' ``competition_sources``."""
@@ -905,43 +906,16 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
     restored = []
     for name in names:
         target = Path(out_dir) / name
-        if (target / "last_checkpoint").is_file():
+        if rundir.last_checkpoint(target) is not None:
             continue
-        found = [d for d in find_dirs(roots, ("last_checkpoint", "config.yaml")) if d.name == name]
+        found = [d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name]
         if not found:
             continue
         source = found[0]
-        checkpoint = (source / "last_checkpoint").read_text(encoding="utf-8").strip()
-        target.mkdir(parents=True, exist_ok=True)
-        for item in sorted(source.iterdir()):
-            keep = item.name in (checkpoint, "model_best.pth") or not item.name.endswith(".pth")
-            if item.is_file() and keep:
-                shutil.copy2(item, target / item.name)
-        folds_csv = source.parent / "folds.csv"
-        if folds_csv.is_file() and not (Path(out_dir) / "folds.csv").exists():
-            shutil.copy2(folds_csv, Path(out_dir) / "folds.csv")
+        checkpoint = rundir.copy_for_resume(source, target)
         print(f"resuming {name} from {source} ({checkpoint})")
         restored.append(target)
     return restored
-
-
-def prune_checkpoints(run_dir: Path) -> list[Path]:
-    """Delete a run's periodic checkpoints except the one ``last_checkpoint`` names (``--resume`` needs it):
-    ``model_best.pth`` and ``model_final.pth`` stay. Kaggle's ``/kaggle/working`` holds 20 GB, and a ``paper``
-    checkpoint with its optimizer state is about 1 GB.
-
-    Returns:
-        The deleted files.
-    """
-    run_dir = Path(run_dir)
-    marker = run_dir / "last_checkpoint"
-    if not marker.is_file():
-        return []
-    keep = {marker.read_text(encoding="utf-8").strip(), "model_best.pth", "model_final.pth"}
-    deleted = [p for p in sorted(run_dir.glob("model_*.pth")) if p.name not in keep]
-    for path in deleted:
-        path.unlink()
-    return deleted
 
 
 class SessionClock:
@@ -1125,22 +1099,6 @@ def weights_dataset_metadata(owner: str) -> dict:
         "licenses": [{"name": "other"}]})
 
 
-def _best_metric(metrics_json: Path, metric: str = "cellkit/mAP") -> tuple[float, int] | None:
-    """The best ``metric`` in a run's ``metrics.json`` (JSON lines) and its iteration, or None."""
-    best = None
-    if not metrics_json.is_file():
-        return None
-    for line in metrics_json.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue            # a torn last line of an interrupted run
-        if isinstance(row, dict) and isinstance(row.get(metric), (int, float)):
-            if best is None or row[metric] > best[0]:
-                best = (float(row[metric]), int(row.get("iteration", -1)))
-    return best
-
-
 def _model_only(source: Path, target: Path) -> int | None:
     """Write ``source``'s model weights alone (no optimizer, scheduler or hook state) to ``target``; returns the
     checkpoint's iteration."""
@@ -1195,12 +1153,9 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
     Raises:
         FileNotFoundError: naming ``RUN`` when the run has no fold with a checkpoint or no thresholds.json.
     """
-    from cellkit.chain import fold_runs
-    from cellkit.train import best_weights
-
     run, out = Path(run), Path(out)
     meta = weights_dataset_metadata(owner)
-    folds = fold_runs(run) if run.is_dir() else []
+    folds = rundir.fold_runs(run) if run.is_dir() else []
     if not folds:
         raise FileNotFoundError(f"RUN={str(run)!r}: no fold<K>/config.yaml (a run of `cellkit chain` or the "
                                 f"finetune notebook)")
@@ -1210,15 +1165,15 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for fold_dir in folds:
-        checkpoint = best_weights(fold_dir)
+        checkpoint = rundir.run_weights(fold_dir)
         target = out / fold_dir.name
         target.mkdir(exist_ok=True)
         for stale in target.glob("*.pth"):
             stale.unlink()
-        shutil.copy2(fold_dir / "config.yaml", target / "config.yaml")
-        iteration = _model_only(checkpoint, target / "model_best.pth")
+        shutil.copy2(fold_dir / rundir.CONFIG, target / rundir.CONFIG)
+        iteration = _model_only(checkpoint, target / rundir.BEST)
         rows.append({"fold": int(fold_dir.name[4:]), "checkpoint": checkpoint.name, "iteration": iteration,
-                     "best": _best_metric(fold_dir / "metrics.json")})
+                     "best": rundir.best_metric(fold_dir / rundir.METRICS)})
     shutil.copy2(run / "thresholds.json", out / "thresholds.json")
     atomic.write_json(out / "cv.json", cv)
     n = f" on {cv['n_images']} out-of-fold images" if cv.get("n_images") else ""
@@ -1242,7 +1197,7 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     Raises:
         FileNotFoundError: naming ``RUNS``.
     """
-    from cellkit.chain import fold_runs
+    from cellkit.rundir import fold_runs
 
     if value:
         runs: list[Path] = []
@@ -1256,7 +1211,7 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
                 found: list[Path] = []
                 for base in bases:  # the first place where the glob matches, as resolve_input tries them
                     found = sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern))
-                                   if (Path(p) / "config.yaml").is_file())
+                                   if rundir.is_run(p))
                     if found:
                         break
                 if not found:

@@ -40,6 +40,9 @@ from detectron2.modeling.backbone.resnet import (
 
 import fvcore.nn.weight_init as weight_init
 
+from cellkit import rundir
+from cellkit.rundir import check_local_weights
+
 logger = logging.getLogger(__name__)
 
 try:  # detectron2 compiled with its C++/CUDA ops (a source build on Kaggle/Colab)
@@ -369,30 +372,6 @@ def build_cellkit_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     )
 
 
-def check_local_weights(path: str | os.PathLike, hint: str = "") -> Path:
-    """Check that a weights path is an existing local file (nothing is ever downloaded).
-
-    Args:
-        path: ``MODEL.WEIGHTS`` / ``--weights``.
-        hint: where such a file comes from (``CELLKIT.WEIGHTS_SOURCE``), added to the error message.
-
-    Raises:
-        ValueError: a URL (``http(s)://``, ``detectron2://``, ``catalog://``, ...).
-        FileNotFoundError: the file does not exist.
-    """
-    text = str(path)
-    extra = f" (expected: {hint})" if hint else ""
-    if "://" in text:
-        raise ValueError(
-            f"weights {text!r} is a URL: cellkit never downloads weights at run time; fetch the file once "
-            f"(e.g. attach it as a Kaggle dataset) and pass its local path with --weights{extra}"
-        )
-    p = Path(text).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {text} does not exist{extra}")
-    return p
-
-
 class CellkitCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that loads local files only, saves atomically and logs re-initialised heads.
 
@@ -422,7 +401,7 @@ class CellkitCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         from cellkit import atomic
 
-        atomic.write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+        atomic.write_text(os.path.join(self.save_dir, rundir.LAST), last_filename_basename)
 
     def load(self, path, *args, **kwargs):
         if path:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from cellkit.fusion import FusionSettings
+from cellkit.rundir import WEIGHT_NAMES, is_run, run_weights
 from cellkit.predictions import read_signature, signature_difference, store_signature
 from cellkit.tta import CellTTA, TTASettings, check_num_classes, predict_members, tta_settings
 
@@ -48,46 +49,6 @@ __all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_im
 
 META_FORMAT = "cellkit.predict/2"
 """``format`` of a store's ``meta.json`` written with an inference signature."""
-
-WEIGHT_NAMES = ("model_best.pth", "model_final.pth")
-"""Checkpoints looked up in a run directory, in order, when no weights file is given."""
-
-
-def run_weights(run_dir, weights=None) -> Path:
-    """The checkpoint to predict with: ``weights`` when given, else ``model_best.pth``, else ``model_final.pth``.
-
-    Raises:
-        FileNotFoundError: naming the run directory and the files tried (or the missing ``weights``).
-        ValueError: ``weights`` is a URL (nothing is downloaded).
-    """
-    from cellkit.modeling import check_local_weights
-
-    if weights:
-        return check_local_weights(weights)
-    from cellkit.train import FAILED_NAME, failure_reason
-
-    run_dir = Path(run_dir)
-    for name in WEIGHT_NAMES:
-        if (run_dir / name).is_file():
-            reason = failure_reason(run_dir)
-            if reason:  # a best checkpoint of a run whose last attempt failed: usable, but say so
-                import logging
-
-                logging.getLogger(__name__).warning("%s: the run's last attempt failed (%s: %s); using its %s",
-                                                    run_dir, FAILED_NAME, reason, name)
-            return run_dir / name
-
-    hints = []
-    reason = failure_reason(run_dir)
-    if reason:
-        hints.append(f"the run failed ({FAILED_NAME}: {reason})")
-    last = run_dir / "last_checkpoint"
-    if last.is_file() and (run_dir / last.read_text().strip()).is_file():
-        hints.append(f"its last checkpoint {last.read_text().strip()} is for `cellkit train --resume`")
-    hint = f"; {'; '.join(hints)}" if hints else ""
-    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)}){hint}; "
-                            f"pass --weights PATH to use another")
-
 
 def list_images(image_dir) -> list[tuple[str, Path]]:
     """``(image_id, path)`` of every image (:data:`cellkit.data.IMAGE_EXTENSIONS`) in ``image_dir``, sorted by id.
@@ -174,7 +135,7 @@ def expand_runs(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         pattern = str(pattern)
         if _glob.has_magic(pattern):
-            found = [Path(p) for p in _glob.glob(pattern) if (Path(p) / "config.yaml").is_file()]
+            found = [Path(p) for p in _glob.glob(pattern) if is_run(p)]
             if not found:
                 raise FileNotFoundError(f"--run {pattern!r}: matches no run directory (a folder with config.yaml)")
             found.sort(key=lambda p: (len(p.name), p.name, str(p)))

@@ -36,7 +36,9 @@ from detectron2.utils.events import EventStorage
 from cellkit import gtmasks
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
-from cellkit.modeling import CellkitCheckpointer, check_local_weights
+from cellkit import rundir
+from cellkit.modeling import CellkitCheckpointer
+from cellkit.rundir import FAILED as FAILED_NAME, failure_reason, run_weights as best_weights
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +228,7 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     def before_train(self):
         super().before_train()
-        # temporary files of a save that was killed (cellkit.atomic's hidden names): never loadable, only litter
-        run_dir = Path(self.checkpointer.save_dir)
-        for pattern in (".model_*.pth.*.pth", ".last_checkpoint.*.tmp"):
-            for path in run_dir.glob(pattern):
-                path.unlink(missing_ok=True)
+        rundir.remove_temporaries(self.checkpointer.save_dir)  # a killed save's temporary files: only litter
 
     def after_step(self):
         if getattr(self.trainer, "_train_failed", False):
@@ -241,17 +239,7 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     def prune(self) -> list[Path]:
         """Delete periodic checkpoints beyond the newest ``keep``; returns the deleted paths."""
-        if self.keep <= 0:
-            return []
-        run_dir = Path(self.checkpointer.save_dir)
-        periodic = sorted(p for p in run_dir.glob("model_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pth") if p.is_file())
-        last = run_dir / "last_checkpoint"
-        protected = {last.read_text().strip()} if last.is_file() else set()
-        deleted = []
-        for path in periodic[:-self.keep]:
-            if path.name not in protected:
-                path.unlink(missing_ok=True)
-                deleted.append(path)
+        deleted = rundir.prune_periodic(self.checkpointer.save_dir, self.keep)
         if deleted:
             logger.info("cellkit: removed %d old checkpoint(s) (CELLKIT.KEEP_CHECKPOINTS=%d): %s", len(deleted),
                         self.keep, ", ".join(p.name for p in deleted))
@@ -364,7 +352,7 @@ class CellkitTrainer(DefaultTrainer):
         """Progress/ETA printer and ``metrics.json``; TensorBoard too when it is installed."""
         from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
-        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, rundir.METRICS))]
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
@@ -669,9 +657,9 @@ def prepare_config(cfg, *, resume: bool = False, has_cuda: bool | None = None):
     if not cfg.OUTPUT_DIR:
         raise ValueError("OUTPUT_DIR (--out) is empty")
     out = Path(cfg.OUTPUT_DIR)
-    resuming = resume and (out / "last_checkpoint").is_file()
+    resuming = resume and rundir.last_checkpoint(out) is not None
     if cfg.MODEL.WEIGHTS and not resuming:
-        check_local_weights(cfg.MODEL.WEIGHTS, cfg.CELLKIT.WEIGHTS_SOURCE)
+        rundir.check_local_weights(cfg.MODEL.WEIGHTS, cfg.CELLKIT.WEIGHTS_SOURCE)
     if cfg.CELLKIT.EVAL.SCORE_THRESHOLD < 0 or cfg.CELLKIT.EVAL.SCORE_THRESHOLD > 1:
         raise ValueError(f"CELLKIT.EVAL.SCORE_THRESHOLD must be in [0, 1], got {cfg.CELLKIT.EVAL.SCORE_THRESHOLD}")
     weight = float(cfg.CELLKIT.DATA.EXTRA_WEIGHT)
@@ -705,42 +693,6 @@ def setup_logging(cfg) -> None:
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="cellkit", abbrev_name="cellkit")
 
 
-FAILED_NAME = "FAILED"
-"""Marker file a run directory gets when training raised: the error, the iteration and the traceback. Removed when
-the run is started (or resumed) again; a run with it has no ``model_final.pth`` from that attempt."""
-
-
-def failure_reason(run_dir: str | os.PathLike) -> str | None:
-    """The first line of ``<run_dir>/FAILED`` (why the run's last attempt failed), or None when there is none."""
-    path = Path(run_dir) / FAILED_NAME
-    if not path.is_file():
-        return None
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(FAILED marker unreadable)"
-    return (text.splitlines() or ["(empty FAILED marker)"])[0]
-
-
-def _write_failed(run_dir: Path, exc: BaseException, iteration) -> None:
-    import datetime
-    import traceback
-
-    from cellkit import atomic
-
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    where = "before training started" if iteration is None else f"at iteration {iteration}"
-    text = (f"training failed {where}: {type(exc).__name__}: {message}\n"
-            f"time: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
-            f"model_final.pth was not written; fix the cause, then `cellkit train --resume --out {run_dir}` continues "
-            f"from the last checkpoint (if any) or starts afresh.\n\n"
-            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    try:
-        atomic.write_text(run_dir / FAILED_NAME, text)
-    except OSError as write_exc:
-        logger.error("cellkit: could not write %s: %s", run_dir / FAILED_NAME, write_exc)
-
-
 def train_worker(cfg, specs: dict, resume: bool = False):
     """Train in this process (one per GPU under ``detectron2.engine.launch``); returns the last eval results.
 
@@ -758,36 +710,21 @@ def train_worker(cfg, specs: dict, resume: bool = False):
         previous = failure_reason(out)
         if previous:
             logger.info("cellkit: the previous attempt in %s failed (%s); starting again", out, previous)
-        (out / FAILED_NAME).unlink(missing_ok=True)
-        if not (resume and (out / "last_checkpoint").is_file()):
-            (out / "metrics.json").unlink(missing_ok=True)
+        rundir.clear_failed(out)
+        if not (resume and rundir.last_checkpoint(out) is not None):
+            (out / rundir.METRICS).unlink(missing_ok=True)
     trainer, started = None, False
     try:
         seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
         register_datasets(cfg, specs)
         if main:
             save_config(cfg, cfg.OUTPUT_DIR)
-            logger.info("cellkit: config saved to %s", out / "config.yaml")
+            logger.info("cellkit: config saved to %s", out / rundir.CONFIG)
         trainer = CellkitTrainer(cfg)
         trainer.resume_or_load(resume=resume)
         started = True
         return trainer.train()
     except BaseException as exc:
         if main:
-            _write_failed(out, exc, trainer.iter if started else None)
+            rundir.write_failed(out, exc, trainer.iter if started else None)
         raise
-
-
-def best_weights(run_dir: str | os.PathLike) -> Path:
-    """The checkpoint of a run to predict with: ``model_best.pth``, else ``model_final.pth``.
-
-    A periodic checkpoint alone (an interrupted or failed run) is not enough: it is for ``--resume``, and a model
-    from it would look like a finished one; name it explicitly (``cellkit predict --weights``) to use it.
-
-    Raises:
-        FileNotFoundError: neither file exists; the message names the run's last checkpoint and, when the run
-            failed, why (its ``FAILED`` marker).
-    """
-    from cellkit.predict import run_weights
-
-    return run_weights(run_dir)

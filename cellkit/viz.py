@@ -7,7 +7,6 @@ Masks travel as competition RLE strings (decoded with :mod:`cellkit.rle`) or boo
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -222,17 +221,9 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     Raises:
         FileNotFoundError: when the file is missing.
     """
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    from cellkit.rundir import metric_records
+
+    records = metric_records(path)
     frame = pd.DataFrame.from_records(records)
     if frame.empty or "iteration" not in frame:
         raise ValueError(f"{path}: no iterations recorded")

@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from cellkit import rundir
+
 HELP = "train a model (preset paper / r50 / demo or a YAML) on a competition-layout data dir or LIVECell"
 
 
@@ -69,16 +71,14 @@ def build_config(args):
     from cellkit.config import apply_overrides, get_preset_cfg, load_run_config
 
     out = Path(args.out)
-    saved = out / "config.yaml"
+    saved = out / rundir.CONFIG
     if args.resume and saved.is_file():
         cfg = load_run_config(out)
         if args.config:
             print(f"cellkit train: --resume uses {saved}; --config {args.config} ignored", file=sys.stderr)
     elif args.config:
-        if (out / "last_checkpoint").is_file() and not args.resume:
-            from cellkit.train import failure_reason
-
-            failed = failure_reason(out)
+        if rundir.last_checkpoint(out) is not None and not args.resume:
+            failed = rundir.failure_reason(out)
             state = f"a failed training run ({failed})" if failed else "a training run (last_checkpoint)"
             raise CellkitError(f"{out} already holds {state}: pass --resume to continue it or choose another --out")
         cfg = get_preset_cfg(args.config)
