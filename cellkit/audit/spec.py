@@ -1,4 +1,4 @@
-"""Constants and thresholds of the label audit: flag kinds, output columns, :class:`AuditSpec` (see :mod:`cellkit.audit`)."""
+"""Constants and thresholds of the label audit: flag kinds, output columns, :class:`AuditSpec`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
