@@ -322,10 +322,11 @@ def test_cleanlab_scores_equal_cleanlab_own_functions():
     for k in range(3):
         np.testing.assert_allclose(got[:, k], expected[k], rtol=1e-9, atol=1e-12)
     for im in images:
-        np.testing.assert_allclose(A._overlap_matrix(im.label_boxes, im.pred_boxes),
-                                   rank._get_overlap_matrix(im.label_boxes, im.pred_boxes), rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(A._dist_matrix(im.label_boxes, im.pred_boxes),
-                                   rank._get_dist_matrix(im.label_boxes, im.pred_boxes), rtol=1e-12)
+        iou, similarity = A.cleanlab_matrices(im.label_boxes, im.pred_boxes)
+        np.testing.assert_allclose(iou, rank._get_overlap_matrix(im.label_boxes, im.pred_boxes), rtol=1e-12,
+                                   atol=1e-15)
+        np.testing.assert_allclose((similarity - 0.9 * iou) / 0.1,
+                                   rank._get_dist_matrix(im.label_boxes, im.pred_boxes), rtol=1e-9)
     assert A.cleanlab_image_scores([]).shape == (0, 3)
 
 

@@ -70,24 +70,22 @@ Conventions: mask strings are the competition's RLE (row-major, 1-indexed starts
 = row + 2); ``pred_index`` indexes an image's predictions in the order of its ``.npz``; boxes are ``x0, y0, x1, y1``
 pixels, end exclusive.
 
-Modules: :mod:`~cellkit.audit.spec` (constants, columns, :class:`AuditSpec`), :mod:`~cellkit.audit.overlaps` (mask
-overlap maths on runs), :mod:`~cellkit.audit.labels` (flags from the labels alone), :mod:`~cellkit.audit.predictions`
-(flags from predictions), :mod:`~cellkit.audit.score` (the image score), :mod:`~cellkit.audit.cleanlab` (the optional
+Modules: :mod:`~cellkit.audit.spec` (constants, columns, :class:`AuditSpec`, the image score),
+:mod:`~cellkit.audit.overlaps` (mask overlap maths on runs), :mod:`~cellkit.audit.labels` (flags from the labels
+alone), :mod:`~cellkit.audit.predictions` (flags from predictions), :mod:`~cellkit.audit.cleanlab` (the optional
 cleanlab columns), :mod:`~cellkit.audit.core` (:func:`audit`), :mod:`~cellkit.audit.report` (files, exclusion lists).
 """
-from __future__ import annotations
-
-from cellkit.audit.cleanlab import (CLEANLAB_COLUMNS, _CleanlabImage, _dist_matrix, _overlap_matrix, cleanlab_format,
-                                    cleanlab_image_scores, cleanlab_matrices)
+from cellkit.audit.cleanlab import (CLEANLAB_COLUMNS, _CleanlabImage, cleanlab_format, cleanlab_image_scores,
+                                    cleanlab_matrices)
 from cellkit.audit.core import audit, has_predictions
 from cellkit.audit.labels import ImageLabels, LabelFlags, label_flags
 from cellkit.audit.overlaps import MaskRuns, box_pairs, pair_intersections
 from cellkit.audit.predictions import PredictionFlags, prediction_flags
 from cellkit.audit.report import (AUDIT_NAME, INSTANCES_NAME, SUMMARY_NAME, AuditResult, exclusion_ids, read_audit,
                                   write_audit)
-from cellkit.audit.score import apply_baselines, excess, image_fractions, image_score
 from cellkit.audit.spec import (DEFAULT_MIN_AREA, DEFAULT_WEIGHTS, IMAGE_COLUMNS, INSTANCE_COLUMNS, KINDS,
-                                LABEL_KINDS, MIN_BASELINE_IMAGES, PREDICTION_KINDS, RATE_KINDS, AuditSpec)
+                                LABEL_KINDS, MIN_BASELINE_IMAGES, PREDICTION_KINDS, RATE_KINDS, AuditSpec,
+                                apply_baselines, excess, image_fractions, image_score)
 
 __all__ = [
     "DEFAULT_MIN_AREA", "DEFAULT_WEIGHTS", "MIN_BASELINE_IMAGES", "KINDS", "LABEL_KINDS", "PREDICTION_KINDS",

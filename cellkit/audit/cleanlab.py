@@ -33,19 +33,13 @@ does not fit, and why the columns are not part of ``score``:
   thresholds (~15 s for the same image), starts a ``multiprocessing.Pool`` whenever it gets more than one image (even
   for one process), and decides with dataset-wide per-class box-AP thresholds.
 """
-from __future__ import annotations
-
 import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from cellkit import CELL_TYPES
-
-__all__ = ["CLEANLAB_COLUMNS", "HIGH_PROBABILITY", "cleanlab_matrices", "cleanlab_format", "cleanlab_image_scores",
-           "cleanlab_available", "add_cleanlab_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,34 +74,12 @@ class _CleanlabImage(NamedTuple):
     pred_probs: np.ndarray
 
 
-def _overlap_matrix(bb1_list, bb2_list) -> np.ndarray:
-    """Box IoU of XYXY boxes as ObjectLab defines it (intersection / max(union, :data:`EPSILON`)): float64
-    ``(len1, len2)``."""
-    a = np.asarray(bb1_list, dtype=np.float64).reshape(-1, 4)[:, None, :]
-    b = np.asarray(bb2_list, dtype=np.float64).reshape(-1, 4)[None, :, :]
-    w = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
-    h = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    inter = np.where((w < 0) | (h < 0), 0.0, w * h)
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / np.clip(area_a + area_b - inter, EPSILON, None)
-
-
-def _dist_matrix(bb1_list, bb2_list) -> np.ndarray:
-    """ObjectLab's centre-distance term ``exp(-EUC_FACTOR * distance of the box centres)``: float64
-    ``(len1, len2)``."""
-    a = np.asarray(bb1_list, dtype=np.float64).reshape(-1, 4)[:, None, :]
-    b = np.asarray(bb2_list, dtype=np.float64).reshape(-1, 4)[None, :, :]
-    dx = (a[..., 0] + a[..., 2]) / 2 - (b[..., 0] + b[..., 2]) / 2
-    dy = (a[..., 1] + a[..., 3]) / 2 - (b[..., 1] + b[..., 3]) / 2
-    return np.exp(-np.sqrt(dx * dx + dy * dy) * EUC_FACTOR)
-
-
 def cleanlab_matrices(label_boxes: np.ndarray, pred_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Box IoU and ObjectLab similarity matrices, vectorised, with the values cleanlab's own loops give.
 
-    ``similarity = ALPHA * iou + (1 - ALPHA) * distance term``, with the distance term written ``1 - (1 - d)`` as
-    cleanlab computes it (so the values are equal to the last bit).
+    ``iou`` is ObjectLab's box IoU (intersection / max(union, :data:`EPSILON`)); ``similarity = ALPHA * iou +
+    (1 - ALPHA) * d`` with the centre-distance term ``d = exp(-EUC_FACTOR * distance of the box centres)``, written
+    ``1 - (1 - d)`` as cleanlab computes it (so the values are equal to the last bit).
 
     Args:
         label_boxes: float ``(L, 4)`` XYXY; pred_boxes: float ``(M, 4)`` XYXY.
@@ -115,8 +87,17 @@ def cleanlab_matrices(label_boxes: np.ndarray, pred_boxes: np.ndarray) -> tuple[
     Returns:
         ``(iou, similarity)``, float64 ``(L, M)`` each.
     """
-    iou = _overlap_matrix(label_boxes, pred_boxes)
-    return iou, iou * ALPHA + (1 - ALPHA) * (1 - (1 - _dist_matrix(label_boxes, pred_boxes)))
+    a = np.asarray(label_boxes, dtype=np.float64).reshape(-1, 4)[:, None, :]
+    b = np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4)[None, :, :]
+    w = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    h = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    inter = np.where((w < 0) | (h < 0), 0.0, w * h)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iou = inter / np.clip(area_a + area_b - inter, EPSILON, None)
+    dx = (a[..., 0] + a[..., 2]) / 2 - (b[..., 0] + b[..., 2]) / 2
+    dy = (a[..., 1] + a[..., 3]) / 2 - (b[..., 1] + b[..., 3]) / 2
+    return iou, iou * ALPHA + (1 - ALPHA) * (1 - (1 - np.exp(-np.sqrt(dx * dx + dy * dy) * EUC_FACTOR)))
 
 
 def cleanlab_format(images: Sequence[_CleanlabImage]) -> tuple[list[dict], list[list[np.ndarray]]]:
@@ -201,7 +182,7 @@ def cleanlab_available() -> bool:
     return True
 
 
-def add_cleanlab_columns(images: pd.DataFrame, boxes: dict[int, _CleanlabImage]) -> None:
+def add_cleanlab_columns(images: "pandas.DataFrame", boxes: dict[int, _CleanlabImage]) -> None:
     """Fill the :data:`CLEANLAB_COLUMNS` of ``images`` (in place) at the rows ``boxes`` names (index labels), from
     those images' boxes; with a warning and nothing filled when cleanlab is not installed."""
     if not boxes:

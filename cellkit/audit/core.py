@@ -1,8 +1,5 @@
 """The audit of a train CSV, image by image: :func:`audit` (see :mod:`cellkit.audit` for the flags and the score)."""
-from __future__ import annotations
-
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -10,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellkit import data, postprocess
+from cellkit import predictions as P
 from cellkit.audit.cleanlab import add_cleanlab_columns
 from cellkit.audit.labels import ImageLabels, audit_labels
 from cellkit.audit.predictions import audit_predictions
 from cellkit.audit.report import AuditResult
-from cellkit.audit.score import apply_baselines, image_score
-from cellkit.audit.spec import IMAGE_COLUMNS, INSTANCE_COLUMNS, KINDS, RATE_KINDS, AuditSpec
-
-__all__ = ["has_predictions", "audit"]
+from cellkit.audit.spec import (IMAGE_COLUMNS, INSTANCE_COLUMNS, KINDS, RATE_KINDS, AuditSpec, apply_baselines,
+                                image_score)
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +22,6 @@ logger = logging.getLogger(__name__)
 def has_predictions(path) -> bool:
     """Whether ``path`` is a predictions store holding at least one image (so that ``audit(pred_dir=path)`` can use
     it), e.g. ``OUT_DIR/oof`` once notebook 04 predicted a fold. Never raises for a missing or empty folder."""
-    from cellkit import predictions as P
-
     if path is None or not Path(path).is_dir():
         return False
     try:
@@ -36,8 +31,6 @@ def has_predictions(path) -> bool:
 
 
 def _load_thresholds(path) -> dict:
-    from cellkit import postprocess
-
     if path is None:
         return {c: dict(v) for c, v in postprocess.SEED_THRESHOLDS.items()}
     return postprocess.load_thresholds(path)["thresholds"]
@@ -60,8 +53,6 @@ def _prediction_paths(pred_dir, groups: dict, ids: list[str], where: str) -> dic
     Raises:
         ValueError: predictions of an image that is not in the truth.
     """
-    from cellkit import predictions as P
-
     if pred_dir is None:
         return {}
     listing = {i: Path(pred_dir) / f"{i}.npz" for i in P.image_ids(pred_dir)}
@@ -102,8 +93,6 @@ def audit(truth, pred_dir=None, thresholds=None, spec: AuditSpec | None = None, 
             image absent from the truth or of another size (naming the store and the id), invalid thresholds.
     """
     from tqdm.auto import tqdm
-
-    from cellkit import data
 
     t0 = time.perf_counter()
     spec = spec or AuditSpec()
@@ -147,11 +136,11 @@ def _audit_image(image_id: str, positions: np.ndarray, columns: dict, rows_index
     counts = audit_labels(image, spec.min_area[cell_type], spec.duplicate_iou, spec.overlap_ios)
     label_score, _ = image_score(counts, spec.weights)
     record = {"id": image_id, "cell_type": cell_type, "score": label_score, "label_score": label_score,
-              "pred_score": math.nan, "flags": "", "n_rows": int(len(positions)), **counts, "has_pred": False,
+              "pred_score": np.nan, "flags": "", "n_rows": int(len(positions)), **counts, "has_pred": False,
               "n_pred": None, "n_confident": None, "n_missed": None, "n_spurious": None, "n_misplaced": None,
-              **{f"{k}_{c}": math.nan for c in ("fraction", "baseline") for k in RATE_KINDS},
-              "mean_best_iou": math.nan, "cleanlab_overlooked": math.nan, "cleanlab_badloc": math.nan,
-              "cleanlab_swap": math.nan}
+              **{f"{k}_{c}": np.nan for c in ("fraction", "baseline") for k in RATE_KINDS},
+              "mean_best_iou": np.nan, "cleanlab_overlooked": np.nan, "cleanlab_badloc": np.nan,
+              "cleanlab_swap": np.nan}
     if pred_path is None:
         return record, image.instances, None
     found, cl = audit_predictions(image, pred_path, thresholds[cell_type], spec, where)
@@ -167,15 +156,12 @@ def _tables(records: list[dict], instance_records: list[dict], boxes: dict, spec
     images = apply_baselines(images, spec.weights, noise_z=spec.noise_z)
     images["flags"] = [" ".join(f"{k}:{int(r[f'n_{k}'])}" for k in KINDS if not pd.isna(r[f"n_{k}"])
                                 and int(r[f"n_{k}"]) > 0) for _, r in images.iterrows()]
-    frame = pd.DataFrame.from_records(instance_records, columns=list(INSTANCE_COLUMNS))
-    for col in ("row", "partner_row", "pred_index", "partner_area"):
-        frame[col] = frame[col].astype("Int64")
-    for col in ("area", "x0", "y0", "x1", "y1"):
-        frame[col] = frame[col].astype(np.int64)
+    frame = pd.DataFrame.from_records(instance_records, columns=list(INSTANCE_COLUMNS)).astype(
+        {**dict.fromkeys(("row", "partner_row", "pred_index", "partner_area"), "Int64"),
+         **dict.fromkeys(("area", "x0", "y0", "x1", "y1"), np.int64)})
     rank_of = {i: k for k, i in enumerate(images["id"].astype(str))}
     kind_of = {k: n for n, k in enumerate(KINDS)}
     order = np.lexsort((np.arange(len(frame)), frame["kind"].map(kind_of).to_numpy(),
                         frame["id"].map(rank_of).to_numpy()))
-    for col in ("n_pred", "n_confident", "n_missed", "n_spurious", "n_misplaced"):
-        images[col] = images[col].astype("Int64")
+    images = images.astype(dict.fromkeys(("n_pred", "n_confident", "n_missed", "n_spurious", "n_misplaced"), "Int64"))
     return images, frame.iloc[order].reset_index(drop=True)

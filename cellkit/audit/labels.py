@@ -4,9 +4,6 @@
 collects its flags as rows of ``instances.csv`` (:func:`audit_labels` for the label kinds, and
 :func:`cellkit.audit.predictions.audit_predictions` for the prediction kinds).
 """
-from __future__ import annotations
-
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -14,9 +11,6 @@ import numpy as np
 
 from cellkit import rle
 from cellkit.audit.overlaps import MaskRuns, box_pairs, pair_intersections
-
-__all__ = ["LabelFlags", "label_flags", "ImageLabels", "audit_labels"]
-
 
 class LabelFlags(NamedTuple):
     """What :func:`label_flags` finds in one image's annotations (indices into the image's masks).
@@ -58,40 +52,32 @@ def label_flags(masks: MaskRuns, min_area: int, duplicate_iou: float = 0.9, over
     inter = pair_intersections(masks, masks, i, j)
     hit = inter > 0
     i, j, inter = i[hit], j[hit], inter[hit].astype(np.float64)
-    union = areas[i] + areas[j] - inter
-    iou = inter / union
+    iou = inter / (areas[i] + areas[j] - inter)
     ios = inter / np.minimum(areas[i], areas[j])
-
     dup = iou >= duplicate_iou
-    d_flag, d_partner, d_iou = _first_per_flagged(j[dup], i[dup], iou[dup], key=i[dup])
+    d = _first_per_group(j[dup], i[dup])  # per flagged mask, the earliest partner
+    d_flag, d_partner, d_iou = j[dup][d], i[dup][d], iou[dup][d]
     over = (ios >= overlap_ios) & ~dup
     small_is_j = areas[j[over]] <= areas[i[over]]  # ties: the later mask (j > i) is flagged
     o_flag = np.where(small_is_j, j[over], i[over])
     o_partner = np.where(small_is_j, i[over], j[over])
     keep = ~np.isin(o_flag, d_flag)
     o_flag, o_partner, o_iou, o_ios = o_flag[keep], o_partner[keep], iou[over][keep], ios[over][keep]
-    order = np.lexsort((o_partner, -o_ios, o_flag))  # per flagged mask, the largest IoS first
-    o_flag, o_partner, o_iou, o_ios = o_flag[order], o_partner[order], o_iou[order], o_ios[order]
-    first = np.concatenate(([True], o_flag[1:] != o_flag[:-1])) if o_flag.size else np.zeros(0, dtype=bool)
+    o = _first_per_group(o_flag, o_partner, -o_ios)  # per flagged mask, the largest IoS (ties: earliest partner)
     return LabelFlags(
         duplicate=np.stack([d_flag, d_partner], axis=1).reshape(-1, 2), duplicate_iou=d_iou,
-        overlap=np.stack([o_flag[first], o_partner[first]], axis=1).reshape(-1, 2), overlap_iou=o_iou[first],
-        overlap_ios=o_ios[first],
+        overlap=np.stack([o_flag[o], o_partner[o]], axis=1).reshape(-1, 2), overlap_iou=o_iou[o],
+        overlap_ios=o_ios[o],
         empty=np.flatnonzero(areas == 0), tiny=np.flatnonzero((areas > 0) & (areas < int(min_area))),
     )
 
 
-def _first_per_flagged(flagged: np.ndarray, partner: np.ndarray, value: np.ndarray, key: np.ndarray):
-    """One entry per distinct ``flagged`` value: the one of smallest ``key``; sorted by ``flagged``."""
-    if flagged.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), np.zeros(0)
-    order = np.lexsort((key, flagged))
-    flagged, partner, value = flagged[order], partner[order], value[order]
-    first = np.concatenate(([True], flagged[1:] != flagged[:-1]))
-    return flagged[first], partner[first], value[first]
-
-
+def _first_per_group(group: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """int64 indices of one entry per distinct ``group`` value, ascending by group: the entry that sorts first by
+    ``keys`` (the last key first, as :func:`numpy.lexsort`)."""
+    order = np.lexsort((*keys, group))
+    _, first = np.unique(group[order], return_index=True)
+    return order[first]
 
 
 @dataclass
@@ -126,7 +112,7 @@ class ImageLabels:
                              f"{exc.problem}") from None
         return cls(image_id, cell_type, rows, masks)
 
-    def flag(self, kind: str, label=None, partner=-1, pred=-1, iou=math.nan, ios=math.nan, pred_score=math.nan,
+    def flag(self, kind: str, label=None, partner=-1, pred=-1, iou=np.nan, ios=np.nan, pred_score=np.nan,
              box=None, area=None) -> None:
         """Record one flag: of annotation ``label`` (None for a ``missed`` prediction, which gives its own ``box``
         and ``area``), with the annotation ``partner`` and the prediction ``pred`` (negative = none)."""

@@ -8,17 +8,13 @@ Self-contained (numpy and :mod:`cellkit.rle` only); every function takes and ret
 Conventions: flat pixel index = ``y * width + x``; boxes are ``x0, y0, x1, y1`` pixels, end exclusive, all 0 for an
 empty mask.
 """
-from __future__ import annotations
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cellkit import SHAPE, rle
-
-__all__ = ["MaskRuns", "box_pairs", "pair_intersections"]
-
+from cellkit.postprocess import crops_runs
 
 @dataclass(frozen=True)
 class MaskRuns:
@@ -47,13 +43,12 @@ class MaskRuns:
         if starts.shape != lengths.shape or indptr.size < 1 or indptr[0] != 0 or indptr[-1] != starts.size:
             raise ValueError(f"MaskRuns: inconsistent runs ({starts.size} starts, {lengths.size} lengths, indptr "
                              f"ending at {int(indptr[-1]) if indptr.size else None})")
-        object.__setattr__(self, "starts", starts)
-        object.__setattr__(self, "lengths", lengths)
-        object.__setattr__(self, "indptr", indptr)
-        object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
         sums = np.concatenate(([0], np.cumsum(lengths)))
-        object.__setattr__(self, "areas", sums[indptr[1:]] - sums[indptr[:-1]])
-        object.__setattr__(self, "boxes", _run_boxes(starts, lengths, indptr, self.shape[1]))
+        shape = (int(self.shape[0]), int(self.shape[1]))
+        for name, value in (("starts", starts), ("lengths", lengths), ("indptr", indptr), ("shape", shape),
+                            ("areas", sums[indptr[1:]] - sums[indptr[:-1]]),
+                            ("boxes", _run_boxes(starts, lengths, indptr, shape[1]))):
+            object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return self.indptr.size - 1
@@ -71,8 +66,6 @@ class MaskRuns:
     @classmethod
     def from_crops(cls, crops: Sequence[np.ndarray], windows: np.ndarray, shape: tuple[int, int]) -> "MaskRuns":
         """From bool crops ``crops[k]`` placed at ``windows[k] = (x0, y0, x1, y1)`` (as binarised predictions)."""
-        from cellkit.postprocess import crops_runs
-
         starts, lengths, counts = crops_runs(list(crops), np.asarray(windows).reshape(-1, 4), int(shape[1]))
         return cls(starts, lengths, np.concatenate(([0], np.cumsum(counts))), shape)
 
@@ -101,19 +94,15 @@ def _run_boxes(starts: np.ndarray, lengths: np.ndarray, indptr: np.ndarray, widt
     boxes = np.zeros((n, 4), dtype=np.int64)
     if starts.size == 0:
         return boxes
-    last = starts + lengths - 1
     r0, c0 = np.divmod(starts, width)
-    r1, c1 = np.divmod(last, width)
+    r1, c1 = np.divmod(starts + lengths - 1, width)
     wrap = r1 > r0
-    x_lo = np.where(wrap, 0, c0)
-    x_hi = np.where(wrap, width - 1, c1)
     nonempty = indptr[1:] > indptr[:-1]
     first = indptr[:-1][nonempty]
-    final = indptr[1:][nonempty] - 1
-    boxes[nonempty, 0] = np.minimum.reduceat(x_lo, first)
-    boxes[nonempty, 1] = r0[first]  # the runs of a mask are sorted: its first run is on its top row
-    boxes[nonempty, 2] = np.maximum.reduceat(x_hi, first) + 1
-    boxes[nonempty, 3] = r1[final] + 1
+    # the runs of a mask are sorted: its first run is on its top row, its last on its bottom row
+    boxes[nonempty] = np.stack([np.minimum.reduceat(np.where(wrap, 0, c0), first), r0[first],
+                                np.maximum.reduceat(np.where(wrap, width - 1, c1), first) + 1,
+                                r1[indptr[1:][nonempty] - 1] + 1], axis=1)
     return boxes
 
 

@@ -4,23 +4,16 @@
 loads an image's predictions (a :mod:`cellkit.predictions` store), binarises them at the class's thresholds and
 records the flags into its :class:`cellkit.audit.labels.ImageLabels`.
 """
-from __future__ import annotations
-
-import math
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
-from cellkit import CELL_TYPES
+from cellkit import CELL_TYPES, postprocess
+from cellkit import predictions as P
 from cellkit.audit.cleanlab import _CleanlabImage
-from cellkit.audit.labels import ImageLabels
+from cellkit.audit.labels import ImageLabels, _first_per_group
 from cellkit.audit.overlaps import MaskRuns, box_pairs, pair_intersections
-from cellkit.audit.score import image_fractions
-from cellkit.audit.spec import AuditSpec
-
-__all__ = ["PredictionFlags", "prediction_flags", "audit_predictions"]
-
+from cellkit.audit.spec import AuditSpec, image_fractions
 
 class PredictionFlags(NamedTuple):
     """What :func:`prediction_flags` finds in one image (indices into its labels and predictions).
@@ -76,19 +69,12 @@ def prediction_flags(labels: MaskRuns, preds: MaskRuns, scores: np.ndarray, conf
     li, pj, inter = li[hit], pj[hit], inter[hit].astype(np.float64)
     iou = inter / (labels.areas[li] + conf.areas[pj] - inter)
 
-    label_best_iou = np.zeros(n_labels)
-    label_best_pred = np.full(n_labels, -1, dtype=np.int64)
-    pred_best_iou = np.zeros(len(conf))
-    pred_best_label = np.full(len(conf), -1, dtype=np.int64)
-    if iou.size:
-        order = np.lexsort((pj, -iou, li))  # per label: best IoU first (ties: higher-scored prediction)
-        first = np.concatenate(([True], li[order][1:] != li[order][:-1]))
-        label_best_iou[li[order][first]] = iou[order][first]
-        label_best_pred[li[order][first]] = kept[pj[order][first]]
-        order = np.lexsort((li, -iou, pj))
-        first = np.concatenate(([True], pj[order][1:] != pj[order][:-1]))
-        pred_best_iou[pj[order][first]] = iou[order][first]
-        pred_best_label[pj[order][first]] = li[order][first]
+    label_best_iou, label_best_pred = np.zeros(n_labels), np.full(n_labels, -1, dtype=np.int64)
+    pred_best_iou, pred_best_label = np.zeros(len(conf)), np.full(len(conf), -1, dtype=np.int64)
+    b = _first_per_group(li, pj, -iou)  # per label: best IoU (ties: the higher-scored prediction)
+    label_best_iou[li[b]], label_best_pred[li[b]] = iou[b], kept[pj[b]]
+    b = _first_per_group(pj, li, -iou)
+    pred_best_iou[pj[b]], pred_best_label[pj[b]] = iou[b], li[b]
 
     coverage = _coverage(conf, labels)
     missed = (pred_best_iou < match_iou) & (coverage < missed_coverage)
@@ -136,7 +122,7 @@ def _coverage(preds: MaskRuns, labels: MaskRuns) -> np.ndarray:
 
 
 
-def audit_predictions(image: ImageLabels, pred_path, thresholds: Mapping, spec: AuditSpec, where: str
+def audit_predictions(image: ImageLabels, pred_path, thresholds: dict, spec: AuditSpec, where: str
                       ) -> tuple[dict, _CleanlabImage]:
     """Flag the image's missed, spurious and misplaced annotations (:func:`prediction_flags`) into
     ``image.instances``.
@@ -156,15 +142,12 @@ def audit_predictions(image: ImageLabels, pred_path, thresholds: Mapping, spec: 
     Raises:
         ValueError: predictions of an image of another size.
     """
-    from cellkit import predictions as P
-    from cellkit.postprocess import binarize_table
-
     labels = image.masks
     pred = P.load(pred_path)
     if pred.shape != labels.shape:
         raise ValueError(f"{pred_path}: predictions of a {pred.height}x{pred.width} (HxW) image, {where} says "
                          f"{labels.shape[0]}x{labels.shape[1]} for id {image.image_id}")
-    table = binarize_table(thresholds["mask"])
+    table = postprocess.binarize_table(thresholds["mask"])
     preds = MaskRuns.from_crops([table[m] for m in pred.masks], pred.mask_boxes, labels.shape)
     confident = thresholds["score"] if spec.confident_score is None else spec.confident_score
     pf = prediction_flags(labels, preds, pred.scores, confident, thresholds["min_area"], spec.match_iou,
@@ -180,12 +163,10 @@ def audit_predictions(image: ImageLabels, pred_path, thresholds: Mapping, spec: 
     nonempty = labels.areas > 0
     n_labels = int(np.count_nonzero(nonempty))
     counts = {"n_missed": len(pf.missed), "n_spurious": len(pf.spurious), "n_misplaced": len(pf.misplaced)}
-    fractions = image_fractions({"n_labels": n_labels, **counts})
     record = {"has_pred": True, "n_pred": len(pred), "n_confident": len(pf.confident), **counts,
-              **{f"{k}_fraction": v[0] for k, v in fractions.items()},
-              "mean_best_iou": float(pf.label_best_iou[nonempty].mean()) if nonempty.any() else math.nan}
-    boxes = _CleanlabImage(labels.boxes[nonempty].astype(np.float64),
-                           np.full(n_labels, CELL_TYPES.index(image.cell_type), dtype=np.int64),
-                           pred.boxes.astype(np.float64), pred.classes.astype(np.int64),
-                           pred.scores.astype(np.float64))
-    return record, boxes
+              **{f"{k}_fraction": v[0] for k, v in image_fractions({"n_labels": n_labels, **counts}).items()},
+              "mean_best_iou": float(pf.label_best_iou[nonempty].mean()) if nonempty.any() else np.nan}
+    return record, _CleanlabImage(labels.boxes[nonempty].astype(np.float64),
+                                  np.full(n_labels, CELL_TYPES.index(image.cell_type), dtype=np.int64),
+                                  pred.boxes.astype(np.float64), pred.classes.astype(np.int64),
+                                  pred.scores.astype(np.float64))

@@ -1,6 +1,4 @@
 """Audit outputs: :class:`AuditResult`, writing and reading an audit folder, and training exclusion lists from it."""
-from __future__ import annotations
-
 from pathlib import Path
 from typing import NamedTuple
 
@@ -9,9 +7,6 @@ import pandas as pd
 
 from cellkit import atomic
 from cellkit.audit.spec import IMAGE_COLUMNS, INSTANCE_COLUMNS
-
-__all__ = ["AUDIT_NAME", "INSTANCES_NAME", "SUMMARY_NAME", "AuditResult", "write_audit", "read_audit",
-           "exclusion_ids"]
 
 AUDIT_NAME = "audit.csv"
 INSTANCES_NAME = "instances.csv"
@@ -47,10 +42,9 @@ def write_audit(result: AuditResult, out_dir) -> dict[str, Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"audit": _write_csv(result.images, out_dir / AUDIT_NAME),
-             "instances": _write_csv(result.instances, out_dir / INSTANCES_NAME)}
-    paths["summary"] = atomic.write_json(out_dir / SUMMARY_NAME, result.summary)
-    return paths
+    return {"audit": _write_csv(result.images, out_dir / AUDIT_NAME),
+            "instances": _write_csv(result.instances, out_dir / INSTANCES_NAME),
+            "summary": atomic.write_json(out_dir / SUMMARY_NAME, result.summary)}
 
 
 def read_audit(path) -> AuditResult:
