@@ -79,7 +79,7 @@ from cellkit.audit.cleanlab import (CLEANLAB_COLUMNS, _CleanlabImage, cleanlab_f
                                     cleanlab_matrices)
 from cellkit.audit.core import audit, has_predictions
 from cellkit.audit.labels import ImageLabels, LabelFlags, label_flags
-from cellkit.audit.overlaps import MaskRuns, box_pairs, pair_intersections
+from cellkit.audit.overlaps import MaskRuns, box_pairs, overlapping_pairs, pair_intersections
 from cellkit.audit.predictions import PredictionFlags, prediction_flags
 from cellkit.audit.report import (AUDIT_NAME, INSTANCES_NAME, SUMMARY_NAME, AuditResult, exclusion_ids, read_audit,
                                   write_audit)
@@ -90,8 +90,8 @@ from cellkit.audit.spec import (DEFAULT_MIN_AREA, DEFAULT_WEIGHTS, IMAGE_COLUMNS
 __all__ = [
     "DEFAULT_MIN_AREA", "DEFAULT_WEIGHTS", "MIN_BASELINE_IMAGES", "KINDS", "LABEL_KINDS", "PREDICTION_KINDS",
     "IMAGE_COLUMNS", "INSTANCE_COLUMNS", "AUDIT_NAME", "INSTANCES_NAME", "SUMMARY_NAME", "AuditSpec", "MaskRuns",
-    "RATE_KINDS", "box_pairs", "pair_intersections", "LabelFlags", "label_flags", "ImageLabels", "PredictionFlags",
-    "prediction_flags", "image_fractions", "excess", "image_score", "apply_baselines", "CLEANLAB_COLUMNS",
-    "cleanlab_matrices", "cleanlab_format", "cleanlab_image_scores", "AuditResult", "has_predictions", "audit",
-    "write_audit", "read_audit", "exclusion_ids",
+    "RATE_KINDS", "box_pairs", "pair_intersections", "overlapping_pairs", "LabelFlags", "label_flags", "ImageLabels",
+    "PredictionFlags", "prediction_flags", "image_fractions", "excess", "image_score", "apply_baselines",
+    "CLEANLAB_COLUMNS", "cleanlab_matrices", "cleanlab_format", "cleanlab_image_scores", "AuditResult",
+    "has_predictions", "audit", "write_audit", "read_audit", "exclusion_ids",
 ]

@@ -30,12 +30,6 @@ def has_predictions(path) -> bool:
         return False
 
 
-def _load_thresholds(path) -> dict:
-    if path is None:
-        return {c: dict(v) for c, v in postprocess.SEED_THRESHOLDS.items()}
-    return postprocess.load_thresholds(path)["thresholds"]
-
-
 def _audited_ids(groups: dict, image_ids, where: str) -> list[str]:
     """The ids to audit: all of the truth's (file order) or ``image_ids`` (each must be in it; repeats dropped)."""
     if image_ids is None:
@@ -102,27 +96,22 @@ def audit(truth, pred_dir=None, thresholds=None, spec: AuditSpec | None = None, 
     groups = table.groupby("id", sort=False).indices
     ids = _audited_ids(groups, image_ids, where)
     listing = _prediction_paths(pred_dir, groups, ids, where)
-    thr = _load_thresholds(thresholds)
+    thr = ({c: dict(v) for c, v in postprocess.SEED_THRESHOLDS.items()} if thresholds is None
+           else postprocess.load_thresholds(thresholds)["thresholds"])
     columns = {c: table[c].to_numpy() for c in ("id", "annotation", "width", "height", "cell_type")}
     rows_index = table.index.to_numpy()
-    records, instances, boxes = [], [], {}
-    for image_id in tqdm(ids, desc="audit", unit="img", disable=not progress, leave=False):
-        record, found, cl = _audit_image(image_id, groups[image_id], columns, rows_index, listing.get(image_id),
-                                         thr, spec, where)
-        if cl is not None:
-            boxes[len(records)] = cl
-        records.append(record)
-        instances.extend(found)
-    images, instances = _tables(records, instances, boxes, spec)
-    summary = {
+    done = [_audit_image(image_id, groups[image_id], columns, rows_index, listing.get(image_id), thr, spec, where)
+            for image_id in tqdm(ids, desc="audit", unit="img", disable=not progress, leave=False)]
+    images, instances = _tables([record for record, _, _ in done], [x for _, found, _ in done for x in found],
+                                {k: cl for k, (_, _, cl) in enumerate(done) if cl is not None}, spec)
+    return AuditResult(images, instances, {
         "truth": source, "pred_dir": None if pred_dir is None else str(pred_dir),
         "thresholds": None if thresholds is None else str(thresholds), "spec": asdict(spec),
         "n_images": int(len(images)), "n_with_pred": int(images["has_pred"].sum()),
         "n_flagged_images": int((images["score"] > 0).sum()),
         "flags": {k: int((instances["kind"] == k).sum()) for k in KINDS},
         "seconds": round(time.perf_counter() - t0, 2),
-    }
-    return AuditResult(images, instances, summary)
+    })
 
 
 def _audit_image(image_id: str, positions: np.ndarray, columns: dict, rows_index: np.ndarray, pred_path,

@@ -10,14 +10,14 @@ from typing import NamedTuple
 import numpy as np
 
 from cellkit import rle
-from cellkit.audit.overlaps import MaskRuns, box_pairs, pair_intersections
+from cellkit.audit.overlaps import MaskRuns, overlapping_pairs
 
 class LabelFlags(NamedTuple):
     """What :func:`label_flags` finds in one image's annotations (indices into the image's masks).
 
     Attributes:
         duplicate: int64 ``(D, 2)`` rows ``(flagged, partner)``, ``partner < flagged``.
-        duplicate_iou: float64 ``(D,)``.
+        duplicate_iou, duplicate_ios: float64 ``(D,)`` (IoS: intersection over the smaller mask).
         overlap: int64 ``(O, 2)`` rows ``(flagged = smaller, partner)``.
         overlap_iou, overlap_ios: float64 ``(O,)``.
         empty: int64 ``(E,)``; tiny: int64 ``(T,)``.
@@ -25,6 +25,7 @@ class LabelFlags(NamedTuple):
 
     duplicate: np.ndarray
     duplicate_iou: np.ndarray
+    duplicate_ios: np.ndarray
     overlap: np.ndarray
     overlap_iou: np.ndarray
     overlap_ios: np.ndarray
@@ -48,11 +49,7 @@ def label_flags(masks: MaskRuns, min_area: int, duplicate_iou: float = 0.9, over
         :class:`LabelFlags`.
     """
     areas = masks.areas
-    i, j = box_pairs(masks.boxes)
-    inter = pair_intersections(masks, masks, i, j)
-    hit = inter > 0
-    i, j, inter = i[hit], j[hit], inter[hit].astype(np.float64)
-    iou = inter / (areas[i] + areas[j] - inter)
+    i, j, inter, iou = overlapping_pairs(masks)
     ios = inter / np.minimum(areas[i], areas[j])
     dup = iou >= duplicate_iou
     d = _first_per_group(j[dup], i[dup])  # per flagged mask, the earliest partner
@@ -66,6 +63,7 @@ def label_flags(masks: MaskRuns, min_area: int, duplicate_iou: float = 0.9, over
     o = _first_per_group(o_flag, o_partner, -o_ios)  # per flagged mask, the largest IoS (ties: earliest partner)
     return LabelFlags(
         duplicate=np.stack([d_flag, d_partner], axis=1).reshape(-1, 2), duplicate_iou=d_iou,
+        duplicate_ios=ios[dup][d],
         overlap=np.stack([o_flag[o], o_partner[o]], axis=1).reshape(-1, 2), overlap_iou=o_iou[o],
         overlap_ios=o_ios[o],
         empty=np.flatnonzero(areas == 0), tiny=np.flatnonzero((areas > 0) & (areas < int(min_area))),
@@ -137,10 +135,7 @@ def audit_labels(image: ImageLabels, min_area: int, duplicate_iou: float, overla
     """
     masks = image.masks
     flags = label_flags(masks, min_area, duplicate_iou, overlap_ios)
-    flagged, partner = flags.duplicate[:, 0], flags.duplicate[:, 1]
-    inter = pair_intersections(masks, masks, flagged, partner)
-    dup_ios = inter / np.maximum(np.minimum(masks.areas[flagged], masks.areas[partner]), 1)
-    for (k, p), v, s in zip(flags.duplicate, flags.duplicate_iou, dup_ios):
+    for (k, p), v, s in zip(flags.duplicate, flags.duplicate_iou, flags.duplicate_ios):
         image.flag("duplicate", k, p, iou=v, ios=s)
     for (k, p), v, s in zip(flags.overlap, flags.overlap_iou, flags.overlap_ios):
         image.flag("overlap", k, p, iou=v, ios=s)

@@ -177,3 +177,21 @@ def pair_intersections(a: MaskRuns, b: MaskRuns, i: np.ndarray, j: np.ndarray) -
     union = np.bincount(owner, weights=added, minlength=i.size)
     return a.areas[i] + b.areas[j] - np.rint(union).astype(np.int64)
 
+
+def overlapping_pairs(a: MaskRuns, b: MaskRuns | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of masks that share at least one pixel, with their intersections and IoUs.
+
+    Args:
+        a: masks; b: other masks of the same image, or None for the pairs ``i < j`` within ``a``.
+
+    Returns:
+        ``(i, j, inter, iou)``: int64 indices into ``a`` and ``b`` (sorted by ``i``, then ``j``), float64 pixel
+        counts ``|a[i] ∩ b[j]|`` (all > 0) and float64 mask IoUs.
+    """
+    other = a if b is None else b
+    i, j = box_pairs(a.boxes, None if b is None else b.boxes)
+    inter = pair_intersections(a, other, i, j)
+    hit = inter > 0
+    i, j, inter = i[hit], j[hit], inter[hit].astype(np.float64)
+    return i, j, inter, inter / (a.areas[i] + other.areas[j] - inter)

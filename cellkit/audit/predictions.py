@@ -12,7 +12,7 @@ from cellkit import CELL_TYPES, postprocess
 from cellkit import predictions as P
 from cellkit.audit.cleanlab import _CleanlabImage
 from cellkit.audit.labels import ImageLabels, _first_per_group
-from cellkit.audit.overlaps import MaskRuns, box_pairs, pair_intersections
+from cellkit.audit.overlaps import MaskRuns, overlapping_pairs
 from cellkit.audit.spec import AuditSpec, image_fractions
 
 class PredictionFlags(NamedTuple):
@@ -63,11 +63,7 @@ def prediction_flags(labels: MaskRuns, preds: MaskRuns, scores: np.ndarray, conf
     kept = _suppress_duplicates(preds, candidates, pred_nms_ios)
 
     conf = preds.select(kept)
-    li, pj = box_pairs(labels.boxes, conf.boxes)
-    inter = pair_intersections(labels, conf, li, pj)
-    hit = inter > 0
-    li, pj, inter = li[hit], pj[hit], inter[hit].astype(np.float64)
-    iou = inter / (labels.areas[li] + conf.areas[pj] - inter)
+    li, pj, _, iou = overlapping_pairs(labels, conf)
 
     label_best_iou, label_best_pred = np.zeros(n_labels), np.full(n_labels, -1, dtype=np.int64)
     pred_best_iou, pred_best_label = np.zeros(len(conf)), np.full(len(conf), -1, dtype=np.int64)
@@ -94,8 +90,7 @@ def _suppress_duplicates(preds: MaskRuns, order: np.ndarray, ios: float) -> np.n
     if order.size < 2:
         return order.astype(np.int64)
     cand = preds.select(order)
-    i, j = box_pairs(cand.boxes)  # i < j: i scores higher
-    inter = pair_intersections(cand, cand, i, j)
+    i, j, inter, _ = overlapping_pairs(cand)  # i < j: i scores higher
     heavy = inter >= ios * cand.areas[j]
     i, j = i[heavy], j[heavy]
     if i.size == 0:
