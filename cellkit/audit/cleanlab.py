@@ -43,20 +43,11 @@ from cellkit import CELL_TYPES
 
 logger = logging.getLogger(__name__)
 
-CLEANLAB_COLUMNS = ("cleanlab_overlooked", "cleanlab_badloc", "cleanlab_swap")
-"""The ``audit.csv`` columns of :func:`cleanlab_image_scores`, in its order."""
-
-ALPHA = 0.9
-"""ObjectLab's weight of box IoU against centre distance in its similarity (cleanlab's default ``alpha``)."""
-
-EUC_FACTOR = 0.1
-"""ObjectLab's centre-distance decay: the distance term is ``exp(-EUC_FACTOR * distance in pixels)``."""
-
-EPSILON = 1e-6
-"""The smallest box union of ObjectLab's IoU (no division by 0)."""
-
-HIGH_PROBABILITY = 0.95
-"""ObjectLab's ``high_probability_threshold`` (its default), passed explicitly to the overlooked and swap scores."""
+CLEANLAB_COLUMNS = ("cleanlab_overlooked", "cleanlab_badloc", "cleanlab_swap")  # cleanlab_image_scores' order
+ALPHA = 0.9  # ObjectLab's weight of box IoU against centre distance in its similarity (cleanlab's default alpha)
+EUC_FACTOR = 0.1  # ObjectLab's centre-distance decay: the distance term is exp(-EUC_FACTOR * distance in pixels)
+EPSILON = 1e-6  # the smallest box union of ObjectLab's IoU (no division by 0)
+HIGH_PROBABILITY = 0.95  # ObjectLab's high_probability_threshold (its default), given to the overlooked/swap scores
 
 
 class _CleanlabImage(NamedTuple):
@@ -173,24 +164,16 @@ def cleanlab_image_scores(images: Sequence[_CleanlabImage]) -> np.ndarray:
     return np.stack([rank.pool_box_scores_per_image(s) for s in box_scores], axis=1).astype(np.float64)
 
 
-def cleanlab_available() -> bool:
-    """Whether ``cleanlab.object_detection`` can be imported."""
-    try:
-        import cleanlab.object_detection.rank  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def add_cleanlab_columns(images: "pandas.DataFrame", boxes: dict[int, _CleanlabImage]) -> None:
     """Fill the :data:`CLEANLAB_COLUMNS` of ``images`` (in place) at the rows ``boxes`` names (index labels), from
     those images' boxes; with a warning and nothing filled when cleanlab is not installed."""
     if not boxes:
         return
-    if not cleanlab_available():
+    try:
+        scores = cleanlab_image_scores(list(boxes.values()))
+    except ImportError:  # cleanlab_image_scores imports cleanlab before any work
         logger.warning("cellkit audit: cleanlab is not installed: the cleanlab_* columns stay empty (pip install "
                        "'cleanlab>=2.9'); every flag and the score are computed without it")
         return
-    scores = cleanlab_image_scores(list(boxes.values()))
     for k, col in enumerate(CLEANLAB_COLUMNS):
         images.loc[list(boxes), col] = scores[:, k]

@@ -1,38 +1,7 @@
 """What the label audit computes: flag kinds, output columns, thresholds and weights (:class:`AuditSpec`), and the
-image score (flag fractions, the cell types' baselines, :func:`excess`; module docstring of :mod:`cellkit.audit`)."""
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+image score (flag fractions, the cell types' baselines, :func:`excess`; module docstring of :mod:`cellkit.audit`).
 
-import numpy as np
-import pandas as pd
-
-from cellkit import CELL_TYPES
-
-DEFAULT_MIN_AREA = {"shsy5y": 30, "astro": 80, "cort": 40}
-"""A non-empty annotation under this many pixels is ``tiny`` (per cell type; see the module docstring)."""
-
-DEFAULT_WEIGHTS = {"duplicate": 2.0, "overlap": 1.0, "empty": 1.0, "tiny": 1.0, "missed": 1.0, "spurious": 0.5,
-                   "misplaced": 1.0}
-"""Weights of the image score's terms, one per flag kind (module docstring)."""
-
-RATE_KINDS = ("missed", "spurious", "misplaced")
-"""The prediction flags whose fractions are taken relative to their cell type's baseline."""
-
-MIN_BASELINE_IMAGES = 5
-"""Images of a cell type with predictions needed before its median fractions (baselines) are subtracted."""
-
-LABEL_KINDS = ("duplicate", "overlap", "empty", "tiny")
-PREDICTION_KINDS = ("missed", "spurious", "misplaced")
-KINDS = LABEL_KINDS + PREDICTION_KINDS
-"""Every ``kind`` of ``instances.csv``."""
-
-IMAGE_COLUMNS = (
-    "id", "cell_type", "score", "label_score", "pred_score", "flags", "n_rows", "n_labels", "n_duplicate", "n_overlap",
-    "n_empty", "n_tiny", "has_pred", "n_pred", "n_confident", "n_missed", "n_spurious", "n_misplaced",
-    "missed_fraction", "spurious_fraction", "misplaced_fraction", "missed_baseline", "spurious_baseline",
-    "misplaced_baseline", "mean_best_iou", "cleanlab_overlooked", "cleanlab_badloc", "cleanlab_swap",
-)
-"""Columns of ``audit.csv`` (one row per image, highest ``score`` first):
+:data:`IMAGE_COLUMNS`, the columns of ``audit.csv`` (one row per image, highest ``score`` first):
 
 - ``score``: the image score (module docstring) = ``label_score + pred_score``; ``flags``: ``kind:count`` of every
   flag of the image, e.g. ``"duplicate:9 overlap:1"`` (empty when none);
@@ -45,11 +14,8 @@ IMAGE_COLUMNS = (
   ``mean_best_iou``: mean over annotations of their best IoU with a confident prediction;
 - ``cleanlab_*``: ObjectLab's overlooked / bad-location / swap subtype scores of the image (in [0, 1], lower worse;
   empty without predictions; :mod:`cellkit.audit.cleanlab`).
-"""
 
-INSTANCE_COLUMNS = ("kind", "id", "cell_type", "row", "partner_row", "pred_index", "iou", "ios", "area",
-                    "partner_area", "pred_score", "x0", "y0", "x1", "y1")
-"""Columns of ``instances.csv`` (one row per flag):
+:data:`INSTANCE_COLUMNS`, the columns of ``instances.csv`` (one row per flag):
 
 - ``row``: the flagged annotation's 0-based data row (CSV line = row + 2); empty for ``missed``;
 - ``partner_row``: the other annotation of a ``duplicate`` / ``overlap`` pair, the best-matching annotation of a
@@ -60,6 +26,32 @@ INSTANCE_COLUMNS = ("kind", "id", "cell_type", "row", "partner_row", "pred_index
 - ``area`` / ``partner_area``: pixels of the flagged mask and of its partner; ``pred_score``: the prediction's score;
 - ``x0, y0, x1, y1``: the flagged mask's box (pixels, end exclusive).
 """
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cellkit import CELL_TYPES
+
+DEFAULT_MIN_AREA = {"shsy5y": 30, "astro": 80, "cort": 40}  # a non-empty annotation under this many pixels is tiny
+DEFAULT_WEIGHTS = {"duplicate": 2.0, "overlap": 1.0, "empty": 1.0, "tiny": 1.0, "missed": 1.0, "spurious": 0.5,
+                   "misplaced": 1.0}  # weights of the image score's terms, one per flag kind
+RATE_KINDS = ("missed", "spurious", "misplaced")  # the fractions taken relative to their cell type's baseline
+MIN_BASELINE_IMAGES = 5  # images of a cell type with predictions needed for its baselines (median fractions)
+LABEL_KINDS = ("duplicate", "overlap", "empty", "tiny")
+PREDICTION_KINDS = ("missed", "spurious", "misplaced")
+KINDS = LABEL_KINDS + PREDICTION_KINDS  # every kind of instances.csv
+
+IMAGE_COLUMNS = (
+    "id", "cell_type", "score", "label_score", "pred_score", "flags", "n_rows", "n_labels", "n_duplicate", "n_overlap",
+    "n_empty", "n_tiny", "has_pred", "n_pred", "n_confident", "n_missed", "n_spurious", "n_misplaced",
+    "missed_fraction", "spurious_fraction", "misplaced_fraction", "missed_baseline", "spurious_baseline",
+    "misplaced_baseline", "mean_best_iou", "cleanlab_overlooked", "cleanlab_badloc", "cleanlab_swap",
+)
+
+INSTANCE_COLUMNS = ("kind", "id", "cell_type", "row", "partner_row", "pred_index", "iou", "ios", "area",
+                    "partner_area", "pred_score", "x0", "y0", "x1", "y1")
 
 
 @dataclass(frozen=True)
