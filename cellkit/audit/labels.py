@@ -135,10 +135,9 @@ def audit_labels(image: ImageLabels, min_area: int, duplicate_iou: float, overla
     """
     masks = image.masks
     flags = label_flags(masks, min_area, duplicate_iou, overlap_ios)
-    for (k, p), v, s in zip(flags.duplicate, flags.duplicate_iou, flags.duplicate_ios):
-        image.flag("duplicate", k, p, iou=v, ios=s)
-    for (k, p), v, s in zip(flags.overlap, flags.overlap_iou, flags.overlap_ios):
-        image.flag("overlap", k, p, iou=v, ios=s)
+    for kind in ("duplicate", "overlap"):
+        for (k, p), v, s in zip(getattr(flags, kind), getattr(flags, f"{kind}_iou"), getattr(flags, f"{kind}_ios")):
+            image.flag(kind, k, p, iou=v, ios=s)
     for kind in ("empty", "tiny"):
         for k in getattr(flags, kind):
             image.flag(kind, k)

@@ -87,21 +87,16 @@ def prediction_flags(labels: MaskRuns, preds: MaskRuns, scores: np.ndarray, conf
 
 def _suppress_duplicates(preds: MaskRuns, order: np.ndarray, ios: float) -> np.ndarray:
     """Greedy, in ``order`` (descending score): drop a prediction sharing >= ``ios`` of its pixels with a kept one."""
-    if order.size < 2:
-        return order.astype(np.int64)
     cand = preds.select(order)
     i, j, inter, _ = overlapping_pairs(cand)  # i < j: i scores higher
     heavy = inter >= ios * cand.areas[j]
     i, j = i[heavy], j[heavy]
-    if i.size == 0:
-        return order.astype(np.int64)
     by_lower = np.argsort(j, kind="stable")
     i, j = i[by_lower], j[by_lower]
     bounds = np.searchsorted(j, np.arange(len(cand) + 1))
     keep = np.ones(len(cand), dtype=bool)
     for k in np.unique(j):  # ascending: every higher-scored prediction is decided before k
-        if keep[i[bounds[k]:bounds[k + 1]]].any():
-            keep[k] = False
+        keep[k] = not keep[i[bounds[k]:bounds[k + 1]]].any()
     return order[keep].astype(np.int64)
 
 
