@@ -18,15 +18,16 @@
     annotation shows up as a confident prediction without label, a shifted one as a misplaced label, and so on.
     The planted train.csv is audited with and without these predictions, and the image-level ROC AUC
     (``sklearn.metrics.roc_auc_score``) of the audit score for defective vs clean images is reported, overall and
-    per defect kind (that kind's images vs every clean image), with cleanlab's ``1 - cleanlab_quality`` for
+    per defect kind (that kind's images vs every clean image), with cleanlab's ``1 - cleanlab_badloc`` for
     comparison.
 
 (c) With ``--full-pred DIR``: the audit of the whole train.csv with fakepred predictions of all 392 images (generated
     into, or resumed from, DIR): its time.
 
-(d) cleanlab's own ``rank.get_label_quality_scores`` on the planted shsy5y image with the most label x prediction
-    box pairs, as cleanlab ships it (pairwise Python loops) and inside :func:`cellkit.audit.vectorised_cleanlab`:
-    both times and the largest difference of the scores.
+(d) cleanlab's own overlooked / bad-location / swap scores on the planted shsy5y image with the most label x
+    prediction box pairs, as cleanlab ships them (pairwise Python loops) and as
+    :func:`cellkit.audit.cleanlab_image_scores` gets them (precomputed matrices through cleanlab's public
+    ``auxiliary_inputs``): both times and the largest difference of the scores.
 
 Everything runs in this one process; the planted data and predictions go to a temporary folder (``--keep DIR`` to
 keep them). Skips cleanly (exit 0, with a message) when the real data is absent. Never writes into the data folder.
@@ -246,14 +247,14 @@ def main() -> int:
             ("with fakepred predictions: score", auc_report(with_pred.images, defects, "score")),
             ("  of which label_score", auc_report(with_pred.images, defects, "label_score")),
             ("  of which pred_score", auc_report(with_pred.images, defects, "pred_score")),
-            ("cleanlab: 1 - cleanlab_quality", auc_report(with_pred.images, defects, "cleanlab_quality", -1.0))]
+            ("cleanlab: 1 - cleanlab_badloc", auc_report(with_pred.images, defects, "cleanlab_badloc", -1.0))]
     print(f"    {'image-level ROC AUC (defective vs clean)':44} {'all':>6} " + " ".join(f"{k:>10}" for k in DEFECTS))
     for name, r in rows:
         print(f"    {name:44} {r['all']:6.3f} " + " ".join(f"{r[k]:10.3f}" for k in DEFECTS))
     frame = with_pred.images.assign(planted=with_pred.images["id"].map(defects).fillna("clean"))
     print("    mean score by planted kind (with predictions):")
     print(frame.groupby("planted")[["score", "label_score", "pred_score", "n_missed", "n_spurious",
-                                    "n_misplaced", "mean_best_iou", "cleanlab_quality"]].mean().round(4).to_string())
+                                    "n_misplaced", "mean_best_iou", "cleanlab_badloc"]].mean().round(4).to_string())
     if args.full_pred:
         t0 = time.perf_counter()
         fakepred.generate(truth, args.full_pred, seed=0, progress=False)
@@ -263,7 +264,7 @@ def main() -> int:
         print(f"\n(c) audit of the whole train.csv with fakepred predictions of all {len(full.images)} images "
               f"({t_gen:.1f} s to generate or resume them in {args.full_pred}): {time.perf_counter() - t0:.1f} s; "
               f"flags {full.summary['flags']}")
-    # ---------------------------------------------------------------- (d) cleanlab as shipped vs vectorised
+    # ---------------------------------------------------------------- (d) cleanlab as shipped vs precomputed matrices
     from cleanlab.object_detection import rank as cl_rank
 
     pred = worst_pred
@@ -274,16 +275,17 @@ def main() -> int:
                                  pred.classes, pred.scores.astype(float))
     labels, predictions = audit.cleanlab_format([image])
     t0 = time.perf_counter()
-    shipped = cl_rank.get_label_quality_scores(labels, predictions, verbose=False)
+    shipped = np.stack([cl_rank.pool_box_scores_per_image(f(labels=labels, predictions=predictions, **kw)) for f, kw in
+                        ((cl_rank.compute_overlooked_box_scores, {}), (cl_rank.compute_badloc_box_scores, {}),
+                         (cl_rank.compute_swap_box_scores, {"overlapping_label_check": False}))], axis=1)
     t_shipped = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with audit.vectorised_cleanlab() as fast_rank:
-        fast = fast_rank.get_label_quality_scores(labels, predictions, verbose=False)
+    fast = audit.cleanlab_image_scores([image])
     t_fast = time.perf_counter() - t0
-    print(f"\n(d) cleanlab get_label_quality_scores on {worst} ({int(keep.sum())} labels x {len(pred)} predictions): "
-          f"as shipped {t_shipped:.2f} s, vectorised {t_fast:.3f} s ({t_shipped / t_fast:.0f}x); |difference| "
-          f"{float(np.abs(shipped - fast).max()):.1e}; the audit's cleanlab_quality "
-          f"(with the data set's min similarity) {float(one['cleanlab_quality'].iat[0]):.4f}")
+    print(f"\n(d) cleanlab overlooked / badloc / swap scores on {worst} ({int(keep.sum())} labels x {len(pred)} "
+          f"predictions): as shipped {t_shipped:.2f} s, precomputed matrices {t_fast:.3f} s "
+          f"({t_shipped / t_fast:.0f}x); |difference| {float(np.abs(shipped - fast).max()):.1e}; the audit's "
+          f"cleanlab_badloc (with the data set's min similarity) {float(one['cleanlab_badloc'].iat[0]):.4f}")
 
     must = rows[1][1]["all"]
     print(f"\nmust-reach: AUC with fakepred predictions {must:.3f} >= 0.9: {'yes' if must >= 0.9 else 'NO'}")

@@ -223,7 +223,7 @@ def test_audit_with_predictions_end_to_end(tmp_path, caplog):
     assert images.loc["imgA", "flags"] == "missed:1 spurious:1 misplaced:1"
     assert images.loc["imgB", "flags"] == "duplicate:1 empty:1" and not images.loc["imgB", "has_pred"]
     assert images.loc["imgA", "n_confident"] == 3 and images.loc["imgA", "n_pred"] == 5
-    assert 0.0 <= images.loc["imgA", "cleanlab_quality"] <= 1.0 and np.isnan(images.loc["imgB", "cleanlab_quality"])
+    assert 0.0 <= images.loc["imgA", "cleanlab_badloc"] <= 1.0 and np.isnan(images.loc["imgB", "cleanlab_badloc"])
     inst = result.instances
     assert list(inst.columns) == list(A.INSTANCE_COLUMNS)
     got = {(r.kind, r.id, None if pd.isna(r.row) else int(r.row), None if pd.isna(r.pred_index) else int(r.pred_index))
@@ -265,7 +265,7 @@ def test_audit_without_cleanlab_keeps_every_flag(tmp_path, caplog, monkeypatch):
     result = A.audit(frame(labels, "imgA"), pred_dir=tmp_path / "store", progress=False)
     assert "cleanlab is not installed" in caplog.text
     row = result.images.iloc[0]
-    assert row["flags"] == "missed:1 spurious:1 misplaced:1" and np.isnan(row["cleanlab_quality"])
+    assert row["flags"] == "missed:1 spurious:1 misplaced:1" and np.isnan(row["cleanlab_badloc"])
 
 
 def test_audit_image_subset_and_errors(tmp_path):
@@ -301,24 +301,33 @@ def _cleanlab_images(seed=0, n_images=4):
 
 
 def test_cleanlab_scores_equal_cleanlab_own_functions():
+    """The columns equal cleanlab's public box-score functions run on its own input formats (its pairwise loops)."""
     from cleanlab.object_detection import rank
 
-    images = _cleanlab_images()
+    far = A._CleanlabImage(np.array([[0.0, 0, 10, 10], [30, 0, 40, 10]]), np.array([2, 2]),
+                           np.array([[0.0, 0, 10, 10], [31, 1, 40, 10], [50, 50, 60, 60]]), np.array([2, 1, 2]),
+                           np.array([0.99, 0.97, 0.98]))  # an overlooked box (off every label) and a swapped one
+    images = _cleanlab_images() + [far]
     labels, predictions = A.cleanlab_format(images)
     original = rank._get_overlap_matrix
-    expected_quality = rank.get_label_quality_scores(labels, predictions, verbose=False)  # cleanlab's loops
-    expected_badloc = rank.pool_box_scores_per_image(rank.compute_badloc_box_scores(labels=labels,
-                                                                                    predictions=predictions))
+    expected = [rank.pool_box_scores_per_image(rank.compute_overlooked_box_scores(labels=labels,
+                                                                                  predictions=predictions)),
+                rank.pool_box_scores_per_image(rank.compute_badloc_box_scores(labels=labels,
+                                                                              predictions=predictions)),
+                rank.pool_box_scores_per_image(rank.compute_swap_box_scores(labels=labels, predictions=predictions,
+                                                                            overlapping_label_check=False))]
     got = A.cleanlab_image_scores(images)
-    assert rank._get_overlap_matrix is original  # the speed-up is undone after use
-    np.testing.assert_allclose(got[:, 0], expected_quality, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got[:, 2], expected_badloc, rtol=1e-9, atol=1e-12)
+    assert rank._get_overlap_matrix is original  # cleanlab's module is left as it is
+    assert (got[:, 0] < 1.0).any() and (got[:, 2] < 1.0).any()  # overlooked and swap boxes exist in these images
+    for k in range(3):
+        np.testing.assert_allclose(got[:, k], expected[k], rtol=1e-9, atol=1e-12)
     for im in images:
-        np.testing.assert_allclose(A._overlap_matrix(im.label_boxes, im.pred_boxes),
-                                   rank._get_overlap_matrix(im.label_boxes, im.pred_boxes), rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(A._dist_matrix(im.label_boxes, im.pred_boxes),
-                                   rank._get_dist_matrix(im.label_boxes, im.pred_boxes), rtol=1e-12)
-    assert A.cleanlab_image_scores([]).shape == (0, 4)
+        iou, similarity = A.cleanlab_matrices(im.label_boxes, im.pred_boxes)
+        np.testing.assert_allclose(iou, rank._get_overlap_matrix(im.label_boxes, im.pred_boxes), rtol=1e-12,
+                                   atol=1e-15)
+        np.testing.assert_allclose((similarity - 0.9 * iou) / 0.1,
+                                   rank._get_dist_matrix(im.label_boxes, im.pred_boxes), rtol=1e-9)
+    assert A.cleanlab_image_scores([]).shape == (0, 3)
 
 
 # ------------------------------------------------------------------------------------------------ files and CLI
