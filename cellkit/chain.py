@@ -59,7 +59,7 @@ def command(*argv) -> None:
         args = build_parser(words[0]).parse_args(words)
     except SystemExit:  # argparse printed the usage and the problem above
         raise ValueError(f"cellkit {words[0]}: invalid arguments {words[1:]} (see the message above)") from None
-    code = int(args._module.run(args) or 0)
+    code = int(args.handler.run(args) or 0)
     if code:
         raise RuntimeError(f"cellkit {words[0]} exited with code {code}")
 

@@ -42,7 +42,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(f"cellkit.commands.{name}")
             module.add_arguments(p)
-            p.set_defaults(_module=module)
+            p.set_defaults(handler=module)
     return parser
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
-        return int(args._module.run(args) or 0)
+        return int(args.handler.run(args) or 0)
     except (CellkitError, ValueError, FileNotFoundError) as exc:
         print(f"cellkit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,16 +17,15 @@ Offsets follow detectron2 / torchvision's layout: ``(N, 2 * deformable_groups * 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
@@ -41,16 +40,18 @@ from detectron2.modeling.backbone.resnet import (
 import fvcore.nn.weight_init as weight_init
 
 from cellkit import rundir
+from cellkit.compat import CheckpointerCompat
 from cellkit.rundir import check_local_weights
 
 logger = logging.getLogger(__name__)
 
-try:  # detectron2 compiled with its C++/CUDA ops (a source build on Kaggle/Colab)
-    from detectron2 import _C as _d2_C  # noqa: F401
+HAS_D2_C = importlib.util.find_spec("detectron2._C") is not None
+"""Whether detectron2 was compiled with its C++/CUDA ops (a source build on Kaggle/Colab)."""
 
-    HAS_D2_C = True
-except ImportError:
-    HAS_D2_C = False
+
+def _pair(value) -> tuple:
+    """``(v, v)`` for an int, else the 2 values as a tuple (a conv's kernel size, stride, padding, dilation)."""
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _out_size(size, padding, dilation, kernel, stride):
@@ -372,7 +373,7 @@ def build_cellkit_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     )
 
 
-class CellkitCheckpointer(DetectionCheckpointer):
+class CellkitCheckpointer(CheckpointerCompat):
     """``DetectionCheckpointer`` that loads local files only, saves atomically and logs re-initialised heads.
 
     Parameters whose shape differs from the checkpoint's (a head with another class count) keep their fresh
@@ -407,23 +408,6 @@ class CellkitCheckpointer(DetectionCheckpointer):
         if path:
             check_local_weights(path)
         return super().load(path, *args, **kwargs)
-
-    def _load_file(self, filename):
-        try:
-            return super()._load_file(filename)
-        except Exception as exc:  # torch.load / pickle raise many types for a truncated or foreign file
-            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
-            raise ValueError(f"{filename}: cannot load checkpoint, the file is corrupt or not a checkpoint "
-                             f"({type(exc).__name__}: {detail})") from None
-
-    def _load_model(self, checkpoint):
-        incompatible = super()._load_model(checkpoint)
-        for key, shape_ckpt, shape_model in incompatible.incorrect_shapes:
-            logger.info(
-                "cellkit: re-initialised %s: checkpoint shape %s, model shape %s (class count differs)",
-                key, tuple(shape_ckpt), tuple(shape_model),
-            )
-        return incompatible
 
 
 def build_model(cfg):

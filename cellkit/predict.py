@@ -334,13 +334,14 @@ def read_image(path, fmt: str) -> np.ndarray:
         FileNotFoundError: no such file.
         ValueError: naming the file, when it is not an image, truncated or corrupt, or not 8-bit.
     """
-    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
+    from detectron2.data.detection_utils import convert_PIL_to_numpy
+    from PIL import ImageOps
 
     from cellkit.data import open_image
 
     image = open_image(path)
     try:
-        array = convert_PIL_to_numpy(_apply_exif_orientation(image), fmt)
+        array = convert_PIL_to_numpy(ImageOps.exif_transpose(image), fmt)
     except Exception as exc:  # a mode detectron2 cannot convert to fmt
         raise ValueError(f"{path}: cannot convert the image to {fmt} ({exc})") from None
     if array.dtype != np.uint8:

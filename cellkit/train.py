@@ -30,13 +30,14 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import HookBase
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
 from cellkit import gtmasks
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
-from cellkit import rundir
+from cellkit import compat, rundir
 from cellkit.modeling import CellkitCheckpointer
 from cellkit.rundir import FAILED as FAILED_NAME, failure_reason, run_weights as best_weights
 
@@ -287,7 +288,9 @@ class ScoreFilteredModel(torch.nn.Module):
             return self.model(batched_inputs)
         results = self.model.inference(batched_inputs, do_postprocess=False)
         results = [r[r.scores >= self.score_threshold] for r in results]
-        return self.model._postprocess(results, batched_inputs, [r.image_size for r in results])
+        return [{"instances": detector_postprocess(r, inp.get("height", r.image_size[0]),
+                                                   inp.get("width", r.image_size[1]))}
+                for r, inp in zip(results, batched_inputs)]
 
 
 class CellkitTrainer(DefaultTrainer):
@@ -297,25 +300,9 @@ class CellkitTrainer(DefaultTrainer):
         """detectron2's ``DefaultTrainer.__init__`` (same order: model, optimizer, loader, DDP, step trainer,
         scheduler, checkpointer, hooks) with :func:`create_ddp_model`, which also runs on CPU processes (gloo), and
         the step trainer of :func:`step_trainer_class` (AMP exactly when the config asks for it)."""
-        from detectron2.engine.train_loop import TrainerBase
-        from detectron2.utils.logger import setup_logger
-
         self._stop_requested = False
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = step_trainer_class(cfg)(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = CellkitCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        compat.init_trainer(self, cfg, ddp=create_ddp_model, step_class=step_trainer_class,
+                            checkpointer_class=CellkitCheckpointer)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -417,7 +404,7 @@ class CellkitTrainer(DefaultTrainer):
         final checkpoint: detectron2 runs them when the failing iteration was the last one, which would make a run
         that died at its last (or only) iteration look finished."""
         self.storage.iter = self.iter
-        for h in self._hooks:
+        for h in compat.trainer_hooks(self):
             if isinstance(h, (hooks.PeriodicWriter, hooks.IterationTimer)):
                 h.after_train()
 
@@ -425,7 +412,7 @@ class CellkitTrainer(DefaultTrainer):
         """Why there is nothing left to train (after ``resume_or_load``), or None."""
         if self.start_iter >= self.max_iter:
             return f"already finished (iteration {self.start_iter} of {self.max_iter})"
-        for h in self._hooks:
+        for h in compat.trainer_hooks(self):
             if isinstance(h, EarlyStopping) and h.stopped_at is not None:
                 return f"stopped early at iteration {h.stopped_at + 1} of {self.max_iter}"
         return None

@@ -44,10 +44,11 @@ import torch
 from torch.nn import functional as F
 
 from detectron2.modeling import GeneralizedRCNN
-from detectron2.modeling.test_time_augmentation import DatasetMapperTTA, GeneralizedRCNNWithTTA
+from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from detectron2.structures import Boxes, Instances
 
 from cellkit import CELL_TYPES
+from cellkit.compat import TTACompat
 from cellkit.fusion import FusionSettings, merge_boxes, weighted_mask_fusion
 from cellkit.predictions import InstancePredictions, quantize
 
@@ -244,7 +245,7 @@ def _paste_batch(masks, boxes, windows, wh, idx, crops) -> None:
 # The model wrapper
 # --------------------------------------------------------------------------------------------------------------
 
-class CellTTA(GeneralizedRCNNWithTTA):
+class CellTTA(TTACompat):
     """A GeneralizedRCNN (Mask R-CNN or Cascade Mask R-CNN) wrapped for (TTA) inference to box-cropped probabilities.
 
     One member of an inference run: :func:`predict_members` fuses several (a fold ensemble, :mod:`cellkit.predict`);
@@ -327,7 +328,7 @@ class CellTTA(GeneralizedRCNNWithTTA):
     def _detect(self, images, features, with_masks: bool) -> Instances:
         """Boxes (and, when ``with_masks``, ``M x M`` mask probabilities) of one augmented image."""
         model = self.model
-        heads = contextlib.nullcontext() if with_masks else self._turn_off_roi_heads(["mask_on", "keypoint_on"])
+        heads = contextlib.nullcontext() if with_masks else self.heads_off(["mask_on", "keypoint_on"])
         with heads:
             proposals, _ = model.proposal_generator(images, features, None)
             results, _ = model.roi_heads(images, features, proposals, None)
@@ -340,7 +341,7 @@ class CellTTA(GeneralizedRCNNWithTTA):
 
     def _single_pass(self, inp):
         """The model's own boxes and masks from one forward pass (no merge)."""
-        aug_inputs, tfms = self._get_augmented_inputs(inp)
+        aug_inputs, tfms = self.augmented_inputs(inp)
         images, features = self._features(aug_inputs[0])
         res = self._detect(images, features, with_masks=True)
         boxes = deaugment_boxes(res.pred_boxes.tensor, tfms[0])
@@ -350,7 +351,7 @@ class CellTTA(GeneralizedRCNNWithTTA):
 
     def _pass_boxes(self, inp):
         """Pass 1 of every augmentation: ``(aug_inputs, tfms, cached, [(boxes, scores, classes)] per pass)``."""
-        aug_inputs, tfms = self._get_augmented_inputs(inp)
+        aug_inputs, tfms = self.augmented_inputs(inp)
         cached, found = [], []
         for aug_input, tfm in zip(aug_inputs, tfms):
             images, features = self._features(aug_input)
@@ -361,7 +362,7 @@ class CellTTA(GeneralizedRCNNWithTTA):
 
     def _pass_masks(self, aug_inputs, tfms, cached, merged: Instances) -> torch.Tensor:
         """Pass 2: the sum over this model's passes of ``(N, 1, M, M)`` mask probabilities on ``merged`` boxes."""
-        aug_instances = self._rescale_detected_boxes(aug_inputs, merged, tfms)
+        aug_instances = self.rescale_boxes(aug_inputs, merged, tfms)
         total = None
         for k, (aug_input, inst, tfm) in enumerate(zip(aug_inputs, aug_instances, tfms)):
             images, features = cached[k] if self.cache_features else self._features(aug_input)
