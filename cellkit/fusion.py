@@ -233,9 +233,33 @@ def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None
     Raises:
         ValueError: no members, or members of different images.
     """
-    from cellkit.predictions import InstancePredictions, quantize
+    from cellkit.predictions import InstancePredictions
 
     preds = list(preds)
+    pooled, member = _pool_members(preds)
+    if len(pooled) == 0:
+        return pooled
+    wins = pooled.mask_boxes.astype(np.int64)
+    fused = [_fuse_cluster(pooled, wins, cl, len(preds)) for cl in _clusters(pooled, member, wins, iou)]
+    classes, scores, boxes, windows, crops = zip(*fused)
+    first = preds[0]
+    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
+                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
+                                np.asarray(windows, np.int32).reshape(-1, 4), list(crops))
+    keep = np.argsort(-fused.scores, kind="stable")
+    if max_dets is not None:
+        keep = keep[: int(max_dets)]
+    return fused.select(keep)
+
+
+def _pool_members(preds: list):
+    """All members' instances in one :class:`InstancePredictions`, and ``(N,)`` int64 member index of each.
+
+    Raises:
+        ValueError: no members, or members of different images.
+    """
+    from cellkit.predictions import InstancePredictions
+
     if not preds:
         raise ValueError("weighted_mask_fusion: no member predictions")
     first = preds[0]
@@ -243,7 +267,6 @@ def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None
         if (p.image_id, p.height, p.width) != (first.image_id, first.height, first.width):
             raise ValueError(f"weighted_mask_fusion: members predict different images ({first.image_id!r} "
                              f"{first.height}x{first.width} vs {p.image_id!r} {p.height}x{p.width})")
-    k = len(preds)
     member = np.concatenate([np.full(len(p), m, np.int64) for m, p in enumerate(preds)])
     pooled = InstancePredictions(first.image_id, first.height, first.width,
                                  np.concatenate([p.classes for p in preds]),
@@ -251,62 +274,51 @@ def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None
                                  np.concatenate([p.boxes for p in preds]).reshape(-1, 4),
                                  np.concatenate([p.mask_boxes for p in preds]).reshape(-1, 4),
                                  [m for p in preds for m in p.masks])
-    n = len(pooled)
-    if n == 0:
-        return pooled
+    return pooled, member
+
+
+def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[list[int]]:
+    """Greedy clusters, by descending score: an instance joins the cluster whose head (same class, touching window,
+    no instance of the same member yet) it overlaps most, at mask IoU >= ``iou``; else it starts one."""
     binary = [m >= 128 for m in pooled.masks]  # uint8 q >= 128 <=> probability >= 0.5 (q / 255 >= 0.5)
-    order = np.argsort(-pooled.scores, kind="stable")
-    wins = pooled.mask_boxes.astype(np.int64)
     clusters: list[list[int]] = []
     head_of: list[int] = []
-    for i in order:
+    for i in np.argsort(-pooled.scores, kind="stable"):
         i = int(i)
-        best, best_iou = -1, float(iou)
+        best = -1
         if clusters:
             heads = np.asarray(head_of)
             hw = wins[heads]
             touching = ((hw[:, 0] < wins[i, 2]) & (hw[:, 2] > wins[i, 0]) & (hw[:, 1] < wins[i, 3])
                         & (hw[:, 3] > wins[i, 1]) & (pooled.classes[heads] == pooled.classes[i]))
-            cand = np.flatnonzero(touching)
-            cand = [c for c in cand if member[i] not in {member[j] for j in clusters[c]}]
+            cand = [c for c in np.flatnonzero(touching) if member[i] not in {member[j] for j in clusters[c]}]
             if cand:
                 ious = _mask_iou_matrix(pooled, np.array([i]), heads[cand], binary)[0]
                 j = int(np.argmax(ious))
-                if ious[j] >= best_iou:
+                if ious[j] >= float(iou):
                     best = int(cand[j])
         if best < 0:
             clusters.append([i])
             head_of.append(i)
         else:
             clusters[best].append(i)
+    return clusters
 
-    classes, scores, boxes, windows, crops = [], [], [], [], []
-    for cl in clusters:
-        s = pooled.scores[cl].astype(np.float64)
-        if len(cl) == 1:
-            i = cl[0]
-            classes.append(pooled.classes[i])
-            scores.append(float(s[0]) / k)
-            boxes.append(pooled.boxes[i])
-            windows.append(wins[i])
-            crops.append(pooled.masks[i])
-            continue
-        w = s / s.sum() if s.sum() > 0 else np.full(len(cl), 1.0 / len(cl))
-        x0, y0 = wins[cl, 0].min(), wins[cl, 1].min()
-        x1, y1 = wins[cl, 2].max(), wins[cl, 3].max()
-        acc = np.zeros((y1 - y0, x1 - x0), np.float64)
-        for weight, i in zip(w, cl):
-            a0, b0, a1, b1 = wins[i]
-            acc[b0 - y0:b1 - y0, a0 - x0:a1 - x0] += weight * pooled.masks[i].astype(np.float64) / 255.0
-        classes.append(pooled.classes[cl[0]])
-        scores.append(float(s.sum()) / k)
-        boxes.append((w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0))
-        windows.append(np.array([x0, y0, x1, y1]))
-        crops.append(quantize(acc))
-    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
-                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
-                                np.asarray(windows, np.int32).reshape(-1, 4), crops)
-    keep = np.argsort(-fused.scores, kind="stable")
-    if max_dets is not None:
-        keep = keep[: int(max_dets)]
-    return fused.select(keep)
+
+def _fuse_cluster(pooled, wins: np.ndarray, cl: list[int], k: int):
+    """``(class, score, box, window, crop)`` of one cluster of ``k`` members' instances (module docstring)."""
+    from cellkit.predictions import quantize
+
+    s = pooled.scores[cl].astype(np.float64)
+    if len(cl) == 1:
+        i = cl[0]
+        return pooled.classes[i], float(s[0]) / k, pooled.boxes[i], wins[i], pooled.masks[i]
+    w = s / s.sum() if s.sum() > 0 else np.full(len(cl), 1.0 / len(cl))
+    x0, y0 = wins[cl, 0].min(), wins[cl, 1].min()
+    x1, y1 = wins[cl, 2].max(), wins[cl, 3].max()
+    acc = np.zeros((y1 - y0, x1 - x0), np.float64)
+    for weight, i in zip(w, cl):
+        a0, b0, a1, b1 = wins[i]
+        acc[b0 - y0:b1 - y0, a0 - x0:a1 - x0] += weight * pooled.masks[i].astype(np.float64) / 255.0
+    box = (w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0)
+    return pooled.classes[cl[0]], float(s.sum()) / k, box, np.array([x0, y0, x1, y1]), quantize(acc)

@@ -471,28 +471,10 @@ def check_data(cfg) -> dict:
         raise ValueError("CELLKIT.DATA.EXTRA_DATA (--extra-data) is for finetune mode (competition data), not for "
                          "LIVECell pretraining")
     if cfg.CELLKIT.MODE == "pretrain":
-        if not d.LIVECELL_JSON:
-            raise ValueError("pretrain mode needs a LIVECell json (--livecell JSON --livecell-images DIR)")
-        for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
-            if path and not Path(path).is_file():
-                raise FileNotFoundError(f"LIVECell json {path} does not exist")
-        if d.EXCLUDE:
-            raise ValueError(f"CELLKIT.DATA.EXCLUDE ({d.EXCLUDE}) applies to fine-tuning on train.csv, not to "
-                             f"pretraining on LIVECell")
-        if not Path(d.LIVECELL_IMAGES).is_dir():
-            raise FileNotFoundError(f"LIVECell image folder {d.LIVECELL_IMAGES or '(empty)'} does not exist")
-        if comm.is_main_process():
-            from cellkit import datacheck
-
-            for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
-                if path:
-                    datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
-        return {"train": dict(json_path=d.LIVECELL_JSON, image_root=d.LIVECELL_IMAGES),
-                "val": dict(json_path=d.LIVECELL_VAL_JSON, image_root=d.LIVECELL_IMAGES) if d.LIVECELL_VAL_JSON
-                else None}
+        return _check_pretrain(d)
     if cfg.CELLKIT.MODE != "finetune":
         raise ValueError(f"CELLKIT.MODE must be 'finetune' or 'pretrain', got {cfg.CELLKIT.MODE!r}")
-    from cellkit import data, datacheck, folds as folds_mod
+    from cellkit import data, datacheck
 
     root = Path(d.ROOT)
     csv_path, image_dir = root / "train.csv", root / "train"
@@ -514,6 +496,38 @@ def check_data(cfg) -> dict:
         _log_exclusions(cfg, exclude, set(table["id"]), set())
         return {"train": dict(csv_path=str(csv_path), image_dir=str(image_dir), exclude=exclude), "val": None,
                 "extra": extra}
+    return _fold_specs(cfg, table, csv_path, image_dir, exclude, extra)
+
+
+def _check_pretrain(d) -> dict:
+    """:func:`check_data` in pretrain mode: the LIVECell json(s) and image folder of ``CELLKIT.DATA`` (``d``)."""
+    if not d.LIVECELL_JSON:
+        raise ValueError("pretrain mode needs a LIVECell json (--livecell JSON --livecell-images DIR)")
+    for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"LIVECell json {path} does not exist")
+    if d.EXCLUDE:
+        raise ValueError(f"CELLKIT.DATA.EXCLUDE ({d.EXCLUDE}) applies to fine-tuning on train.csv, not to "
+                         f"pretraining on LIVECell")
+    if not Path(d.LIVECELL_IMAGES).is_dir():
+        raise FileNotFoundError(f"LIVECell image folder {d.LIVECELL_IMAGES or '(empty)'} does not exist")
+    if comm.is_main_process():
+        from cellkit import datacheck
+
+        for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
+            if path:
+                datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
+    return {"train": dict(json_path=d.LIVECELL_JSON, image_root=d.LIVECELL_IMAGES),
+            "val": dict(json_path=d.LIVECELL_VAL_JSON, image_root=d.LIVECELL_IMAGES) if d.LIVECELL_VAL_JSON
+            else None}
+
+
+def _fold_specs(cfg, table, csv_path: Path, image_dir: Path, exclude: tuple, extra) -> dict:
+    """:func:`check_data`'s specs for one fold (``CELLKIT.DATA.FOLD`` >= 0): ``folds.csv`` read or written."""
+    from cellkit import folds as folds_mod
+
+    d = cfg.CELLKIT.DATA
+    fold = int(d.FOLD)
     folds_csv = Path(d.FOLDS_CSV) if d.FOLDS_CSV else Path(cfg.OUTPUT_DIR) / "folds.csv"
     if not folds_csv.is_file():
         if d.FOLDS_CSV:
