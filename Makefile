@@ -28,6 +28,7 @@ $(VENV)/.installed: $(PY) $(D2_WHEEL) requirements.txt pyproject.toml
 install: $(VENV)/.installed
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # Main job: the six notebooks (papermill) on the synthetic data with the `demo` preset -> $(OUT)/submission.csv and

@@ -491,3 +491,65 @@ def _cell_line(file_name: str, json_path: Path) -> int:
         raise ValueError(f"{json_path}: image {Path(file_name).name!r} does not start with a LIVECell cell line "
                          f"({', '.join(LIVECELL_CELL_LINES)})")
     return lowered.index(prefix.lower())
+
+
+def exclusion_ids(path, known_ids, top: int = 0) -> list[str]:
+    """The image ids an exclusion file names, checked against the training data.
+
+    Args:
+        path: a text file with one image id per line (blank lines and ``#`` comments ignored), a CSV whose header
+            has an ``id`` column (every row's id), or an ``audit.csv`` (columns ``id`` and ``score``), of which the
+            ``top`` highest-scoring images are taken (ties: file order).
+        known_ids: the ids of the train CSV.
+        top: with an audit.csv, how many of its images; must be > 0 there and 0 for a plain list.
+
+    Returns:
+        The ids, in file (or score) order, without repeats.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file: ``top`` given for a plain list or missing for an audit.csv, ``top`` < 0, an
+            empty list, or ids that are not in ``known_ids`` (their count and the first few).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such exclusion file")
+    if top < 0:
+        raise ValueError(f"{path}: --exclude-top must be >= 0, got {top}")
+    text = path.read_text(encoding="utf-8")
+    first = next((line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")),
+                 "")
+    header = [c.strip() for c in first.split(",")]
+    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False, comment="#") if "id" in header else None
+    scored = frame is not None and "score" in header
+    if scored and top <= 0:
+        raise ValueError(f"{path}: an audit.csv lists every audited image: give --exclude-top N (the N "
+                         f"highest-scoring images are excluded)")
+    if top and not scored:
+        raise ValueError(f"{path}: --exclude-top needs an audit.csv (with a score column); this file is a plain "
+                         f"list of ids")
+    if scored:
+        ids = _top_scored(path, frame, top)
+    elif frame is not None:
+        ids = [str(i).strip() for i in frame["id"]]
+    else:
+        ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    ids = [i for i in dict.fromkeys(ids) if i]
+    if not ids:
+        raise ValueError(f"{path}: the exclusion file names no image id")
+    known = set(map(str, known_ids))
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} excluded id(s) are not in the train CSV, e.g. "
+                         f"{', '.join(repr(i) for i in unknown[:3])}")
+    return ids
+
+
+def _top_scored(path: Path, frame: pd.DataFrame, top: int) -> list[str]:
+    """The ids of the ``top`` highest ``score`` rows of an audit.csv (ties: file order)."""
+    scores = pd.to_numeric(frame["score"], errors="coerce")
+    if scores.isna().any():
+        bad = int(np.flatnonzero(scores.isna().to_numpy())[0])
+        raise ValueError(f"{path} line {bad + 2}: score {frame['score'].iloc[bad]!r} is not a number")
+    order = np.lexsort((np.arange(len(frame)), -scores.to_numpy()))
+    return [str(i).strip() for i in frame["id"].to_numpy()[order][:top]]

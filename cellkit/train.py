@@ -602,7 +602,7 @@ def _exclusions(cfg, table) -> tuple:
             raise ValueError(f"CELLKIT.DATA.EXCLUDE_TOP={d.EXCLUDE_TOP} needs CELLKIT.DATA.EXCLUDE (--exclude "
                              f"AUDIT/audit.csv)")
         return ()
-    from cellkit.audit import exclusion_ids
+    from cellkit.data import exclusion_ids
 
     return tuple(exclusion_ids(d.EXCLUDE, table["id"].unique(), top=int(d.EXCLUDE_TOP)))
 
