@@ -120,7 +120,7 @@ _MIN_FOR_PROCESSES = 32  # fewer items are checked in this process: starting wor
 _SHARED: dict = {}  # read-only data for worker tasks, set before forking (inherited, never pickled per task)
 
 
-def _run_parallel(fn, items: list, workers: int, desc: str, progress: bool, shared: dict | None = None) -> list:
+def run_parallel(fn, items: list, workers: int, desc: str, progress: bool, shared: dict | None = None) -> list:
     """``[fn(item) for item in items]``, in order, on ``workers`` forked processes (PNG decoding and RLE parsing
     hold the GIL, so threads do not help), in this process for few items or one worker or where ``fork`` is not
     available; a tqdm bar for 50+ items. ``fn`` must be a module-level function (pickled by reference); workers only
@@ -265,7 +265,7 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
         if read or parse_rows:
             tasks.append((str(csv_path), image_id, None if path is None else str(path), size, read,
                           [int(r) for r in rows], parse_rows))
-    results = _run_parallel(_sartorius_task, tasks, _workers(workers), f"checking {csv_path.name}", progress,
+    results = run_parallel(_sartorius_task, tasks, _workers(workers), f"checking {csv_path.name}", progress,
                             shared={"annotations": annotations})
     bad_rows = False
     for task, (task_problems, image_ok, task_bad_rows) in zip(tasks, results):
@@ -342,6 +342,40 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
     cache_path = _cache_file("livecell", json_path, image_root)
     cache = _load_cache(cache_path, source_key) if use_cache else {"images": {}, "annotations_ok": False}
     problems: list[tuple] = []
+    images = _livecell_images(doc, json_path, image_root, cell_line_classes, problems)
+    parse = not cache["annotations_ok"]
+    if parse:
+        _livecell_annotation_problems(doc, json_path, images, problems)
+    annotations_ok = not any(p[0][1] == 1 for p in problems)
+
+    todo, ok_images = [], {}
+    for image_id, (k, where, path, size) in images.items():
+        key = [str(path.name)] + (_stat_key(path) or []) + list(size)
+        if cache["images"].get(str(image_id)) == key:
+            ok_images[str(image_id)] = key
+        else:
+            todo.append((image_id, k, where, key, (str(path), tuple(size))))
+    results = run_parallel(image_problem, [t[4] for t in todo], _workers(workers), f"checking {json_path.name}",
+                            progress)
+    for (image_id, k, where, key, _), problem in zip(todo, results):
+        if problem:
+            problems.append(((str(json_path), 0, k), f"{where}: {problem}"))
+        else:
+            ok_images[str(image_id)] = key
+    if use_cache:
+        _save_cache(cache_path, source_key, annotations_ok, ok_images)
+    if problems:
+        raise DataCheckError(str(json_path), problems, max_problems)
+    n_ann = len(doc["annotations"])
+    return {"images": len(images), "annotations": n_ann, "images_read": len(todo),
+            "annotations_parsed": n_ann if parse else 0, "seconds": time.perf_counter() - start}
+
+
+def _livecell_images(doc: dict, json_path: Path, image_root: Path, cell_line_classes: bool, problems: list) -> dict:
+    """``{image id: (index, where, path, (width, height))}`` of a LIVECell json's ``images``; a bad entry is
+    appended to ``problems`` (``((file, 0, index), message)``)."""
+    from cellkit import data
+
     images: dict = {}
     lowered = [c.lower() for c in data.LIVECELL_CELL_LINES]
     for k, im in enumerate(doc["images"]):
@@ -357,46 +391,27 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
             problems.append(((str(json_path), 0, k), f"{where}: file name does not start with a LIVECell cell line "
                                                      f"({', '.join(data.LIVECELL_CELL_LINES)})"))
         images[im["id"]] = (k, where, image_root / str(im["file_name"]), (im["width"], im["height"]))
-    parse = not cache["annotations_ok"]
-    if parse:
-        for k, ann in enumerate(doc["annotations"]):
-            where = f"{json_path} annotations[{k}]"
-            if not isinstance(ann, dict):
-                problems.append(((str(json_path), 1, k), f"{where}: not an object"))
-                continue
-            where = f"{where} (id {ann.get('id')})"
-            if ann.get("image_id") not in images:
-                problems.append(((str(json_path), 1, k), f"{where}: image_id {ann.get('image_id')!r} is not in "
-                                                         f"'images'"))
-                continue
-            problem = _polygon_problem(ann.get("segmentation"))
-            if problem is None:
-                bbox = ann.get("bbox")
-                if not (isinstance(bbox, list) and len(bbox) == 4 and all(
-                        isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
-                    problem = f"bbox must be 4 finite numbers, got {bbox!r}"
-            if problem:
-                problems.append(((str(json_path), 1, k), f"{where}: {problem}"))
-    annotations_ok = not any(p[0][1] == 1 for p in problems)
+    return images
 
-    todo, ok_images = [], {}
-    for image_id, (k, where, path, size) in images.items():
-        key = [str(path.name)] + (_stat_key(path) or []) + list(size)
-        if cache["images"].get(str(image_id)) == key:
-            ok_images[str(image_id)] = key
-        else:
-            todo.append((image_id, k, where, key, (str(path), tuple(size))))
-    results = _run_parallel(image_problem, [t[4] for t in todo], _workers(workers), f"checking {json_path.name}",
-                            progress)
-    for (image_id, k, where, key, _), problem in zip(todo, results):
+
+def _livecell_annotation_problems(doc: dict, json_path: Path, images: dict, problems: list) -> None:
+    """Append each bad entry of a LIVECell json's ``annotations`` to ``problems`` (``((file, 1, index),
+    message)``): not an object, an unknown ``image_id``, a bad polygon or bbox."""
+    for k, ann in enumerate(doc["annotations"]):
+        where = f"{json_path} annotations[{k}]"
+        if not isinstance(ann, dict):
+            problems.append(((str(json_path), 1, k), f"{where}: not an object"))
+            continue
+        where = f"{where} (id {ann.get('id')})"
+        if ann.get("image_id") not in images:
+            problems.append(((str(json_path), 1, k), f"{where}: image_id {ann.get('image_id')!r} is not in "
+                                                     f"'images'"))
+            continue
+        problem = _polygon_problem(ann.get("segmentation"))
+        if problem is None:
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+                problem = f"bbox must be 4 finite numbers, got {bbox!r}"
         if problem:
-            problems.append(((str(json_path), 0, k), f"{where}: {problem}"))
-        else:
-            ok_images[str(image_id)] = key
-    if use_cache:
-        _save_cache(cache_path, source_key, annotations_ok, ok_images)
-    if problems:
-        raise DataCheckError(str(json_path), problems, max_problems)
-    n_ann = len(doc["annotations"])
-    return {"images": len(images), "annotations": n_ann, "images_read": len(todo),
-            "annotations_parsed": n_ann if parse else 0, "seconds": time.perf_counter() - start}
+            problems.append(((str(json_path), 1, k), f"{where}: {problem}"))

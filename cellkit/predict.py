@@ -359,7 +359,7 @@ def check_images(paths: Sequence[Path], workers: int | None = None, progress: bo
     """
     from cellkit import datacheck
 
-    results = datacheck._run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
+    results = datacheck.run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
                                       datacheck._workers(workers), "checking images", progress)
     problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
     if problems:

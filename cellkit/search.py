@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 import os
 import time
 from dataclasses import dataclass
@@ -445,6 +446,16 @@ def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_
             items_k.append(ck)
             items_hi.append(jpass[ck // m_truth])
             items_w.append(cc)
+    return _precision_grid(img, area, swept, eff_class, fixed_area, area_grid, (items_k, items_hi, items_w))
+
+
+def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndarray, fixed_area: np.ndarray,
+                    area_grid: np.ndarray, items) -> np.ndarray:
+    """:func:`_scores_at`'s image score at every (score, min area) grid point, float64 ``(ns, na)``, from the
+    ``(n, ns)`` residual areas and the (instance x truth) intersection items ``(keys, hi, weights)``."""
+    items_k, items_hi, items_w = items
+    n, ns = area.shape
+    na, nt, m_truth = len(area_grid), len(metric.THRESHOLDS), img.n_truth
     rows = np.flatnonzero(area.any(axis=1))
     min_area = np.maximum(np.where(swept[rows, None], area_grid[None, :], fixed_area[eff_class[rows]][:, None]), 1)
     kept_rows = area[rows, :, None] >= min_area[:, None, :]  # (R, ns, na)
@@ -624,30 +635,27 @@ def _load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, 
     return images
 
 
-def _worker(conn, args):
-    try:
-        shard = _Shard(_load_shard(*args), args[5], (args[0], args[1], args[2], args[4]))
-        conn.send(("ok", shard.info()))
-    except BaseException as exc:  # report, then stop
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        name, payload = msg
-        try:
-            conn.send(("ok", getattr(shard, name)(*payload)))
-        except BaseException as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+_SHARD: _Shard | None = None
+"""The shard a worker process holds (set by :func:`_start_shard`, the first task of its executor)."""
+
+
+def _start_shard(args) -> list:
+    global _SHARD
+    _SHARD = _Shard(_load_shard(*args), args[5], (args[0], args[1], args[2], args[4]))
+    return _SHARD.info()
+
+
+def _shard_call(name: str, payload: tuple):
+    return getattr(_SHARD, name)(*payload)
 
 
 class _Pool:
-    """Shards in worker processes (or in-process when ``workers <= 1``), queried in parallel."""
+    """Shards in worker processes (one single-process ``ProcessPoolExecutor`` each, so a shard stays resident in
+    its process between requests), or in-process when ``workers <= 1``; queried in parallel."""
 
     def __init__(self, pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score, workers):
         self.local = None
-        self.conns, self.procs = [], []
+        self.executors = []
         shards = [ids[w::workers] for w in range(workers)] if workers > 1 else [ids]
         self.shard_ids = [s for s in shards if s]
         if workers <= 1:
@@ -656,39 +664,26 @@ class _Pool:
             self.infos = [self.local.info()]
             return
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        for part in self.shard_ids:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, (pred_dir, part, truth_by_id, cell_type_by_id,
-                                                             shape_by_id, grid, vote_min_score)), daemon=True)
-            proc.start()
-            self.conns.append(parent)
-            self.procs.append(proc)
-        self.infos = [self._recv(conn) for conn in self.conns]
+        self.executors = [ProcessPoolExecutor(max_workers=1, mp_context=ctx) for _ in self.shard_ids]
+        self.infos = self._gather([ex.submit(_start_shard, (pred_dir, part, truth_by_id, cell_type_by_id,
+                                                            shape_by_id, grid, vote_min_score))
+                                   for ex, part in zip(self.executors, self.shard_ids)])
 
     @staticmethod
-    def _recv(conn):
-        status, value = conn.recv()
-        if status != "ok":
-            raise ValueError(f"search worker failed: {value}")
-        return value
+    def _gather(futures) -> list:
+        try:
+            return [f.result() for f in futures]
+        except Exception as exc:
+            raise ValueError(f"search worker failed: {type(exc).__name__}: {exc}") from None
 
     def call(self, name: str, *payload) -> list:
         if self.local is not None:
             return [getattr(self.local, name)(*payload)]
-        for conn in self.conns:
-            conn.send((name, payload))
-        return [self._recv(conn) for conn in self.conns]
+        return self._gather([ex.submit(_shard_call, name, payload) for ex in self.executors])
 
     def close(self):
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
+        for ex in self.executors:
+            ex.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -865,95 +860,116 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
     """
     from tqdm import tqdm
 
-    from cellkit import __version__
-    from cellkit.data import read_train_csv
-
     start = time.perf_counter()
-    truth_path = None
-    if isinstance(truth_csv, (str, os.PathLike)):
-        truth_path = str(truth_csv)
-        truth = read_train_csv(truth_csv)
-    else:
-        truth = truth_csv
-    option_sets = list(option_sets or OPTION_SETS)
+    truth, truth_path = _read_truth(truth_csv)
+    option_sets = [{k: bool(o[k]) for k in ("image_class_vote", "rescore")} for o in list(option_sets or OPTION_SETS)]
     pred_dir = Path(pred_dir)
-    try:
-        meta = P.read_meta(pred_dir)
-    except FileNotFoundError:
-        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
-        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
-        meta = {}
+    meta = _read_store_meta(pred_dir)
     with ThresholdSearch(pred_dir, truth, grid, workers, vote_min_score) as s:
         seed = {"options": dict(pp.DEFAULT_OPTIONS, vote_min_score=vote_min_score),
                 "thresholds": {c: dict(pp.SEED_THRESHOLDS[c]) for c in CELL_TYPES}}
         before = s.per_class(s.evaluate(seed["thresholds"], seed["options"]))
         bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
-        option_sets = [{k: bool(o[k]) for k in ("image_class_vote", "rescore")} for o in option_sets]
-        # the vote's classes never mix, so its search is one exact round; the own-class search then starts from the
-        # vote's optimum of the same rescoring, which usually converges in one round instead of two
-        by_key = {}
-        for options in sorted(option_sets, key=lambda o: not o["image_class_vote"]):
-            init = by_key.get((True, options["rescore"]))
-            init = init["thresholds"] if (init is not None and not options["image_class_vote"]) else None
-            by_key[(options["image_class_vote"], options["rescore"])] = s.optimise(options, max_rounds, bar, init)
-            bar.total = max(bar.total, bar.n)
-        results = [by_key[(o["image_class_vote"], o["rescore"])] for o in option_sets]
+        results = _optimise_option_sets(s, option_sets, max_rounds, bar)
         best = results[0]
         for r in results[1:]:
             if r["mAP"] > best["mAP"] + 1e-12:
                 best = r
-        # free_dropped: the winner's thresholds, exactly, with dropped masks claiming and freeing their pixels
-        settings = [False, True] if try_free_dropped else [False]
-        base = pp.validate_options(best["options"])
-        bar.total += 1
-        bar.set_postfix_str("exact free_dropped")
-        exact = s.exact([(best["thresholds"], {**base, "free_dropped": f}) for f in settings])
-        bar.update(1)
+        chosen, free_report, after = _free_dropped(s, best, try_free_dropped, bar)
         bar.close()
-        gap = float(np.abs(exact[:, 0] - best["image_scores"]).max()) if s.n_images else 0.0
-        if gap > 1e-9:
-            logger.warning("the sweep and the exact evaluation of the chosen thresholds differ by up to %.3g on an "
-                           "image (a bug: please report it); the exact figures are used", gap)
-        means = exact.mean(axis=0)
-        chosen = len(settings) > 1 and means[1] > means[0] + 1e-12  # a tie keeps the default
-        after = s.per_class(exact[:, int(chosen)])
-        free_report = {
-            "method": "exact re-evaluation (postprocess.apply_predictions -> metric) of the thresholds the sweep "
-                      "chose, with masks dropped for their area claiming (false) or freeing (true) their pixels; "
-                      "the better mAP wins, a tie keeps false",
-            "results": [{"free_dropped": f, **s.per_class(exact[:, k])} for k, f in enumerate(settings)],
-            "chosen": bool(chosen),
-            "sweep_mAP": best["mAP"],
-        }
-        n_images = s.n_images
-        missing = len(s.missing)
+        counts = {"n_images": s.n_images, "n_truth_images_without_predictions": len(s.missing)}
         peak_mb = s.peak_rss_mb()
-    doc = {
+    search_doc = {
+        "grid": s.grid,
+        "objective": "competition mAP over the images with predictions (cellkit.metric)",
+        "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
+                     "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
+        "curves": best["curves"],
+        "free_dropped": free_report,
+        **counts,
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mb": round(peak_mb, 1),
+    }
+    return {
         "thresholds": best["thresholds"],
         "options": pp.validate_options({**best["options"], "free_dropped": bool(chosen)}),
         "metric": {"before": before, "after": after},
-        "search": {
-            "grid": s.grid,
-            "objective": "competition mAP over the images with predictions (cellkit.metric)",
-            "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
-                         "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
-            "curves": best["curves"],
-            "free_dropped": free_report,
-            "n_images": n_images,
-            "n_truth_images_without_predictions": missing,
-            "seconds": round(time.perf_counter() - start, 2),
-            "peak_rss_mb": round(peak_mb, 1),
-        },
+        "search": search_doc,
         "inference": P.store_signature(meta),
-        "provenance": {
-            "predictions": str(pred_dir),
-            "truth": truth_path or truth.attrs.get("path"),
-            **_source_provenance(meta),
-            "predictions_meta": meta,
-            "cellkit_version": __version__,
-        },
+        "provenance": _provenance(pred_dir, truth, truth_path, meta),
     }
-    return doc
+
+
+def _read_truth(truth_csv):
+    """``(truth frame, its path or None)`` of a train CSV path or frame."""
+    from cellkit.data import read_train_csv
+
+    if isinstance(truth_csv, (str, os.PathLike)):
+        return read_train_csv(truth_csv), str(truth_csv)
+    return truth_csv, None
+
+
+def _read_store_meta(pred_dir: Path) -> dict:
+    """The store's ``meta.json`` ({} with a warning when it has none; a missing or foreign store raises)."""
+    try:
+        return P.read_meta(pred_dir)
+    except FileNotFoundError:
+        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
+        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
+        return {}
+
+
+def _optimise_option_sets(s: "ThresholdSearch", option_sets: list[dict], max_rounds: int, bar) -> list[dict]:
+    """:meth:`ThresholdSearch.optimise` of every option set, results in ``option_sets`` order.
+
+    The vote's classes never mix, so its search is one exact round; the own-class search then starts from the
+    vote's optimum of the same rescoring, which usually converges in one round instead of two.
+    """
+    by_key = {}
+    for options in sorted(option_sets, key=lambda o: not o["image_class_vote"]):
+        init = by_key.get((True, options["rescore"]))
+        init = init["thresholds"] if (init is not None and not options["image_class_vote"]) else None
+        by_key[(options["image_class_vote"], options["rescore"])] = s.optimise(options, max_rounds, bar, init)
+        bar.total = max(bar.total, bar.n)
+    return [by_key[(o["image_class_vote"], o["rescore"])] for o in option_sets]
+
+
+def _free_dropped(s: "ThresholdSearch", best: dict, try_free_dropped: bool, bar):
+    """The winner's thresholds, exactly, with dropped masks claiming and freeing their pixels:
+    ``(free_dropped chosen, report, per-class figures of the choice)``."""
+    settings = [False, True] if try_free_dropped else [False]
+    base = pp.validate_options(best["options"])
+    bar.total += 1
+    bar.set_postfix_str("exact free_dropped")
+    exact = s.exact([(best["thresholds"], {**base, "free_dropped": f}) for f in settings])
+    bar.update(1)
+    gap = float(np.abs(exact[:, 0] - best["image_scores"]).max()) if s.n_images else 0.0
+    if gap > 1e-9:
+        logger.warning("the sweep and the exact evaluation of the chosen thresholds differ by up to %.3g on an "
+                       "image (a bug: please report it); the exact figures are used", gap)
+    means = exact.mean(axis=0)
+    chosen = len(settings) > 1 and means[1] > means[0] + 1e-12  # a tie keeps the default
+    report = {
+        "method": "exact re-evaluation (postprocess.apply_predictions -> metric) of the thresholds the sweep "
+                  "chose, with masks dropped for their area claiming (false) or freeing (true) their pixels; "
+                  "the better mAP wins, a tie keeps false",
+        "results": [{"free_dropped": f, **s.per_class(exact[:, k])} for k, f in enumerate(settings)],
+        "chosen": bool(chosen),
+        "sweep_mAP": best["mAP"],
+    }
+    return chosen, report, s.per_class(exact[:, int(chosen)])
+
+
+def _provenance(pred_dir: Path, truth, truth_path, meta: dict) -> dict:
+    from cellkit import __version__
+
+    return {
+        "predictions": str(pred_dir),
+        "truth": truth_path or truth.attrs.get("path"),
+        **_source_provenance(meta),
+        "predictions_meta": meta,
+        "cellkit_version": __version__,
+    }
 
 
 def _source_provenance(meta: dict) -> dict:
