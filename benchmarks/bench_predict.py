@@ -67,7 +67,7 @@ def child(args) -> dict:
     import torch
 
     from cellkit import predictions
-    from cellkit.tta import list_images, read_image
+    from cellkit.predict import list_images, read_image
 
     images = list_images(REAL / "sartorius" / "train")[: args.images]
     cfg, runner = build(args.preset, args.detections, tta=args.child == "tta", test_sizes=args.test_sizes)
@@ -94,7 +94,10 @@ def child(args) -> dict:
         with torch.no_grad():
             inp = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
                    "height": image.shape[0], "width": image.shape[1]}
-            boxes, scores, classes, masks = runner._boxes_and_masks(inp)
+            from cellkit.fusion import FusionSettings
+            from cellkit.tta import fused_boxes_and_masks
+
+            boxes, scores, classes, masks = fused_boxes_and_masks([runner], inp, FusionSettings().resolved(cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST))
         torch.save({"boxes": boxes, "scores": scores, "classes": classes, "masks": masks,
                     "shape": image.shape[:2]}, Path(args.workdir) / "masks.pt")
     return res
