@@ -292,8 +292,10 @@ def write_dataset_metadata(folder: Path, meta: Mapping) -> Path:
 # Offline wheels dataset
 # ----------------------------------------------------------------------------------------------------------------
 PURE_PYTHON_WHEELS = ("fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime",
-                      "portalocker", "termcolor", "tabulate", "cloudpickle")
-"""Pure-Python distributions Kaggle's image lacks (built or downloaded once with ``pip wheel --no-deps``).
+                      "portalocker", "termcolor", "tabulate", "cloudpickle", "ensemble-boxes", "cleanlab")
+"""Pure-Python distributions Kaggle's image lacks (built or downloaded once with ``pip wheel --no-deps``):
+detectron2's, and those cellkit's fusion (``ensemble-boxes``) and annotation audit (``cleanlab``) import; their own
+dependencies (numpy, pandas, numba, scikit-learn, tqdm) are the image's.
 
 setuptools is not shipped: the image's (``>=70,<82``) still has ``pkg_resources``, which detectron2.model_zoo needs.
 """
@@ -408,27 +410,29 @@ def _model_only(source: Path, target: Path) -> int | None:
 
 
 def cv_document(run: Path) -> dict:
-    """``cv.json`` of a finished run: the CV score of the threshold search (``thresholds.json``) and its folds."""
-    from cellkit.chain import cv_summary, fold_runs
+    """``cv.json`` of a finished run: ``cellkit cv``'s document (:func:`cellkit.cv.cv_report`).
 
-    doc = cv_summary(run)
-    return {"metric": doc["metric"], "n_images": doc.get("search", {}).get("n_images"),
-            "folds": [int(f.name[4:]) for f in fold_runs(run)]}
+    The run's own ``cv.json`` (the threshold-search notebook's, or ``cellkit cv RUN``'s) when it has one, else scored
+    here from ``RUN/oof``, ``RUN/thresholds.json``, ``RUN/folds.csv`` and the truth the search was run against
+    (``thresholds.json``'s ``provenance.truth``).
+
+    Raises:
+        FileNotFoundError: naming ``RUN`` when there is no ``cv.json`` and the search names no truth file.
+    """
+    from cellkit import cv
+
+    if (run / cv.CV_JSON).is_file():
+        return atomic.read_json(run / cv.CV_JSON, "cv.json")
+    truth = (atomic.read_json(run / "thresholds.json", "thresholds file").get("provenance") or {}).get("truth")
+    if not truth:
+        raise FileNotFoundError(f"RUN={str(run)!r}: no cv.json and thresholds.json names no truth file (run "
+                                f"`cellkit cv {run} --data DIR` first)")
+    return cv.cv_report(run / "oof", truth, run / "thresholds.json", run / "folds.csv", progress=False)
 
 
-def cv_table(cv: Mapping, folds: Sequence[Mapping]) -> str:
-    """The weights dataset's README table: CV mAP per class (seed thresholds / searched), then the folds."""
-    after, before = cv["metric"]["after"], cv["metric"]["before"]
-    classes = sorted(set(after.get("per_class", {})) | set(before.get("per_class", {})))
-
-    def fmt(value):
-        return "-" if value is None else f"{value:.4f}"
-
-    lines = ["| | mAP | " + " | ".join(classes) + " |", "|---|---:|" + "---:|" * len(classes)]
-    for label, doc in (("seed thresholds", before), ("searched thresholds", after)):
-        lines.append(f"| {label} | {fmt(doc.get('mAP'))} | "
-                     + " | ".join(fmt(doc.get("per_class", {}).get(c)) for c in classes) + " |")
-    lines += ["", "| fold | checkpoint | iteration | best validation mAP |", "|---:|---|---:|---:|"]
+def folds_table(folds: Sequence[Mapping]) -> str:
+    """The weights dataset's README table of the folds: checkpoint, iteration, best validation mAP."""
+    lines = ["| fold | checkpoint | iteration | best validation mAP |", "|---:|---|---:|---:|"]
     for f in folds:
         best = f["best"]
         lines.append(f"| {f['fold']} | {f['checkpoint']} | {f['iteration']} | "
@@ -447,6 +451,8 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
     Raises:
         FileNotFoundError: naming ``RUN`` when the run has no fold with a checkpoint or no thresholds.json.
     """
+    from cellkit.cv import format_tables
+
     run, out = Path(run), Path(out)
     meta = weights_dataset_metadata(owner)
     folds = rundir.fold_runs(run) if run.is_dir() else []
@@ -455,7 +461,7 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
                                 f"finetune notebook)")
     if not (run / "thresholds.json").is_file():
         raise FileNotFoundError(f"RUN={str(run)!r}: no thresholds.json (run the threshold search first)")
-    cv = cv_document(run)
+    doc = cv_document(run)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for fold_dir in folds:
@@ -469,13 +475,13 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
         rows.append({"fold": int(fold_dir.name[4:]), "checkpoint": checkpoint.name, "iteration": iteration,
                      "best": rundir.best_metric(fold_dir / rundir.METRICS)})
     shutil.copy2(run / "thresholds.json", out / "thresholds.json")
-    atomic.write_json(out / "cv.json", cv)
-    n = f" on {cv['n_images']} out-of-fold images" if cv.get("n_images") else ""
+    atomic.write_json(out / "cv.json", doc)
+    n = f" on {len(doc['per_image'])} out-of-fold images" if doc.get("per_image") else ""
     atomic.write_text(out / "README.md",
                       f"# cellkit weights\n\nTrained by cellkit from the run `{run.name}`: one folder per fold "
                       f"(`config.yaml`, `model_best.pth`: model weights only), the class-wise post-processing "
                       f"(`thresholds.json`) and the CV score (`cv.json`).\n\n## CV score{n}\n\n"
-                      f"{cv_table(cv, rows)}\n")
+                      f"{format_tables(doc)}\n\n{folds_table(rows)}\n")
     write_dataset_metadata(out, meta)
     return out
 
