@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ THRESHOLDS = {
     "search": {"n_images": 4},
 }
 """A thresholds.json of a threshold search (``cellkit search``)."""
+
+_SCORES = {"naive": {"all": 0.2, "shsy5y": 0.1, "astro": None, "cort": 0.3},
+           "post-processed": {"all": 0.3, "shsy5y": 0.2, "astro": None, "cort": 0.4}}
+_ENTRY = {"n_images": {"all": 4, "shsy5y": 2, "astro": 0, "cort": 2}, "scores": _SCORES,
+          "n_truth_without_predictions": 0}
+CV = {"settings": ["naive", "post-processed"], "per_fold": [{"fold": 0, **_ENTRY}], "overall": _ENTRY,
+      "folds_without_predictions": [], "per_image": [{"id": f"i{k}", "fold": 0} for k in range(4)]}
+"""A ``cv.json`` of ``cellkit cv`` (:func:`cellkit.cv.cv_report`'s document, the keys its tables read)."""
 
 pytestmark = pytest.mark.skipif(not KAGGLE_CLI.exists(), reason="kaggle CLI not installed in this environment")
 
@@ -185,13 +194,15 @@ def test_create_weights_dataset(server, tmp_path):
     (run / "fold0" / "last_checkpoint").write_text("model_0000004.pth")
     (run / "fold0" / "metrics.json").write_text('{"iteration": 9, "cellkit/mAP": 0.25}\n')
     (run / "thresholds.json").write_text(json.dumps(THRESHOLDS))
+    (run / "cv.json").write_text(json.dumps(CV))                # what `cellkit cv` (notebook 05) left in the run
     out = publish.build_weights(run, tmp_path / "weights", "tester")
     assert sorted(p.name for p in (out / "fold0").iterdir()) == ["config.yaml", "model_best.pth"]
     state = torch.load(out / "fold0" / "model_best.pth", weights_only=False)
     assert set(state) == {"model", "iteration"} and state["iteration"] == 9 and not state["model"]["w"].any()
     readme = (out / "README.md").read_text()
-    assert "| searched thresholds | 0.3000 |" in readme and "0.2500 (iteration 9)" in readme
-    assert json.loads((out / "cv.json").read_text())["folds"] == [0]
+    assert "CV score on 4 out-of-fold images" in readme and "0.2500 (iteration 9)" in readme
+    assert re.search(r"\| +all \| post-processed +\| 0\.3000 \|", readme)        # cellkit cv's Table 2
+    assert json.loads((out / "cv.json").read_text()) == CV                     # `cellkit cv`'s document
 
     request = create_dataset(out, server, tmp_path / "home", "--dir-mode", "zip")
     assert (request["ownerSlug"], request["slug"]) == ("tester", runtime.WEIGHTS_DATASET)
