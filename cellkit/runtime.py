@@ -316,7 +316,7 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
     if not path.is_absolute():
         base = env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()
         path = base / path
-    if env.inputs_read_only and any(_is_under(path, r) for r in env.input_roots):
+    if env.inputs_read_only and any(path.resolve().is_relative_to(r.resolve()) for r in env.input_roots):
         raise PermissionError(f"{parameter}={value!r}: {path} is on Kaggle's read-only input mount; "
                               f"write under {env.working_dir}")
     path.mkdir(parents=True, exist_ok=True)
@@ -452,12 +452,9 @@ def pretrain_preset(preset: str) -> str:
     Raises:
         ValueError: ``preset`` is neither a known preset nor a YAML file (naming ``PRESET``).
     """
-    from cellkit.config import preset_names, preset_path
+    from cellkit.config import preset_names
 
-    try:
-        preset_path(preset)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ValueError(f"PRESET={preset!r}: {exc}") from None
+    check_preset(preset)
     return f"{preset}_pretrain" if f"{preset}_pretrain" in preset_names() else preset
 
 
@@ -540,14 +537,6 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
         f"torch {torch.__version__} (built for {', '.join(archs)}): the first CUDA operation would fail. Choose "
         f"another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata machine_shape {DEFAULT_MACHINE_SHAPE!r}, "
         f"`make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or DEVICE='cpu'")
-
-
-def _is_under(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -644,10 +633,9 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
     """Copy the runs an earlier Kaggle session left (its output attached with ``kernel_sources``) into ``out_dir``,
     so that ``cellkit train --resume`` continues them.
 
-    A run ``out_dir/<name>`` that already holds ``last_checkpoint`` is kept. From the earlier run only what resuming
-    needs is copied: ``config.yaml``, ``last_checkpoint`` and the checkpoint it names, ``model_best.pth`` and the
-    small files (logs, metrics); older ``model_*.pth`` are not. A ``folds.csv`` beside the runs comes too, so that
-    every session trains on the same split.
+    A run ``out_dir/<name>`` that can already resume (:func:`cellkit.rundir.last_checkpoint`) is kept; an earlier
+    run (a folder named ``<name>`` holding :data:`cellkit.rundir.LAST` and :data:`cellkit.rundir.CONFIG`) is copied
+    by :func:`cellkit.rundir.copy_for_resume` (what resuming needs and the split, not the older checkpoints).
 
     Args:
         out_dir: this session's run directory.
@@ -727,8 +715,6 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     Raises:
         FileNotFoundError: naming ``RUNS``.
     """
-    from cellkit.rundir import fold_runs
-
     if value:
         runs: list[Path] = []
         for item in (v.strip() for v in str(value).split(",")):
@@ -738,14 +724,11 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
                 pattern = str(kaggle_path(os.path.expanduser(item)))
                 bases = [""] if os.path.isabs(pattern) else [
                     str(Path.cwd()), *([str(env.project_root)] if env.project_root else []), *map(str, env.input_roots)]
-                found: list[Path] = []
-                for base in bases:  # the first place where the glob matches, as resolve_input tries them
-                    found = sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern))
-                                   if rundir.is_run(p))
-                    if found:
-                        break
+                matches = (sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern)) if rundir.is_run(p))
+                           for base in bases)
+                found = next((m for m in matches if m), [])  # the first place where it matches, as resolve_input
                 if not found:
-                    raise FileNotFoundError(f"RUNS={value!r}: {item!r} matches no run directory (config.yaml)")
+                    raise FileNotFoundError(f"RUNS={value!r}: {item!r} matches no run directory ({rundir.CONFIG})")
                 runs += [p for p in found if p not in runs]
             else:
                 runs.append(resolve_input(item, env, "RUNS"))
@@ -756,10 +739,11 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     if default:
         return default
     try:
-        dataset = _pick(find_dirs(env.input_roots, ("thresholds.json", "fold*/config.yaml")), "weights dataset "
-                        "(thresholds.json and fold*/config.yaml)", env.input_roots, WEIGHTS_DATASET)
+        markers = ("thresholds.json", f"fold*/{rundir.CONFIG}")
+        dataset = _pick(find_dirs(env.input_roots, markers), f"weights dataset ({' and '.join(markers)})",
+                        env.input_roots, WEIGHTS_DATASET)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"RUNS='' (auto): no fold<K> in the run directory and {exc}; attach the "
                                 f"{WEIGHTS_DATASET} dataset (make weights) or pass RUNS") from None
-    return fold_runs(dataset)
+    return rundir.fold_runs(dataset)
 
