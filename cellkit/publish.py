@@ -310,19 +310,14 @@ KAGGLE_PLATFORM = "manylinux2014_x86_64"
 """Kaggle's platform tag."""
 
 
-def installed_version(dist: str) -> str | None:
-    """The version of ``dist`` in this interpreter, or None."""
-    from importlib import metadata
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def pinned(dist: str) -> str:
     """``dist==<installed version>`` (the versions this checkout was tested with), or ``dist`` when not installed."""
-    version = installed_version(dist)
-    return f"{dist}=={version}" if version else dist
+    from importlib import metadata
+
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return dist
 
 
 def parse_python_versions(value: str | Sequence[str]) -> tuple[str, ...]:

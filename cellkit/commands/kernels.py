@@ -9,11 +9,9 @@ from pathlib import Path
 
 HELP = "render kernels/<name>/ (Kaggle kernel metadata + notebook with Kaggle parameters) for your Kaggle user"
 
-ROOT = Path(__file__).resolve().parents[2]
-"""The checkout: its ``notebooks/`` are rendered, into its ``kernels/`` by default."""
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: its notebooks/ are rendered, into its kernels/
 
 OWNER_HELP = "Kaggle user owning the kernels and datasets (default: KAGGLE_USERNAME, else ~/.kaggle/kaggle.json)"
-"""``--owner``'s help, shared by ``cellkit kernels``, ``wheels`` and ``weights``."""
 
 
 def add_arguments(parser) -> None:
