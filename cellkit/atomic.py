@@ -9,6 +9,7 @@ Conventions:
       hidden name ``.<name>.<random><suffix>``. Readers of output directories skip names starting with ``.`` as
       leftovers of an interrupted write (e.g. :mod:`cellkit.predictions`), so keep that prefix.
     - The target's directory must exist: creating it is the caller's decision.
+    - The output gets the permissions a plain ``open(path, "w")`` gives (``0666 & ~umask``), not ``mkstemp``'s 0600.
 """
 from __future__ import annotations
 
