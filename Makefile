@@ -59,11 +59,11 @@ RUN ?= $(OUT)
 KAGGLE_OWNER_ARG := $(if $(KAGGLE_USER),--owner $(KAGGLE_USER))
 .PHONY: kernels weights
 kernels: install
-	$(PY) -m cellkit.kaggle kernels $(KAGGLE_OWNER_ARG) --machine-shape $(MACHINE_SHAPE) \
+	$(PY) -m cellkit kernels $(KAGGLE_OWNER_ARG) --machine-shape $(MACHINE_SHAPE) \
 		$(if $(NUM_GPUS),--num-gpus $(NUM_GPUS)) $(if $(RESUME),--resume)
 
 wheels: install
-	$(PY) -m cellkit.kaggle wheels --out wheels $(KAGGLE_OWNER_ARG) --python-versions $(KAGGLE_PYTHON)
+	$(PY) -m cellkit wheels --out wheels $(KAGGLE_OWNER_ARG) --python-versions $(KAGGLE_PYTHON)
 
 weights: install
-	$(PY) -m cellkit.kaggle weights --run $(RUN) --out weights $(KAGGLE_OWNER_ARG)
+	$(PY) -m cellkit weights --run $(RUN) --out weights $(KAGGLE_OWNER_ARG)

@@ -9,6 +9,7 @@ Conventions:
       hidden name ``.<name>.<random><suffix>``. Readers of output directories skip names starting with ``.`` as
       leftovers of an interrupted write (e.g. :mod:`cellkit.predictions`), so keep that prefix.
     - The target's directory must exist: creating it is the caller's decision.
+    - The output gets the permissions a plain ``open(path, "w")`` gives (``0666 & ~umask``), not ``mkstemp``'s 0600.
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0o022)  # read by setting it (no call only reads it), then set back
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the output gets what open() would give it
     try:
         yield tmp
         os.replace(tmp, path)

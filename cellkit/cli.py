@@ -26,6 +26,9 @@ COMMANDS = {
     "predict": "predict instance probabilities (one model or an ensemble, optionally with TTA) for images or a held-out fold",
     "fuse": "fuse prediction stores of several models by weighted mask fusion into one store",
     "chain": "run notebooks 01..06 in order with papermill (make demo) and print the CV score",
+    "kernels": "render kernels/<name>/ (Kaggle kernel metadata + notebook with Kaggle parameters) for your Kaggle user",
+    "wheels": "build the offline wheels dataset (cellkit, detectron2 and the third-party wheels the kernels install)",
+    "weights": "build the Kaggle weights dataset (fold models, thresholds.json, cv.json) from a finished run",
 }
 
 

@@ -63,10 +63,10 @@ if importlib.util.find_spec("cellkit") is None:
 def setup_cell(lines: str) -> str:
     """Setup 2/2: environment, missing packages, then the notebook's own path checks (``lines``)."""
     return ("# Setup 2/2: where we run, what is missing, and every path parameter checked before any work.\n"
-            "from cellkit import chain, kaggle\n"
+            "from cellkit import chain, runtime\n"
             "from cellkit.chain import command\n\n"
-            "env = kaggle.detect_environment()\n"
-            "kaggle.install_missing(env, WHEELS_DIR)\n" + lines)
+            "env = runtime.detect_environment()\n"
+            "runtime.install_missing(env, WHEELS_DIR)\n" + lines)
 
 
 def parameters_source(params: list[tuple[str, object, str]]) -> str:
@@ -108,8 +108,8 @@ EDA = notebook(
     [P_DATA, P_OUT, ("N_OVERLAYS", 2, "images per cell type drawn with their masks"),
      ("N_AUDIT", 6, "most suspicious images of the label audit drawn with their flags"), P_SMOKE],
     [
-        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
-                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
                             'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),
         ("code", "from cellkit import data, viz\n\n"
                  "train = data.read_train_csv(data_dir / \"train.csv\")\n"
@@ -153,8 +153,8 @@ FOLDS = notebook(
     + RUN_HINT.format(stem="02_folds"),
     [P_DATA, P_OUT, ("K", 5, "number of folds"), ("SEED", 0, "seed of the shuffled split")],
     [
-        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
-                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
+        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
                             'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),
         ("code", "from cellkit import data, folds\n\n"
                  "train = data.read_train_csv(data_dir / \"train.csv\")\n"
@@ -180,12 +180,12 @@ PRETRAIN = notebook(
      ("WEIGHTS", "", "starting checkpoint, a local file (e.g. a model-zoo COCO .pkl); empty for random init"),
      P_DEVICE, P_SMOKE],
     [
-        ("code", setup_cell('out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
-                            'livecell = kaggle.resolve_livecell(LIVECELL_DIR, LIVECELL_JSON, LIVECELL_IMAGES, env)\n'
-                            'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", optional=True)\n'
-                            'preset = kaggle.pretrain_preset(PRESET)\n'
-                            'device = kaggle.resolve_device(DEVICE)\n'
-                            'clock = kaggle.SessionClock(TIME_BUDGET_MINUTES)\n'
+        ("code", setup_cell('out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
+                            'livecell = runtime.resolve_livecell(LIVECELL_DIR, LIVECELL_JSON, LIVECELL_IMAGES, env)\n'
+                            'weights = runtime.resolve_artifact(WEIGHTS, env, "WEIGHTS", optional=True)\n'
+                            'preset = runtime.pretrain_preset(PRESET)\n'
+                            'device = runtime.resolve_device(DEVICE)\n'
+                            'clock = runtime.SessionClock(TIME_BUDGET_MINUTES)\n'
                             'print(f"{env.kind} run | LIVECell: {livecell} | preset {preset} on {device} x {NUM_GPUS} | '
                             'artifacts: {out_dir}")')),
         ("md", "## Training\nIn chunks: an earlier session's `pretrain/` (its output attached) is continued with "
@@ -196,13 +196,13 @@ PRETRAIN = notebook(
                  "elif budget is None:\n"
                  "    print(\"TIME_BUDGET_MINUTES spent before training: nothing trained\")\n"
                  "else:\n"
-                 "    kaggle.restore_runs(out_dir, env, [\"pretrain\"], RESUME_DIR)\n"
+                 "    runtime.restore_runs(out_dir, env, [\"pretrain\"], RESUME_DIR)\n"
                  "    command(\"train\", \"--config\", preset, \"--livecell\", livecell.json,\n"
                  "            \"--livecell-images\", livecell.images, \"--out\", out_dir / \"pretrain\",\n"
                  "            \"--resume\", \"--num-gpus\", NUM_GPUS,\n"
                  "            *([\"--livecell-val\", livecell.val_json] if livecell.val_json else []),\n"
                  "            *chain.train_args(device, ITERATIONS, SMOKE, weights), *budget)\n"
-                 "    kaggle.prune_checkpoints(out_dir / \"pretrain\")  # the last and the best stay\n"
+                 "    runtime.prune_checkpoints(out_dir / \"pretrain\")  # the last and the best stay\n"
                  "    if clock.spent():\n"
                  "        print(\"time budget spent: attach this output to the next session to continue\")"),
         ("md", "## Training curves"),
@@ -229,21 +229,21 @@ FINETUNE = notebook(
                     "predicts the test images the same way (thresholds.json carries this choice)"),
      P_DEVICE, P_SMOKE],
     [
-        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
-                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
-                            'kaggle.check_preset(PRESET)\n'
-                            'device = kaggle.resolve_device(DEVICE)\n'
-                            'weights = kaggle.resolve_artifact(WEIGHTS, env, "WEIGHTS", out_dir / "pretrain" / '
+        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
+                            'runtime.check_preset(PRESET)\n'
+                            'device = runtime.resolve_device(DEVICE)\n'
+                            'weights = runtime.resolve_artifact(WEIGHTS, env, "WEIGHTS", out_dir / "pretrain" / '
                             '"model_final.pth",\n'
                             '                                  pattern="model_final.pth", '
-                            'prefer=kaggle.PRETRAINED_DATASET, optional=True,\n'
+                            'prefer=runtime.PRETRAINED_DATASET, optional=True,\n'
                             '                                  exclude="fold*")  # no fold of an earlier session\n'
-                            'clock = kaggle.SessionClock(TIME_BUDGET_MINUTES)\n'
+                            'clock = runtime.SessionClock(TIME_BUDGET_MINUTES)\n'
                             'print(f"{env.kind} run | data: {data_dir} | preset {PRESET} on {device} x {NUM_GPUS} | '
                             'weights: {weights or \'random init\'} | artifacts: {out_dir}")')),
         ("code", "from cellkit import folds\n\n"
                  "# an earlier session's runs (its output attached): continued below with --resume\n"
-                 "kaggle.restore_runs(out_dir, env, [f\"fold{k}\" for k in range(K)], RESUME_DIR)\n"
+                 "runtime.restore_runs(out_dir, env, [f\"fold{k}\" for k in range(K)], RESUME_DIR)\n"
                  "folds_csv = out_dir / \"folds.csv\"\n"
                  "if not folds_csv.exists():\n"
                  "    command(\"folds\", data_dir / \"train.csv\", \"--k\", K, \"--out\", folds_csv)\n"
@@ -261,7 +261,7 @@ FINETUNE = notebook(
                  "    command(\"train\", \"--config\", PRESET, \"--data\", data_dir, \"--folds\", folds_csv,\n"
                  "            \"--fold\", k, \"--out\", out_dir / f\"fold{k}\", \"--resume\", \"--num-gpus\", NUM_GPUS,\n"
                  "            *chain.train_args(device, ITERATIONS, SMOKE, weights), *budget)\n"
-                 "    kaggle.prune_checkpoints(out_dir / f\"fold{k}\")  # the last and the best stay\n"
+                 "    runtime.prune_checkpoints(out_dir / f\"fold{k}\")  # the last and the best stay\n"
                  "    if clock.spent():\n"
                  "        print(f\"time budget spent during fold {k}: it resumes in the next session\")\n"
                  "        break\n"
@@ -288,9 +288,9 @@ SEARCH = notebook(
     + RUN_HINT.format(stem="05_threshold_search"),
     [P_DATA, P_OUT, ("OOF_DIR", "", "out-of-fold predictions; empty for OUT_DIR/oof (from 04_finetune)"), P_SMOKE],
     [
-        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
-                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
-                            'oof_dir = kaggle.resolve_artifact(OOF_DIR, env, "OOF_DIR", out_dir / "oof")\n'
+        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
+                            'oof_dir = runtime.resolve_artifact(OOF_DIR, env, "OOF_DIR", out_dir / "oof")\n'
                             'print(f"{env.kind} run | OOF: {oof_dir} | artifacts: {out_dir}")')),
         ("code", "command(\"search\", \"--pred\", oof_dir, \"--truth\", data_dir / \"train.csv\",\n"
                  "        \"--out\", out_dir / \"thresholds.json\")"),
@@ -328,14 +328,14 @@ SUBMISSION = notebook(
                         "in the weights dataset"),
      P_DEVICE, ("N_OVERLAYS", 3, "test images drawn with their predicted masks"), P_SMOKE],
     [
-        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env, need="test")\n'
-                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
-                            'runs = kaggle.find_weights_runs(env, RUNS, chain.fold_runs(out_dir))  # 04\'s folds\n'
-                            'thresholds = kaggle.resolve_artifact(THRESHOLDS, env, "THRESHOLDS", out_dir / '
+        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env, need="test")\n'
+                            'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
+                            'runs = runtime.find_weights_runs(env, RUNS, chain.fold_runs(out_dir))  # 04\'s folds\n'
+                            'thresholds = runtime.resolve_artifact(THRESHOLDS, env, "THRESHOLDS", out_dir / '
                             '"thresholds.json",\n'
                             '                                     pattern="thresholds.json", '
-                            'prefer=kaggle.WEIGHTS_DATASET)\n'
-                            'device = kaggle.resolve_device(DEVICE)\n'
+                            'prefer=runtime.WEIGHTS_DATASET)\n'
+                            'device = runtime.resolve_device(DEVICE)\n'
                             'print(f"{env.kind} run | test images: {data_dir / \'test\'} | {len(runs)} model(s): '
                             '{[str(r) for r in runs]} | thresholds: {thresholds} | {device}")')),
         ("md", "## Test predictions\nThe passes, fusion and detections per image come from `thresholds.json` "
@@ -381,17 +381,17 @@ PSEUDO = notebook(
      ("SCREEN", True, "confidence screening (False: every mask submit would write)"),
      P_ITER, P_DEVICE, P_SMOKE],
     [
-        ("code", setup_cell('data_dir = kaggle.resolve_data_dir(DATA_DIR, env)\n'
-                            'out_dir = kaggle.resolve_out_dir(OUT_DIR, env)\n'
-                            'kaggle.check_preset(PRESET)\n'
-                            'device = kaggle.resolve_device(DEVICE)\n'
-                            'pool_dir = kaggle.resolve_input(POOL_DIR, env, "POOL_DIR") if POOL_DIR else '
+        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
+                            'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
+                            'runtime.check_preset(PRESET)\n'
+                            'device = runtime.resolve_device(DEVICE)\n'
+                            'pool_dir = runtime.resolve_input(POOL_DIR, env, "POOL_DIR") if POOL_DIR else '
                             'data_dir / "train_semi_supervised"\n'
                             'if not pool_dir.is_dir():\n'
                             '    raise FileNotFoundError(f"POOL_DIR: {pool_dir} is not a folder of unlabeled images")\n'
                             'if RECIPE not in ("mixed", "staged"):\n'
                             '    raise ValueError(f"RECIPE={RECIPE!r}: expected mixed or staged")\n'
-                            'thresholds = kaggle.resolve_artifact("", env, "thresholds.json (05)", '
+                            'thresholds = runtime.resolve_artifact("", env, "thresholds.json (05)", '
                             'out_dir / "thresholds.json")\n'
                             'print(f"{env.kind} run | data: {data_dir} | pool: {pool_dir} | recipe {RECIPE} | '
                             'preset {PRESET} on {device} | artifacts: {out_dir}")')),

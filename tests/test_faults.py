@@ -602,3 +602,20 @@ def test_data_check_passes_on_the_real_data(real_data):
     for name in ("livecell_coco_test.json", "livecell_coco_val.json"):
         if (live / name).is_file():
             assert datacheck.check_livecell(live / name, live / "images", progress=False)["images"] > 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_outputs_get_the_umask_permissions(tmp_path, umask):
+    """An atomic output has the mode a plain ``open(path, "w")`` would give it (0666 & ~umask), not mkstemp's 0600."""
+    from cellkit import atomic
+
+    old = os.umask(umask)
+    try:
+        written = [atomic.write_text(tmp_path / "a.txt", "x"), atomic.write_bytes(tmp_path / "b.bin", b"x"),
+                   atomic.write_json(tmp_path / "c.json", {"a": 1})]
+        with open(tmp_path / "plain.txt", "w") as plain:
+            plain.write("x")
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in written] == [0o666 & ~umask] * 3
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,4 +1,4 @@
-"""cellkit.kaggle: environment detection, folder globbing, path parameters, kernel and wheels metadata."""
+"""cellkit.runtime and cellkit.publish: environment detection, folder globbing, path parameters, kernel and wheels metadata."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cellkit import kaggle
+from cellkit import runtime, publish, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def competition(folder: Path, test_only: bool = False) -> Path:
 # ---------------------------------------------------------------------------------------------------- detection
 def test_detect_kaggle(tmp_path):
     (tmp_path / "kaggle" / "input").mkdir(parents=True)
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
     assert env.kind == "kaggle"
     assert env.input_roots == (tmp_path / "kaggle" / "input",)
     assert env.working_dir == tmp_path / "kaggle" / "working"
@@ -40,7 +40,7 @@ def test_detect_kaggle(tmp_path):
 
 
 def test_detect_kaggle_by_its_variable_first(tmp_path):
-    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch", "COLAB_GPU": "1"},
+    env = runtime.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch", "COLAB_GPU": "1"},
                                     cwd=tmp_path)
     assert env.kind == "kaggle"                       # even before /kaggle/input is looked at
 
@@ -48,48 +48,48 @@ def test_detect_kaggle_by_its_variable_first(tmp_path):
 def test_detect_colab_with_kagglehub_mount_is_colab(tmp_path):
     (tmp_path / "kaggle" / "input").mkdir(parents=True)        # kagglehub mounts /kaggle/input on Colab too
     (tmp_path / "content").mkdir()
-    env = kaggle.detect_environment(tmp_path, environ={"COLAB_RELEASE_TAG": "x"}, cwd=tmp_path)
+    env = runtime.detect_environment(tmp_path, environ={"COLAB_RELEASE_TAG": "x"}, cwd=tmp_path)
     assert env.kind == "colab" and env.working_dir == tmp_path / "content"
     assert tmp_path / "kaggle" / "input" in env.input_roots   # its datasets are still found
 
 
 def test_detect_kaggle_root_variable(tmp_path):
     (tmp_path / "fake" / "input").mkdir(parents=True)
-    env = kaggle.detect_environment(environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch",
-                                             kaggle.KAGGLE_ROOT_VARIABLE: str(tmp_path / "fake")}, cwd=tmp_path)
+    env = runtime.detect_environment(environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch",
+                                             runtime.KAGGLE_ROOT_VARIABLE: str(tmp_path / "fake")}, cwd=tmp_path)
     assert env.input_roots == (tmp_path / "fake" / "input",) and env.working_dir == tmp_path / "fake" / "working"
 
 
 def test_kaggle_input_is_walked_once(tmp_path, monkeypatch):
-    monkeypatch.setenv(kaggle.KAGGLE_ROOT_VARIABLE, str(tmp_path / "k"))
-    monkeypatch.setattr(kaggle, "_LISTINGS", {})
+    monkeypatch.setenv(runtime.KAGGLE_ROOT_VARIABLE, str(tmp_path / "k"))
+    monkeypatch.setattr(runtime, "_LISTINGS", {})
     calls = []
-    real = kaggle._scan
-    monkeypatch.setattr(kaggle, "_scan", lambda root, depth: calls.append(root) or real(root, depth))
+    real = runtime._scan
+    monkeypatch.setattr(runtime, "_scan", lambda root, depth: calls.append(root) or real(root, depth))
     roots = (tmp_path / "k" / "input",)
-    data = competition(tmp_path / "k" / "input" / "competitions" / kaggle.COMPETITION)
+    data = competition(tmp_path / "k" / "input" / "competitions" / runtime.COMPETITION)
     wheels = touch(tmp_path / "k" / "input" / "datasets" / "me" / "cellkit-wheels" / "detectron2-0.6-py3-none-any.whl")
-    assert kaggle.find_competition_dir(roots) == data
-    assert kaggle.find_dataset_dir(roots, "detectron2-*.whl") == wheels.parent
-    assert kaggle.find_files(roots, "*.whl") == [wheels]
+    assert runtime.find_competition_dir(roots) == data
+    assert runtime.find_dataset_dir(roots, "detectron2-*.whl") == wheels.parent
+    assert runtime.find_files(roots, "*.whl") == [wheels]
     assert calls == [roots[0]]                              # one walk for three searches
     other = (tmp_path / "elsewhere",)
     competition(other[0] / "x")
-    kaggle.find_competition_dir(other)
-    kaggle.find_competition_dir(other)
+    runtime.find_competition_dir(other)
+    runtime.find_competition_dir(other)
     assert calls.count(other[0]) == 2                       # any other root may change: walked each time
 
 
 def test_detect_colab_needs_its_variable(tmp_path):
     (tmp_path / "content").mkdir()
-    assert kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path).kind == "local"
-    env = kaggle.detect_environment(tmp_path, environ={"COLAB_RELEASE_TAG": "x"}, cwd=tmp_path)
+    assert runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path).kind == "local"
+    env = runtime.detect_environment(tmp_path, environ={"COLAB_RELEASE_TAG": "x"}, cwd=tmp_path)
     assert env.kind == "colab" and env.working_dir == tmp_path / "content"
     assert not env.inputs_read_only
 
 
 def test_detect_local_finds_project_root_from_notebooks_dir(tmp_path):
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=ROOT / "notebooks")
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=ROOT / "notebooks")
     assert env.kind == "local"
     assert env.project_root == ROOT
     assert env.input_roots == (ROOT / "data",)
@@ -105,188 +105,188 @@ def test_find_competition_dir_any_layout(tmp_path, layout):
     roots = (tmp_path / "input",)
     expected = competition(tmp_path / "input" / layout)
     touch(tmp_path / "input" / "other-dataset" / "x.csv")
-    assert kaggle.find_competition_dir(roots) == expected
-    assert kaggle.find_competition_dir(roots, need="test") == expected
+    assert runtime.find_competition_dir(roots) == expected
+    assert runtime.find_competition_dir(roots, need="test") == expected
 
 
 def test_find_competition_dir_prefers_competition_name(tmp_path):
     roots = (tmp_path / "input",)
     competition(tmp_path / "input" / "copy-of-data")
-    expected = competition(tmp_path / "input" / "competitions" / kaggle.COMPETITION)
-    assert kaggle.find_competition_dir(roots) == expected
+    expected = competition(tmp_path / "input" / "competitions" / runtime.COMPETITION)
+    assert runtime.find_competition_dir(roots) == expected
 
 
 def test_find_competition_dir_ambiguous_and_missing(tmp_path):
     roots = (tmp_path / "input",)
     with pytest.raises(FileNotFoundError, match="no competition data folder"):
-        kaggle.find_competition_dir(roots)
+        runtime.find_competition_dir(roots)
     competition(tmp_path / "input" / "a")
     competition(tmp_path / "input" / "b")
     with pytest.raises(FileNotFoundError, match="several .* pass the one to use explicitly"):
-        kaggle.find_competition_dir(roots)
+        runtime.find_competition_dir(roots)
 
 
 def test_find_dataset_dir_nested_like_kaggle_models(tmp_path):
     roots = (tmp_path / "input",)
     wheels = touch(tmp_path / "input" / "datasets" / "me" / "cellkit-wheels" / "detectron2-0.6-py3-none-any.whl").parent
     touch(tmp_path / "input" / "models" / "me" / "w" / "pytorch" / "default" / "1" / "model_final.pth")
-    assert kaggle.find_dataset_dir(roots, "detectron2-*.whl") == wheels
-    found = kaggle.find_dataset_dir(roots, "model_*.pth")
+    assert runtime.find_dataset_dir(roots, "detectron2-*.whl") == wheels
+    found = runtime.find_dataset_dir(roots, "model_*.pth")
     assert found.name == "1" and (found / "model_final.pth").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- parameters
 def test_resolve_data_dir_auto_on_kaggle(tmp_path):
-    data = competition(tmp_path / "kaggle" / "input" / kaggle.COMPETITION)
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
-    assert kaggle.resolve_data_dir("", env) == data
+    data = competition(tmp_path / "kaggle" / "input" / runtime.COMPETITION)
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    assert runtime.resolve_data_dir("", env) == data
 
 
 def test_resolve_data_dir_submission_needs_only_test(tmp_path):
-    data = competition(tmp_path / "kaggle" / "input" / kaggle.COMPETITION, test_only=True)
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
-    assert kaggle.resolve_data_dir("", env, need="test") == data
+    data = competition(tmp_path / "kaggle" / "input" / runtime.COMPETITION, test_only=True)
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    assert runtime.resolve_data_dir("", env, need="test") == data
     with pytest.raises(FileNotFoundError, match=r"DATA_DIR='' \(auto\)"):
-        kaggle.resolve_data_dir("", env, need="train")
+        runtime.resolve_data_dir("", env, need="train")
 
 
 def test_resolve_data_dir_errors_name_the_parameter(tmp_path):
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"DATA_DIR='/no/such/dir': not found"):
-        kaggle.resolve_data_dir("/no/such/dir", env)
+        runtime.resolve_data_dir("/no/such/dir", env)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"DATA_DIR=.*empty.*missing train.csv, train"):
-        kaggle.resolve_data_dir(str(tmp_path / "empty"), env)
+        runtime.resolve_data_dir(str(tmp_path / "empty"), env)
 
 
 def test_resolve_relative_against_project_root(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT / "notebooks")
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=ROOT / "notebooks")
-    assert kaggle.resolve_input("cellkit/kaggle.py", env, "X") == ROOT / "cellkit" / "kaggle.py"
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=ROOT / "notebooks")
+    assert runtime.resolve_input("cellkit/runtime.py", env, "X") == ROOT / "cellkit" / "runtime.py"
 
 
 def test_resolve_out_dir(tmp_path):
     (tmp_path / "kaggle" / "input").mkdir(parents=True)
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
-    assert kaggle.resolve_out_dir(str(tmp_path / "run"), env) == (tmp_path / "run").resolve()
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    assert runtime.resolve_out_dir(str(tmp_path / "run"), env) == (tmp_path / "run").resolve()
     assert (tmp_path / "run").is_dir()
     with pytest.raises(PermissionError, match="OUT_DIR=.*read-only"):
-        kaggle.resolve_out_dir(str(tmp_path / "kaggle" / "input" / "x"), env)
+        runtime.resolve_out_dir(str(tmp_path / "kaggle" / "input" / "x"), env)
 
 
 # ---------------------------------------------------------------------------------------------------- installing
 def test_pip_install_command_offline():
-    cmd = kaggle.pip_install_command(["detectron2", "fvcore"], Path("/w"))
+    cmd = runtime.pip_install_command(["detectron2", "fvcore"], Path("/w"))
     assert cmd[:3] == [sys.executable, "-m", "pip"]
     assert cmd[cmd.index("--find-links") + 1] == "/w" and "--no-index" in cmd
     assert cmd[-2:] == ["detectron2", "fvcore"]
-    assert "--no-index" not in kaggle.pip_install_command(["x"])
+    assert "--no-index" not in runtime.pip_install_command(["x"])
 
 
 def test_install_missing_on_kaggle_uses_wheels_dataset(tmp_path, monkeypatch):
     wheels = touch(tmp_path / "kaggle" / "input" / "cellkit-wheels" / "detectron2-0.6-py3-none-any.whl").parent
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
-    monkeypatch.setattr(kaggle, "missing_modules", lambda: ["detectron2", "fvcore"])
-    cmd = kaggle.install_missing(env, run=False)
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    monkeypatch.setattr(runtime, "missing_modules", lambda: ["detectron2", "fvcore"])
+    cmd = runtime.install_missing(env, run=False)
     assert cmd[cmd.index("--find-links") + 1] == str(wheels) and "--no-index" in cmd
-    monkeypatch.setattr(kaggle, "missing_modules", lambda: [])
-    assert kaggle.install_missing(env, run=False) == []
+    monkeypatch.setattr(runtime, "missing_modules", lambda: [])
+    assert runtime.install_missing(env, run=False) == []
 
 
 def test_install_missing_elsewhere_builds_detectron2_from_the_checkout(tmp_path, monkeypatch):
     (tmp_path / "content").mkdir()
-    env = kaggle.detect_environment(tmp_path, environ={"COLAB_GPU": "1"}, cwd=tmp_path)
-    monkeypatch.setattr(kaggle, "missing_modules", lambda: ["detectron2", "yacs"])
-    cmd = kaggle.install_missing(env, run=False)
+    env = runtime.detect_environment(tmp_path, environ={"COLAB_GPU": "1"}, cwd=tmp_path)
+    monkeypatch.setattr(runtime, "missing_modules", lambda: ["detectron2", "yacs"])
+    cmd = runtime.install_missing(env, run=False)
     assert cmd[cmd.index("--find-links") + 1] == str(tmp_path / "content" / "wheels")
     assert "--no-index" not in cmd                   # Colab has internet: the rest comes from the index
 
 
 def test_install_missing_detectron2_without_wheels_is_a_clear_error(tmp_path, monkeypatch):
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
-    monkeypatch.setattr(kaggle, "missing_modules", lambda: ["detectron2"])
-    monkeypatch.setattr(kaggle, "DETECTRON2_SCRIPT", tmp_path / "absent.py")
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    monkeypatch.setattr(runtime, "missing_modules", lambda: ["detectron2"])
+    monkeypatch.setattr(runtime, "DETECTRON2_SCRIPT", tmp_path / "absent.py")
     with pytest.raises(ModuleNotFoundError, match="make wheels"):
-        kaggle.install_missing(env, run=False)
+        runtime.install_missing(env, run=False)
 
 
 def test_missing_modules_sees_this_interpreter():
-    assert kaggle.missing_modules({"json": "json", "no_such_module_xyz": "xyz"}) == ["xyz"]
+    assert runtime.missing_modules({"json": "json", "no_such_module_xyz": "xyz"}) == ["xyz"]
 
 
 # ---------------------------------------------------------------------------------------------------- metadata
 def test_submission_kernel_metadata():
-    meta = kaggle.kernel_metadata("submission", "me")
+    meta = publish.kernel_metadata("submission", "me")
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True
     assert meta["competition_sources"] == ["sartorius-cell-instance-segmentation"]
     assert meta["dataset_sources"] == ["me/cellkit-wheels", "me/cellkit-weights"]
-    assert meta["id"] == "me/cellkit-submission" and kaggle.slugify(meta["title"]) == "cellkit-submission"
+    assert meta["id"] == "me/cellkit-submission" and publish.slugify(meta["title"]) == "cellkit-submission"
     assert meta["code_file"] == "submission.ipynb" and meta["kernel_type"] == "notebook"
 
 
-@pytest.mark.parametrize("name", sorted(kaggle.KERNELS))
+@pytest.mark.parametrize("name", sorted(publish.KERNELS))
 def test_rendered_kernel(name, tmp_path):
     """kernels/<name>/ is notebooks/<notebook> with the Kaggle parameters injected, plus its metadata."""
     import nbformat
     import papermill as pm
 
-    folder = kaggle.render_kernel(name, ROOT / "notebooks", tmp_path, owner="someone")
+    folder = publish.render_kernel(name, ROOT / "notebooks", tmp_path, owner="someone")
     meta = json.loads((folder / "kernel-metadata.json").read_text())
-    assert meta == kaggle.kernel_metadata(name, "someone")
+    assert meta == publish.kernel_metadata(name, "someone")
     assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaTeslaT4" and "enable_internet" in meta
     rendered = nbformat.read(folder / f"{name}.ipynb", as_version=4)
-    source = nbformat.read(ROOT / "notebooks" / kaggle.KERNELS[name].notebook, as_version=4)
+    source = nbformat.read(ROOT / "notebooks" / publish.KERNELS[name].notebook, as_version=4)
     tags = [c.metadata.get("tags", []) for c in rendered.cells]
     assert tags.index(["injected-parameters"]) == tags.index(["parameters"]) + 1
     assert [c.source for c in rendered.cells if "injected-parameters" not in c.metadata.get("tags", [])] == \
         [c.source for c in source.cells]
-    declared = pm.inspect_notebook(str(ROOT / "notebooks" / kaggle.KERNELS[name].notebook))
-    assert set(kaggle.KERNELS[name].parameters) <= set(declared), "a kernel parameter the notebook lacks"
+    declared = pm.inspect_notebook(str(ROOT / "notebooks" / publish.KERNELS[name].notebook))
+    assert set(publish.KERNELS[name].parameters) <= set(declared), "a kernel parameter the notebook lacks"
 
 
 def test_rendering_is_reproducible(tmp_path):
-    first = kaggle.render_kernel("finetune", ROOT / "notebooks", tmp_path / "a", owner="me")
-    second = kaggle.render_kernel("finetune", ROOT / "notebooks", tmp_path / "b", owner="me")
+    first = publish.render_kernel("finetune", ROOT / "notebooks", tmp_path / "a", owner="me")
+    second = publish.render_kernel("finetune", ROOT / "notebooks", tmp_path / "b", owner="me")
     assert (first / "finetune.ipynb").read_bytes() == (second / "finetune.ipynb").read_bytes()
 
 
 def test_kernel_metadata_machine_pinning_and_resume():
-    sub = kaggle.kernel_metadata("submission", "me")
+    sub = publish.kernel_metadata("submission", "me")
     assert sub["docker_image_pinning_type"] == "original" and sub["enable_internet"] is False
     assert sub["kernel_sources"] == []
-    fine = kaggle.kernel_metadata("finetune", "me", machine_shape="NvidiaL4", resume=True)
+    fine = publish.kernel_metadata("finetune", "me", machine_shape="NvidiaL4", resume=True)
     assert fine["machine_shape"] == "NvidiaL4" and "docker_image_pinning_type" not in fine
     assert fine["kernel_sources"] == ["me/cellkit-finetune"]              # its own previous output
-    assert kaggle.kernel_metadata("submission", "me", resume=True)["kernel_sources"] == []
+    assert publish.kernel_metadata("submission", "me", resume=True)["kernel_sources"] == []
     with pytest.raises(ValueError, match="MACHINE_SHAPE='NvidiaTeslaP100': its sm_60"):
-        kaggle.kernel_metadata("finetune", "me", machine_shape="NvidiaTeslaP100")
+        publish.kernel_metadata("finetune", "me", machine_shape="NvidiaTeslaP100")
     with pytest.raises(ValueError, match="MACHINE_SHAPE=''"):
-        kaggle.kernel_metadata("finetune", "me", machine_shape="")
+        publish.kernel_metadata("finetune", "me", machine_shape="")
 
 
 def test_kernel_parameters_num_gpus_follow_the_machine():
-    assert kaggle.kernel_parameters("finetune")["NUM_GPUS"] == 2                 # T4 x2
-    assert kaggle.kernel_parameters("pretrain", "NvidiaL4")["NUM_GPUS"] == 1
-    assert kaggle.kernel_parameters("finetune", num_gpus=1)["NUM_GPUS"] == 1
-    assert "NUM_GPUS" not in kaggle.kernel_parameters("submission")
-    params = kaggle.kernel_parameters("finetune")
-    assert 0 < params["TIME_BUDGET_MINUTES"] < kaggle.SESSION_MINUTES          # leaves time for OOF + saving
+    assert publish.kernel_parameters("finetune")["NUM_GPUS"] == 2                 # T4 x2
+    assert publish.kernel_parameters("pretrain", "NvidiaL4")["NUM_GPUS"] == 1
+    assert publish.kernel_parameters("finetune", num_gpus=1)["NUM_GPUS"] == 1
+    assert "NUM_GPUS" not in publish.kernel_parameters("submission")
+    params = publish.kernel_parameters("finetune")
+    assert 0 < params["TIME_BUDGET_MINUTES"] < publish.SESSION_MINUTES          # leaves time for OOF + saving
     with pytest.raises(ValueError, match="NUM_GPUS=0"):
-        kaggle.kernel_parameters("finetune", num_gpus=0)
+        publish.kernel_parameters("finetune", num_gpus=0)
 
 
 def test_owner_from_variable_token_or_a_clear_error(tmp_path):
-    assert kaggle.resolve_owner("given", environ={"KAGGLE_USERNAME": "env"}) == "given"
-    assert kaggle.resolve_owner(None, environ={"KAGGLE_USERNAME": "env"}, home=tmp_path) == "env"
+    assert publish.resolve_owner("given", environ={"KAGGLE_USERNAME": "env"}) == "given"
+    assert publish.resolve_owner(None, environ={"KAGGLE_USERNAME": "env"}, home=tmp_path) == "env"
     with pytest.raises(ValueError, match=r"no Kaggle user .*KAGGLE_USERNAME.*kaggle.json"):
-        kaggle.resolve_owner(None, environ={}, home=tmp_path)
+        publish.resolve_owner(None, environ={}, home=tmp_path)
     touch(tmp_path / ".kaggle" / "kaggle.json", json.dumps({"username": "tokenuser", "key": "k"}))
-    assert kaggle.resolve_owner(None, environ={}, home=tmp_path) == "tokenuser"
+    assert publish.resolve_owner(None, environ={}, home=tmp_path) == "tokenuser"
     touch(tmp_path / "cfg" / "kaggle.json", json.dumps({"key": "k"}))
     with pytest.raises(ValueError, match="no 'username'"):
-        kaggle.resolve_owner(None, environ={"KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}, home=tmp_path)
+        publish.resolve_owner(None, environ={"KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}, home=tmp_path)
     with pytest.raises(ValueError, match="not a Kaggle user name"):
-        kaggle.resolve_owner("a b")
+        publish.resolve_owner("a b")
 
 
 def test_no_owner_is_committed():
@@ -302,14 +302,14 @@ def test_no_owner_is_committed():
 def test_kaggle_main_without_owner_stops_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
-    assert kaggle.main(["kernels", "--out", str(tmp_path / "k")]) == 2
+    assert cli.main(["kernels", "--out", str(tmp_path / "k")]) == 2
     assert "no Kaggle user" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()
 
 
 def test_dataset_metadata_rules():
     good = {"id": "me/cellkit-wheels", "title": "cellkit wheels", "subtitle": "x" * 20, "licenses": [{"name": "other"}]}
-    assert kaggle.check_dataset_metadata(good) == good
+    assert publish.check_dataset_metadata(good) == good
     for change, message in [({"subtitle": "x" * 81}, "81 characters, must be 20-80"),
                             ({"subtitle": "short"}, "must be 20-80"),
                             ({"title": "abc"}, "title 'abc': 3 characters"),
@@ -317,17 +317,17 @@ def test_dataset_metadata_rules():
                             ({"id": "noslash"}, "owner/slug"),
                             ({"licenses": []}, "exactly one"), ({"licenses": [{"name": "nope"}]}, "exactly one")]:
         with pytest.raises(ValueError, match=message):
-            kaggle.check_dataset_metadata({**good, **change})
-    for meta in (kaggle.wheels_dataset_metadata("me"), kaggle.weights_dataset_metadata("me"),
-                 kaggle.wheels_dataset_metadata("a-rather-long-user-name", ("3.10", "3.11", "3.12"))):
+            publish.check_dataset_metadata({**good, **change})
+    for meta in (publish.wheels_dataset_metadata("me"), publish.weights_dataset_metadata("me"),
+                 publish.wheels_dataset_metadata("a-rather-long-user-name", ("3.10", "3.11", "3.12"))):
         assert 20 <= len(meta["subtitle"]) <= 80 and 6 <= len(meta["title"]) <= 50
 
 
 def test_wheels_dataset_metadata_and_commands(tmp_path):
-    meta = kaggle.wheels_dataset_metadata("me")
+    meta = publish.wheels_dataset_metadata("me")
     assert meta["id"] == "me/cellkit-wheels" and meta["licenses"]
     assert "3.12" in meta["subtitle"] and "3.13" in meta["subtitle"]
-    cmds = kaggle.wheel_commands(tmp_path)
+    cmds = publish.wheel_commands(tmp_path)
     flat = [" ".join(c) for c in cmds]
     for dist in ("fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime", "portalocker"):
         assert sum(f" {dist}" in c for c in flat) == 1, dist                     # pure Python: once
@@ -335,11 +335,11 @@ def test_wheels_dataset_metadata_and_commands(tmp_path):
     binary = [c for c in cmds if "download" in c]
     assert [c[c.index("--python-version") + 1] for c in binary] == ["3.12", "3.13"]
     assert all("--only-binary=:all:" in c and c[c.index("--platform") + 1] == "manylinux2014_x86_64" for c in binary)
-    assert kaggle.pinned("pytest").startswith("pytest==")
-    assert kaggle.pinned("no-such-dist-xyz") == "no-such-dist-xyz"
-    assert kaggle.parse_python_versions("3.12, 3.13,3.12") == ("3.12", "3.13")
+    assert publish.pinned("pytest").startswith("pytest==")
+    assert publish.pinned("no-such-dist-xyz") == "no-such-dist-xyz"
+    assert publish.parse_python_versions("3.12, 3.13,3.12") == ("3.12", "3.13")
     with pytest.raises(ValueError, match="--python-versions 'py3'"):
-        kaggle.parse_python_versions("py3")
+        publish.parse_python_versions("py3")
 
 
 def test_requirements_keep_the_images_setuptools():
@@ -350,48 +350,48 @@ def test_requirements_keep_the_images_setuptools():
 def test_resolve_artifact(tmp_path):
     weights = touch(tmp_path / "kaggle" / "input" / "cellkit-weights" / "thresholds.json", "{}")
     touch(tmp_path / "kaggle" / "input" / "cellkit-weights" / "config.yaml")
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)
     local = touch(tmp_path / "run" / "thresholds.json", "{}")
     # an earlier notebook's artifact in the run dir wins, then the dataset found by glob
-    assert kaggle.resolve_artifact("", env, "THRESHOLDS", local, pattern="thresholds.json") == local
-    assert kaggle.resolve_artifact("", env, "THRESHOLDS", tmp_path / "absent.json",
+    assert runtime.resolve_artifact("", env, "THRESHOLDS", local, pattern="thresholds.json") == local
+    assert runtime.resolve_artifact("", env, "THRESHOLDS", tmp_path / "absent.json",
                                    pattern="thresholds.json") == weights
-    assert kaggle.resolve_artifact("", env, "RUN_DIR", None, pattern="config.yaml", folder=True) == weights.parent
-    assert kaggle.resolve_artifact("none", env, "WEIGHTS", optional=True) is None
-    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, pattern="model_final.pth", optional=True) is None
+    assert runtime.resolve_artifact("", env, "RUN_DIR", None, pattern="config.yaml", folder=True) == weights.parent
+    assert runtime.resolve_artifact("none", env, "WEIGHTS", optional=True) is None
+    assert runtime.resolve_artifact("", env, "WEIGHTS", None, pattern="model_final.pth", optional=True) is None
     with pytest.raises(FileNotFoundError, match=r"WEIGHTS='' \(auto\): no earlier notebook made it here and no "
                                                 r"folder with model_final.pth"):
-        kaggle.resolve_artifact("", env, "WEIGHTS", None, pattern="model_final.pth")
+        runtime.resolve_artifact("", env, "WEIGHTS", None, pattern="model_final.pth")
     with pytest.raises(ValueError, match="RUN_DIR='none': this artifact is required"):
-        kaggle.resolve_artifact("none", env, "RUN_DIR")
+        runtime.resolve_artifact("none", env, "RUN_DIR")
 
 
 def test_resolve_livecell(tmp_path):
-    env = kaggle.detect_environment(tmp_path, environ={}, cwd=tmp_path)          # local, no data/: nothing found
-    assert kaggle.resolve_livecell("", "", "", env) is None                     # auto: pretraining skipped
-    assert kaggle.resolve_livecell("none", "", "", env) is None
+    env = runtime.detect_environment(tmp_path, environ={}, cwd=tmp_path)          # local, no data/: nothing found
+    assert runtime.resolve_livecell("", "", "", env) is None                     # auto: pretraining skipped
+    assert runtime.resolve_livecell("none", "", "", env) is None
     root = tmp_path / "LIVECell_dataset_2021"
     train = touch(root / "annotations" / "livecell_coco_train.json", "{}")
     val = touch(root / "annotations" / "livecell_coco_val.json", "{}")
     images = touch(root / "images" / "livecell_train_val_images" / "a.tif").parent
-    found = kaggle.resolve_livecell(str(root), "", "", env)
+    found = runtime.resolve_livecell(str(root), "", "", env)
     assert (found.json, found.images, found.val_json) == (train, images, val)
     with pytest.raises(FileNotFoundError, match="LIVECELL_DIR=.*no livecell"):
-        kaggle.resolve_livecell(str(images), "", "", env)
+        runtime.resolve_livecell(str(images), "", "", env)
 
 
 def test_resolve_livecell_real_layout_on_kaggle(tmp_path):
     """The competition's LIVECell_dataset_2021/: json in annotations/LIVECell/, images in images/<split>_images/."""
-    root = tmp_path / "kaggle" / "input" / "competitions" / kaggle.COMPETITION / "LIVECell_dataset_2021"
+    root = tmp_path / "kaggle" / "input" / "competitions" / runtime.COMPETITION / "LIVECell_dataset_2021"
     ann = root / "annotations" / "LIVECell"
     train = touch(ann / "livecell_coco_train.json", "{}")
     val = touch(ann / "livecell_coco_val.json", "{}")
     touch(ann / "livecell_coco_test.json", "{}")
     touch(root / "images" / "livecell_test_images" / "t.tif")          # sorts before train_val: must not win
     images = touch(root / "images" / "livecell_train_val_images" / "a.tif").parent
-    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    env = runtime.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
     for given in ("", str(root)):
-        found = kaggle.resolve_livecell(given, "", "", env)
+        found = runtime.resolve_livecell(given, "", "", env)
         assert (found.json, found.images, found.val_json) == (train.resolve(), images.resolve(), val.resolve()), given
 
 
@@ -425,32 +425,32 @@ def test_resolve_device_refuses_a_gpu_torch_cannot_run(monkeypatch):
     for value in ("cuda", "auto", "cuda:0"):
         with pytest.raises(ValueError, match=r"Tesla P100-PCIE-16GB \(compute capability 6.0\) is not supported.*"
                                              r"GPU T4 x2.*NvidiaTeslaT4"):
-            kaggle.resolve_device(value)
+            runtime.resolve_device(value)
     with pytest.raises(ValueError, match="sees 1 CUDA device"):
-        kaggle.resolve_device("cuda:1")
+        runtime.resolve_device("cuda:1")
     monkeypatch.setattr(torch, "cuda", FakeCuda((7, 5), archs, "Tesla T4", 2))
-    assert kaggle.resolve_device("cuda") == "cuda" and kaggle.resolve_device("cuda:1") == "cuda:1"
-    assert kaggle.resolve_device("auto") == "cuda"
+    assert runtime.resolve_device("cuda") == "cuda" and runtime.resolve_device("cuda:1") == "cuda:1"
+    assert runtime.resolve_device("auto") == "cuda"
 
 
 def test_arch_supported():
-    assert kaggle.arch_supported((8, 9), ["sm_80"])                 # same major, lower minor: binary compatible
-    assert not kaggle.arch_supported((7, 0), ["sm_75", "sm_80"])
-    assert kaggle.arch_supported((9, 0), ["sm_80", "compute_80"])  # PTX compiled at load time
-    assert not kaggle.arch_supported((6, 0), ["sm_70", "compute_70"])
+    assert runtime.arch_supported((8, 9), ["sm_80"])                 # same major, lower minor: binary compatible
+    assert not runtime.arch_supported((7, 0), ["sm_75", "sm_80"])
+    assert runtime.arch_supported((9, 0), ["sm_80", "compute_80"])  # PTX compiled at load time
+    assert not runtime.arch_supported((6, 0), ["sm_70", "compute_70"])
 
 
 def test_session_clock():
     now = [0.0]
-    clock = kaggle.SessionClock(10, clock=lambda: now[0])
+    clock = runtime.SessionClock(10, clock=lambda: now[0])
     assert clock.train_args() == ["CELLKIT.TIME_BUDGET_MINUTES", "10.00"] and not clock.spent()
     now[0] = 9.5 * 60
     assert clock.train_args() is None                                   # under a minute left: next session
     now[0] = 10 * 60
     assert clock.spent()
-    assert kaggle.SessionClock(0).train_args() == [] and not kaggle.SessionClock(0).spent()
+    assert runtime.SessionClock(0).train_args() == [] and not runtime.SessionClock(0).spent()
     with pytest.raises(ValueError, match="TIME_BUDGET_MINUTES=-1"):
-        kaggle.SessionClock(-1)
+        runtime.SessionClock(-1)
 
 
 def test_restore_runs_from_an_earlier_session(tmp_path):
@@ -461,38 +461,38 @@ def test_restore_runs_from_an_earlier_session(tmp_path):
         touch(run / name, name)
     touch(run / "last_checkpoint", "model_0000999.pth")
     touch(earlier / "fold1" / "config.yaml")                 # never checkpointed: nothing to resume
-    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    env = runtime.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
     out = tmp_path / "kaggle" / "working"
-    restored = kaggle.restore_runs(out, env, ["fold0", "fold1"])
+    restored = runtime.restore_runs(out, env, ["fold0", "fold1"])
     assert restored == [out / "fold0"]
     assert sorted(p.name for p in (out / "fold0").iterdir()) == ["config.yaml", "last_checkpoint", "metrics.json",
                                                                  "model_0000999.pth", "model_best.pth"]
     assert (out / "folds.csv").is_file()
     touch(out / "fold0" / "last_checkpoint", "model_0001499.pth")
-    assert kaggle.restore_runs(out, env, ["fold0"]) == []       # this session's own run wins
-    assert kaggle.restore_runs(tmp_path / "other", env, ["fold0"], "none") == []
-    local = kaggle.detect_environment(tmp_path / "nowhere", environ={}, cwd=tmp_path)
-    assert kaggle.restore_runs(tmp_path / "o2", local, ["fold0"]) == []
-    assert kaggle.restore_runs(tmp_path / "o3", local, ["fold0"], str(earlier)) == [tmp_path / "o3" / "fold0"]
+    assert runtime.restore_runs(out, env, ["fold0"]) == []       # this session's own run wins
+    assert runtime.restore_runs(tmp_path / "other", env, ["fold0"], "none") == []
+    local = runtime.detect_environment(tmp_path / "nowhere", environ={}, cwd=tmp_path)
+    assert runtime.restore_runs(tmp_path / "o2", local, ["fold0"]) == []
+    assert runtime.restore_runs(tmp_path / "o3", local, ["fold0"], str(earlier)) == [tmp_path / "o3" / "fold0"]
 
 
 def test_presets_and_device():
-    assert kaggle.pretrain_preset("paper") == "paper_pretrain"
-    assert kaggle.pretrain_preset("demo") in ("demo", "demo_pretrain")
+    assert runtime.pretrain_preset("paper") == "paper_pretrain"
+    assert runtime.pretrain_preset("demo") in ("demo", "demo_pretrain")
     with pytest.raises(ValueError, match="PRESET='nope': unknown preset"):
-        kaggle.check_preset("nope")
-    assert kaggle.resolve_device("cpu") == "cpu"
-    assert kaggle.resolve_device("auto") in ("cpu", "cuda")
+        runtime.check_preset("nope")
+    assert runtime.resolve_device("cpu") == "cpu"
+    assert runtime.resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="DEVICE='tpu'"):
-        kaggle.resolve_device("tpu")
+        runtime.resolve_device("tpu")
 
 
 def test_prune_checkpoints_keeps_last_and_best(tmp_path):
     for name in ("model_0000249.pth", "model_0000499.pth", "model_0000749.pth", "model_best.pth", "metrics.json"):
         touch(tmp_path / name)
-    assert kaggle.prune_checkpoints(tmp_path) == []                        # no last_checkpoint: nothing known
+    assert runtime.prune_checkpoints(tmp_path) == []                        # no last_checkpoint: nothing known
     touch(tmp_path / "last_checkpoint", "model_0000749.pth")
-    deleted = kaggle.prune_checkpoints(tmp_path)
+    deleted = runtime.prune_checkpoints(tmp_path)
     assert [p.name for p in deleted] == ["model_0000249.pth", "model_0000499.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "metrics.json", "model_0000749.pth",
                                                           "model_best.pth"]
@@ -501,9 +501,9 @@ def test_prune_checkpoints_keeps_last_and_best(tmp_path):
 def test_starting_weights_never_come_from_an_earlier_sessions_fold(tmp_path):
     """With its own output attached to resume, the finetune kernel must not start fold 1 from fold 0's model."""
     touch(tmp_path / "kaggle" / "input" / "notebooks" / "me" / "cellkit-finetune" / "fold0" / "model_final.pth")
-    env = kaggle.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
-    args = dict(pattern="model_final.pth", prefer=kaggle.PRETRAINED_DATASET, optional=True)
-    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, **args) is not None      # what a plain search finds
-    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) is None
+    env = runtime.detect_environment(tmp_path, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, cwd=tmp_path)
+    args = dict(pattern="model_final.pth", prefer=runtime.PRETRAINED_DATASET, optional=True)
+    assert runtime.resolve_artifact("", env, "WEIGHTS", None, **args) is not None      # what a plain search finds
+    assert runtime.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) is None
     pretrained = touch(tmp_path / "kaggle" / "input" / "datasets" / "me" / "cellkit-pretrained" / "model_final.pth")
-    assert kaggle.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) == pretrained
+    assert runtime.resolve_artifact("", env, "WEIGHTS", None, exclude="fold*", **args) == pretrained

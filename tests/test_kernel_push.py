@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 import fake_kaggle
-from cellkit import kaggle
+from cellkit import runtime, publish
 from fake_kaggle import CREATE_DATASET, KAGGLE_CLI, SAVE_KERNEL, START_UPLOAD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,14 @@ THRESHOLDS = {
     "search": {"n_images": 4},
 }
 """A thresholds.json of a threshold search (``cellkit search``)."""
+
+_SCORES = {"naive": {"all": 0.2, "shsy5y": 0.1, "astro": None, "cort": 0.3},
+           "post-processed": {"all": 0.3, "shsy5y": 0.2, "astro": None, "cort": 0.4}}
+_ENTRY = {"n_images": {"all": 4, "shsy5y": 2, "astro": 0, "cort": 2}, "scores": _SCORES,
+          "n_truth_without_predictions": 0}
+CV = {"settings": ["naive", "post-processed"], "per_fold": [{"fold": 0, **_ENTRY}], "overall": _ENTRY,
+      "folds_without_predictions": [], "per_image": [{"id": f"i{k}", "fold": 0} for k in range(4)]}
+"""A ``cv.json`` of ``cellkit cv`` (:func:`cellkit.cv.cv_report`'s document, the keys its tables read)."""
 
 pytestmark = pytest.mark.skipif(not KAGGLE_CLI.exists(), reason="kaggle CLI not installed in this environment")
 
@@ -43,8 +52,8 @@ def push(folder: Path, server, home: Path):
 def kernels(tmp_path_factory) -> Path:
     """``make kernels`` for user ``tester``."""
     out = tmp_path_factory.mktemp("kernels")
-    for name in kaggle.KERNELS:
-        kaggle.render_kernel(name, ROOT / "notebooks", out, owner="tester")
+    for name in publish.KERNELS:
+        publish.render_kernel(name, ROOT / "notebooks", out, owner="tester")
     return out
 
 
@@ -59,32 +68,32 @@ def saved_kernel(server) -> dict:
     return calls[0]
 
 
-@pytest.mark.parametrize("name", sorted(kaggle.KERNELS))
+@pytest.mark.parametrize("name", sorted(publish.KERNELS))
 def test_push_every_kernel(name, kernels, server, tmp_path):
     result = push(kernels / name, server, tmp_path / "home")
     assert result.returncode == 0, result.stderr
     assert "successfully pushed" in result.stdout, result.stdout + result.stderr
     assert "Warning" not in result.stderr and "does not resolve" not in result.stdout, result.stdout + result.stderr
     request = saved_kernel(server)
-    spec = kaggle.KERNELS[name]
-    assert request["slug"] == f"tester/{kaggle.slugify(spec.title)}"        # the owner is the pushing user
+    spec = publish.KERNELS[name]
+    assert request["slug"] == f"tester/{publish.slugify(spec.title)}"        # the owner is the pushing user
     assert request["machineShape"] == "NvidiaTeslaT4" and request["enableGpu"] is True
     assert request["enableInternet"] is False
     assert request["datasetDataSources"] == [f"tester/{d}" for d in spec.datasets]
-    assert request.get("competitionDataSources", []) == ([kaggle.COMPETITION] if spec.competition else [])
+    assert request.get("competitionDataSources", []) == ([runtime.COMPETITION] if spec.competition else [])
     assert request.get("kernelDataSources", []) == []
     if spec.pin_image:
         assert request["dockerImagePinningType"] == "original"
     notebook = json.loads(request["text"])
     injected = next(c for c in notebook["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
     assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(injected["source"]).body}
-    assert assigned == kaggle.kernel_parameters(name)
+    assert assigned == publish.kernel_parameters(name)
     if "NUM_GPUS" in assigned:
         assert assigned["NUM_GPUS"] == 2                                    # both T4s train
 
 
 def test_push_resumable_kernel_attaches_its_own_output(server, tmp_path):
-    folder = kaggle.render_kernel("finetune", ROOT / "notebooks", tmp_path, owner="tester", resume=True)
+    folder = publish.render_kernel("finetune", ROOT / "notebooks", tmp_path, owner="tester", resume=True)
     assert push(folder, server, tmp_path / "home").returncode == 0
     assert saved_kernel(server)["kernelDataSources"] == ["tester/cellkit-finetune"]
 
@@ -102,8 +111,8 @@ def test_push_submission_kernel(kernel_copy, server, tmp_path):
     assert request["enableGpu"] is True
     assert request["competitionDataSources"] == ["sartorius-cell-instance-segmentation"]
     owner = meta["id"].split("/")[0]
-    assert set(request["datasetDataSources"]) == {f"{owner}/{kaggle.WHEELS_DATASET}",
-                                                  f"{owner}/{kaggle.WEIGHTS_DATASET}"}
+    assert set(request["datasetDataSources"]) == {f"{owner}/{runtime.WHEELS_DATASET}",
+                                                  f"{owner}/{runtime.WEIGHTS_DATASET}"}
     assert request["language"] == "python" and request["kernelType"] == "notebook"
 
     # The notebook text carries the Kaggle parameters injected by `make kernels` (papermill --prepare-only).
@@ -113,7 +122,7 @@ def test_push_submission_kernel(kernel_copy, server, tmp_path):
     source = injected[0]["source"]
     assert isinstance(source, str)                     # the CLI joins source lines: the server wants one string
     assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
-    assert assigned == kaggle.kernel_parameters("submission")
+    assert assigned == publish.kernel_parameters("submission")
     assert assigned["OUT_DIR"] == "/kaggle/working"
     assert all(c.get("outputs", []) == [] for c in notebook["cells"] if c["cell_type"] == "code")
 
@@ -162,9 +171,9 @@ def test_create_wheels_dataset(server, tmp_path):
         (wheels / name).write_bytes(b"PK" + name.encode())
     (wheels / ".cache").mkdir()
     (wheels / ".cache" / "sal_detectron2-0.7.2-cp310-none-any.whl").write_bytes(b"big")
-    kaggle.write_dataset_metadata(wheels, kaggle.wheels_dataset_metadata("tester"))
+    publish.write_dataset_metadata(wheels, publish.wheels_dataset_metadata("tester"))
     request = create_dataset(wheels, server, tmp_path / "home")
-    assert (request["ownerSlug"], request["slug"]) == ("tester", kaggle.WHEELS_DATASET)
+    assert (request["ownerSlug"], request["slug"]) == ("tester", runtime.WHEELS_DATASET)
     assert request["title"] == "cellkit wheels" and 20 <= len(request["subtitle"]) <= 80
     assert request["licenseName"] == "other" and request["isPrivate"] is True
     uploaded = {c["name"] for c in server.calls(START_UPLOAD)}
@@ -185,37 +194,39 @@ def test_create_weights_dataset(server, tmp_path):
     (run / "fold0" / "last_checkpoint").write_text("model_0000004.pth")
     (run / "fold0" / "metrics.json").write_text('{"iteration": 9, "cellkit/mAP": 0.25}\n')
     (run / "thresholds.json").write_text(json.dumps(THRESHOLDS))
-    out = kaggle.build_weights(run, tmp_path / "weights", "tester")
+    (run / "cv.json").write_text(json.dumps(CV))                # what `cellkit cv` (notebook 05) left in the run
+    out = publish.build_weights(run, tmp_path / "weights", "tester")
     assert sorted(p.name for p in (out / "fold0").iterdir()) == ["config.yaml", "model_best.pth"]
     state = torch.load(out / "fold0" / "model_best.pth", weights_only=False)
     assert set(state) == {"model", "iteration"} and state["iteration"] == 9 and not state["model"]["w"].any()
     readme = (out / "README.md").read_text()
-    assert "| searched thresholds | 0.3000 |" in readme and "0.2500 (iteration 9)" in readme
-    assert json.loads((out / "cv.json").read_text())["folds"] == [0]
+    assert "CV score on 4 out-of-fold images" in readme and "0.2500 (iteration 9)" in readme
+    assert re.search(r"\| +all \| post-processed +\| 0\.3000 \|", readme)        # cellkit cv's Table 2
+    assert json.loads((out / "cv.json").read_text()) == CV                     # `cellkit cv`'s document
 
     request = create_dataset(out, server, tmp_path / "home", "--dir-mode", "zip")
-    assert (request["ownerSlug"], request["slug"]) == ("tester", kaggle.WEIGHTS_DATASET)
+    assert (request["ownerSlug"], request["slug"]) == ("tester", runtime.WEIGHTS_DATASET)
     uploaded = {c["name"] for c in server.calls(START_UPLOAD)}
     assert uploaded == {"fold0.zip", "thresholds.json", "cv.json", "README.md"}
 
 
 def test_weights_need_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="RUN=.*no fold<K>/config.yaml"):
-        kaggle.build_weights(tmp_path, tmp_path / "w", "tester")
+        publish.build_weights(tmp_path, tmp_path / "w", "tester")
     (tmp_path / "fold0").mkdir()
     (tmp_path / "fold0" / "config.yaml").write_text("")
     with pytest.raises(FileNotFoundError, match="no thresholds.json"):
-        kaggle.build_weights(tmp_path, tmp_path / "w", "tester")
+        publish.build_weights(tmp_path, tmp_path / "w", "tester")
 
 
 def test_submit_the_kernel(server, tmp_path):
     """The README's last step: the code-competition submission of the pushed kernel's version."""
-    result = fake_kaggle.kaggle_cli(["competitions", "submit", kaggle.COMPETITION, "-k", "tester/cellkit-submission",
+    result = fake_kaggle.kaggle_cli(["competitions", "submit", runtime.COMPETITION, "-k", "tester/cellkit-submission",
                                      "-v", "7", "-f", "submission.csv", "-m", "cellkit"], server, tmp_path / "home")
     assert result.returncode == 0, result.stdout + result.stderr
     calls = server.calls(fake_kaggle.CODE_SUBMISSION)
     assert len(calls) == 1 and calls[0]["kernelSlug"] == "cellkit-submission"
-    assert calls[0]["competitionName"] == kaggle.COMPETITION and calls[0]["fileName"] == "submission.csv"
+    assert calls[0]["competitionName"] == runtime.COMPETITION and calls[0]["fileName"] == "submission.csv"
     assert calls[0]["kernelVersion"] == 7
 
 
@@ -224,11 +235,11 @@ def test_the_cli_rejects_what_cellkit_refuses(server, tmp_path):
     folder = tmp_path / "wheels"
     folder.mkdir()
     (folder / "x.whl").write_bytes(b"PK")
-    meta = {**kaggle.wheels_dataset_metadata("tester"),
+    meta = {**publish.wheels_dataset_metadata("tester"),
             "subtitle": "Offline wheels for cellkit's Kaggle kernels: cellkit, detectron2 (pure Python) and deps"}
     (folder / "dataset-metadata.json").write_text(json.dumps(meta))
     result = fake_kaggle.kaggle_cli(["datasets", "create", "-p", folder], server, tmp_path / "home")
     assert "Subtitle length must be between 20 and 80 characters" in result.stdout + result.stderr
     assert server.calls(CREATE_DATASET) == []
     with pytest.raises(ValueError, match="87 characters"):
-        kaggle.check_dataset_metadata(meta)
+        publish.check_dataset_metadata(meta)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellkit import kaggle
+from cellkit import runtime, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -119,7 +119,7 @@ def wheels_dataset(tmp_path_factory) -> Path:
     """``make wheels`` for this interpreter's Python (Kaggle's would be 3.12 and 3.13)."""
     out = tmp_path_factory.mktemp("rehearsal-wheels") / "wheels"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    kaggle.build_wheels(out, ROOT, OWNER, (version,))
+    publish.build_wheels(out, ROOT, OWNER, (version,))
     return out
 
 
@@ -140,7 +140,7 @@ def network_isolated(cmd: list) -> tuple[list, dict, str]:
 def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
     data, trained = tiny_run
     fs = tmp_path / "kaggle"
-    competition = fs / "input" / "competitions" / kaggle.COMPETITION
+    competition = fs / "input" / "competitions" / runtime.COMPETITION
     competition.mkdir(parents=True)
     for name in ("test", "train"):
         shutil.copytree(data / name, competition / name)
@@ -148,8 +148,8 @@ def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
         shutil.copy2(data / name, competition / name)
     datasets = fs / "input" / "datasets" / OWNER
     # what `kaggle datasets create` uploads (the CLI skips .cache/)
-    shutil.copytree(wheels_dataset, datasets / kaggle.WHEELS_DATASET, ignore=shutil.ignore_patterns(".cache"))
-    kaggle.build_weights(trained, datasets / kaggle.WEIGHTS_DATASET, OWNER)           # make weights
+    shutil.copytree(wheels_dataset, datasets / runtime.WHEELS_DATASET, ignore=shutil.ignore_patterns(".cache"))
+    publish.build_weights(trained, datasets / runtime.WEIGHTS_DATASET, OWNER)           # make weights
     (fs / "working").mkdir()
 
     python = image_environment(tmp_path / "image")
@@ -161,11 +161,11 @@ def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
                                 env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
         assert absent.returncode != 0, f"the stand-in image must not have {module}"
 
-    kernel = kaggle.render_kernel("submission", ROOT / "notebooks", tmp_path / "kernels", OWNER)   # make kernels
+    kernel = publish.render_kernel("submission", ROOT / "notebooks", tmp_path / "kernels", OWNER)   # make kernels
     executed = fs / "working" / "submission.executed.ipynb"
     # Kaggle's GPU is not here: CPU; every other parameter is the kernel's own (papermill replaces the injected
     # cell, so they are all passed again). The passes come from thresholds.json: those of the OOF predictions.
-    params = {**kaggle.kernel_parameters("submission"), "DEVICE": "cpu"}
+    params = {**publish.kernel_parameters("submission"), "DEVICE": "cpu"}
     assert params["OUT_DIR"] == "/kaggle/working"
     cmd = [str(python), "-m", "papermill", str(kernel / "submission.ipynb"), str(executed),
            "-y", json.dumps(params), "--cwd", str(fs / "working"), "--no-progress-bar"]
@@ -174,7 +174,7 @@ def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "JUPYTER_PATH", "JUPYTER_DATA_DIR") and "PROXY" not in k.upper()}
     env.update(extra, HOME=str(tmp_path / "home"), JUPYTER_PATH=str(tmp_path / "jupyter"), KAGGLE_KERNEL_RUN_TYPE="Batch", MPLBACKEND="Agg",
                PYTHONNOUSERSITE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CACHE_DIR=str(tmp_path / "pip-cache"),
-               **{kaggle.KAGGLE_ROOT_VARIABLE: str(fs)})
+               **{runtime.KAGGLE_ROOT_VARIABLE: str(fs)})
     (tmp_path / "home").mkdir()
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=fs / "working")
@@ -198,7 +198,7 @@ def test_offline_submission_kernel(tmp_path, tiny_run, wheels_dataset):
     nb = nbformat.read(executed, as_version=4)
     assert nb.metadata.papermill.get("exception") is not True
     log = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "kaggle run" in log and str(datasets / kaggle.WEIGHTS_DATASET / "fold0") in log
+    assert "kaggle run" in log and str(datasets / runtime.WEIGHTS_DATASET / "fold0") in log
 
 
 def test_upload_both_datasets_with_the_real_cli(tmp_path, tiny_run, wheels_dataset):
@@ -206,9 +206,9 @@ def test_upload_both_datasets_with_the_real_cli(tmp_path, tiny_run, wheels_datas
     fake_kaggle = pytest.importorskip("fake_kaggle")
     if not fake_kaggle.KAGGLE_CLI.exists():
         pytest.skip("kaggle CLI not installed in this environment")
-    weights = kaggle.build_weights(tiny_run[1], tmp_path / "weights", OWNER)
-    for folder, extra, slug in ((wheels_dataset, [], kaggle.WHEELS_DATASET),
-                                (weights, ["--dir-mode", "zip"], kaggle.WEIGHTS_DATASET)):
+    weights = publish.build_weights(tiny_run[1], tmp_path / "weights", OWNER)
+    for folder, extra, slug in ((wheels_dataset, [], runtime.WHEELS_DATASET),
+                                (weights, ["--dir-mode", "zip"], runtime.WEIGHTS_DATASET)):
         server = fake_kaggle.serve()
         try:
             result = fake_kaggle.kaggle_cli(["datasets", "create", "-p", folder, *extra], server, tmp_path / "home")
@@ -220,6 +220,6 @@ def test_upload_both_datasets_with_the_real_cli(tmp_path, tiny_run, wheels_datas
             server.shutdown()
             server.server_close()
         files = {p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != "dataset-metadata.json"}
-        if slug == kaggle.WEIGHTS_DATASET:
+        if slug == runtime.WEIGHTS_DATASET:
             files = {f"{n}.zip" if (folder / n).is_dir() else n for n in files}
         assert uploaded == files, slug

@@ -1,4 +1,4 @@
-"""Where a notebook runs (Kaggle, Colab, local), where its inputs are, and the Kaggle kernels and datasets.
+"""What the notebooks import to run anywhere: where they run (Kaggle, Colab, local), where their inputs are.
 
 Environments (:func:`detect_environment`; variables first, then folders):
 
@@ -12,29 +12,24 @@ Environments (:func:`detect_environment`; variables first, then folders):
 - **local**: the project checkout; relative paths resolve against the current directory, then the project root
   (so a notebook opened from ``notebooks/`` finds ``data/demo`` like one run by papermill from the root).
 
-Kernels (``kernels/<name>/``, rendered, not committed): :data:`KERNELS` holds each kernel's notebook, Kaggle
-parameters and metadata; ``python -m cellkit.kaggle kernels`` renders them for the user of :func:`resolve_owner`
-(``make kernels``). ``python -m cellkit.kaggle wheels`` builds the offline wheel set (``make wheels``) that the
-kernels install with ``pip install --no-index``; ``python -m cellkit.kaggle weights`` builds the weights dataset of a
-finished run (``make weights``). ``tests/test_rehearsal.py`` runs the rendered submission kernel offline on both.
+Besides: notebook parameters to paths, preset and device checks, installing missing packages, the session clock and
+resuming an earlier session's runs (the run-directory files themselves: :mod:`cellkit.rundir`). The kernels and
+datasets cellkit publishes are :mod:`cellkit.publish`'s (never imported here).
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import json
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cellkit import atomic, rundir
-from cellkit.rundir import prune_checkpoints  # noqa: F401  (the training notebooks call kaggle.prune_checkpoints)
+from cellkit import rundir
+from cellkit.rundir import prune_checkpoints  # noqa: F401  (the training notebooks call runtime.prune_checkpoints)
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 """The competition's slug: its Kaggle mount folder name and the kernels' ``competition_sources``."""
@@ -163,21 +158,14 @@ _LISTINGS: dict[tuple[str, int], list[tuple[Path, frozenset]]] = {}
 
 
 def _scan(root: Path, max_depth: int) -> list[tuple[Path, frozenset]]:
-    """Breadth-first ``(folder, names of its entries)`` for ``root`` and its sub-folders up to ``max_depth`` levels
-    (sorted, hidden entries skipped)."""
-    if not root.is_dir():
-        return []
-    listing, queue = [], [(root, 0)]
-    while queue:
-        folder, depth = queue.pop(0)
-        try:
-            entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-        except (PermissionError, FileNotFoundError):
-            continue
-        listing.append((folder, frozenset(e.name for e in entries)))
-        if depth < max_depth:
-            queue.extend((Path(e.path), depth + 1) for e in entries if e.is_dir())
-    return listing
+    """``(folder, names of its entries)`` for ``root`` and its sub-folders up to ``max_depth`` levels, breadth-first
+    (shallowest first, sorted by name within a level; hidden entries skipped, unreadable folders left out)."""
+    listing = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        depth = len(Path(folder).relative_to(root).parts)
+        listing.append((Path(folder), frozenset(n for n in dirs + files if not n.startswith("."))))
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if depth < max_depth else []
+    return sorted(listing, key=lambda item: (len(item[0].parts), item[0].parts))
 
 
 def input_listing(root: Path, max_depth: int = MAX_SEARCH_DEPTH) -> list[tuple[Path, frozenset]]:
@@ -328,7 +316,7 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
     if not path.is_absolute():
         base = env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()
         path = base / path
-    if env.inputs_read_only and any(_is_under(path, r) for r in env.input_roots):
+    if env.inputs_read_only and any(path.resolve().is_relative_to(r.resolve()) for r in env.input_roots):
         raise PermissionError(f"{parameter}={value!r}: {path} is on Kaggle's read-only input mount; "
                               f"write under {env.working_dir}")
     path.mkdir(parents=True, exist_ok=True)
@@ -464,12 +452,9 @@ def pretrain_preset(preset: str) -> str:
     Raises:
         ValueError: ``preset`` is neither a known preset nor a YAML file (naming ``PRESET``).
     """
-    from cellkit.config import preset_names, preset_path
+    from cellkit.config import preset_names
 
-    try:
-        preset_path(preset)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ValueError(f"PRESET={preset!r}: {exc}") from None
+    check_preset(preset)
     return f"{preset}_pretrain" if f"{preset}_pretrain" in preset_names() else preset
 
 
@@ -552,14 +537,6 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
         f"torch {torch.__version__} (built for {', '.join(archs)}): the first CUDA operation would fail. Choose "
         f"another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata machine_shape {DEFAULT_MACHINE_SHAPE!r}, "
         f"`make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or DEVICE='cpu'")
-
-
-def _is_under(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,241 +626,16 @@ def install_missing(env: Environment, wheels_dir: str = "", run: bool = True) ->
     return cmd
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Owner and machine
-# ----------------------------------------------------------------------------------------------------------------
-def resolve_owner(value: str | None = None, environ: Mapping[str, str] | None = None,
-                  home: Path | None = None) -> str:
-    """The Kaggle user owning the kernels and datasets cellkit renders.
-
-    Order: ``value`` (``--owner``, ``make ... KAGGLE_USER=``), ``KAGGLE_USERNAME``, then the ``username`` of the
-    API token ``kaggle.json`` in ``$KAGGLE_CONFIG_DIR`` or ``~/.kaggle`` (what the kaggle CLI itself uses).
-
-    Raises:
-        ValueError: no owner anywhere, a token without ``username``, or a name that is not a Kaggle user name.
-    """
-    environ = os.environ if environ is None else environ
-    owner, origin = value, "--owner"
-    if not owner and environ.get("KAGGLE_USERNAME"):
-        owner, origin = environ["KAGGLE_USERNAME"], "KAGGLE_USERNAME"
-    if not owner:
-        config_dir = Path(environ["KAGGLE_CONFIG_DIR"]) if environ.get("KAGGLE_CONFIG_DIR") else \
-            Path(home or Path.home()) / ".kaggle"
-        token = config_dir / "kaggle.json"
-        if not token.is_file():
-            raise ValueError(f"no Kaggle user to own the kernels and datasets: set KAGGLE_USERNAME, put your API "
-                             f"token at {token} (kaggle.com > Settings > API > Create New Token) or pass "
-                             f"KAGGLE_USER=<name> to make")
-        try:
-            owner = json.loads(token.read_text(encoding="utf-8")).get("username", "")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"{token}: not a Kaggle API token ({exc})") from None
-        origin = str(token)
-        if not owner:
-            raise ValueError(f"{token}: no 'username' in the Kaggle API token")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}", owner):
-        raise ValueError(f"Kaggle user {owner!r} (from {origin}): not a Kaggle user name")
-    return owner
-
-
 DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"
 """Kaggle's "GPU T4 x2" (two 16 GB T4s, sm_75), the default GPU of today's image."""
-
-MACHINE_GPUS = {"NvidiaTeslaT4": 2}
-"""GPUs per machine shape, for the training kernels' ``NUM_GPUS`` (a shape not listed: 1)."""
-
-RETIRED_MACHINE_SHAPES = {"NvidiaTeslaP100": "its sm_60 is not supported by the image's torch"}
-"""Shapes cellkit refuses to render (the kaggle CLI only warns about them)."""
-
-
-def check_machine_shape(shape: str) -> str:
-    """Return ``shape`` when a GPU kernel may run on it.
-
-    Raises:
-        ValueError: naming ``MACHINE_SHAPE`` for an empty or retired shape.
-    """
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", shape or ""):
-        raise ValueError(f"MACHINE_SHAPE={shape!r}: expected a Kaggle machine shape such as "
-                         f"{DEFAULT_MACHINE_SHAPE!r} (GPU T4 x2)")
-    if shape in RETIRED_MACHINE_SHAPES:
-        raise ValueError(f"MACHINE_SHAPE={shape!r}: {RETIRED_MACHINE_SHAPES[shape]}; use {DEFAULT_MACHINE_SHAPE!r} "
-                         f"(GPU T4 x2)")
-    return shape
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KernelSpec:
-    """One Kaggle kernel: which notebook it runs, with which parameters, on which inputs.
-
-    Attributes:
-        notebook: file name in ``notebooks/``.
-        title: kernel title (its slug is derived from it and must match the metadata id).
-        parameters: papermill parameters injected for Kaggle (empty strings mean "find it by glob"); a training
-            kernel's ``NUM_GPUS`` is replaced by the machine's GPU count at rendering.
-        datasets: dataset slugs (owner added at rendering) attached as inputs.
-        competition: attach the competition's data.
-        gpu: run on a GPU.
-        internet: internet access (a submission kernel must have none).
-        pin_image: pin the docker image of the kernel's first run (``docker_image_pinning_type: original``), so
-            that the rerun on the hidden test set runs the image the wheels were built and tested for.
-        resumable: the kernel trains in chunks: rendered with ``--resume`` it attaches its own previous output
-            (``kernel_sources``) and continues from it.
-    """
-
-    notebook: str
-    title: str
-    parameters: dict = field(default_factory=dict)
-    datasets: tuple[str, ...] = ()
-    competition: bool = True
-    gpu: bool = True
-    internet: bool = False
-    pin_image: bool = False
-    resumable: bool = False
-
-
-SESSION_MINUTES = 12 * 60
-"""Kaggle's limit on one GPU session (a code competition's submission run: 9 h)."""
-
-KERNELS: dict[str, KernelSpec] = {
-    "submission": KernelSpec(
-        notebook="06_submission.ipynb",
-        title="cellkit submission",
-        parameters={"DATA_DIR": "", "OUT_DIR": "/kaggle/working", "RUNS": "", "THRESHOLDS": "",
-                    "WHEELS_DIR": "", "DEVICE": "cuda", "SMOKE": False},
-        datasets=(WHEELS_DATASET, WEIGHTS_DATASET),
-        pin_image=True,
-    ),
-    "finetune": KernelSpec(
-        notebook="04_finetune.ipynb",
-        title="cellkit finetune",
-        # 600 of the session's 720 minutes train; the rest predicts the held-out images and saves the output.
-        parameters={"DATA_DIR": "", "OUT_DIR": "/kaggle/working", "PRESET": "paper", "FOLDS": "0,1,2,3,4",
-                    "TIME_BUDGET_MINUTES": 600, "NUM_GPUS": 1, "RESUME_DIR": "", "WEIGHTS": "", "WHEELS_DIR": "",
-                    "DEVICE": "cuda", "SMOKE": False},
-        datasets=(WHEELS_DATASET, PRETRAINED_DATASET),
-        resumable=True,
-    ),
-    "pretrain": KernelSpec(
-        notebook="03_pretrain.ipynb",
-        title="cellkit pretrain",
-        parameters={"LIVECELL_DIR": "", "OUT_DIR": "/kaggle/working", "PRESET": "paper", "TIME_BUDGET_MINUTES": 660,
-                    "NUM_GPUS": 1, "RESUME_DIR": "", "WEIGHTS": "", "WHEELS_DIR": "", "DEVICE": "cuda",
-                    "SMOKE": False},
-        # LIVECell comes with the competition's data (LIVECell_dataset_2021/), found by resolve_livecell
-        datasets=(WHEELS_DATASET, PRETRAINED_DATASET),
-        resumable=True,
-    ),
-}
-"""The kernels ``make kernels`` renders into ``kernels/<name>/``."""
-
-
-def slugify(title: str) -> str:
-    """Kaggle's slug of a title: lower case, runs of non-alphanumerics become one ``-``."""
-    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-
-
-def kernel_metadata(name: str, owner: str, machine_shape: str = DEFAULT_MACHINE_SHAPE, resume: bool = False) -> dict:
-    """Return ``kernel-metadata.json`` for kernel ``name`` (every key explicit, ``enable_internet`` included).
-
-    The kaggle CLI defaults ``enable_internet`` to true when the key is absent, which a code competition rejects,
-    so it is always written. A GPU kernel names its ``machine_shape``: without one Kaggle may give a P100.
-
-    Args:
-        name: a key of :data:`KERNELS`.
-        owner: the Kaggle user (:func:`resolve_owner`).
-        machine_shape: the GPU (:func:`check_machine_shape`).
-        resume: a resumable kernel attaches its own previous output (``kernel_sources``).
-    """
-    spec = KERNELS[name]
-    kernel_id = f"{owner}/{slugify(spec.title)}"
-    meta = {
-        "id": kernel_id,
-        "title": spec.title,
-        "code_file": f"{name}.ipynb",
-        "language": "python",
-        "kernel_type": "notebook",
-        "is_private": True,
-        "enable_gpu": spec.gpu,
-        "enable_tpu": False,
-        "enable_internet": spec.internet,
-        "dataset_sources": [f"{owner}/{slug}" for slug in spec.datasets],
-        "competition_sources": [COMPETITION] if spec.competition else [],
-        "kernel_sources": [kernel_id] if (resume and spec.resumable) else [],
-        "model_sources": [],
-    }
-    if spec.gpu:
-        meta["machine_shape"] = check_machine_shape(machine_shape)
-    if spec.pin_image:
-        meta["docker_image_pinning_type"] = "original"
-    return meta
-
-
-def kernel_parameters(name: str, machine_shape: str = DEFAULT_MACHINE_SHAPE, num_gpus: int | None = None) -> dict:
-    """The papermill parameters of kernel ``name``: :data:`KERNELS`' with ``NUM_GPUS`` set for the machine."""
-    params = dict(KERNELS[name].parameters)
-    if "NUM_GPUS" in params:
-        gpus = MACHINE_GPUS.get(machine_shape, 1) if num_gpus is None else int(num_gpus)
-        if gpus < 1:
-            raise ValueError(f"NUM_GPUS={num_gpus!r}: must be >= 1")
-        params["NUM_GPUS"] = gpus
-    return params
-
-
-def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
-                  machine_shape: str = DEFAULT_MACHINE_SHAPE, num_gpus: int | None = None,
-                  resume: bool = False) -> Path:
-    """Write ``kernels/<name>/kernel-metadata.json`` and ``<name>.ipynb`` (the notebook with Kaggle parameters).
-
-    The notebook is rendered with ``papermill`` ``prepare_only`` (parameters injected, nothing executed).
-
-    Returns:
-        The kernel folder.
-    """
-    import papermill as pm
-
-    spec = KERNELS[name]
-    meta = kernel_metadata(name, owner, machine_shape, resume)
-    params = kernel_parameters(name, machine_shape, num_gpus)
-    source = Path(notebooks_dir) / spec.notebook
-    if not source.is_file():
-        raise FileNotFoundError(f"kernel {name}: notebook {source} not found")
-    folder = Path(kernels_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(folder / meta["code_file"], suffix=".ipynb") as tmp:
-        pm.execute_notebook(str(source), str(tmp), parameters=params, prepare_only=True,
-                            kernel_name="python3", progress_bar=False, log_output=False)
-        _make_reproducible(tmp, f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
-    atomic.write_json(folder / "kernel-metadata.json", meta)
-    return folder
-
-
-def _make_reproducible(path: Path, input_path: str, output_path: str) -> None:
-    """Make a papermill-rendered notebook byte-identical across renderings.
-
-    papermill gives the injected cell a random id and records absolute (temporary) paths; the id becomes
-    ``injected-parameters`` and the paths repository-relative.
-    """
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.id = "injected-parameters"
-    nb.metadata.setdefault("papermill", {}).update(input_path=input_path, output_path=output_path)
-    nbformat.write(nb, path)
-
 
 def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_dir: str = "") -> list[Path]:
     """Copy the runs an earlier Kaggle session left (its output attached with ``kernel_sources``) into ``out_dir``,
     so that ``cellkit train --resume`` continues them.
 
-    A run ``out_dir/<name>`` that already holds ``last_checkpoint`` is kept. From the earlier run only what resuming
-    needs is copied: ``config.yaml``, ``last_checkpoint`` and the checkpoint it names, ``model_best.pth`` and the
-    small files (logs, metrics); older ``model_*.pth`` are not. A ``folds.csv`` beside the runs comes too, so that
-    every session trains on the same split.
+    A run ``out_dir/<name>`` that can already resume (:func:`cellkit.rundir.last_checkpoint`) is kept; an earlier
+    run (a folder named ``<name>`` holding :data:`cellkit.rundir.LAST` and :data:`cellkit.rundir.CONFIG`) is copied
+    by :func:`cellkit.rundir.copy_for_resume` (what resuming needs and the split, not the older checkpoints).
 
     Args:
         out_dir: this session's run directory.
@@ -952,240 +704,6 @@ class SessionClock:
         return left is not None and left <= 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Datasets cellkit makes: metadata
-# ----------------------------------------------------------------------------------------------------------------
-DATASET_LICENSES = ("CC0-1.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "CC-BY-4.0", "CC-BY-NC-4.0", "GPL-2.0",
-                    "GPL-3.0", "LGPL-3.0", "AGPL-3.0", "ODbL-1.0", "DbCL-1.0", "Apache-2.0", "MIT", "BSD-3-Clause",
-                    "other", "unknown")
-"""Licence names ``dataset-metadata.json`` may carry (``kaggle datasets create`` wants exactly one)."""
-
-
-def check_dataset_metadata(meta: Mapping) -> dict:
-    """Check a ``dataset-metadata.json`` against what ``kaggle datasets create`` and Kaggle accept.
-
-    The CLI's own checks: ``id`` ``owner/slug`` with a 6-50 character slug, a 6-50 character title, a 20-80
-    character subtitle, exactly one licence. Kaggle's: the slug is lower-case letters, digits and hyphens.
-
-    Raises:
-        ValueError: naming the field and its rule.
-    """
-    ref = str(meta.get("id", ""))
-    owner, _, slug = ref.partition("/")
-    if not owner or not slug:
-        raise ValueError(f"dataset-metadata.json id {ref!r}: expected 'owner/slug'")
-    if not 6 <= len(slug) <= 50 or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug):
-        raise ValueError(f"dataset-metadata.json id {ref!r}: the slug must be 6-50 lower-case letters, digits and "
-                         f"single hyphens")
-    title = str(meta.get("title", ""))
-    if not 6 <= len(title) <= 50:
-        raise ValueError(f"dataset-metadata.json title {title!r}: {len(title)} characters, must be 6-50")
-    subtitle = meta.get("subtitle")
-    if subtitle is not None and not 20 <= len(subtitle) <= 80:
-        raise ValueError(f"dataset-metadata.json subtitle {subtitle!r}: {len(subtitle)} characters, must be 20-80")
-    licenses = meta.get("licenses") or []
-    if len(licenses) != 1 or licenses[0].get("name") not in DATASET_LICENSES:
-        raise ValueError(f"dataset-metadata.json licenses {licenses!r}: exactly one of {', '.join(DATASET_LICENSES)}")
-    return dict(meta)
-
-
-def write_dataset_metadata(folder: Path, meta: Mapping) -> Path:
-    """Check and write ``folder/dataset-metadata.json``."""
-    return atomic.write_json(Path(folder) / "dataset-metadata.json", check_dataset_metadata(meta))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Offline wheels dataset
-# ----------------------------------------------------------------------------------------------------------------
-PURE_PYTHON_WHEELS = ("fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime",
-                      "portalocker", "termcolor", "tabulate", "cloudpickle")
-"""Pure-Python distributions Kaggle's image lacks (built or downloaded once with ``pip wheel --no-deps``).
-
-setuptools is not shipped: the image's (``>=70,<82``) still has ``pkg_resources``, which detectron2.model_zoo needs.
-"""
-
-BINARY_WHEELS = ("pycocotools",)
-"""Compiled distributions, downloaded per Python version for Kaggle's platform."""
-
-KAGGLE_PYTHONS = ("3.12", "3.13")
-"""Python versions the wheel set serves: Kaggle's image (3.12 since December 2025) and the next one (Colab's 3.13)."""
-
-KAGGLE_PLATFORM = "manylinux2014_x86_64"
-"""Kaggle's platform tag."""
-
-
-def installed_version(dist: str) -> str | None:
-    """The version of ``dist`` in this interpreter, or None."""
-    from importlib import metadata
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def pinned(dist: str) -> str:
-    """``dist==<installed version>`` (the versions this checkout was tested with), or ``dist`` when not installed."""
-    version = installed_version(dist)
-    return f"{dist}=={version}" if version else dist
-
-
-def parse_python_versions(value: str | Sequence[str]) -> tuple[str, ...]:
-    """``"3.12,3.13"`` -> ``("3.12", "3.13")``.
-
-    Raises:
-        ValueError: naming ``--python-versions`` for anything but ``3.N`` versions.
-    """
-    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    if not items or not all(re.fullmatch(r"3\.\d{1,2}", v) for v in items):
-        raise ValueError(f"--python-versions {value!r}: expected versions like 3.12,3.13")
-    return tuple(dict.fromkeys(items))
-
-
-def wheels_dataset_metadata(owner: str, python_versions: Sequence[str] = KAGGLE_PYTHONS) -> dict:
-    """``dataset-metadata.json`` for ``kaggle datasets create -p wheels`` (checked)."""
-    return check_dataset_metadata({
-        "title": "cellkit wheels", "id": f"{owner}/{WHEELS_DATASET}",
-        "subtitle": f"Offline wheels for the cellkit kernels, Python {' and '.join(python_versions)}",
-        "licenses": [{"name": "other"}]})
-
-
-def wheel_commands(out: Path, python_versions: Sequence[str] = KAGGLE_PYTHONS,
-                   platform: str = KAGGLE_PLATFORM) -> list[list[str]]:
-    """The pip commands that fill ``out`` with the third-party wheels: the pure-Python ones once, then the binary
-    ones for each of ``python_versions`` on ``platform``.
-    """
-    pip = [sys.executable, "-m", "pip"]
-    pure = [pip + ["wheel", "--no-deps", "--wheel-dir", str(out), *(pinned(d) for d in PURE_PYTHON_WHEELS)]]
-    binary = [pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", version,
-                     "--platform", platform, "--implementation", "cp", "--dest", str(out), pinned(d)]
-              for version in python_versions for d in BINARY_WHEELS]
-    return pure + binary
-
-
-def build_wheels(out: Path, project_root: Path, owner: str, python_versions: Sequence[str] = KAGGLE_PYTHONS,
-                 platform: str = KAGGLE_PLATFORM) -> list[Path]:
-    """Build the offline wheel set into ``out``: cellkit, the pure-Python detectron2, third-party deps, metadata.
-
-    The folder is flat (pip's ``--find-links`` picks each interpreter's binary wheel), so it uploads without
-    ``--dir-mode``; the detectron2 download cache in ``out/.cache`` is one of the CLI's default ignore patterns.
-
-    Returns:
-        The wheel files in ``out``.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = wheels_dataset_metadata(owner, python_versions)   # checked before minutes of building
-    d2 = [sys.executable, str(project_root / "scripts" / "build_detectron2_wheel.py"), "--out", str(out),
-          "--cache", str(out / ".cache")]
-    own = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out),
-           str(project_root)]
-    for cmd in [d2, own, *wheel_commands(out, python_versions, platform)]:
-        if cmd is own:  # setuptools reuses build/lib: a module deleted since the last build would ship again
-            shutil.rmtree(project_root / "build" / "lib", ignore_errors=True)
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-    write_dataset_metadata(out, meta)
-    return sorted(out.glob("*.whl"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights dataset
-# ----------------------------------------------------------------------------------------------------------------
-def weights_dataset_metadata(owner: str) -> dict:
-    """``dataset-metadata.json`` for ``kaggle datasets create -p weights --dir-mode zip`` (checked)."""
-    return check_dataset_metadata({
-        "title": "cellkit weights", "id": f"{owner}/{WEIGHTS_DATASET}",
-        "subtitle": "cellkit fold models, thresholds and CV score for the Sartorius kernel",
-        "licenses": [{"name": "other"}]})
-
-
-def _model_only(source: Path, target: Path) -> int | None:
-    """Write ``source``'s model weights alone (no optimizer, scheduler or hook state) to ``target``; returns the
-    checkpoint's iteration."""
-    import torch
-
-    state = torch.load(source, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{source}: not a detectron2 checkpoint (no 'model' entry)")
-    iteration = state.get("iteration")
-    with atomic.atomic_path(target, suffix=".pth") as tmp:
-        torch.save({"model": state["model"], "iteration": iteration}, tmp)
-    return iteration
-
-
-def cv_document(run: Path) -> dict:
-    """``cv.json`` of a finished run: the CV score of the threshold search (``thresholds.json``) and its folds."""
-    from cellkit.chain import cv_summary, fold_runs
-
-    doc = cv_summary(run)
-    return {"metric": doc["metric"], "n_images": doc.get("search", {}).get("n_images"),
-            "folds": [int(f.name[4:]) for f in fold_runs(run)]}
-
-
-def cv_table(cv: Mapping, folds: Sequence[Mapping]) -> str:
-    """The weights dataset's README table: CV mAP per class (seed thresholds / searched), then the folds."""
-    after, before = cv["metric"]["after"], cv["metric"]["before"]
-    classes = sorted(set(after.get("per_class", {})) | set(before.get("per_class", {})))
-
-    def fmt(value):
-        return "-" if value is None else f"{value:.4f}"
-
-    lines = ["| | mAP | " + " | ".join(classes) + " |", "|---|---:|" + "---:|" * len(classes)]
-    for label, doc in (("seed thresholds", before), ("searched thresholds", after)):
-        lines.append(f"| {label} | {fmt(doc.get('mAP'))} | "
-                     + " | ".join(fmt(doc.get("per_class", {}).get(c)) for c in classes) + " |")
-    lines += ["", "| fold | checkpoint | iteration | best validation mAP |", "|---:|---|---:|---:|"]
-    for f in folds:
-        best = f["best"]
-        lines.append(f"| {f['fold']} | {f['checkpoint']} | {f['iteration']} | "
-                     f"{'-' if best is None else f'{best[0]:.4f} (iteration {best[1]})'} |")
-    return "\n".join(lines)
-
-
-def build_weights(run: Path, out: Path, owner: str) -> Path:
-    """Build the weights dataset the submission kernel attaches from a finished run (``cellkit chain``).
-
-    ``out`` gets, per fold, ``fold<K>/config.yaml`` and ``fold<K>/model_best.pth`` (the run's best checkpoint --
-    ``model_best.pth``, else ``model_final.pth`` -- reduced to its model weights; no other checkpoint), then
-    ``thresholds.json``, ``cv.json``, a ``README.md`` with the CV table and ``dataset-metadata.json``. The folds are
-    folders: upload with ``kaggle datasets create -p OUT --dir-mode zip`` (Kaggle unpacks each into its folder).
-
-    Raises:
-        FileNotFoundError: naming ``RUN`` when the run has no fold with a checkpoint or no thresholds.json.
-    """
-    run, out = Path(run), Path(out)
-    meta = weights_dataset_metadata(owner)
-    folds = rundir.fold_runs(run) if run.is_dir() else []
-    if not folds:
-        raise FileNotFoundError(f"RUN={str(run)!r}: no fold<K>/config.yaml (a run of `cellkit chain` or the "
-                                f"finetune notebook)")
-    if not (run / "thresholds.json").is_file():
-        raise FileNotFoundError(f"RUN={str(run)!r}: no thresholds.json (run the threshold search first)")
-    cv = cv_document(run)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for fold_dir in folds:
-        checkpoint = rundir.run_weights(fold_dir)
-        target = out / fold_dir.name
-        target.mkdir(exist_ok=True)
-        for stale in target.glob("*.pth"):
-            stale.unlink()
-        shutil.copy2(fold_dir / rundir.CONFIG, target / rundir.CONFIG)
-        iteration = _model_only(checkpoint, target / rundir.BEST)
-        rows.append({"fold": int(fold_dir.name[4:]), "checkpoint": checkpoint.name, "iteration": iteration,
-                     "best": rundir.best_metric(fold_dir / rundir.METRICS)})
-    shutil.copy2(run / "thresholds.json", out / "thresholds.json")
-    atomic.write_json(out / "cv.json", cv)
-    n = f" on {cv['n_images']} out-of-fold images" if cv.get("n_images") else ""
-    atomic.write_text(out / "README.md",
-                      f"# cellkit weights\n\nTrained by cellkit from the run `{run.name}`: one folder per fold "
-                      f"(`config.yaml`, `model_best.pth`: model weights only), the class-wise post-processing "
-                      f"(`thresholds.json`) and the CV score (`cv.json`).\n\n## CV score{n}\n\n"
-                      f"{cv_table(cv, rows)}\n")
-    write_dataset_metadata(out, meta)
-    return out
-
-
 def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path] = ()) -> list[Path]:
     """Resolve the submission notebook's ``RUNS``: the fold models the test images are predicted with (an ensemble).
 
@@ -1197,8 +715,6 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     Raises:
         FileNotFoundError: naming ``RUNS``.
     """
-    from cellkit.rundir import fold_runs
-
     if value:
         runs: list[Path] = []
         for item in (v.strip() for v in str(value).split(",")):
@@ -1208,14 +724,11 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
                 pattern = str(kaggle_path(os.path.expanduser(item)))
                 bases = [""] if os.path.isabs(pattern) else [
                     str(Path.cwd()), *([str(env.project_root)] if env.project_root else []), *map(str, env.input_roots)]
-                found: list[Path] = []
-                for base in bases:  # the first place where the glob matches, as resolve_input tries them
-                    found = sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern))
-                                   if rundir.is_run(p))
-                    if found:
-                        break
+                matches = (sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern)) if rundir.is_run(p))
+                           for base in bases)
+                found = next((m for m in matches if m), [])  # the first place where it matches, as resolve_input
                 if not found:
-                    raise FileNotFoundError(f"RUNS={value!r}: {item!r} matches no run directory (config.yaml)")
+                    raise FileNotFoundError(f"RUNS={value!r}: {item!r} matches no run directory ({rundir.CONFIG})")
                 runs += [p for p in found if p not in runs]
             else:
                 runs.append(resolve_input(item, env, "RUNS"))
@@ -1226,66 +739,11 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     if default:
         return default
     try:
-        dataset = _pick(find_dirs(env.input_roots, ("thresholds.json", "fold*/config.yaml")), "weights dataset "
-                        "(thresholds.json and fold*/config.yaml)", env.input_roots, WEIGHTS_DATASET)
+        markers = ("thresholds.json", f"fold*/{rundir.CONFIG}")
+        dataset = _pick(find_dirs(env.input_roots, markers), f"weights dataset ({' and '.join(markers)})",
+                        env.input_roots, WEIGHTS_DATASET)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"RUNS='' (auto): no fold<K> in the run directory and {exc}; attach the "
                                 f"{WEIGHTS_DATASET} dataset (make weights) or pass RUNS") from None
-    return fold_runs(dataset)
+    return rundir.fold_runs(dataset)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# python -m cellkit.kaggle {kernels,wheels,weights}
-# ----------------------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cellkit.kaggle kernels|wheels|weights``: render the kernels (``make kernels``), build the wheels
-    dataset (``make wheels``) or the weights dataset (``make weights``)."""
-    root = Path(__file__).resolve().parents[1]
-    parser = argparse.ArgumentParser(prog="python -m cellkit.kaggle", description=main.__doc__)
-    sub = parser.add_subparsers(dest="what", required=True)
-    owner_help = "Kaggle user owning the kernels and datasets (default: KAGGLE_USERNAME, else ~/.kaggle/kaggle.json)"
-    k = sub.add_parser("kernels", help="render kernels/<name>/ (metadata + notebook with Kaggle parameters)")
-    k.add_argument("--owner", help=owner_help)
-    k.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE,
-                   help=f"Kaggle machine of the GPU kernels (default {DEFAULT_MACHINE_SHAPE}: GPU T4 x2)")
-    k.add_argument("--num-gpus", type=int, default=None,
-                   help="GPUs the training kernels train on (default: all of the machine's, 2 on T4 x2)")
-    k.add_argument("--resume", action="store_true",
-                   help="the training kernels attach their own previous output (kernel_sources) and continue it")
-    k.add_argument("--notebooks", type=Path, default=root / "notebooks")
-    k.add_argument("--out", type=Path, default=root / "kernels")
-    k.add_argument("names", nargs="*", default=list(KERNELS), help=f"kernels to render (default: {list(KERNELS)})")
-    w = sub.add_parser("wheels", help="build the offline wheels dataset")
-    w.add_argument("--owner", help=owner_help)
-    w.add_argument("--out", type=Path, default=root / "wheels")
-    w.add_argument("--python-versions", default=",".join(KAGGLE_PYTHONS),
-                   help=f"Python versions of the binary wheels (default {','.join(KAGGLE_PYTHONS)})")
-    w.add_argument("--platform", default=KAGGLE_PLATFORM, help="Kaggle's platform tag")
-    m = sub.add_parser("weights", help="build the weights dataset from a finished run")
-    m.add_argument("--owner", help=owner_help)
-    m.add_argument("--run", type=Path, required=True, help="the run directory (fold<K>/, thresholds.json)")
-    m.add_argument("--out", type=Path, default=root / "weights")
-    args = parser.parse_args(argv)
-    try:
-        owner = resolve_owner(args.owner)
-        if args.what == "kernels":
-            unknown = [n for n in args.names if n not in KERNELS]
-            if unknown:
-                parser.error(f"unknown kernel(s) {unknown}; known: {list(KERNELS)}")
-            for name in args.names:
-                print(render_kernel(name, args.notebooks, args.out, owner, args.machine_shape, args.num_gpus,
-                                    args.resume))
-        elif args.what == "wheels":
-            versions = parse_python_versions(args.python_versions)
-            for wheel in build_wheels(args.out, root, owner, versions, args.platform):
-                print(wheel.name)
-        else:
-            print(build_weights(args.run, args.out, owner))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"python -m cellkit.kaggle {args.what}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,26 @@
+"""``python -m cellkit weights --run RUN [--owner USER] [--out weights]``.
+
+Builds the weights dataset the submission kernel attaches from a finished run (``make weights``,
+:func:`cellkit.publish.build_weights`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cellkit.commands.kernels import OWNER_HELP, ROOT
+
+HELP = "build the Kaggle weights dataset (fold models, thresholds.json, cv.json) from a finished run"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--owner", help=OWNER_HELP)
+    parser.add_argument("--run", type=Path, required=True, help="the run directory (fold<K>/, thresholds.json)")
+    parser.add_argument("--out", type=Path, default=ROOT / "weights")
+
+
+def run(args) -> int:
+    from cellkit.publish import build_weights, resolve_owner
+
+    owner = resolve_owner(args.owner)
+    print(build_weights(args.run, args.out, owner))
+    return 0
