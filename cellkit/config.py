@@ -176,15 +176,17 @@ def _base_path(base: str, including_file: Path) -> tuple[Path, bool]:
         return rel.resolve(), True
     if (CONFIG_DIR / f"{base}.yaml").is_file():
         return CONFIG_DIR / f"{base}.yaml", True
-    from detectron2 import model_zoo
+    # detectron2.model_zoo.get_config_file, without importing detectron2.model_zoo (it imports the deprecated
+    # pkg_resources, whose warning every `cellkit train` would print first)
+    import importlib.util
 
-    try:
-        zoo = Path(model_zoo.get_config_file(base))
-    except RuntimeError as exc:
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    zoo = Path(list(spec.submodule_search_locations)[0]) / "configs" / base if spec else None
+    if zoo is None or not zoo.is_file():
         raise FileNotFoundError(
             f"{including_file}: _BASE_ {base!r} is neither a file next to it, a cellkit preset, "
-            f"nor a detectron2 model-zoo config ({exc})"
-        ) from None
+            f"nor a detectron2 model-zoo config ({base} not available in Model Zoo!)"
+        )
     return zoo, False
 
 

@@ -14,6 +14,7 @@ CSV decodes each mask once.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from pathlib import Path
@@ -176,7 +177,8 @@ def _check_sizes_per_image(df: pd.DataFrame, path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------------- images
 def find_image(image_dir: str | os.PathLike, image_id: str) -> Path:
-    """Path of the image ``<image_dir>/<image_id>.<ext>`` for the first ext of :data:`IMAGE_EXTENSIONS` that exists.
+    """Path of the image ``<image_dir>/<image_id>.<ext>`` for the first ext of :data:`IMAGE_EXTENSIONS` that exists
+    (the extension in any case: ``a.PNG`` is found like ``a.png``, as :func:`cellkit.predict.list_images` lists it).
 
     Raises:
         FileNotFoundError: ``image_dir`` is missing, or no file with a known extension exists; names both.
@@ -187,6 +189,9 @@ def find_image(image_dir: str | os.PathLike, image_id: str) -> Path:
     for ext in IMAGE_EXTENSIONS:
         candidate = image_dir / f"{image_id}{ext}"
         if candidate.is_file():
+            return candidate
+    for candidate in sorted(image_dir.glob(f"{glob.escape(image_id)}.*")):
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{image_dir}: no image for id {image_id!r} (tried {', '.join(IMAGE_EXTENSIONS)})")
 

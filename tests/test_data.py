@@ -373,3 +373,14 @@ def test_real_livecell_registers(real_data, catalog_names):
     dicts = DatasetCatalog.get("ck_real_livecell")
     assert len(dicts) == 5 and sum(len(d["annotations"]) for d in dicts) == 1243
     assert all((d["height"], d["width"]) == (520, 704) for d in dicts)
+
+
+def test_find_image_matches_the_extension_in_any_case(tmp_path):
+    from cellkit.data import find_image
+
+    (tmp_path / "a.PNG").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    assert find_image(tmp_path, "a") == tmp_path / "a.PNG"
+    assert find_image(tmp_path, "b") == tmp_path / "b.png"
+    with pytest.raises(FileNotFoundError, match="no image for id 'c'"):
+        find_image(tmp_path, "c")
