@@ -176,17 +176,19 @@ def _base_path(base: str, including_file: Path) -> tuple[Path, bool]:
         return rel.resolve(), True
     if (CONFIG_DIR / f"{base}.yaml").is_file():
         return CONFIG_DIR / f"{base}.yaml", True
-    # detectron2.model_zoo.get_config_file, without importing detectron2.model_zoo (it imports the deprecated
-    # pkg_resources, whose warning every `cellkit train` would print first)
-    import importlib.util
+    import warnings
 
-    spec = importlib.util.find_spec("detectron2.model_zoo")
-    zoo = Path(list(spec.submodule_search_locations)[0]) / "configs" / base if spec else None
-    if zoo is None or not zoo.is_file():
+    with warnings.catch_warnings():  # detectron2.model_zoo imports pkg_resources, deprecated: not our user's concern
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        from detectron2 import model_zoo
+
+    try:
+        zoo = Path(model_zoo.get_config_file(base))
+    except RuntimeError as exc:
         raise FileNotFoundError(
             f"{including_file}: _BASE_ {base!r} is neither a file next to it, a cellkit preset, "
-            f"nor a detectron2 model-zoo config ({base} not available in Model Zoo!)"
-        )
+            f"nor a detectron2 model-zoo config ({exc})"
+        ) from None
     return zoo, False
 
 

@@ -328,7 +328,7 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
             :class:`DataCheckError` naming each bad image entry (file and index in ``images``) and each bad
             annotation (index in ``annotations`` and its id).
     """
-    from cellkit import atomic, data
+    from cellkit import atomic
 
     start = time.perf_counter()
     json_path, image_root = Path(json_path), Path(image_root)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from pathlib import Path
 
 import torch
 from torch import nn

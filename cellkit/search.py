@@ -398,7 +398,7 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
 def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_fixed, fixed_area, score_grid,
                area_grid, blocks_c) -> np.ndarray:
     """One pixel threshold of :func:`sweep_image`: float64 ``(ns, na)``."""
-    ns, na, nt = len(score_grid), len(area_grid), len(metric.THRESHOLDS)
+    ns = len(score_grid)
     n, m_truth = img.classes.size, img.n_truth
     swept = eff_class == c
     eff = np.where(swept, _effective_scores(img, rescore, mask_index[eff_class]), eff_fixed)

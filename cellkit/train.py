@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -34,10 +33,9 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from cellkit import gtmasks
+from cellkit import compat, gtmasks, rundir
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
-from cellkit import compat, rundir
 from cellkit.modeling import CellkitCheckpointer
 from cellkit.rundir import FAILED as FAILED_NAME, failure_reason, run_weights as best_weights
 

@@ -2,7 +2,6 @@
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import pandas as pd
 
 from cellkit import atomic
