@@ -36,6 +36,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from cellkit.geometry import MaskRuns, box_pairs, pair_intersections
+
 __all__ = ["MODES", "SCORE_MODES", "FusionSettings", "merge_boxes", "nms_merge", "wbf_merge",
            "weighted_mask_fusion", "box_iou"]
 
@@ -198,25 +200,6 @@ def merge_boxes(settings: FusionSettings, boxes, scores, classes, groups, n_grou
 
 
 # ---------------------------------------------------------------------------------------------- weighted mask fusion
-def _mask_iou_matrix(pred, ids_a: np.ndarray, ids_b: np.ndarray, binary: list) -> np.ndarray:
-    """Mask IoU between instances ``ids_a`` and ``ids_b`` of one pooled prediction (binary crops + windows)."""
-    out = np.zeros((len(ids_a), len(ids_b)), np.float64)
-    wins = pred.mask_boxes
-    for r, i in enumerate(ids_a):
-        xi0, yi0, xi1, yi1 = wins[i]
-        ai = binary[i].sum()
-        for c, j in enumerate(ids_b):
-            xj0, yj0, xj1, yj1 = wins[j]
-            x0, y0, x1, y1 = max(xi0, xj0), max(yi0, yj0), min(xi1, xj1), min(yi1, yj1)
-            inter = 0
-            if x1 > x0 and y1 > y0:
-                inter = int(np.count_nonzero(binary[i][y0 - yi0:y1 - yi0, x0 - xi0:x1 - xi0]
-                                             & binary[j][y0 - yj0:y1 - yj0, x0 - xj0:x1 - xj0]))
-            union = ai + binary[j].sum() - inter
-            out[r, c] = inter / union if union else 0.0
-    return out
-
-
 def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None = None):
     """Fuse the instance predictions of ``K`` members of one image by weighted mask fusion (module docstring).
 
@@ -277,31 +260,49 @@ def _pool_members(preds: list):
     return pooled, member
 
 
-def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[list[int]]:
-    """Greedy clusters, by descending score: an instance joins the cluster whose head (same class, touching window,
-    no instance of the same member yet) it overlaps most, at mask IoU >= ``iou``; else it starts one."""
+def _head_pairs(pooled, member: np.ndarray, wins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mask IoUs a cluster can ask for: pairs of instances of the same class and of other members whose binary
+    masks (probability >= 0.5) share pixels, both ways, as CSR: instance ``i``'s partners are
+    ``partner[indptr[i]:indptr[i + 1]]`` at IoUs ``iou[...]``."""
     binary = [m >= 128 for m in pooled.masks]  # uint8 q >= 128 <=> probability >= 0.5 (q / 255 >= 0.5)
+    runs = MaskRuns.from_crops(binary, wins, (pooled.height, pooled.width))
+    a, b = box_pairs(runs.boxes)
+    same = (pooled.classes[a] == pooled.classes[b]) & (member[a] != member[b])
+    inter = pair_intersections(runs, runs, a[same], b[same])
+    hit = inter > 0
+    a, b, inter = a[same][hit], b[same][hit], inter[hit]
+    iou = inter / (runs.areas[a] + runs.areas[b] - inter)
+    src, partner, iou = np.concatenate((a, b)), np.concatenate((b, a)), np.concatenate((iou, iou))
+    order = np.argsort(src, kind="stable")
+    indptr = np.searchsorted(src[order], np.arange(len(binary) + 1))
+    return indptr, partner[order], iou[order]
+
+
+def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[list[int]]:
+    """Greedy clusters, by descending score: an instance joins the cluster whose head (same class, no instance of
+    the same member yet) it overlaps most (the first such cluster on ties), at mask IoU >= ``iou`` > 0; else it
+    starts one."""
+    if not 0.0 < float(iou) <= 1.0:
+        raise ValueError(f"weighted_mask_fusion: iou {iou!r}: expected a number in (0, 1]")
+    indptr, partner, pair_iou = _head_pairs(pooled, member, wins)
+    cluster_of_head = np.full(len(pooled), -1, dtype=np.int64)
     clusters: list[list[int]] = []
-    head_of: list[int] = []
-    for i in np.argsort(-pooled.scores, kind="stable"):
-        i = int(i)
-        best = -1
-        if clusters:
-            heads = np.asarray(head_of)
-            hw = wins[heads]
-            touching = ((hw[:, 0] < wins[i, 2]) & (hw[:, 2] > wins[i, 0]) & (hw[:, 1] < wins[i, 3])
-                        & (hw[:, 3] > wins[i, 1]) & (pooled.classes[heads] == pooled.classes[i]))
-            cand = [c for c in np.flatnonzero(touching) if member[i] not in {member[j] for j in clusters[c]}]
-            if cand:
-                ious = _mask_iou_matrix(pooled, np.array([i]), heads[cand], binary)[0]
-                j = int(np.argmax(ious))
-                if ious[j] >= float(iou):
-                    best = int(cand[j])
+    members_in: list[set] = []
+    for i in np.argsort(-pooled.scores, kind="stable").tolist():
+        heads = partner[indptr[i]:indptr[i + 1]]
+        found = cluster_of_head[heads]
+        best, best_iou = -1, float(iou)
+        for c, v in sorted(zip(found[found >= 0].tolist(), pair_iou[indptr[i]:indptr[i + 1]][found >= 0].tolist())):
+            if v > best_iou or (v == best_iou and best < 0):
+                if member[i] not in members_in[c]:
+                    best, best_iou = c, v
         if best < 0:
+            cluster_of_head[i] = len(clusters)
             clusters.append([i])
-            head_of.append(i)
+            members_in.append({int(member[i])})
         else:
             clusters[best].append(i)
+            members_in[best].add(int(member[i]))
     return clusters
 
 

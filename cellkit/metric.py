@@ -7,9 +7,9 @@ masks of this data overlap, so greedy matching is not always maximal), ``FP = n_
 mean over the ten thresholds; the dataset score is the mean over every image of the truth file, where an image without
 predictions scores 0 unless it has no truth either.
 
-Speed and memory: an image's masks are parsed in one batch (:func:`cellkit.rle.parse_many`) into flat pixel indices
-(:class:`MaskSet`, a CSR layout); intersections come from label maps of the predictions read at the truth pixels
-(layered where predictions overlap), so the cost grows with the covered pixels, never with
+Speed and memory: an image's masks are parsed in one batch (:func:`cellkit.rle.parse_many`) into runs
+(:class:`cellkit.geometry.MaskRuns`); intersections come from the runs of the pairs whose boxes overlap
+(:func:`cellkit.geometry.overlapping_pairs`), so the cost grows with the runs, never with
 ``n_pred x n_truth x H x W``; only the non-zero IoU pairs are kept, and TP comes from a maximum bipartite matching on
 that sparse graph. :func:`score_frames` streams image by image, so peak memory is one image's masks.
 """
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
-from cellkit import CELL_TYPES, SHAPE, rle
+from cellkit import CELL_TYPES, SHAPE, geometry, rle
+from cellkit.geometry import MaskRuns
 
-__all__ = ["THRESHOLDS", "MaskSet", "iou_from_indices", "precision_per_threshold", "score_sets", "score_image",
+__all__ = ["THRESHOLDS", "iou_from_indices", "precision_per_threshold", "score_sets", "score_image",
            "score_masks", "score_frames", "read_csv", "score_csv"]
 
 THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
@@ -37,132 +37,29 @@ TRUTH_COLUMN = "annotation"
 
 
 # ---------------------------------------------------------------------------------------------------------- images
-class MaskSet(NamedTuple):
-    """The non-empty masks of one image in CSR layout: mask i covers flat pixels ``indices[indptr[i]:indptr[i+1]]``.
-
-    Attributes:
-        indices: int64 ``(total area,)``, flat row-major pixel indices, sorted within each mask.
-        indptr: int64 ``(n_masks + 1,)``, ``indptr[0] == 0``; ``np.diff(indptr)`` are the areas (all >= 1).
-    """
-
-    indices: np.ndarray
-    indptr: np.ndarray
-
-    def __len__(self) -> int:  # number of masks
-        return self.indptr.size - 1
-
-    @classmethod
-    def from_indices(cls, masks: Sequence[np.ndarray]) -> "MaskSet":
-        """From one flat index array per mask (indices unique within a mask; empty arrays dropped)."""
-        masks = [np.asarray(m, dtype=np.int64) for m in masks if np.size(m)]
-        indptr = np.zeros(len(masks) + 1, dtype=np.int64)
-        np.cumsum([m.size for m in masks], out=indptr[1:])
-        indices = np.concatenate(masks) if masks else np.zeros(0, dtype=np.int64)
-        return cls(indices, indptr)
-
-    @classmethod
-    def from_rles(cls, rles: Sequence[str], shape: tuple[int, int] = SHAPE) -> "MaskSet":
-        """From competition mask strings (validated; empty strings dropped).
-
-        Raises:
-            cellkit.rle.MaskError: (a ValueError) with the position of the first malformed string.
-        """
-        starts, lengths, counts = rle.parse_many(rles, shape)
-        first_run = np.cumsum(counts) - counts
-        areas = np.add.reduceat(lengths, first_run[counts > 0]) if lengths.size else lengths
-        indptr = np.zeros(areas.size + 1, dtype=np.int64)
-        np.cumsum(areas, out=indptr[1:])
-        return cls(rle.runs_to_indices(starts, lengths), indptr)
-
-    @classmethod
-    def from_masks(cls, masks) -> "MaskSet":
-        """From 2-D masks (a sequence of ``(H, W)`` arrays or one ``(N, H, W)`` array; nonzero = inside)."""
-        return cls.from_indices([np.flatnonzero(np.asarray(m).ravel()) for m in masks])
-
-
-def _owners(masks: MaskSet) -> np.ndarray:
-    """Mask index of each entry of ``masks.indices``, int64 ``(total area,)``."""
-    return np.repeat(np.arange(len(masks), dtype=np.int64), np.diff(masks.indptr))
-
-
-_MAX_DENSE_PAIRS = 1 << 22
-"""Above this many (prediction, truth) pairs, intersections are counted with np.unique instead of np.bincount."""
-
-
-def _intersections(pred: MaskSet, truth: MaskSet, n_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel counts of every non-empty (prediction, truth) intersection, through label maps.
-
-    A label map (int64, ``n_cols`` entries) records one prediction per pixel; reading it at every truth pixel gives
-    the (prediction, truth) pair of each shared pixel. Pixels claimed by several predictions go to further layers
-    (a pixel's k-th prediction lands in layer k), so overlapping predictions are exact too. Cost: about one pass
-    over the covered pixels per layer; nothing proportional to ``n_pred x n_truth x pixels``.
-
-    Returns:
-        ``(rows, cols, counts)`` int64: prediction index, truth index, intersection area (> 0).
-    """
-    n_truth = len(truth)
-    p_pix, p_own = pred.indices, _owners(pred)
-    t_pix, t_own = truth.indices, _owners(truth)
-    label = np.full(n_cols, -1, dtype=np.int64)
-    codes = []
-    while p_pix.size:
-        label[p_pix] = p_own  # where predictions share a pixel, one of them lands in this layer
-        hits = label[t_pix]
-        found = hits >= 0
-        codes.append(hits[found] * n_truth + t_own[found])
-        landed = label[p_pix] == p_own
-        label[p_pix] = -1
-        p_pix, p_own = p_pix[~landed], p_own[~landed]
-    codes = np.concatenate(codes)
-    if len(pred) * n_truth <= _MAX_DENSE_PAIRS:
-        counts = np.bincount(codes)
-        codes = np.flatnonzero(counts)
-        counts = counts[codes]
-    else:
-        codes, counts = np.unique(codes, return_counts=True)
-    return codes // n_truth, codes % n_truth, counts
-
-
-def _iou_pairs(pred: MaskSet, truth: MaskSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every (prediction, truth) pair that shares at least one pixel (see :func:`_intersections`).
-
-    Returns:
-        ``(rows, cols, iou)``: prediction index int64, truth index int64, IoU float64 in (0, 1]; pairs without
-        intersection are absent.
-    """
-    if not len(pred) or not len(truth):
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0)
-    n_cols = 1 + int(max(pred.indices.max(), truth.indices.max()))
-    rows, cols, inter = _intersections(pred, truth, n_cols)
-    inter = inter.astype(np.float64)
-    union = np.diff(pred.indptr)[rows] + np.diff(truth.indptr)[cols] - inter
-    return rows, cols, inter / union
-
-
 def iou_from_indices(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> np.ndarray:
     """IoU matrix of predicted and true masks given as flat pixel indices.
 
     Args:
-        pred: one sorted flat int64 index array per predicted mask (as from :func:`cellkit.rle.runs_to_indices`;
-            any flattening works if it is the same for both lists).
+        pred: one flat int64 index array per predicted mask (as from :func:`cellkit.rle.runs_to_indices`; any
+            flattening works if it is the same for both lists).
         truth: the same for the true masks.
 
     Returns:
-        float64 array ``(len(pred), len(truth))`` (an empty mask has IoU 0 with everything); computed through sparse
-        intersections.
+        float64 array ``(len(pred), len(truth))`` (an empty mask has IoU 0 with everything), by
+        :func:`cellkit.geometry.iou_matrix` (the indices are read as one image row).
     """
-    nonempty_p = np.flatnonzero([np.size(m) > 0 for m in pred]) if len(pred) else np.zeros(0, dtype=np.int64)
-    nonempty_t = np.flatnonzero([np.size(m) > 0 for m in truth]) if len(truth) else np.zeros(0, dtype=np.int64)
-    rows, cols, values = _iou_pairs(MaskSet.from_indices(pred), MaskSet.from_indices(truth))
-    iou = np.zeros((len(pred), len(truth)))
-    iou[nonempty_p[rows], nonempty_t[cols]] = values
-    return iou
+    sizes = [np.size(m) for m in (*pred, *truth)]
+    width = 1 + max((int(np.max(m)) for m, n in zip((*pred, *truth), sizes) if n), default=0)
+    return geometry.iou_matrix(MaskRuns.from_indices(pred, (1, width)), MaskRuns.from_indices(truth, (1, width)))
 
 
-def _precision_from_pairs(rows: np.ndarray, cols: np.ndarray, iou: np.ndarray, n_pred: int,
-                          n_truth: int) -> np.ndarray:
-    """Precision at each of :data:`THRESHOLDS` from the nonzero IoU pairs of one image; float64 ``(10,)``."""
+def _precision_from_pairs(rows: np.ndarray, cols: np.ndarray, iou: np.ndarray, n_pred: int, n_truth: int,
+                          shape: tuple[int, int]) -> np.ndarray:
+    """Precision at each of :data:`THRESHOLDS` from the nonzero IoU pairs of one image; float64 ``(10,)``.
+
+    ``n_pred``/``n_truth`` count the non-empty masks; ``shape`` is that of the pair matrix (empty masks included).
+    """
     if n_pred == 0 and n_truth == 0:
         return np.ones(len(THRESHOLDS))
     tp = np.zeros(len(THRESHOLDS))
@@ -176,7 +73,7 @@ def _precision_from_pairs(rows: np.ndarray, cols: np.ndarray, iou: np.ndarray, n
         if np.bincount(r).max() == 1 and np.bincount(c).max() == 1:
             tp[k] = r.size  # the match graph is already a matching
         else:
-            graph = sparse.csr_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n_pred, n_truth))
+            graph = sparse.csr_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=shape)
             tp[k] = np.count_nonzero(maximum_bipartite_matching(graph, perm_type="column") >= 0)
     return tp / (n_pred + n_truth - tp)
 
@@ -199,12 +96,14 @@ def precision_per_threshold(iou) -> np.ndarray:
         iou = np.asarray(iou, dtype=np.float64)
         rows, cols = np.nonzero(iou)
         values = iou[rows, cols]
-    return _precision_from_pairs(rows, cols, values, n_pred, n_truth)
+    return _precision_from_pairs(rows, cols, values, n_pred, n_truth, (n_pred, n_truth))
 
 
-def score_sets(pred: MaskSet, truth: MaskSet) -> np.ndarray:
-    """Precision at each threshold, float64 ``(10,)``, for one image's predicted and true :class:`MaskSet`."""
-    return _precision_from_pairs(*_iou_pairs(pred, truth), len(pred), len(truth))
+def score_sets(pred: MaskRuns, truth: MaskRuns) -> np.ndarray:
+    """Precision at each threshold, float64 ``(10,)``, for one image's predicted and true masks (empty masks are no
+    masks)."""
+    i, j, _, iou = geometry.overlapping_pairs(pred, truth)
+    return _precision_from_pairs(i, j, iou, pred.n_nonempty, truth.n_nonempty, (len(pred), len(truth)))
 
 
 def score_image(pred_rles: Sequence[str], truth_rles: Sequence[str], shape: tuple[int, int] = SHAPE) -> np.ndarray:
@@ -221,7 +120,7 @@ def score_image(pred_rles: Sequence[str], truth_rles: Sequence[str], shape: tupl
     Raises:
         ValueError: a malformed string (:class:`cellkit.rle.MaskError`, naming its position in its list).
     """
-    return score_sets(MaskSet.from_rles(pred_rles, shape), MaskSet.from_rles(truth_rles, shape))
+    return score_sets(MaskRuns.from_rles(pred_rles, shape), MaskRuns.from_rles(truth_rles, shape))
 
 
 def score_masks(pred_masks, truth, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -240,10 +139,10 @@ def score_masks(pred_masks, truth, shape: tuple[int, int] | None = None) -> np.n
     if len(truth) and isinstance(truth[0], str):
         if shape is None:
             shape = tuple(np.shape(pred_masks[0])) if len(pred_masks) else SHAPE
-        truth_set = MaskSet.from_rles(truth, shape)
+        truth_set = MaskRuns.from_rles(truth, shape)
     else:
-        truth_set = MaskSet.from_masks(truth)
-    return score_sets(MaskSet.from_masks(pred_masks), truth_set)
+        truth_set = MaskRuns.from_masks(truth)
+    return score_sets(MaskRuns.from_masks(pred_masks), truth_set)
 
 
 # ---------------------------------------------------------------------------------------------------------- frames
@@ -271,10 +170,10 @@ def _image_shape(truth: pd.DataFrame, positions: np.ndarray, image_id: str, wher
 
 
 def _mask_set(frame: pd.DataFrame, column: str, positions: np.ndarray, shape: tuple[int, int], image_id: str,
-              where: str) -> MaskSet:
+              where: str) -> MaskRuns:
     values = frame[column].to_numpy()[positions]
     try:
-        return MaskSet.from_rles(values, shape)
+        return MaskRuns.from_rles(values, shape)
     except rle.MaskError as exc:
         raise ValueError(f"{where} {frame.index[positions[exc.index]]}, id {image_id}: {exc.problem}") from None
 
@@ -332,7 +231,7 @@ def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False
         precision = score_sets(p_set, t_set)
         per_threshold.append(precision)
         records.append((image_id, str(truth["cell_type"].iat[t_pos[0]]) if has_type else None,
-                        float(precision.mean()), len(t_set), len(p_set)))
+                        float(precision.mean()), t_set.n_nonempty, p_set.n_nonempty))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "score", "n_truth", "n_pred"])
     per_threshold = np.mean(per_threshold, axis=0) if per_threshold else np.full(len(THRESHOLDS), np.nan)
     per_class = {}

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from cellkit import CELL_TYPES, atomic, rle
+from cellkit.geometry import crops_runs
 
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
@@ -234,41 +235,6 @@ def crop_runs(crop: np.ndarray, x0: int, y0: int, width: int) -> tuple[np.ndarra
     starts, lengths = rle.encode_runs(padded)
     row, col = np.divmod(starts, w + 1)
     return (y0 + row) * int(width) + x0 + col, lengths
-
-
-def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of many bool crops at once (one encoding pass over all of them, as :func:`crop_runs` gives each).
-
-    Args:
-        crops: bool crops, ``crops[k]`` of window ``windows[k] = (x0, y0, x1, y1)``.
-        windows: int ``(K, 4)``.
-        width: image width W.
-
-    Returns:
-        ``(starts, lengths, counts)``: int64 runs of every crop concatenated in crop order (global 0-indexed
-        row-major starts), and int64 ``(K,)`` number of runs of each crop.
-    """
-    k = len(crops)
-    if k == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
-    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
-    h = windows[:, 3] - windows[:, 1]
-    w1 = windows[:, 2] - windows[:, 0] + 1  # padded width: a False column ends every row's last run
-    sizes = h * w1
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    buf = np.zeros(int(offsets[-1]) + 1, dtype=np.int8)  # +1: a final 0 closes the last run
-    for j, c in enumerate(crops):
-        if c.size:
-            buf[offsets[j]:offsets[j + 1]].reshape(int(h[j]), int(w1[j]))[:, :-1] = c
-    edges = np.flatnonzero(np.diff(buf, prepend=np.int8(0)))
-    starts, ends = edges[0::2], edges[1::2]
-    owner = np.searchsorted(offsets, starts, side="right") - 1
-    row, col = np.divmod(starts - offsets[owner], w1[owner])
-    global_starts = (windows[owner, 1] + row) * int(width) + windows[owner, 0] + col
-    counts = np.bincount(owner, minlength=k).astype(np.int64)
-    return global_starts.astype(np.int64), (ends - starts).astype(np.int64), counts
 
 
 def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray], shape: tuple[int, int],

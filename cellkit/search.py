@@ -50,6 +50,7 @@ from cellkit import CELL_TYPES, atomic, rle
 from cellkit import metric
 from cellkit import postprocess as pp
 from cellkit import predictions as P
+from cellkit.geometry import MaskRuns
 
 __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
            "exact_image_scores", "truth_mask_set", "ThresholdSearch", "search", "plot_search"]
@@ -502,19 +503,20 @@ def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, gr
 
 
 # ------------------------------------------------------------------------------------------------ exact evaluation
-def truth_mask_set(annotations, shape: tuple[int, int], where: str = "truth") -> metric.MaskSet:
-    """The true masks of one image (competition RLE strings, empty ones skipped) as a :class:`cellkit.metric.MaskSet`.
+def truth_mask_set(annotations, shape: tuple[int, int], where: str = "truth") -> MaskRuns:
+    """The true masks of one image (competition RLE strings; an empty one is no mask) as
+    :class:`cellkit.geometry.MaskRuns`.
 
     Raises:
         ValueError: a malformed string, naming ``where`` and its position in ``annotations``.
     """
     try:
-        return metric.MaskSet.from_rles(list(annotations), shape)
+        return MaskRuns.from_rles(list(annotations), shape)
     except rle.MaskError as exc:
         raise ValueError(f"{where}: annotation {exc.index}: {exc.problem}") from None
 
 
-def exact_image_scores(pred: P.InstancePredictions, truth: metric.MaskSet, candidates) -> np.ndarray:
+def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates) -> np.ndarray:
     """Image score of one image under each post-processing candidate, exactly as a submission would score.
 
     Each candidate ``(thresholds, options)`` goes through :func:`cellkit.postprocess.apply_predictions` (the path of
@@ -537,7 +539,8 @@ def exact_image_scores(pred: P.InstancePredictions, truth: metric.MaskSet, candi
         key = repr((thresholds, options))  # validated: keys in a fixed order
         if key not in done:
             kept = pp.apply_predictions(pred, thresholds, **options)
-            done[key] = float(metric.score_sets(metric.MaskSet.from_indices(kept.indices_flat()), truth).mean())
+            kept_runs = MaskRuns.from_crops(kept.crops, kept.mask_boxes, (kept.height, kept.width))
+            done[key] = float(metric.score_sets(kept_runs, truth).mean())
         out[k] = done[key]
     return out
 

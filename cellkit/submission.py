@@ -4,9 +4,7 @@ Format: a header ``id,predicted``, then one row per predicted cell: the image id
 its mask as a competition RLE string (see :mod:`cellkit.rle`: 1-indexed, row-major). An image without any cell is
 listed once with an empty ``predicted``. Masks of one image must not overlap, and every test image must be listed.
 
-Overlaps are found on runs, never on dense masks (:func:`overlapping_pairs`): after sorting all runs of an image by
-start, run ``k`` overlaps exactly the later runs whose start is before its end, so one ``searchsorted`` finds every
-overlapping pair of runs.
+Overlaps are found on runs, never on dense masks (:func:`overlapping_pairs`, by :mod:`cellkit.geometry`).
 
 Problem lines of :func:`validate_submission` name the CSV **line number, 1-based, counting the header as line 1**
 (the number an editor shows), then the image id, e.g. ``line 7: id 7ae19de7bc2a: bad RLE: ...``.
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellkit import SHAPE, atomic, rle
+from cellkit import SHAPE, atomic, geometry, rle
 
 __all__ = [
     "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes",
@@ -38,12 +36,15 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _UNBOUNDED = (1, 2 ** 62)  # shape for parsing an RLE's syntax without a bounds check
 
 
-def overlapping_pairs(runs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, int, int]]:
-    """Every pair of masks that share pixels, from their runs.
+def overlapping_pairs(runs: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int] | None = None
+                      ) -> list[tuple[int, int, int]]:
+    """Every pair of masks that share pixels, from their runs (:func:`cellkit.geometry.overlapping_pairs`).
 
     Args:
         runs: one ``(starts, lengths)`` per mask (int64, 0-indexed flat starts, as :func:`cellkit.rle.parse` and
             :func:`cellkit.rle.encode_runs` return); the runs of one mask must not overlap each other.
+        shape: ``(height, width)`` of the image (its rows narrow the candidate pairs); None reads the flat indices
+            as one row.
 
     Returns:
         ``(i, j, n_pixels)`` for each pair of masks ``i < j`` that overlap, with the number of shared pixels,
@@ -51,25 +52,10 @@ def overlapping_pairs(runs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[i
     """
     if len(runs) < 2:
         return []
-    starts = np.concatenate([np.asarray(s, dtype=np.int64) for s, _ in runs])
-    lengths = np.concatenate([np.asarray(n, dtype=np.int64) for _, n in runs])
-    owner = np.repeat(np.arange(len(runs)), [len(s) for s, _ in runs])
-    order = np.argsort(starts, kind="stable")
-    starts, ends, owner = starts[order], starts[order] + lengths[order], owner[order]
-    # run k overlaps run m > k (sorted by start) iff starts[m] < ends[k]
-    last = np.searchsorted(starts, ends, side="left")
-    count = last - np.arange(1, len(starts) + 1)
-    count = np.maximum(count, 0)
-    if not count.any():
-        return []
-    k = np.repeat(np.arange(len(starts)), count)
-    m = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + k + 1
-    shared = np.minimum(ends[k], ends[m]) - starts[m]
-    a, b = np.minimum(owner[k], owner[m]), np.maximum(owner[k], owner[m])
-    keys = a * len(runs) + b
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    totals = np.bincount(inverse, weights=shared).astype(np.int64)
-    return [(int(u // len(runs)), int(u % len(runs)), int(t)) for u, t in zip(uniq, totals)]
+    if shape is None:
+        shape = (1, max((int(s[-1] + n[-1]) for s, n in runs if len(s)), default=1))
+    i, j, inter, _ = geometry.overlapping_pairs(geometry.MaskRuns.from_runs(runs, shape))
+    return list(zip(i.tolist(), j.tolist(), inter.astype(np.int64).tolist()))
 
 
 def _mask_runs(mask, shape: tuple[int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +136,7 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
                 for i, m in enumerate(masks_by_id.get(image_id, []))]
         index = [i for i, r in enumerate(runs) if len(r[0])]
         runs = [runs[i] for i in index]
-        pairs = overlapping_pairs(runs)
+        pairs = overlapping_pairs(runs, image_shape)
         if pairs:
             i, j, n = pairs[0]
             raise ValueError(f"image {image_id}: masks {index[i]} and {index[j]} overlap by {n} pixels "
@@ -234,7 +220,7 @@ def check_submission(csv_path, image_dir) -> SubmissionReport:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{csv_path}: not UTF-8 text ({exc})") from None
     for image_id, items in runs_by_id.items():
-        for i, j, n in overlapping_pairs([r for _, r in items]):
+        for i, j, n in overlapping_pairs([r for _, r in items], sizes[image_id]):
             report.problems.append(f"line {items[i][0]}: id {image_id}: mask overlaps the mask of line "
                                    f"{items[j][0]} by {n} pixels")
     report.n_empty_images = len(listed - set(runs_by_id))

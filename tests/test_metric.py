@@ -56,7 +56,7 @@ def test_iou_from_indices_hand_made():
 
 
 def test_iou_with_overlapping_predictions_is_exact():
-    # predictions sharing pixels go through several label-map layers
+    # predictions that share pixels
     preds = [np.arange(0, 20), np.arange(10, 30), np.arange(15, 25), np.arange(0, 30)]
     truths = [np.arange(5, 25), np.arange(20, 40)]
     iou = metric.iou_from_indices(preds, truths)
@@ -66,13 +66,17 @@ def test_iou_with_overlapping_predictions_is_exact():
             assert iou[i, j] == inter / np.union1d(p, t).size
 
 
-def test_iou_many_pairs_path(monkeypatch):
-    # above _MAX_DENSE_PAIRS pairs, intersections are counted with np.unique instead of np.bincount
-    preds = [np.arange(0, 20), np.arange(10, 30), np.arange(50, 55)]
-    truths = [np.arange(5, 25), np.arange(20, 40)]
-    expected = metric.iou_from_indices(preds, truths)
-    monkeypatch.setattr(metric, "_MAX_DENSE_PAIRS", 0)
-    np.testing.assert_array_equal(metric.iou_from_indices(preds, truths), expected)
+def test_iou_matrix_of_2d_masks_matches_dense():
+    # masks on several rows: the box prefilter and the run intersections of cellkit.geometry, against brute force
+    from cellkit import geometry
+    rng = np.random.default_rng(3)
+    a = rng.random((12, 17, 23)) < 0.2
+    b = np.concatenate([a[:4], rng.random((9, 17, 23)) < 0.1, np.zeros((1, 17, 23), bool)])
+    a[5] = False
+    got = geometry.iou_matrix(geometry.MaskRuns.from_masks(a), geometry.MaskRuns.from_masks(b))
+    inter = np.einsum("ihw,jhw->ij", a.astype(np.int64), b.astype(np.int64))
+    union = a.sum((1, 2))[:, None] + b.sum((1, 2))[None, :] - inter
+    np.testing.assert_array_equal(got, np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0))
 
 
 def test_iou_empty_lists():

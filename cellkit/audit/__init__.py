@@ -60,7 +60,7 @@ part of ``score``. Without cleanlab they stay empty (with a warning) and nothing
 
 Efficiency: masks stay run-length encoded (:class:`MaskRuns`, row-major runs); candidate pairs are the pairs whose
 bounding boxes (from the runs) overlap (:func:`box_pairs`), and only their intersections are computed, from the runs
-(:func:`pair_intersections`; :mod:`cellkit.audit.overlaps`). The labels-only
+(:func:`pair_intersections`; :mod:`cellkit.geometry`). The labels-only
 audit of the real train.csv (392 images, 32,105 masks) takes under a second on one core, with predictions of every
 image about 20 s (``benchmarks/RESULTS.md``). Images are processed one at a time (tqdm bar); only their counts, flags
 and boxes are kept.
@@ -71,7 +71,7 @@ Conventions: mask strings are the competition's RLE (row-major, 1-indexed starts
 pixels, end exclusive.
 
 Modules: :mod:`~cellkit.audit.spec` (constants, columns, :class:`AuditSpec`, the image score),
-:mod:`~cellkit.audit.overlaps` (mask overlap maths on runs), :mod:`~cellkit.audit.labels` (flags from the labels
+:mod:`~cellkit.audit.labels` (flags from the labels
 alone), :mod:`~cellkit.audit.predictions` (flags from predictions), :mod:`~cellkit.audit.cleanlab` (the optional
 cleanlab columns), :mod:`~cellkit.audit.core` (:func:`audit`), :mod:`~cellkit.audit.report` (files, exclusion lists).
 """
@@ -79,7 +79,7 @@ from cellkit.audit.cleanlab import (CLEANLAB_COLUMNS, _CleanlabImage, cleanlab_f
                                     cleanlab_matrices)
 from cellkit.audit.core import audit, has_predictions
 from cellkit.audit.labels import ImageLabels, LabelFlags, label_flags
-from cellkit.audit.overlaps import MaskRuns, box_pairs, overlapping_pairs, pair_intersections
+from cellkit.geometry import MaskRuns, box_pairs, overlapping_pairs, pair_intersections
 from cellkit.audit.predictions import PredictionFlags, prediction_flags
 from cellkit.audit.report import (AUDIT_NAME, INSTANCES_NAME, SUMMARY_NAME, AuditResult, exclusion_ids, read_audit,
                                   write_audit)

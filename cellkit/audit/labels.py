@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cellkit import rle
-from cellkit.audit.overlaps import MaskRuns, overlapping_pairs
+from cellkit.geometry import MaskRuns, overlapping_pairs
 
 class LabelFlags(NamedTuple):
     """What :func:`label_flags` finds in one image's annotations (indices into the image's masks).

@@ -12,7 +12,7 @@ from cellkit import CELL_TYPES, postprocess
 from cellkit import predictions as P
 from cellkit.audit.cleanlab import _CleanlabImage
 from cellkit.audit.labels import ImageLabels, _first_per_group
-from cellkit.audit.overlaps import MaskRuns, overlapping_pairs
+from cellkit.geometry import MaskRuns, overlapping_pairs
 from cellkit.audit.spec import AuditSpec, image_fractions
 
 class PredictionFlags(NamedTuple):

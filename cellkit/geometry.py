@@ -1,20 +1,29 @@
-"""Mask-overlap maths of the audit on run-length encoded masks: areas, boxes, candidate pairs, pair intersections.
+"""Mask geometry: the one overlap engine of cellkit (areas, boxes, intersections, IoUs, overlapping pairs).
 
-Self-contained (numpy and :mod:`cellkit.rle` only); every function takes and returns plain arrays or
-:class:`MaskRuns`. Masks stay run-length encoded (row-major runs); candidate pairs are the pairs whose bounding boxes
-(from the runs) overlap (:func:`box_pairs`), and only their intersections are computed, from the runs
-(:func:`pair_intersections`: the union of two sets of disjoint intervals, for all pairs in one sort).
+Masks are run-length encoded (:class:`MaskRuns`: the row-major runs of every mask of one image in CSR layout, with
+their areas and bounding boxes). Candidate pairs are the pairs whose bounding boxes overlap (:func:`box_pairs`), and
+only their intersections are computed, from the runs (:func:`pair_intersections`: the union of two sets of disjoint
+intervals, for all pairs in one sort). The metric, the audit, weighted mask fusion, the submission check and the
+search's exact evaluation all use it.
 
-Conventions: flat pixel index = ``y * width + x``; boxes are ``x0, y0, x1, y1`` pixels, end exclusive, all 0 for an
-empty mask.
+Why runs: ``benchmarks/bench_geometry.py`` scores the same (prediction, truth) pairs of real images with this engine,
+with the label maps the metric used before, and with pycocotools' C RLE ``iou`` (column-major RLEs of the transposed
+image); the runs are the fastest of the three, IoUs identical (RESULTS.md "Mask geometry").
+
+Conventions: flat pixel index = ``y * width + x`` (row-major); boxes are ``x0, y0, x1, y1`` pixels, end exclusive,
+all 0 for an empty mask. Numpy and :mod:`cellkit.rle` only.
 """
+from __future__ import annotations
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cellkit import SHAPE, rle
-from cellkit.postprocess import crops_runs
+
+__all__ = ["MaskRuns", "crops_runs", "box_pairs", "pair_intersections", "overlapping_pairs", "iou_matrix"]
+
 
 @dataclass(frozen=True)
 class MaskRuns:
@@ -68,6 +77,45 @@ class MaskRuns:
         """From bool crops ``crops[k]`` placed at ``windows[k] = (x0, y0, x1, y1)`` (as binarised predictions)."""
         starts, lengths, counts = crops_runs(list(crops), np.asarray(windows).reshape(-1, 4), int(shape[1]))
         return cls(starts, lengths, np.concatenate(([0], np.cumsum(counts))), shape)
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> "MaskRuns":
+        """From one ``(starts, lengths)`` per mask (0-indexed flat row-major starts, as :func:`cellkit.rle.parse`
+        gives; the runs of one mask sorted and disjoint)."""
+        if not len(runs):
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), shape)
+        counts = [len(s) for s, _ in runs]
+        return cls(np.concatenate([np.asarray(s, np.int64) for s, _ in runs]),
+                   np.concatenate([np.asarray(n, np.int64) for _, n in runs]),
+                   np.concatenate(([0], np.cumsum(counts))), shape)
+
+    @classmethod
+    def from_indices(cls, masks: Sequence[np.ndarray], shape: tuple[int, int]) -> "MaskRuns":
+        """From one array of flat row-major pixel indices per mask (unique within a mask, any order)."""
+        sizes = np.array([np.size(m) for m in masks], dtype=np.int64)
+        owner = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+        pix = np.concatenate([np.asarray(m, np.int64).reshape(-1) for m in masks]) if sizes.sum() else owner
+        order = np.lexsort((pix, owner))
+        pix, owner = pix[order], owner[order]
+        first = np.ones(pix.size, dtype=bool)
+        first[1:] = (pix[1:] != pix[:-1] + 1) | (owner[1:] != owner[:-1])
+        starts = np.flatnonzero(first)
+        lengths = np.diff(np.append(starts, pix.size))
+        counts = np.bincount(owner[starts], minlength=sizes.size)
+        return cls(pix[starts], lengths, np.concatenate(([0], np.cumsum(counts))), shape)
+
+    @classmethod
+    def from_masks(cls, masks) -> "MaskRuns":
+        """From 2-D masks (a sequence of ``(H, W)`` arrays or one ``(N, H, W)`` array; nonzero = inside); an
+        empty sequence has the shape :data:`cellkit.SHAPE`."""
+        shape = tuple(np.shape(masks)[1:]) if isinstance(masks, np.ndarray) and masks.ndim == 3 else \
+            (tuple(np.shape(masks[0])) if len(masks) else SHAPE)
+        return cls.from_runs([rle.encode_runs(m) for m in masks], shape)
+
+    @property
+    def n_nonempty(self) -> int:
+        """Number of masks with at least one pixel."""
+        return int(np.count_nonzero(self.areas))
 
     def select(self, idx) -> "MaskRuns":
         """The masks ``idx`` (int indices), in that order."""
@@ -195,3 +243,46 @@ def overlapping_pairs(a: MaskRuns, b: MaskRuns | None = None
     hit = inter > 0
     i, j, inter = i[hit], j[hit], inter[hit].astype(np.float64)
     return i, j, inter, inter / (a.areas[i] + other.areas[j] - inter)
+
+
+def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of many bool crops at once (one encoding pass over all of them, as :func:`crop_runs` gives each).
+
+    Args:
+        crops: bool crops, ``crops[k]`` of window ``windows[k] = (x0, y0, x1, y1)``.
+        windows: int ``(K, 4)``.
+        width: image width W.
+
+    Returns:
+        ``(starts, lengths, counts)``: int64 runs of every crop concatenated in crop order (global 0-indexed
+        row-major starts), and int64 ``(K,)`` number of runs of each crop.
+    """
+    k = len(crops)
+    if k == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+    h = windows[:, 3] - windows[:, 1]
+    w1 = windows[:, 2] - windows[:, 0] + 1  # padded width: a False column ends every row's last run
+    sizes = h * w1
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    buf = np.zeros(int(offsets[-1]) + 1, dtype=np.int8)  # +1: a final 0 closes the last run
+    for j, c in enumerate(crops):
+        if c.size:
+            buf[offsets[j]:offsets[j + 1]].reshape(int(h[j]), int(w1[j]))[:, :-1] = c
+    edges = np.flatnonzero(np.diff(buf, prepend=np.int8(0)))
+    starts, ends = edges[0::2], edges[1::2]
+    owner = np.searchsorted(offsets, starts, side="right") - 1
+    row, col = np.divmod(starts - offsets[owner], w1[owner])
+    global_starts = (windows[owner, 1] + row) * int(width) + windows[owner, 0] + col
+    counts = np.bincount(owner, minlength=k).astype(np.int64)
+    return global_starts.astype(np.int64), (ends - starts).astype(np.int64), counts
+
+
+def iou_matrix(a: MaskRuns, b: MaskRuns) -> np.ndarray:
+    """Dense mask IoUs, float64 ``(len(a), len(b))`` (0 where masks share no pixel, or for an empty mask)."""
+    i, j, _, iou = overlapping_pairs(a, b)
+    out = np.zeros((len(a), len(b)))
+    out[i, j] = iou
+    return out
