@@ -8,21 +8,27 @@ detectron2 has no public hook for these; each is a small wrapper with a public n
   line per re-initialised head);
 - :class:`TTACompat`: ``GeneralizedRCNNWithTTA._turn_off_roi_heads`` / ``_get_augmented_inputs`` /
   ``_rescale_detected_boxes`` (cellkit's two-pass TTA reuses them);
+- :func:`resnet_deform_ops`: the deformable conv classes that detectron2's ResNet builder reads from its module
+  (``detectron2.modeling.backbone.resnet.DeformConv`` / ``ModulatedDeformConv``, placeholders that raise without
+  ``_C``), swapped for the duration of a build;
 - :func:`init_trainer`, :func:`trainer_hooks`: ``DefaultTrainer.__init__``'s steps with another DDP wrapper (one
   that also runs CPU processes) and checkpointer, and the registered hooks (``TrainerBase._hooks``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer
 from detectron2.engine.train_loop import TrainerBase
+from detectron2.modeling.backbone import resnet
 from detectron2.modeling.test_time_augmentation import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
-__all__ = ["CHECKED_VERSION", "PRIVATE_SYMBOLS", "CheckpointerCompat", "TTACompat", "init_trainer", "trainer_hooks"]
+__all__ = ["CHECKED_VERSION", "PRIVATE_SYMBOLS", "CheckpointerCompat", "TTACompat", "init_trainer", "trainer_hooks",
+           "resnet_deform_ops"]
 
 logger = logging.getLogger("cellkit.modeling")
 
@@ -39,6 +45,22 @@ PRIVATE_SYMBOLS = {
 }
 """Private attributes used here, by owner (``_hooks`` and ``_trainer`` are instance attributes set in
 ``__init__``)."""
+
+RESNET_DEFORM_GLOBALS = ("DeformConv", "ModulatedDeformConv")
+"""The module globals of ``detectron2.modeling.backbone.resnet`` that ``DeformBottleneckBlock.__init__`` builds its
+3x3 conv from (:func:`resnet_deform_ops` swaps them)."""
+
+
+@contextlib.contextmanager
+def resnet_deform_ops(deform_conv, modulated_deform_conv):
+    """Context: detectron2's ``DeformBottleneckBlock`` (and so ``build_resnet_backbone``) builds its deformable conv
+    from ``deform_conv`` / ``modulated_deform_conv`` (same constructor as detectron2's classes); restored on exit."""
+    saved = tuple(getattr(resnet, name) for name in RESNET_DEFORM_GLOBALS)
+    resnet.DeformConv, resnet.ModulatedDeformConv = deform_conv, modulated_deform_conv
+    try:
+        yield
+    finally:
+        resnet.DeformConv, resnet.ModulatedDeformConv = saved
 
 
 class CheckpointerCompat(DetectionCheckpointer):

@@ -4,10 +4,8 @@
   (autograd on CPU and CUDA) with the same constructor, attributes and parameters (``weight``, ``bias``, ``norm``)
   as detectron2's classes, so model-zoo checkpoints load. Where ``detectron2._C`` imports, detectron2's own
   classes are used instead (:data:`HAS_D2_C`).
-- :class:`CellkitDeformBottleneckBlock`: detectron2's ``DeformBottleneckBlock`` (same ``forward``, same parameter
-  names: ``conv1``, ``conv2_offset``, ``conv2``, ``conv3``, ``shortcut``) built on the layers above.
-- ``build_cellkit_resnet_fpn_backbone`` (in ``BACKBONE_REGISTRY``): ResNet-FPN whose deformable stages use that
-  block; identical to ``build_resnet_fpn_backbone`` otherwise, except that ``CELLKIT.BACKBONE_CHECKPOINT`` recomputes
+- ``build_cellkit_resnet_fpn_backbone`` (in ``BACKBONE_REGISTRY``): detectron2's ResNet-FPN builders with the
+  deformable blocks' 3x3 conv built from the layers above (:func:`cellkit.compat.resnet_deform_ops`); identical to ``build_resnet_fpn_backbone`` otherwise, except that ``CELLKIT.BACKBONE_CHECKPOINT`` recomputes
   each block's activations in the backward pass (:class:`CheckpointedStage`) to fit X152 at the paper's size.
 - :class:`CellkitCheckpointer`: loads only local files (a URL or ``detectron2://`` path is an error, nothing is
   downloaded) and logs every head re-initialised because its class count differs from the checkpoint's.
@@ -25,21 +23,13 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import (
-    BasicBlock,
-    BasicStem,
-    BottleneckBlock,
-    DeformBottleneckBlock,
-    ResNet,
-)
-
-import fvcore.nn.weight_init as weight_init
+from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 
 from cellkit import rundir
-from cellkit.compat import CheckpointerCompat
+from cellkit.compat import CheckpointerCompat, resnet_deform_ops
 from cellkit.rundir import check_local_weights
 
 logger = logging.getLogger(__name__)
@@ -199,129 +189,30 @@ else:
     ModulatedDeformConv = TorchvisionModulatedDeformConv
 
 
-class CellkitDeformBottleneckBlock(DeformBottleneckBlock):
-    """detectron2's ``DeformBottleneckBlock`` with the 3x3 conv built from this module's :data:`DeformConv`.
-
-    Same arguments, ``forward`` (inherited), parameter names and shapes as detectron2's block.
-    """
-
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        *,
-        bottleneck_channels,
-        stride=1,
-        num_groups=1,
-        norm="BN",
-        stride_in_1x1=False,
-        dilation=1,
-        deform_modulated=False,
-        deform_num_groups=1,
-    ):
-        CNNBlockBase.__init__(self, in_channels, out_channels, stride)
-        self.deform_modulated = deform_modulated
-        if in_channels != out_channels:
-            self.shortcut = Conv2d(
-                in_channels, out_channels, kernel_size=1, stride=stride, bias=False, norm=get_norm(norm, out_channels)
-            )
-        else:
-            self.shortcut = None
-        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = Conv2d(
-            in_channels,
-            bottleneck_channels,
-            kernel_size=1,
-            stride=stride_1x1,
-            bias=False,
-            norm=get_norm(norm, bottleneck_channels),
-        )
-        op, offset_channels = (ModulatedDeformConv, 27) if deform_modulated else (DeformConv, 18)
-        self.conv2_offset = Conv2d(
-            bottleneck_channels,
-            offset_channels * deform_num_groups,
-            kernel_size=3,
-            stride=stride_3x3,
-            padding=dilation,
-            dilation=dilation,
-        )
-        self.conv2 = op(
-            bottleneck_channels,
-            bottleneck_channels,
-            kernel_size=3,
-            stride=stride_3x3,
-            padding=dilation,
-            bias=False,
-            groups=num_groups,
-            dilation=dilation,
-            deformable_groups=deform_num_groups,
-            norm=get_norm(norm, bottleneck_channels),
-        )
-        self.conv3 = Conv2d(
-            bottleneck_channels, out_channels, kernel_size=1, bias=False, norm=get_norm(norm, out_channels)
-        )
-        for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
-            if layer is not None:
-                weight_init.c2_msra_fill(layer)
-        nn.init.constant_(self.conv2_offset.weight, 0)
-        nn.init.constant_(self.conv2_offset.bias, 0)
-
-
-_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
-
-
-def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
-    """detectron2's ``build_resnet_backbone`` with :class:`CellkitDeformBottleneckBlock` in deformable stages.
-
-    Reads the same ``MODEL.RESNETS`` keys; returns a :class:`detectron2.modeling.backbone.ResNet`.
-    """
-    r = cfg.MODEL.RESNETS
-    depth = r.DEPTH
-    if depth not in _BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not one of {sorted(_BLOCKS_PER_STAGE)}")
+def _check_resnet_cfg(r) -> None:
+    """Clear errors for the ``MODEL.RESNETS`` values detectron2's builder only asserts."""
+    depths = (18, 34, 50, 101, 152)
+    if r.DEPTH not in depths:
+        raise ValueError(f"MODEL.RESNETS.DEPTH={r.DEPTH} is not one of {list(depths)}")
     if r.RES5_DILATION not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION} must be 1 or 2")
-    if depth in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
-                              or r.NUM_GROUPS != 1):
+    if r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
+                                or r.NUM_GROUPS != 1):
         raise ValueError(
             "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no deformable stage"
         )
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
-    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
-    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
-    stages = []
-    for idx, stage_idx in enumerate(range(2, 6)):
-        dilation = r.RES5_DILATION if stage_idx == 5 else 1
-        first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
-        n = _BLOCKS_PER_STAGE[depth][idx]
-        kwargs = dict(
-            num_blocks=n,
-            stride_per_block=[first_stride] + [1] * (n - 1),
-            in_channels=in_channels,
-            out_channels=out_channels,
-            norm=r.NORM,
-        )
-        if depth in (18, 34):
-            kwargs["block_class"] = BasicBlock
-        else:
-            kwargs.update(
-                bottleneck_channels=bottleneck_channels,
-                stride_in_1x1=r.STRIDE_IN_1X1,
-                dilation=dilation,
-                num_groups=r.NUM_GROUPS,
-                block_class=BottleneckBlock,
-            )
-            if r.DEFORM_ON_PER_STAGE[idx]:
-                kwargs.update(
-                    block_class=CellkitDeformBottleneckBlock,
-                    deform_modulated=r.DEFORM_MODULATED,
-                    deform_num_groups=r.DEFORM_NUM_GROUPS,
-                )
-        stages.append(ResNet.make_stage(**kwargs))
-        in_channels = out_channels
-        out_channels *= 2
-        bottleneck_channels *= 2
-    resnet = ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """detectron2's ``build_resnet_backbone``, its deformable stages built on this module's :data:`DeformConv` /
+    :data:`ModulatedDeformConv` (:func:`cellkit.compat.resnet_deform_ops`).
+
+    Reads the same ``MODEL.RESNETS`` keys; returns a :class:`detectron2.modeling.backbone.ResNet` with detectron2's
+    ``DeformBottleneckBlock`` (same parameter names, so model-zoo dconv checkpoints load).
+    """
+    _check_resnet_cfg(cfg.MODEL.RESNETS)
+    with resnet_deform_ops(DeformConv, ModulatedDeformConv):
+        resnet = build_resnet_backbone(cfg, input_shape)
     if "CELLKIT" in cfg and cfg.CELLKIT.BACKBONE_CHECKPOINT:
         use_activation_checkpointing(resnet)
     return resnet

@@ -43,3 +43,14 @@ def test_default_trainer_init_steps_unchanged():
     positions = [source.find(s) for s in steps]
     assert -1 not in positions, f"DefaultTrainer.__init__ lacks {steps[positions.index(-1)]}"
     assert positions == sorted(positions), "DefaultTrainer.__init__ reordered its steps"
+
+
+def test_resnet_deform_block_reads_the_swapped_globals():
+    """compat.resnet_deform_ops swaps module globals that DeformBottleneckBlock.__init__ must still read by name."""
+    from detectron2.modeling.backbone import resnet
+
+    names = resnet.DeformBottleneckBlock.__init__.__code__.co_names
+    for name in compat.RESNET_DEFORM_GLOBALS:
+        assert name in names and hasattr(resnet, name), (
+            f"detectron2.modeling.backbone.resnet.{name}: no longer read by DeformBottleneckBlock.__init__ "
+            "(detectron2 changed; used by cellkit.compat.resnet_deform_ops)")

@@ -10,7 +10,7 @@ pytest.importorskip("detectron2")
 
 import torch.nn.functional as F  # noqa: E402
 
-from cellkit import modeling  # noqa: E402
+from cellkit import compat, modeling  # noqa: E402
 from cellkit.config import get_preset_cfg, resolve_runtime  # noqa: E402
 
 
@@ -109,24 +109,31 @@ def test_backbone_names_match_detectron2(modulated):
     assert set(ours(x)) == {"p2", "p3", "p4", "p5", "p6"}
 
 
-def test_detectron2_deform_block_state_dict_loads(monkeypatch):
-    """detectron2's own DeformBottleneckBlock (its op swapped for ours, which it cannot build without _C) and
-    cellkit's block have identical parameter names and shapes: a model-zoo dconv state dict loads strictly."""
+def _deform_block(*args, **kwargs):
+    """detectron2's own DeformBottleneckBlock, its 3x3 conv built from cellkit's op (as the backbone builder does)."""
+    from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
+
+    with compat.resnet_deform_ops(modeling.DeformConv, modeling.ModulatedDeformConv):
+        return DeformBottleneckBlock(*args, **kwargs)
+
+
+def test_detectron2_deform_block_state_dict_loads():
+    """detectron2's DeformBottleneckBlock built on cellkit's op has the model-zoo dconv parameter names (a state dict
+    of them loads strictly and runs), and the op swap is undone after the build."""
     from detectron2.modeling.backbone import resnet
 
-    kwargs = dict(bottleneck_channels=16, stride=2, num_groups=2, norm="FrozenBN", deform_num_groups=1)
-    ours = modeling.CellkitDeformBottleneckBlock(32, 64, **kwargs)
-    monkeypatch.setattr(resnet, "DeformConv", modeling.TorchvisionDeformConv)
-    d2 = resnet.DeformBottleneckBlock(32, 64, **kwargs)
-    monkeypatch.undo()
-    d2_sd = {k: (torch.rand_like(v) + 0.5) if k.endswith("running_var") else 0.1 * torch.randn_like(v)
-             for k, v in d2.state_dict().items()}
-    assert set(d2_sd) == set(ours.state_dict())
-    ours.load_state_dict(d2_sd, strict=True)
-    d2.load_state_dict(d2_sd, strict=True)
-    x = torch.randn(1, 32, 16, 16)
-    assert torch.allclose(ours(x), d2(x), atol=1e-5)
-    assert set(d2_sd) >= {"conv2.weight", "conv2.norm.weight", "conv2_offset.weight", "conv2_offset.bias"}
+    before = resnet.DeformConv, resnet.ModulatedDeformConv
+    block = _deform_block(32, 64, bottleneck_channels=16, stride=2, num_groups=2, norm="FrozenBN",
+                          deform_num_groups=1)
+    assert (resnet.DeformConv, resnet.ModulatedDeformConv) == before
+    assert isinstance(block.conv2, modeling.DeformConv)
+    sd = {k: (torch.rand_like(v) + 0.5) if k.endswith("running_var") else 0.1 * torch.randn_like(v)
+          for k, v in block.state_dict().items()}
+    norm = ("weight", "bias", "running_mean", "running_var")
+    zoo = {f"{c}.{p}" for c in ("conv1", "conv2", "conv3", "shortcut") for p in ["weight"] + [f"norm.{n}" for n in norm]}
+    assert set(sd) == zoo | {"conv2_offset.weight", "conv2_offset.bias"}
+    block.load_state_dict(sd, strict=True)
+    assert block(torch.randn(1, 32, 16, 16)).shape == (1, 64, 8, 8)
 
 
 def test_check_local_weights(tmp_path):
@@ -185,11 +192,8 @@ def test_load_model_eval_mode(tmp_path):
 def test_deform_conv_under_cpu_autocast_matches_float32(modulated):
     """A deformable block under bfloat16 autocast: the deformable op itself runs in float32 (output dtype), and the
     block's output matches the float32 block within bfloat16's tolerance."""
-    from cellkit.modeling import CellkitDeformBottleneckBlock
-
     torch.manual_seed(0)
-    block = CellkitDeformBottleneckBlock(16, 32, bottleneck_channels=8, stride=1, norm="",
-                                         deform_modulated=modulated).eval()
+    block = _deform_block(16, 32, bottleneck_channels=8, stride=1, norm="", deform_modulated=modulated).eval()
     torch.nn.init.normal_(block.conv2_offset.weight, std=0.05)  # non-zero offsets
     x = torch.randn(2, 16, 12, 14)
     with torch.no_grad():
