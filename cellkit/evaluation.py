@@ -1,15 +1,17 @@
 """Validation on the competition metric, as a detectron2 ``DatasetEvaluator`` (not COCOEvaluator's 100-detection cap).
 
-Per image: the model's instances (masks pasted and binarised at 0.5 by detectron2, as the seed did; during training
-only those scoring at least the threshold are pasted, see :class:`cellkit.train.ScoreFilteredModel`), the top
-``TEST.DETECTIONS_PER_IMAGE`` by score, post-processed with :func:`cellkit.postprocess.apply` at the seed's
-defaults (score >= ``CELLKIT.EVAL.SCORE_THRESHOLD``, overlaps removed by descending score), then scored with
-:func:`cellkit.metric.score_masks` against the dataset dict's true masks (COCO RLE or polygons), encoded into the
+Per image: the model's predictions as :class:`cellkit.predictions.InstancePredictions` (during training, the
+single-pass predictions of ``cellkit predict``, see :class:`cellkit.train.ValidationPredictor`; a plain detectron2
+``instances`` output with full-image masks is converted), the top ``TEST.DETECTIONS_PER_IMAGE`` by score,
+post-processed and scored as :func:`cellkit.postprocess.score_predictions` does (the path of ``cellkit submit`` and
+``cellkit score``) at the seed's defaults (score >= ``CELLKIT.EVAL.SCORE_THRESHOLD``, pixels >= 0.5, overlaps
+removed by descending score) against the dataset dict's true masks (COCO RLE or polygons), encoded into the
 competition's RLE once per dataset and image (:func:`cached_truth_rles`).
 
 Results (``DefaultTrainer.test`` -> ``EvalHook`` -> event storage, flattened as ``cellkit/<key>``):
 ``mAP`` (mean over images of the mean precision over IoU 0.50:0.95), ``mAP_<class>`` per cell type of the images
-(Sartorius dicts carry ``cell_type``), ``AP50``/``AP75`` (precision at IoU 0.5 / 0.75) and ``n_images``.
+(Sartorius dicts carry ``cell_type``), ``AP50``/``AP75`` (precision at IoU 0.5 / 0.75), ``n_images`` and
+``n_masks`` (masks kept after post-processing, as many as the submission of the same predictions holds).
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from collections import OrderedDict, defaultdict
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 
-from cellkit import CELL_TYPES, metric, postprocess, rle
+from cellkit import CELL_TYPES, postprocess, rle
+from cellkit.geometry import MaskRuns
+from cellkit.predictions import InstancePredictions
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +82,18 @@ def cached_truth_rles(dataset_name: str, record: dict) -> list[str]:
     return rles
 
 
-def summarize(rows: list[tuple[str, str, np.ndarray]]) -> dict:
-    """Aggregate per-image precisions ``[(image_id, cell_type, precision (10,)), ...]`` into the result dict."""
+def summarize(rows: list[tuple]) -> dict:
+    """Aggregate per-image rows ``[(image_id, cell_type, precision (10,)[, kept masks]), ...]`` into the result
+    dict (``n_masks`` when every row has its count)."""
     if not rows:
         return {"mAP": float("nan"), "n_images": 0}
     prec = np.stack([r[2] for r in rows])
     res = {"mAP": float(prec.mean()), "AP50": float(prec[:, 0].mean()), "AP75": float(prec[:, 5].mean()),
            "n_images": len(rows)}
+    if all(len(r) > 3 for r in rows):
+        res["n_masks"] = int(sum(r[3] for r in rows))
     by_type = defaultdict(list)
-    for _, cell_type, p in rows:
+    for _, cell_type, p, *_ in rows:
         if cell_type:
             by_type[cell_type].append(p.mean())
     for cell_type in sorted(by_type, key=lambda c: (CELL_TYPES.index(c) if c in CELL_TYPES else 99, c)):
@@ -124,28 +131,38 @@ class CellkitEvaluator(DatasetEvaluator):
     def reset(self) -> None:
         self._rows: list[tuple[str, str, np.ndarray]] = []
 
-    def image_precision(self, record: dict, instances) -> np.ndarray:
-        """Precision per IoU threshold (float64 ``(10,)``) of one image's detectron2 ``Instances`` (on CPU)."""
-        n = len(instances)
-        scores = instances.scores.numpy().astype(np.float64) if n else np.zeros(0)
-        order = np.argsort(-scores, kind="stable")[: self._max_det]
-        if n:
-            masks = instances.pred_masks.numpy()[order].astype(bool, copy=False)
-            classes = instances.pred_classes.numpy()[order] if self._competition_classes else np.zeros(len(order), int)
-            kept = postprocess.apply(classes, scores[order], masks, self._thresholds)
+    def predictions(self, record: dict, output: dict) -> InstancePredictions:
+        """One model output as InstancePredictions: ``output["predictions"]``, or detectron2 ``instances`` (on
+        CPU, full-image ``pred_masks``; boxes optional, only the masks are scored) converted, cut to the top detections by score."""
+        if "predictions" in output:
+            pred = output["predictions"]
         else:
-            kept = []
+            inst = output["instances"].to("cpu")
+            boxes = inst.pred_boxes.tensor.numpy() if inst.has("pred_boxes") else np.zeros((len(inst), 4))
+            pred = InstancePredictions.from_full_masks(
+                str(record["image_id"]), inst.pred_classes.numpy(), inst.scores.numpy(), boxes,
+                inst.pred_masks.numpy() if len(inst) else np.zeros((0, record["height"], record["width"]), bool))
+        order = np.argsort(-pred.scores.astype(np.float64), kind="stable")[: self._max_det]
+        pred = pred.select(order)
+        if not self._competition_classes:
+            pred.classes = np.zeros(len(pred), dtype=pred.classes.dtype)
+        return pred
+
+    def image_result(self, record: dict, pred: InstancePredictions) -> tuple[np.ndarray, int]:
+        """``(precision per IoU threshold, float64 (10,); masks kept)`` of one image's predictions, post-processed
+        by :func:`cellkit.postprocess.apply_predictions` and scored by :func:`cellkit.postprocess.score_kept`."""
         shape = (int(record["height"]), int(record["width"]))
-        return metric.score_masks(kept, cached_truth_rles(self._name, record), shape=shape)
+        kept = postprocess.apply_predictions(pred, self._thresholds)
+        truth = MaskRuns.from_rles(cached_truth_rles(self._name, record), shape)
+        return postprocess.score_kept(kept, truth), len(kept)
 
     def process(self, inputs, outputs) -> None:
         for inp, out in zip(inputs, outputs):
             record = self._records.get(inp["image_id"])
             if record is None:
                 raise KeyError(f"image {inp['image_id']!r} is not in dataset {self._name!r}")
-            instances = out["instances"].to("cpu")
-            self._rows.append((str(inp["image_id"]), str(record.get("cell_type", "")),
-                               self.image_precision(record, instances)))
+            precision, n_kept = self.image_result(record, self.predictions(record, out))
+            self._rows.append((str(inp["image_id"]), str(record.get("cell_type", "")), precision, n_kept))
 
     def evaluate(self):
         rows = self._rows

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellkit import CELL_TYPES, atomic, rle
-from cellkit.geometry import crops_runs
+from cellkit import CELL_TYPES, atomic, metric, rle
+from cellkit.geometry import MaskRuns, crops_runs
 
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
@@ -394,6 +394,29 @@ def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, resco
     kept = np.asarray(kept, dtype=np.int64)
     return KeptMasks(pred.image_id, pred.height, pred.width, kept, eff[kept], eff_scores[kept],
                      windows[kept].astype(np.int32).reshape(-1, 4), residuals)
+
+
+def score_kept(kept: KeptMasks, truth: MaskRuns) -> np.ndarray:
+    """Precision at IoU 0.50..0.95 (float64 ``(10,)``) of one image's kept masks against its true masks
+    (:class:`cellkit.geometry.MaskRuns`, the image's shape)."""
+    return metric.score_sets(MaskRuns.from_crops(kept.crops, kept.mask_boxes, (kept.height, kept.width)), truth)
+
+
+def score_predictions(pred, truth: MaskRuns, thresholds, **options) -> np.ndarray:
+    """The competition metric of one image's predictions after post-processing: :func:`apply_predictions` then
+    :func:`score_kept`, the one path that validation (:class:`cellkit.evaluation.CellkitEvaluator`), the threshold
+    search's exact scores and ``cellkit submit`` + ``cellkit score`` share.
+
+    Args:
+        pred: :class:`cellkit.predictions.InstancePredictions` of the image.
+        truth: its true masks (:class:`cellkit.geometry.MaskRuns`).
+        thresholds: ``{class: {"score", "mask", "min_area"}}`` (:func:`validate_thresholds`).
+        **options: keywords of :data:`DEFAULT_OPTIONS`.
+
+    Returns:
+        float64 ``(10,)``.
+    """
+    return score_kept(apply_predictions(pred, thresholds, **options), truth)
 
 
 def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = False, rescore: bool = False,

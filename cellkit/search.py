@@ -519,8 +519,8 @@ def truth_mask_set(annotations, shape: tuple[int, int], where: str = "truth") ->
 def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates) -> np.ndarray:
     """Image score of one image under each post-processing candidate, exactly as a submission would score.
 
-    Each candidate ``(thresholds, options)`` goes through :func:`cellkit.postprocess.apply_predictions` (the path of
-    ``cellkit submit``), then :func:`cellkit.metric.score_sets` of the kept masks against the truth; the image score is
+    Each candidate ``(thresholds, options)`` goes through :func:`cellkit.postprocess.score_predictions` (the path of
+    ``cellkit submit`` and validation); the image score is
     the mean precision over the IoU thresholds 0.50..0.95 (1.0 with neither kept masks nor true masks).
 
     Args:
@@ -538,9 +538,7 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
         thresholds, options = pp.validate_thresholds(thresholds), pp.validate_options(options)
         key = repr((thresholds, options))  # validated: keys in a fixed order
         if key not in done:
-            kept = pp.apply_predictions(pred, thresholds, **options)
-            kept_runs = MaskRuns.from_crops(kept.crops, kept.mask_boxes, (kept.height, kept.width))
-            done[key] = float(metric.score_sets(kept_runs, truth).mean())
+            done[key] = float(pp.score_predictions(pred, truth, thresholds, **options).mean())
         out[k] = done[key]
     return out
 

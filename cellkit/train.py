@@ -29,15 +29,16 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import HookBase
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from cellkit import compat, gtmasks, rundir
+from cellkit import CELL_TYPES, compat, gtmasks, rundir
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
 from cellkit.modeling import CellkitCheckpointer
+from cellkit.predict import read_image
 from cellkit.rundir import FAILED as FAILED_NAME, failure_reason, run_weights as best_weights
+from cellkit.tta import CellTTA
 
 logger = logging.getLogger(__name__)
 
@@ -268,27 +269,25 @@ def step_trainer_class(cfg):
     return AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
 
 
-class ScoreFilteredModel(torch.nn.Module):
-    """Inference wrapper for validation: detectron2's ``GeneralizedRCNN.inference`` without post-processing, the
-    detections scoring under ``score_threshold`` dropped, then detectron2's post-processing (mask pasting and
-    binarisation at the input size). The kept instances are those the evaluator keeps: it drops the same scores.
+class ValidationPredictor(torch.nn.Module):
+    """Validation inference on the path of ``cellkit predict``: each input's image read from its ``file_name`` as
+    :func:`cellkit.predict.read_image` reads it, then one :class:`cellkit.tta.CellTTA` pass (no TTA), so the
+    evaluator scores the very predictions a store of this model holds.
 
-    Input/output like the model's in eval mode: ``[{"image", "height", "width", ...}]`` -> ``[{"instances"}]``.
+    Input/output: ``[{"file_name", "image_id", ...}]`` (a test loader's dicts) -> ``[{"predictions":
+    InstancePredictions}]``; a model with other classes than CELL_TYPES (LIVECell pretraining) is scored
+    class-agnostically, as the evaluator does. Train/eval mode is the wrapped model's (``inference_context`` restores it).
     """
 
-    def __init__(self, model, score_threshold: float):
+    def __init__(self, cfg, model):
         super().__init__()
-        self.model = model
-        self.score_threshold = float(score_threshold)
+        self.predictor = CellTTA(cfg, model, tta=False)
+        self.predictor.one_class = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES) != len(CELL_TYPES)
+        self.image_format = cfg.INPUT.FORMAT
 
     def forward(self, batched_inputs):
-        if self.training or not hasattr(self.model, "inference"):
-            return self.model(batched_inputs)
-        results = self.model.inference(batched_inputs, do_postprocess=False)
-        results = [r[r.scores >= self.score_threshold] for r in results]
-        return [{"instances": detector_postprocess(r, inp.get("height", r.image_size[0]),
-                                                   inp.get("width", r.image_size[1]))}
-                for r, inp in zip(results, batched_inputs)]
+        return [{"predictions": self.predictor.predict(read_image(inp["file_name"], self.image_format),
+                                                       str(inp["image_id"]))} for inp in batched_inputs]
 
 
 class CellkitTrainer(DefaultTrainer):
@@ -304,11 +303,10 @@ class CellkitTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Validation with detections under ``CELLKIT.EVAL.SCORE_THRESHOLD`` dropped before their masks are pasted
-        and binarised (the evaluator would drop them anyway): :class:`ScoreFilteredModel`."""
+        """Validation on the predictions ``cellkit predict`` would store (:class:`ValidationPredictor`)."""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        return super().test(cfg, ScoreFilteredModel(model, cfg.CELLKIT.EVAL.SCORE_THRESHOLD), evaluators)
+        return super().test(cfg, ValidationPredictor(cfg, model), evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -287,6 +287,9 @@ class CellTTA(TTACompat):
         if self.amp and device.type != "cuda":
             raise ValueError("amp=True needs a CUDA model")
         self.passes_run = 0  # forward passes of the backbone since construction (for tests and benchmarks)
+        # every detection reported as class 0: a model whose classes are not the store's CELL_TYPES (LIVECell
+        # pretraining), validated class-agnostically (cellkit.train.ValidationPredictor)
+        self.one_class = False
 
     @property
     def n_passes(self) -> int:
@@ -464,6 +467,7 @@ def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str
         boxes, scores, classes, masks = fused_boxes_and_masks(members, inp, fusion)
     mask_boxes, crops = paste_crops(masks.float(), boxes, height, width)
     order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
+    classes = torch.zeros_like(classes) if members[0].one_class else classes
     pred = InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores.float().cpu().numpy(),
                                boxes.cpu().numpy(), mask_boxes, crops)
     return pred.select(order)

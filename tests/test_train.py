@@ -325,6 +325,49 @@ def test_evaluator_scores_perfect_and_empty(tiny_data):
     assert ev.evaluate()["cellkit"]["mAP"] == 1.0  # ...loses all its pixels to the overlap removal
 
 
+def test_validation_map_equals_score_of_the_submission_from_its_store(tiny_data, tmp_path):
+    """One post-processing path: the mAP (and kept-mask count) that validation logs for a run equals `cellkit score`
+    of the submission `cellkit submit` makes from its `cellkit predict` store, at the evaluator's thresholds."""
+    import json
+
+    from cellkit import predictions
+    from cellkit.rundir import metric_records
+
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "SOLVER.MAX_ITER", "3", "SEED", "0", "CELLKIT.EVAL.SCORE_THRESHOLD", "0.1") == 0
+    logged = [m for m in metric_records(run) if "cellkit/mAP" in m][-1]
+    store, sub = tmp_path / "oof", tmp_path / "submission.csv"
+    assert main(["predict", "--run", str(run), "--weights", str(run / "model_final.pth"), "--fold", "0",
+                 "--data", str(tiny_data), "--out", str(store), "--no-progress"]) == 0
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps({"thresholds": {c: {"score": 0.1, "mask": 0.5, "min_area": 0}
+                                                     for c in CELL_TYPES}}))
+    val_ids = predictions.image_ids(store)
+    images = tmp_path / "val_images"
+    images.mkdir()
+    for image_id in val_ids:
+        (images / f"{image_id}.png").write_bytes((tiny_data / "train" / f"{image_id}.png").read_bytes())
+    assert main(["submit", "--pred", str(store), "--thresholds", str(thresholds), "--images", str(images),
+                 "--out", str(sub)]) == 0
+    truth = pd.read_csv(tiny_data / "train.csv")
+    truth[truth["id"].isin(val_ids)].to_csv(tmp_path / "truth.csv", index=False)
+    scored = json.loads(_score_json(tmp_path / "truth.csv", sub))
+    submitted = pd.read_csv(sub, keep_default_na=False)
+    assert logged["cellkit/n_images"] == scored["n_images"] == len(val_ids) == 3
+    assert logged["cellkit/n_masks"] == int((submitted["predicted"] != "").sum()) > 0
+    assert logged["cellkit/mAP"] == pytest.approx(scored["mAP"], abs=1e-12)
+
+
+def _score_json(truth, sub) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["score", "--truth", str(truth), "--pred", str(sub), "--json"]) == 0
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _err(capsys):
     return capsys.readouterr().err
