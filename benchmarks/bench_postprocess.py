@@ -1,7 +1,7 @@
 """Post-processing + RLE encoding of one real-size image (520 x 704) with 1,000 candidates, on one core.
 
 Fast path: ``cellkit.postprocess.apply_predictions`` (uint8 crops, occupancy map) + ``KeptMasks.rles()`` (one batched
-run encoding). Baseline in the same run: the full-image reference form ``cellkit.postprocess.apply`` (float masks
+run encoding). Baseline in the same run: the full-image reference form ``apply`` of ``tests/postprocess_reference.py`` (float masks
 of the whole image) + ``cellkit.rle.encode`` per kept mask, on the first 100 candidates (1,000 full-image float
 masks would need 1.4 GB), scaled per candidate.
 
@@ -10,6 +10,8 @@ masks would need 1.4 GB), scaled per candidate.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -21,6 +23,9 @@ import numpy as np  # noqa: E402
 from cellkit import CELL_TYPES, SHAPE, rle  # noqa: E402
 from cellkit import postprocess as pp  # noqa: E402
 from cellkit.predictions import InstancePredictions, quantize  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import postprocess_reference as ref  # noqa: E402
 
 
 def candidates(n=1000, seed=0) -> InstancePredictions:
@@ -59,10 +64,10 @@ def main() -> None:
     sub = pred.select(np.arange(100))
     full = [sub.full_prob(i) for i in range(len(sub))]
     names = [CELL_TYPES[c] for c in sub.classes]
-    t_ref = best(lambda: [rle.encode(m) for m in pp.apply(names, sub.scores, full, thresholds)], repeat=3)
+    t_ref = best(lambda: [rle.encode(m) for m in ref.apply(names, sub.scores, full, thresholds)], repeat=3)
     t_fast100 = best(lambda: pp.apply_predictions(sub, thresholds).rles())
     assert pp.apply_predictions(sub, thresholds).rles() == [rle.encode(m) for m in
-                                                           pp.apply(names, sub.scores, full, thresholds)]
+                                                           ref.apply(names, sub.scores, full, thresholds)]
     print(f"{'reference apply (full masks) + encode, 100':44} {'':5} {t_ref:8.4f}")
     print(f"{'apply_predictions + rles, same 100':44} {'':5} {t_fast100:8.4f}")
     print(f"speed-up on the same 100 candidates: {t_ref / t_fast100:.0f}x; "

@@ -11,24 +11,23 @@ detectron2 has no public hook for these; each is a small wrapper with a public n
 - :func:`resnet_deform_ops`: the deformable conv classes that detectron2's ResNet builder reads from its module
   (``detectron2.modeling.backbone.resnet.DeformConv`` / ``ModulatedDeformConv``, placeholders that raise without
   ``_C``), swapped for the duration of a build;
-- :func:`init_trainer`, :func:`trainer_hooks`: ``DefaultTrainer.__init__``'s steps with another DDP wrapper (one
-  that also runs CPU processes) and checkpointer, and the registered hooks (``TrainerBase._hooks``).
+- :func:`default_trainer_parts`: the DDP wrapper and checkpointer class that ``DefaultTrainer.__init__`` reads from
+  its module (``detectron2.engine.defaults.create_ddp_model`` / ``DetectionCheckpointer``), swapped while it runs:
+  detectron2's own ``__init__`` builds the trainer, with a DDP wrapper that also runs CPU processes and cellkit's
+  checkpointer.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultTrainer
-from detectron2.engine.train_loop import TrainerBase
+from detectron2.engine import defaults
 from detectron2.modeling.backbone import resnet
 from detectron2.modeling.test_time_augmentation import GeneralizedRCNNWithTTA
-from detectron2.utils import comm
 
-__all__ = ["CHECKED_VERSION", "PRIVATE_SYMBOLS", "CheckpointerCompat", "TTACompat", "init_trainer", "trainer_hooks",
-           "resnet_deform_ops"]
+__all__ = ["CHECKED_VERSION", "PRIVATE_SYMBOLS", "MODULE_GLOBALS", "CheckpointerCompat", "TTACompat",
+           "resnet_deform_ops", "default_trainer_parts"]
 
 logger = logging.getLogger("cellkit.modeling")
 
@@ -40,27 +39,39 @@ PRIVATE_SYMBOLS = {
     "detectron2.checkpoint.DetectionCheckpointer": ("_load_file", "_load_model"),
     "detectron2.modeling.test_time_augmentation.GeneralizedRCNNWithTTA": (
         "_turn_off_roi_heads", "_get_augmented_inputs", "_rescale_detected_boxes"),
-    "detectron2.engine.train_loop.TrainerBase": ("_hooks",),
-    "detectron2.engine.DefaultTrainer": ("_trainer",),
 }
-"""Private attributes used here, by owner (``_hooks`` and ``_trainer`` are instance attributes set in
-``__init__``)."""
+"""Private methods used here, by owner."""
 
-RESNET_DEFORM_GLOBALS = ("DeformConv", "ModulatedDeformConv")
-"""The module globals of ``detectron2.modeling.backbone.resnet`` that ``DeformBottleneckBlock.__init__`` builds its
-3x3 conv from (:func:`resnet_deform_ops` swaps them)."""
+MODULE_GLOBALS = {
+    "detectron2.modeling.backbone.resnet.DeformBottleneckBlock.__init__": ("DeformConv", "ModulatedDeformConv"),
+    "detectron2.engine.defaults.DefaultTrainer.__init__": ("create_ddp_model", "DetectionCheckpointer"),
+}
+"""Module globals that a detectron2 function reads by name, swapped by :func:`resnet_deform_ops` and
+:func:`default_trainer_parts` for the duration of a call (``tests/test_compat.py`` checks they are still read)."""
 
 
 @contextlib.contextmanager
-def resnet_deform_ops(deform_conv, modulated_deform_conv):
-    """Context: detectron2's ``DeformBottleneckBlock`` (and so ``build_resnet_backbone``) builds its deformable conv
-    from ``deform_conv`` / ``modulated_deform_conv`` (same constructor as detectron2's classes); restored on exit."""
-    saved = tuple(getattr(resnet, name) for name in RESNET_DEFORM_GLOBALS)
-    resnet.DeformConv, resnet.ModulatedDeformConv = deform_conv, modulated_deform_conv
+def _swapped(module, **values):
+    """Context: ``module``'s globals ``values`` set; the previous ones restored on exit."""
+    saved = {name: getattr(module, name) for name in values}
+    vars(module).update(values)
     try:
         yield
     finally:
-        resnet.DeformConv, resnet.ModulatedDeformConv = saved
+        vars(module).update(saved)
+
+
+def resnet_deform_ops(deform_conv, modulated_deform_conv):
+    """Context: detectron2's ``DeformBottleneckBlock`` (and so ``build_resnet_backbone``) builds its deformable conv
+    from ``deform_conv`` / ``modulated_deform_conv`` (same constructor as detectron2's classes); restored on exit."""
+    return _swapped(resnet, DeformConv=deform_conv, ModulatedDeformConv=modulated_deform_conv)
+
+
+def default_trainer_parts(ddp, checkpointer_class):
+    """Context: ``DefaultTrainer.__init__`` wraps the model with ``ddp(model, broadcast_buffers=False)`` and saves
+    with ``checkpointer_class(model, OUTPUT_DIR, trainer=...)`` (same signatures as detectron2's
+    ``create_ddp_model`` / ``DetectionCheckpointer``); restored on exit."""
+    return _swapped(defaults, create_ddp_model=ddp, DetectionCheckpointer=checkpointer_class)
 
 
 class CheckpointerCompat(DetectionCheckpointer):
@@ -98,31 +109,3 @@ class TTACompat(GeneralizedRCNNWithTTA):
     def rescale_boxes(self, aug_inputs, merged, tfms):
         """``merged`` instances (input coordinates) mapped into each augmented input."""
         return self._rescale_detected_boxes(aug_inputs, merged, tfms)
-
-
-def init_trainer(trainer, cfg, *, ddp, step_class, checkpointer_class) -> None:
-    """``DefaultTrainer.__init__`` (same order: model, optimizer, loader, DDP, step trainer, scheduler,
-    checkpointer, hooks) with the DDP wrapper ``ddp(model, broadcast_buffers=False)``, the step trainer class
-    ``step_class(cfg)`` and ``checkpointer_class(model, OUTPUT_DIR, trainer=proxy)``."""
-    from detectron2.utils.logger import setup_logger
-
-    TrainerBase.__init__(trainer)
-    if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-        setup_logger()
-    cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-    model = trainer.build_model(cfg)
-    optimizer = trainer.build_optimizer(cfg, model)
-    data_loader = trainer.build_train_loader(cfg)
-    model = ddp(model, broadcast_buffers=False)
-    trainer._trainer = step_class(cfg)(model, data_loader, optimizer)
-    trainer.scheduler = trainer.build_lr_scheduler(cfg, optimizer)
-    trainer.checkpointer = checkpointer_class(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(trainer))
-    trainer.start_iter = 0
-    trainer.max_iter = cfg.SOLVER.MAX_ITER
-    trainer.cfg = cfg
-    trainer.register_hooks(trainer.build_hooks())
-
-
-def trainer_hooks(trainer) -> list:
-    """The hooks registered on a trainer, in order."""
-    return list(trainer._hooks)

@@ -27,13 +27,11 @@ Three options, chosen by the threshold search (:mod:`cellkit.search`), not by ha
   evaluation of its chosen thresholds both ways. Thresholds files written before the option existed have no such
   key and load as off, so they keep the results they were searched for.
 
-Two forms of the same computation (one core, :func:`_resolve`):
-
-- :func:`apply`: full-image float probability masks in, full-image bool masks out (the reference form);
-- :func:`apply_predictions`: a :class:`cellkit.predictions.InstancePredictions` (uint8 crops + windows) in, a
-  :class:`KeptMasks` out (residual crops, global runs, competition RLE strings). This is the fast path used by
-  ``submit`` and the threshold search; a uint8 crop value ``q`` means probability ``float32(q) * float32(1/255)``,
-  exactly as :meth:`InstancePredictions.prob` returns it.
+One path: :func:`apply_predictions` takes a :class:`cellkit.predictions.InstancePredictions` (uint8 crops +
+windows) and returns a :class:`KeptMasks` (residual crops, global runs, competition RLE strings); a uint8 crop value
+``q`` means probability ``float32(q) * float32(1/255)``, exactly as :meth:`InstancePredictions.prob` returns it.
+:func:`score_predictions` scores it: validation, the threshold search's exact scores and ``submit`` + ``score`` all
+go through it. (The full-image float form, the tests' reference, is ``tests/postprocess_reference.py``.)
 
 Thresholds files (``thresholds.json``, written by ``python -m cellkit search``) are read and written by
 :func:`load_thresholds` / :func:`save_thresholds`; they hold ``"thresholds"`` and ``"options"`` plus the search's
@@ -54,8 +52,8 @@ from cellkit.geometry import MaskRuns, crops_runs
 
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
-    "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply", "apply_predictions",
-    "crop_runs", "crops_runs", "load_thresholds", "save_thresholds",
+    "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply_predictions",
+    "crop_runs", "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds",
 ]
 
 THRESHOLD_KEYS = ("score", "mask", "min_area")
@@ -417,69 +415,6 @@ def score_predictions(pred, truth: MaskRuns, thresholds, **options) -> np.ndarra
         float64 ``(10,)``.
     """
     return score_kept(apply_predictions(pred, thresholds, **options), truth)
-
-
-def apply(classes, scores, prob_masks, thresholds, *, image_class_vote: bool = False, rescore: bool = False,
-          vote_min_score: float = 0.5, free_dropped: bool = False) -> list[np.ndarray]:
-    """Post-process one image given full-image probability masks (the reference form).
-
-    Args:
-        classes: ``(N,)`` cell-type names ('shsy5y', 'astro', 'cort') or their ids.
-        scores: float ``(N,)`` detection scores.
-        prob_masks: ``N`` float arrays ``(H, W)`` in [0, 1] (or one ``(N, H, W)`` array); a pixel is kept when its
-            probability is ``>= thresholds[class]["mask"]`` (compared in the array's dtype, e.g. float32).
-        thresholds: ``{name: {"score", "mask", "min_area"}}`` for every class (see :func:`validate_thresholds`).
-        image_class_vote: use the image's class (majority vote of detections with score >= ``vote_min_score``)
-            for every instance instead of its own.
-        rescore: score = score x mean probability inside the binarised mask.
-        vote_min_score: confidence of a voting detection.
-        free_dropped: a mask dropped for its area leaves its pixels to the lower-scored masks.
-
-    Returns:
-        The kept masks, bool ``(H, W)`` each, disjoint, in descending (effective) score order.
-
-    Raises:
-        ValueError: unknown class names, mismatched lengths or shapes, invalid thresholds (naming class and key).
-    """
-    ids = class_ids(list(classes))
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(prob_masks) != len(ids) or len(scores) != len(ids):
-        raise ValueError(f"apply: {len(ids)} classes, {len(scores)} scores, {len(prob_masks)} masks: lengths differ")
-    options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score,
-               "free_dropped": free_dropped}
-    if len(ids) == 0:
-        validate_thresholds(thresholds)
-        validate_options(options)
-        return []
-    masks = [np.asarray(m) for m in prob_masks]
-    shape = masks[0].shape
-    for i, m in enumerate(masks):
-        if m.ndim != 2 or m.shape != shape:
-            raise ValueError(f"apply: mask {i} has shape {m.shape}, expected 2-D {shape} like mask 0")
-    windows = np.zeros((len(ids), 4), dtype=np.int64)
-
-    def binarize(i, m):
-        full = masks[i] >= m if masks[i].dtype != bool else masks[i].copy()
-        rows, cols = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
-        if not rows.size:
-            return np.zeros((0, 0), dtype=bool)
-        windows[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-        return full[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-
-    def prob_mean(i, b):
-        if not b.size:
-            return 0.0
-        x0, y0, x1, y1 = windows[i]
-        return float(masks[i][y0:y1, x0:x1][b].mean(dtype=np.float64))
-
-    kept, residuals, *_ = _pipeline(ids, scores, windows, binarize, prob_mean, shape, thresholds, options)
-    out = []
-    for i, r in zip(kept, residuals):
-        full = np.zeros(shape, dtype=bool)
-        x0, y0, x1, y1 = windows[i]
-        full[y0:y1, x0:x1] = r
-        out.append(full)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- thresholds.json

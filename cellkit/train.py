@@ -30,7 +30,6 @@ from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
-from detectron2.utils.events import EventStorage
 
 from cellkit import CELL_TYPES, compat, gtmasks, rundir
 from cellkit.config import resolve_runtime, save_config
@@ -137,8 +136,21 @@ class CellkitDatasetMapper(DatasetMapper):
 
 
 # ----------------------------------------------------------------------------------------------------- hooks
+class CellkitEvalHook(hooks.EvalHook):
+    """detectron2's ``EvalHook`` without the final evaluation of a run that raised (``trainer.completed``)."""
+
+    def after_train(self):
+        if self.trainer.completed:
+            super().after_train()
+
+
 class CellkitBestCheckpointer(hooks.BestCheckpointer):
-    """detectron2's ``BestCheckpointer`` whose best value survives ``--resume`` (saved in the training state)."""
+    """detectron2's ``BestCheckpointer`` whose best value survives ``--resume`` (saved in the training state), and
+    without the final best check of a run that raised (``trainer.completed``)."""
+
+    def after_train(self):
+        if self.trainer.completed:
+            super().after_train()
 
     def state_dict(self):
         return {"best_metric": self.best_metric, "best_iter": self.best_iter}
@@ -215,8 +227,7 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
     """detectron2's ``PeriodicCheckpointer`` that never marks a failed run finished and keeps few checkpoints.
 
     - ``model_final.pth`` is written only when the last iteration completed without an exception (detectron2 writes
-      it from the step at ``MAX_ITER - 1``; a run that raises never reaches that step's end, and the trainer's
-      ``_train_failed`` flag is checked too);
+      it from the step at ``MAX_ITER - 1``; a run that raises never reaches that step's end);
     - after each periodic save, only the newest ``keep`` ``model_XXXXXXX.pth`` files of the run directory are kept
       (found by glob, so files from before a ``--resume`` are pruned too); ``model_best.pth``, ``model_final.pth``
       and whatever ``last_checkpoint`` names are never deleted. ``keep`` <= 0 keeps every checkpoint.
@@ -231,8 +242,6 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
         rundir.remove_temporaries(self.checkpointer.save_dir)  # a killed save's temporary files: only litter
 
     def after_step(self):
-        if getattr(self.trainer, "_train_failed", False):
-            return
         super().after_step()
         if (self.trainer.iter + 1) % self.period == 0:
             self.prune()
@@ -261,14 +270,6 @@ def create_ddp_model(model, **kwargs):
     return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
 
 
-def step_trainer_class(cfg):
-    """detectron2's ``AMPTrainer`` when ``SOLVER.AMP.ENABLED`` (CUDA only, see :func:`cellkit.config.resolve_runtime`),
-    else ``SimpleTrainer``."""
-    from detectron2.engine import AMPTrainer, SimpleTrainer
-
-    return AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-
-
 class ValidationPredictor(torch.nn.Module):
     """Validation inference on the path of ``cellkit predict``: each input's image read from its ``file_name`` as
     :func:`cellkit.predict.read_image` reads it, then one :class:`cellkit.tta.CellTTA` pass (no TTA), so the
@@ -290,16 +291,24 @@ class ValidationPredictor(torch.nn.Module):
                                                        str(inp["image_id"]))} for inp in batched_inputs]
 
 
+class StopTraining(BaseException):
+    """Raised by :meth:`CellkitTrainer.before_step` after a hook called :meth:`CellkitTrainer.request_stop`: ends
+    detectron2's train loop before the next iteration (a ``BaseException``: the loop logs no error for it, and its
+    ``after_train`` hooks run as after the last iteration)."""
+
+
 class CellkitTrainer(DefaultTrainer):
-    """``DefaultTrainer`` with cellkit's mapper, evaluator, checkpointer and hooks (see module docstring)."""
+    """``DefaultTrainer`` with cellkit's mapper, evaluator, checkpointer and hooks (see module docstring).
+
+    detectron2's own ``__init__`` and train loop; :func:`create_ddp_model` (which also runs CPU processes, gloo) and
+    :class:`cellkit.modeling.CellkitCheckpointer` go in through :func:`cellkit.compat.default_trainer_parts`.
+    """
 
     def __init__(self, cfg):
-        """detectron2's ``DefaultTrainer.__init__`` (same order: model, optimizer, loader, DDP, step trainer,
-        scheduler, checkpointer, hooks) with :func:`create_ddp_model`, which also runs on CPU processes (gloo), and
-        the step trainer of :func:`step_trainer_class` (AMP exactly when the config asks for it)."""
-        self._stop_requested = False
-        compat.init_trainer(self, cfg, ddp=create_ddp_model, step_class=step_trainer_class,
-                            checkpointer_class=CellkitCheckpointer)
+        self.stop_requested = self.stopped = False
+        self.early_stopping = None
+        with compat.default_trainer_parts(create_ddp_model, CellkitCheckpointer):
+            super().__init__(cfg)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -343,8 +352,20 @@ class CellkitTrainer(DefaultTrainer):
         return writers + [TensorboardXWriter(self.cfg.OUTPUT_DIR)]
 
     def request_stop(self) -> None:
-        """Stop after the current iteration (early stopping); a final checkpoint is written."""
-        self._stop_requested = True
+        """Stop after the current iteration (early stopping, time budget); a final checkpoint is written."""
+        self.stop_requested = True
+
+    def before_step(self):
+        if self.stop_requested:
+            self.stopped = True
+            raise StopTraining
+        super().before_step()
+
+    @property
+    def completed(self) -> bool:
+        """In ``after_train``: the loop ran to ``max_iter`` or stopped on request, rather than raised (a run that
+        raised at its last iteration is not finished: no final evaluation, best or final checkpoint)."""
+        return self.iter >= self.max_iter or self.stopped
 
     def build_hooks(self):
         cfg = self.cfg
@@ -355,12 +376,13 @@ class CellkitTrainer(DefaultTrainer):
                 self._last_eval_results = self.test(self.cfg, self.model)
                 return self._last_eval_results
 
-            ret.append(hooks.EvalHook(period, test_and_save_results))
+            ret.append(CellkitEvalHook(period, test_and_save_results))
             if comm.is_main_process():
                 ret.append(CellkitBestCheckpointer(period, self.checkpointer, cfg.CELLKIT.EVAL.METRIC, "max"))
             if cfg.CELLKIT.EARLY_STOP_PATIENCE > 0:
-                ret.append(EarlyStopping(period, cfg.CELLKIT.EVAL.METRIC, cfg.CELLKIT.EARLY_STOP_PATIENCE,
-                                         cfg.CELLKIT.EARLY_STOP_MIN_DELTA))
+                self.early_stopping = EarlyStopping(period, cfg.CELLKIT.EVAL.METRIC, cfg.CELLKIT.EARLY_STOP_PATIENCE,
+                                                    cfg.CELLKIT.EARLY_STOP_MIN_DELTA)
+                ret.append(self.early_stopping)
         if cfg.CELLKIT.TIME_BUDGET_MINUTES > 0:
             ret.insert(2, TimeBudget(cfg.CELLKIT.TIME_BUDGET_MINUTES))  # before evaluation: a last step ends cleanly
         if comm.is_main_process():
@@ -369,48 +391,12 @@ class CellkitTrainer(DefaultTrainer):
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD))
         return ret
 
-    def train_loop(self, start_iter: int, max_iter: int) -> None:
-        """detectron2's ``TrainerBase.train`` loop, which also ends when a hook calls :meth:`request_stop`."""
-        logger.info("Starting training from iteration %d", start_iter)
-        self.iter = self.start_iter = start_iter
-        self.max_iter = max_iter
-        with EventStorage(start_iter) as self.storage:
-            try:
-                self.before_train()
-                for self.iter in range(start_iter, max_iter):
-                    self.before_step()
-                    self.run_step()
-                    self.after_step()
-                    if self._stop_requested:
-                        break
-                # like detectron2: iter = the iteration after the last one run, for the after_train hooks
-                self.iter += 1
-            except BaseException:
-                self._train_failed = True  # the after_train hooks must not mark the run finished
-                logger.exception("Exception during training:")
-                raise
-            finally:
-                if getattr(self, "_train_failed", False):
-                    self._after_failed_train()
-                else:
-                    self.after_train()
-
-    def _after_failed_train(self) -> None:
-        """``after_train`` of a run that raised: only the log writers and the timer. No final evaluation, best or
-        final checkpoint: detectron2 runs them when the failing iteration was the last one, which would make a run
-        that died at its last (or only) iteration look finished."""
-        self.storage.iter = self.iter
-        for h in compat.trainer_hooks(self):
-            if isinstance(h, (hooks.PeriodicWriter, hooks.IterationTimer)):
-                h.after_train()
-
     def finished(self) -> str | None:
         """Why there is nothing left to train (after ``resume_or_load``), or None."""
         if self.start_iter >= self.max_iter:
             return f"already finished (iteration {self.start_iter} of {self.max_iter})"
-        for h in compat.trainer_hooks(self):
-            if isinstance(h, EarlyStopping) and h.stopped_at is not None:
-                return f"stopped early at iteration {h.stopped_at + 1} of {self.max_iter}"
+        if self.early_stopping is not None and self.early_stopping.stopped_at is not None:
+            return f"stopped early at iteration {self.early_stopping.stopped_at + 1} of {self.max_iter}"
         return None
 
     def train(self):
@@ -420,8 +406,9 @@ class CellkitTrainer(DefaultTrainer):
         if done:
             logger.info("cellkit: %s %s; nothing to do", self.cfg.OUTPUT_DIR, done)
             return None
-        self.train_loop(self.start_iter, self.max_iter)
-        if self._stop_requested:
+        try:
+            super().train()
+        except StopTraining:
             # stopped before MAX_ITER (early stopping, time budget): save the full state after the after_train hooks
             # (final evaluation, best check) with the last completed iteration, so that --resume knows where it is
             self.iter -= 1

@@ -18,39 +18,25 @@ def test_detectron2_is_the_checked_version():
 def test_private_symbol_exists(owner, name):
     module, cls_name = owner.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), cls_name)
-    if name in ("_hooks", "_trainer"):  # instance attributes: set by the constructors compat.init_trainer copies
-        import inspect
-
-        from detectron2.engine import DefaultTrainer
-        from detectron2.engine.train_loop import TrainerBase
-
-        source = inspect.getsource(TrainerBase.__init__ if name == "_hooks" else DefaultTrainer.__init__)
-        assert f"self.{name}" in source, f"{owner}.{name}: no longer set by its __init__ (detectron2 changed)"
-    else:
-        assert callable(getattr(cls, name, None)), f"{owner}.{name}: gone from detectron2 (used by cellkit.compat)"
+    assert callable(getattr(cls, name, None)), f"{owner}.{name}: gone from detectron2 (used by cellkit.compat)"
 
 
-def test_default_trainer_init_steps_unchanged():
-    """compat.init_trainer repeats DefaultTrainer.__init__'s steps: fail when detectron2 adds or reorders one."""
-    import inspect
-
-    from detectron2.engine import DefaultTrainer
-
-    source = inspect.getsource(DefaultTrainer.__init__)
-    steps = ["auto_scale_workers", "build_model", "build_optimizer", "build_train_loader", "create_ddp_model",
-             "self._trainer", "build_lr_scheduler", "DetectionCheckpointer", "self.start_iter", "self.max_iter",
-             "register_hooks"]
-    positions = [source.find(s) for s in steps]
-    assert -1 not in positions, f"DefaultTrainer.__init__ lacks {steps[positions.index(-1)]}"
-    assert positions == sorted(positions), "DefaultTrainer.__init__ reordered its steps"
+@pytest.mark.parametrize("function,name", [(f, n) for f, names in compat.MODULE_GLOBALS.items() for n in names])
+def test_swapped_globals_are_still_read_by_name(function, name):
+    """compat swaps module globals (resnet_deform_ops, default_trainer_parts) that the detectron2 function must still
+    read by name from its module."""
+    module, cls_name, func_name = function.rsplit(".", 2)
+    mod = importlib.import_module(module)
+    code = getattr(getattr(mod, cls_name), func_name).__code__
+    assert name in code.co_names and hasattr(mod, name), (
+        f"{module}.{name}: no longer read by {cls_name}.{func_name} (detectron2 changed; swapped by cellkit.compat)")
 
 
-def test_resnet_deform_block_reads_the_swapped_globals():
-    """compat.resnet_deform_ops swaps module globals that DeformBottleneckBlock.__init__ must still read by name."""
+def test_swapped_globals_are_restored():
+    from detectron2.engine import defaults
     from detectron2.modeling.backbone import resnet
 
-    names = resnet.DeformBottleneckBlock.__init__.__code__.co_names
-    for name in compat.RESNET_DEFORM_GLOBALS:
-        assert name in names and hasattr(resnet, name), (
-            f"detectron2.modeling.backbone.resnet.{name}: no longer read by DeformBottleneckBlock.__init__ "
-            "(detectron2 changed; used by cellkit.compat.resnet_deform_ops)")
+    before = (defaults.create_ddp_model, defaults.DetectionCheckpointer, resnet.DeformConv)
+    with compat.default_trainer_parts(len, dict), compat.resnet_deform_ops(list, tuple):
+        assert (defaults.create_ddp_model, defaults.DetectionCheckpointer, resnet.DeformConv) == (len, dict, list)
+    assert (defaults.create_ddp_model, defaults.DetectionCheckpointer, resnet.DeformConv) == before

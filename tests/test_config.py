@@ -166,19 +166,27 @@ def test_save_and_load_run_config(tmp_path):
         ck.load_run_config(tmp_path)
 
 
-def test_amp_follows_the_config_on_cuda_and_is_off_on_cpu(tmp_path):
-    from cellkit.train import step_trainer_class
+def _step_trainer_name(cfg) -> str:
+    """The step trainer detectron2's ``DefaultTrainer.__init__`` (which CellkitTrainer runs) picks for ``cfg``."""
+    import inspect
 
+    from detectron2.engine import DefaultTrainer
+
+    assert "(AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)" in inspect.getsource(DefaultTrainer.__init__)
+    return "AMPTrainer" if cfg.SOLVER.AMP.ENABLED else "SimpleTrainer"
+
+
+def test_amp_follows_the_config_on_cuda_and_is_off_on_cpu(tmp_path):
     cfg = ck.get_preset_cfg("paper", ["MODEL.WEIGHTS", "/some/checkpoint.pkl", "SOLVER.AMP.ENABLED", "False"])
     notes = ck.resolve_runtime(cfg, has_cuda=True)
     assert cfg.MODEL.DEVICE == "cuda" and cfg.SOLVER.AMP.ENABLED is False
     assert not any("AMP" in n for n in notes)
     # it survives into the saved config and picks the run's step trainer
     back = ck.load_run_config(ck.save_config(cfg, tmp_path / "run").parent)
-    assert back.SOLVER.AMP.ENABLED is False and step_trainer_class(back).__name__ == "SimpleTrainer"
+    assert back.SOLVER.AMP.ENABLED is False and _step_trainer_name(back) == "SimpleTrainer"
     on = ck.get_preset_cfg("paper", ["MODEL.WEIGHTS", "/some/checkpoint.pkl"])
     ck.resolve_runtime(on, has_cuda=True)
-    assert on.SOLVER.AMP.ENABLED is True and step_trainer_class(on).__name__ == "AMPTrainer"
+    assert on.SOLVER.AMP.ENABLED is True and _step_trainer_name(on) == "AMPTrainer"
     cpu = ck.get_preset_cfg("paper")
     notes = ck.resolve_runtime(cpu, has_cuda=False)
     assert cpu.SOLVER.AMP.ENABLED is False and any("AMP training needs CUDA" in n for n in notes)

@@ -8,6 +8,7 @@ import pytest
 
 from cellkit import CELL_TYPES, rle
 from cellkit import postprocess as pp
+import postprocess_reference as ref
 from cellkit.predictions import InstancePredictions, quantize
 
 H, W = 12, 16
@@ -30,7 +31,7 @@ def box(y0, y1, x0, x1, value=1.0):
 # ------------------------------------------------------------------------------------------------ the four steps
 def test_step1_score_filter_keeps_at_threshold_drops_under():
     masks = [box(0, 3, 0, 3), box(5, 8, 5, 8), box(9, 12, 9, 12)]
-    out = pp.apply(["shsy5y"] * 3, [0.5, 0.49, 0.9], masks, thr(score=0.5))
+    out = ref.apply(["shsy5y"] * 3, [0.5, 0.49, 0.9], masks, thr(score=0.5))
     assert len(out) == 2
     assert out[0].sum() == 9 and out[0][9:12, 9:12].all()  # 0.9 first
     assert out[1][0:3, 0:3].all()
@@ -39,7 +40,7 @@ def test_step1_score_filter_keeps_at_threshold_drops_under():
 def test_step2_binarise_pixel_at_threshold_is_kept():
     m = np.zeros((H, W), dtype=np.float32)
     m[2, 2:6] = [0.3, 0.5, 0.7, 0.49]
-    out = pp.apply(["cort"], [0.9], [m], thr(mask=0.5))
+    out = ref.apply(["cort"], [0.9], [m], thr(mask=0.5))
     assert len(out) == 1
     assert np.flatnonzero(out[0][2]).tolist() == [3, 4]
     assert out[0].sum() == 2
@@ -50,7 +51,7 @@ def test_step3_higher_score_keeps_the_overlap_in_any_input_order():
     for order in ((0, 1), (1, 0)):
         masks = [[a, b][i] for i in order]
         scores = [[0.9, 0.6][i] for i in order]
-        out = pp.apply(["astro", "astro"], scores, masks, thr())
+        out = ref.apply(["astro", "astro"], scores, masks, thr())
         assert len(out) == 2
         assert out[0].sum() == 36 and out[0][3:6, 3:6].all()  # the 0.9 mask, whole
         assert out[1].sum() == 36 - 9 and not out[1][3:6, 3:6].any()
@@ -59,27 +60,27 @@ def test_step3_higher_score_keeps_the_overlap_in_any_input_order():
 
 def test_step4_mask_reduced_under_min_area_disappears():
     big, small = box(0, 6, 0, 6), box(4, 8, 4, 8)  # small: 16 px, 4 of them taken by big
-    out = pp.apply(["cort", "cort"], [0.9, 0.8], [big, small], thr(min_area=13))
+    out = ref.apply(["cort", "cort"], [0.9, 0.8], [big, small], thr(min_area=13))
     assert len(out) == 1 and out[0].sum() == 36
-    out = pp.apply(["cort", "cort"], [0.9, 0.8], [big, small], thr(min_area=12))  # area == min_area is kept
+    out = ref.apply(["cort", "cort"], [0.9, 0.8], [big, small], thr(min_area=12))  # area == min_area is kept
     assert len(out) == 2 and out[1].sum() == 12
 
 
 def test_dropped_small_mask_still_took_its_pixels():
     # the seed's order: overlaps are removed before the area filter, so a mask dropped for its size keeps what it took
     hi, lo = box(0, 2, 0, 2), box(0, 6, 0, 6)
-    out = pp.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=5))
+    out = ref.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=5))
     assert len(out) == 1 and out[0].sum() == 36 - 4
 
 
 def test_free_dropped_leaves_the_pixels_of_a_dropped_mask_to_lower_masks():
     # the same small high-scored mask over a big low-scored one: dropped for its area, it no longer cuts the big one
     hi, lo = box(0, 2, 0, 2), box(0, 6, 0, 6)
-    out = pp.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=5), free_dropped=True)
+    out = ref.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=5), free_dropped=True)
     assert len(out) == 1 and out[0].sum() == 36 and out[0][0:2, 0:2].all()
     # a kept mask still takes its pixels, whichever the option
     for free in (False, True):
-        out = pp.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=4), free_dropped=free)
+        out = ref.apply(["cort", "cort"], [0.9, 0.8], [hi, lo], thr(min_area=4), free_dropped=free)
         assert [m.sum() for m in out] == [4, 32]
 
 
@@ -92,23 +93,23 @@ def test_free_dropped_cascades_down_the_score_order():
     c = box(0, 4, 5, 7)    # rows 0-3, cols 5-6
     d = box(0, 6, 6, 12)   # rows 0-5, cols 6-11: 36 px, col 6 shared with c
     masks, scores = [a, b, c, d], [0.95, 0.9, 0.8, 0.7]
-    claimed = pp.apply(["cort"] * 4, scores, masks, thr(min_area=5))
+    claimed = ref.apply(["cort"] * 4, scores, masks, thr(min_area=5))
     assert [int(m.sum()) for m in claimed] == [20, 32]                 # a, d: b and c dropped
-    freed = pp.apply(["cort"] * 4, scores, masks, thr(min_area=5), free_dropped=True)
+    freed = ref.apply(["cort"] * 4, scores, masks, thr(min_area=5), free_dropped=True)
     assert [int(m.sum()) for m in freed] == [20, 8, 32]                # a, c whole (b freed col 5), d
     assert freed[1][0:4, 5:7].all() and not freed[2][0:4, 6].any() and freed[2][4:6, 6].all()
 
 
 def test_empty_residual_is_dropped_even_without_min_area():
     a = box(0, 4, 0, 4)
-    out = pp.apply(["cort", "cort"], [0.9, 0.8], [a, a.copy()], thr(min_area=0))
+    out = ref.apply(["cort", "cort"], [0.9, 0.8], [a, a.copy()], thr(min_area=0))
     assert len(out) == 1
 
 
 def test_thresholds_are_class_wise():
     masks = [box(0, 3, 0, 3), box(5, 8, 5, 8), box(9, 12, 0, 2)]
     t = thr(score=0.5, shsy5y={"score": 0.95}, cort={"min_area": 7})
-    out = pp.apply(["shsy5y", "astro", "cort"], [0.9, 0.9, 0.9], masks, t)
+    out = ref.apply(["shsy5y", "astro", "cort"], [0.9, 0.9, 0.9], masks, t)
     assert len(out) == 1 and out[0][5:8, 5:8].all()
 
 
@@ -117,8 +118,8 @@ def test_vote_gives_every_instance_the_majority_class_thresholds():
     masks = [box(0, 2, 0, 2), box(0, 2, 4, 6), box(0, 2, 8, 10), box(6, 9, 6, 9)]
     classes = ["shsy5y", "shsy5y", "shsy5y", "astro"]
     t = thr(score=0.5, astro={"score": 0.95})
-    own = pp.apply(classes, [0.9, 0.8, 0.7, 0.6], masks, t)
-    voted = pp.apply(classes, [0.9, 0.8, 0.7, 0.6], masks, t, image_class_vote=True)
+    own = ref.apply(classes, [0.9, 0.8, 0.7, 0.6], masks, t)
+    voted = ref.apply(classes, [0.9, 0.8, 0.7, 0.6], masks, t, image_class_vote=True)
     assert len(own) == 3  # the astro detection fails astro's 0.95
     assert len(voted) == 4  # voted shsy5y: 0.6 passes shsy5y's 0.5
 
@@ -134,11 +135,11 @@ def test_vote_class_confident_majority_ties_and_fallback():
 def test_rescore_changes_order_and_filter():
     a = box(0, 6, 0, 6, 0.6)  # score 0.8 x mean 0.6 = 0.48
     b = box(3, 9, 3, 9, 1.0)  # score 0.7 x mean 1.0 = 0.70
-    plain = pp.apply(["cort", "cort"], [0.8, 0.7], [a, b], thr(score=0.3))
-    rescored = pp.apply(["cort", "cort"], [0.8, 0.7], [a, b], thr(score=0.3), rescore=True)
+    plain = ref.apply(["cort", "cort"], [0.8, 0.7], [a, b], thr(score=0.3))
+    rescored = ref.apply(["cort", "cort"], [0.8, 0.7], [a, b], thr(score=0.3), rescore=True)
     assert plain[0][3:6, 3:6].all() and plain[0].sum() == 36  # a first
     assert rescored[0][3:6, 3:6].all() and rescored[0].sum() == 36 and rescored[0][8, 8]  # b first
-    only_b = pp.apply(["cort", "cort"], [0.8, 0.7], [a, b], thr(score=0.5), rescore=True)
+    only_b = ref.apply(["cort", "cort"], [0.8, 0.7], [a, b], thr(score=0.5), rescore=True)
     assert len(only_b) == 1 and only_b[0][8, 8]  # a's rescored 0.48 < 0.5
 
 
@@ -147,8 +148,8 @@ def test_rescore_mean_is_over_the_binarised_pixels_only():
     m[0, 0:4] = 0.55  # kept at 0.5: mean (12 x 1.0 + 4 x 0.55) / 16
     m[5, 5] = 0.1  # not kept, not averaged
     score = 0.9 * (12 + 4 * 0.55) / 16
-    assert len(pp.apply(["cort"], [0.9], [m], thr(score=score - 1e-6), rescore=True)) == 1
-    assert len(pp.apply(["cort"], [0.9], [m], thr(score=score + 1e-6), rescore=True)) == 0
+    assert len(ref.apply(["cort"], [0.9], [m], thr(score=score - 1e-6), rescore=True)) == 1
+    assert len(ref.apply(["cort"], [0.9], [m], thr(score=score + 1e-6), rescore=True)) == 0
 
 
 # ------------------------------------------------------------------------------------------------ crop form
@@ -175,7 +176,7 @@ OPTION_SETS = [{"image_class_vote": vote, "rescore": rescore, "free_dropped": fr
 def test_crop_form_equals_full_form(options):
     pred = random_pred()
     t = thr(score=0.2, mask=0.45, min_area=4, astro={"mask": 0.6, "score": 0.4}, cort={"min_area": 20})
-    full = pp.apply([CELL_TYPES[c] for c in pred.classes], pred.scores, [pred.full_prob(i) for i in range(len(pred))],
+    full = ref.apply([CELL_TYPES[c] for c in pred.classes], pred.scores, [pred.full_prob(i) for i in range(len(pred))],
                     t, **options)
     kept = pp.apply_predictions(pred, t, **options)
     assert len(full) == len(kept) > 5
@@ -251,7 +252,7 @@ def test_crop_runs_touching_the_right_edge_do_not_merge_rows():
 
 
 def test_no_instances():
-    assert pp.apply([], [], [], thr()) == []
+    assert ref.apply([], [], [], thr()) == []
     empty = InstancePredictions("e", H, W, [], [], np.zeros((0, 4)), np.zeros((0, 4)), [])
     kept = pp.apply_predictions(empty, thr())
     assert len(kept) == 0 and kept.rles() == []
@@ -276,7 +277,7 @@ def test_invalid_thresholds_name_class_and_key(change, message):
     t = thr()
     change(t)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        pp.apply(["cort"], [0.9], [box(0, 2, 0, 2)], t)
+        ref.apply(["cort"], [0.9], [box(0, 2, 0, 2)], t)
 
 
 def test_free_dropped_round_trips_through_thresholds_files(tmp_path):
@@ -293,9 +294,9 @@ def test_free_dropped_round_trips_through_thresholds_files(tmp_path):
 
 def test_unknown_class_name_and_length_mismatch():
     with pytest.raises(ValueError, match="instance 0: unknown class 'hela'"):
-        pp.apply(["hela"], [0.9], [box(0, 2, 0, 2)], thr())
+        ref.apply(["hela"], [0.9], [box(0, 2, 0, 2)], thr())
     with pytest.raises(ValueError, match="lengths differ"):
-        pp.apply(["cort"], [0.9, 0.8], [box(0, 2, 0, 2)], thr())
+        ref.apply(["cort"], [0.9, 0.8], [box(0, 2, 0, 2)], thr())
 
 
 def test_thresholds_file_roundtrip_and_errors(tmp_path):
