@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"audited {s['n_images']} images ({s['n_with_pred']} with predictions) in {s['seconds']} s; flags: {flags}; "
           f"{s['n_flagged_images']} image(s) flagged")
     if args.top > 0:
-        top = result.images.head(args.top)
-        print(top[["id", "cell_type", "score", "n_labels", "flags"]].to_string(index=False))
+        print(result.images.head(args.top)[["id", "cell_type", "score", "n_labels", "flags"]].to_string(index=False))
     print(f"wrote {paths['audit']}, {paths['instances']} and {paths['summary']}")
     return 0
