@@ -26,8 +26,6 @@ truth (or ``folds.csv``) does not know is an error naming the id.
 Files: :func:`write_report` writes ``cv.json`` (atomic) and :func:`plot_cv` ``cv.png`` (grouped bars, atomic);
 :func:`format_tables` gives the two tables as aligned, markdown-compatible text (paste into RESULTS.md).
 """
-from __future__ import annotations
-
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path

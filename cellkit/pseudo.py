@@ -28,8 +28,6 @@ post-processing (the masks ``submit`` would write, their scores being the post-p
 
 Without screening (``settings=None``, ``--no-screen``) only step 1 applies and every mask is kept.
 """
-from __future__ import annotations
-
 import csv
 import io
 import math
@@ -82,8 +80,7 @@ def _per_class(value, where: str) -> dict[str, float]:
             raise ValueError(f"{where}: missing class {missing[0]!r} (every class of {', '.join(CELL_TYPES)} "
                              f"is needed)")
         return {c: _unit(value[c], f"{where}: class {c!r}") for c in CELL_TYPES}
-    x = _unit(value, where)
-    return {c: x for c in CELL_TYPES}
+    return dict.fromkeys(CELL_TYPES, _unit(value, where))
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,6 @@ DataFrames; ``plot_*`` functions return a matplotlib ``Figure`` (shown inline by
 :func:`save_figure`). matplotlib is imported inside the plotting functions, so importing this module is cheap.
 Masks travel as competition RLE strings (decoded with :mod:`cellkit.rle`) or boolean ``(H, W)`` arrays.
 """
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Sequence

@@ -10,8 +10,6 @@ would give a mask is kept, images without a mask are dropped since a training im
 As for ``submit``, the store's inference signature must equal the thresholds' ``"inference"`` (exit 2 naming what
 differs; ``--allow-inference-mismatch`` goes on with a warning).
 """
-from __future__ import annotations
-
 import sys
 
 HELP = "turn predictions of unlabeled images into pseudo-labels (competition layout) for cellkit train"
