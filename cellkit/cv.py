@@ -26,8 +26,6 @@ truth (or ``folds.csv``) does not know is an error naming the id.
 Files: :func:`write_report` writes ``cv.json`` (atomic) and :func:`plot_cv` ``cv.png`` (grouped bars, atomic);
 :func:`format_tables` gives the two tables as aligned, markdown-compatible text (paste into RESULTS.md).
 """
-from __future__ import annotations
-
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,15 +40,15 @@ from cellkit import predictions as P
 __all__ = ["COLUMNS", "SETTINGS", "CV_JSON", "CV_PNG", "naive_setting", "score_images", "summarise", "cv_report",
            "search_mismatch", "format_tables", "plot_cv", "write_report"]
 
+#: Table columns: every image of the row, then each true cell type.
 COLUMNS = ("all",) + tuple(CELL_TYPES)
-"""Table columns: every image of the row, then each true cell type."""
 
+#: Table rows within a fold: the seed's post-processing, then the searched one.
 SETTINGS = ("naive", "post-processed")
-"""Table rows within a fold: the seed's post-processing, then the searched one."""
 
+#: File names in the run directory.
 CV_JSON = "cv.json"
 CV_PNG = "cv.png"
-"""File names in the run directory."""
 
 MISSING_POLICY = ("left out of the tables (not scored 0): an out-of-fold store covers the folds predicted so far; "
                   "counted per fold and overall")
@@ -114,19 +112,19 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
         records.append((pred.image_id, str(rows["cell_type"].iat[0]), int(fold_of[pred.image_id]), *scores))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "fold", *names])
     per_image["fold"] = per_image["fold"].astype(np.int64)
-    missing = sorted(truth_ids - set(ids))
-    return per_image, missing
+    return per_image, sorted(truth_ids - set(ids))
 
 
-def _cell(frame: pd.DataFrame, settings: Sequence[str]) -> dict:
-    """``{"n_images": {column: n}, "scores": {setting: {column: mean or None}}}`` of a group of images."""
+def _cell(frame: pd.DataFrame, settings: Sequence[str], n_missing: int) -> dict:
+    """``{"n_images": {column: n}, "n_truth_without_predictions": n_missing, "scores": {setting: {column: mean or
+    None}}}`` of a group of images."""
     n_images, scores = {}, {s: {} for s in settings}
     for column in COLUMNS:
         part = frame if column == "all" else frame[frame["cell_type"] == column]
         n_images[column] = int(len(part))
         for s in settings:
             scores[s][column] = float(part[s].mean()) if len(part) else None
-    return {"n_images": n_images, "scores": scores}
+    return {"n_images": n_images, "n_truth_without_predictions": n_missing, "scores": scores}
 
 
 def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_folds: Sequence[int],
@@ -146,17 +144,10 @@ def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_
         ``{setting: {column: mean image score or None for no image}}``.
     """
     missing_folds = list(missing_folds)
-    per_fold = []
-    for fold in sorted(int(f) for f in per_image["fold"].unique()):
-        cell = _cell(per_image[per_image["fold"] == fold], settings)
-        per_fold.append({"fold": fold, "n_images": cell["n_images"],
-                         "n_truth_without_predictions": sum(1 for f in missing_folds if f == fold),
-                         "scores": cell["scores"]})
-    overall = _cell(per_image, settings)
-    overall = {"n_images": overall["n_images"], "n_truth_without_predictions": len(missing_folds),
-               "scores": overall["scores"]}
+    per_fold = [{"fold": fold, **_cell(per_image[per_image["fold"] == fold], settings, missing_folds.count(fold))}
+                for fold in sorted(int(f) for f in per_image["fold"].unique())]
     predicted = {row["fold"] for row in per_fold}
-    return {"per_fold": per_fold, "overall": overall,
+    return {"per_fold": per_fold, "overall": _cell(per_image, settings, len(missing_folds)),
             "folds_without_predictions": sorted(int(f) for f in set(all_folds) - predicted)}
 
 
@@ -186,8 +177,7 @@ def cv_report(pred_dir, truth_csv, thresholds_path, folds_csv, progress: bool = 
     from cellkit.data import read_train_csv
     from cellkit.folds import read_folds
 
-    pred_dir, truth_csv = Path(pred_dir), Path(truth_csv)
-    thresholds_path, folds_csv = Path(thresholds_path), Path(folds_csv)
+    pred_dir, truth_csv, thresholds_path, folds_csv = map(Path, (pred_dir, truth_csv, thresholds_path, folds_csv))
     if not truth_csv.is_file():
         raise FileNotFoundError(f"{truth_csv}: no such truth file (the competition train.csv: --truth, or --data DIR "
                                 f"holding it)")
@@ -234,10 +224,8 @@ def search_mismatch(doc: Mapping) -> str | None:
         now = doc["overall"]["scores"][setting]["all"]
         if isinstance(recorded, (int, float)) and now is not None and abs(recorded - now) > 1e-9:
             notes.append(f"{setting} {now:.4f} vs metric.{key} {recorded:.4f}")
-    if not notes:
-        return None
     return ("note: the overall figures differ from thresholds.json's (" + "; ".join(notes) + "): the predictions or "
-            "the truth are not those the search saw")
+            "the truth are not those the search saw") if notes else None
 
 
 # ------------------------------------------------------------------------------------------------ presentation
@@ -247,8 +235,7 @@ def _fmt(value) -> str:
 
 def _markdown(header: list[str], rows: list[list[str]], align: list[str]) -> str:
     """An aligned markdown table; ``align`` holds ``"l"`` or ``"r"`` per column."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    widths = [max(w, 3) for w in widths]
+    widths = [max(3, len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)) + " |"
@@ -258,10 +245,8 @@ def _markdown(header: list[str], rows: list[list[str]], align: list[str]) -> str
 
 
 def _rows(prefix: list[str], entry: Mapping, settings: Sequence[str]) -> list[list[str]]:
-    rows = [prefix + ["images"] + [str(entry["n_images"][c]) for c in COLUMNS]]
-    for s in settings:
-        rows.append(prefix + [s] + [_fmt(entry["scores"][s][c]) for c in COLUMNS])
-    return rows
+    return ([prefix + ["images"] + [str(entry["n_images"][c]) for c in COLUMNS]]
+            + [prefix + [s] + [_fmt(entry["scores"][s][c]) for c in COLUMNS] for s in settings])
 
 
 def format_tables(doc: Mapping) -> str:
@@ -272,18 +257,15 @@ def format_tables(doc: Mapping) -> str:
     """
     settings = doc.get("settings", SETTINGS)
     align = ["r", "l"] + ["r"] * len(COLUMNS)
-    rows = []
-    for entry in doc["per_fold"]:
-        rows += _rows([str(entry["fold"])], entry, settings)
-    table1 = _markdown(["fold", ""] + list(COLUMNS), rows, align)
-    table2 = _markdown(["OOF images", ""] + list(COLUMNS), _rows(["all"], doc["overall"], settings), align)
-    lines = ["Table 1: competition mAP per fold (out-of-fold images of each fold)", "", table1, "",
-             "Table 2: competition mAP over all out-of-fold images", "", table2, ""]
-    missing = doc["overall"]["n_truth_without_predictions"]
+    rows = [row for entry in doc["per_fold"] for row in _rows([str(entry["fold"])], entry, settings)]
     per_fold = ", ".join(f"fold {e['fold']}: {e['n_truth_without_predictions']}" for e in doc["per_fold"]
                          if e["n_truth_without_predictions"])
-    lines.append(f"truth images without predictions: {missing} (left out, not scored 0)"
-                 + (f"; in predicted folds: {per_fold}" if per_fold else ""))
+    lines = ["Table 1: competition mAP per fold (out-of-fold images of each fold)", "",
+             _markdown(["fold", ""] + list(COLUMNS), rows, align), "",
+             "Table 2: competition mAP over all out-of-fold images", "",
+             _markdown(["OOF images", ""] + list(COLUMNS), _rows(["all"], doc["overall"], settings), align), "",
+             f"truth images without predictions: {doc['overall']['n_truth_without_predictions']} (left out, not "
+             f"scored 0)" + (f"; in predicted folds: {per_fold}" if per_fold else "")]
     if doc.get("folds_without_predictions"):
         lines.append(f"folds without predictions: {', '.join(map(str, doc['folds_without_predictions']))}")
     post = doc.get("post_processing", {}).get("post-processed")
@@ -309,7 +291,6 @@ def plot_cv(doc: Mapping, path) -> Path:
 
     from cellkit.viz import save_figure
 
-    path = Path(path)
     settings = list(doc.get("settings", SETTINGS))
     panels = [(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
     panels.append((f"all OOF images ({doc['overall']['n_images']['all']})", doc["overall"]))
@@ -320,26 +301,23 @@ def plot_cv(doc: Mapping, path) -> Path:
     width = 0.8 / len(settings)
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
     top = max([v for _, e in panels for s in settings for v in e["scores"][s].values() if v is not None] + [0.01])
-    for k, (title, entry) in enumerate(panels):
-        ax = axes[k // ncols][k % ncols]
+    for k, (ax, (title, entry)) in enumerate(zip(axes.flat, panels)):
         for j, s in enumerate(settings):
             values = [entry["scores"][s][c] for c in COLUMNS]
-            pos = x + (j - (len(settings) - 1) / 2) * width
-            bars = ax.bar(pos, [0.0 if v is None else v for v in values], width, label=s,
-                          color=colors[j % len(colors)])
+            bars = ax.bar(x + (j - (len(settings) - 1) / 2) * width, [0.0 if v is None else v for v in values], width,
+                          label=s, color=colors[j % len(colors)])
             for bar, v in zip(bars, values):
                 ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), "-" if v is None else f"{v:.3f}",
                         ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x)
-        ax.set_xticklabels([f"{c}\n({entry['n_images'][c]})" for c in COLUMNS], fontsize=8)
+        ax.set_xticks(x, [f"{c}\n({entry['n_images'][c]})" for c in COLUMNS], fontsize=8)
         ax.set_ylim(0, top * 1.18)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("mAP")
         ax.grid(axis="y", alpha=0.3)
         if k == 0:
             ax.legend(fontsize=8, loc="upper left")
-    for k in range(len(panels), nrows * ncols):
-        axes[k // ncols][k % ncols].axis("off")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     fig.suptitle("out-of-fold competition mAP: naive (seed 0.5 / 0.5 / 0) vs post-processed (thresholds.json)")
     fig.tight_layout()
     try:

@@ -28,8 +28,6 @@ post-processing (the masks ``submit`` would write, their scores being the post-p
 
 Without screening (``settings=None``, ``--no-screen``) only step 1 applies and every mask is kept.
 """
-from __future__ import annotations
-
 import csv
 import io
 import math
@@ -48,17 +46,17 @@ __all__ = [
     "screen_image", "pseudo_label_image", "parse_class_values", "write_pseudo_labels", "summary_document",
 ]
 
+#: Value of ``format`` in ``pseudo.json``.
 FORMAT = "cellkit.pseudo/1"
-"""Value of ``format`` in ``pseudo.json``."""
 
+#: File name of the settings and decisions beside ``train.csv``.
 SUMMARY_NAME = "pseudo.json"
-"""File name of the settings and decisions beside ``train.csv``."""
 
+#: Columns of a pseudo-label ``train.csv`` (the competition's required ones, then ``source``).
 CSV_COLUMNS = ("id", "annotation", "width", "height", "cell_type", "source")
-"""Columns of a pseudo-label ``train.csv`` (the competition's required ones, then ``source``)."""
 
+#: Why an image is dropped (module docstring, steps 1-4).
 REASONS = ("no_mask", "mixed_classes", "low_confidence", "no_confident_mask")
-"""Why an image is dropped (module docstring, steps 1-4)."""
 
 
 def _unit(value, where: str) -> float:
@@ -82,8 +80,7 @@ def _per_class(value, where: str) -> dict[str, float]:
             raise ValueError(f"{where}: missing class {missing[0]!r} (every class of {', '.join(CELL_TYPES)} "
                              f"is needed)")
         return {c: _unit(value[c], f"{where}: class {c!r}") for c in CELL_TYPES}
-    x = _unit(value, where)
-    return {c: x for c in CELL_TYPES}
+    return dict.fromkeys(CELL_TYPES, _unit(value, where))
 
 
 @dataclass(frozen=True)
@@ -260,18 +257,10 @@ def parse_class_values(text: str, where: str) -> float | dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _inside(path: Path, parent: Path) -> bool:
-    try:
-        path.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
 def _check_out(out: Path, image_dir: Path, pred_dir: Path, overwrite: bool) -> None:
     out_r, images_r, pred_r = out.resolve(), image_dir.resolve(), pred_dir.resolve()
     for name, src in (("--images", images_r), ("--pred", pred_r)):
-        if _inside(out_r, src) or (out_r / "train") == src:
+        if out_r.is_relative_to(src) or (out_r / "train") == src:
             raise ValueError(f"{out}: output folder would write into the source {name} folder {src}; choose "
                              f"another output folder")
     existing = [p for p in (out / "train.csv", out / SUMMARY_NAME, out / "train") if p.exists()]
@@ -280,8 +269,10 @@ def _check_out(out: Path, image_dir: Path, pred_dir: Path, overwrite: bool) -> N
                          f"or pass --overwrite")
 
 
-def _place_image(src: Path, dst: Path, link: bool) -> str:
-    """Symlink ``dst`` -> ``src`` (absolute), atomically; a copy where symlinks fail. Returns "link" or "copy"."""
+def _place_image(src: Path, folder: Path, link: bool) -> str:
+    """Symlink ``folder / src.name`` -> ``src`` (absolute), atomically; a copy where symlinks fail. Returns "link" or
+    "copy"."""
+    dst = folder / src.name
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
     if link:
@@ -298,9 +289,7 @@ def _place_image(src: Path, dst: Path, link: bool) -> str:
 
 def _csv_text(rows) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(rows)
+    csv.writer(buf, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
     return buf.getvalue()
 
 
@@ -369,7 +358,6 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
 
     pred_dir, image_dir, out_dir = Path(pred_dir), Path(image_dir), Path(out_dir)
     doc = pp.load_thresholds(thresholds_path) if doc is None else doc
-    thresholds, options = doc["thresholds"], doc["options"]
     ids = P.image_ids(pred_dir)
     sizes = image_sizes(image_dir)
     unknown = sorted(set(ids) - set(sizes))
@@ -386,7 +374,7 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
         if (pred.height, pred.width) != (h, w):
             raise ValueError(f"{pred_dir}/{pred.image_id}.npz: size {pred.height}x{pred.width} differs from the "
                              f"image's {h}x{w}")
-        decision, rles = pseudo_label_image(pred, thresholds, options, settings)
+        decision, rles = pseudo_label_image(pred, doc["thresholds"], doc["options"], settings)
         decisions.append(decision)
         rows += [(pred.image_id, r, w, h, decision.cell_type, source) for r in rles]
     kept_ids = [d.image_id for d in decisions if d.kept]
@@ -401,10 +389,7 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
         for stale in train_dir.iterdir():
             if stale.is_symlink() or stale.is_file():
                 stale.unlink()
-    placed = {}
-    for image_id in kept_ids:
-        src = find_image(image_dir, image_id)
-        placed[image_id] = _place_image(src, train_dir / src.name, link)
+    placed = {image_id: _place_image(find_image(image_dir, image_id), train_dir, link) for image_id in kept_ids}
     atomic.write_text(out_dir / "train.csv", _csv_text(rows))
     summary = summary_document(source=source, pred_dir=pred_dir, image_dir=image_dir, thresholds_path=thresholds_path,
                                doc=doc, settings=settings, decisions=decisions, placed=placed)

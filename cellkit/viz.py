@@ -5,8 +5,6 @@ DataFrames; ``plot_*`` functions return a matplotlib ``Figure`` (shown inline by
 :func:`save_figure`). matplotlib is imported inside the plotting functions, so importing this module is cheap.
 Masks travel as competition RLE strings (decoded with :mod:`cellkit.rle`) or boolean ``(H, W)`` arrays.
 """
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,16 +14,16 @@ import pandas as pd
 
 from cellkit import CELL_TYPES, SHAPE, atomic, rle
 
+#: One matplotlib colour per cell type, the same in every plot.
 TYPE_COLORS = {"shsy5y": "tab:blue", "astro": "tab:orange", "cort": "tab:green"}
-"""One matplotlib colour per cell type, the same in every plot."""
 
+#: RGB colour of each :mod:`cellkit.audit` flag kind in :func:`audit_overlay` / :func:`plot_audit`.
 AUDIT_COLORS = {"duplicate": (230, 25, 75), "overlap": (245, 130, 48), "empty": (128, 128, 128),
                 "tiny": (240, 50, 230), "spurious": (66, 212, 244), "misplaced": (255, 225, 25),
                 "missed": (60, 220, 75)}
-"""RGB colour of each :mod:`cellkit.audit` flag kind in :func:`audit_overlay` / :func:`plot_audit`."""
 
+#: RGB colour of the outlines of unflagged annotations in :func:`audit_overlay`.
 OUTLINE_COLOR = (170, 170, 170)
-"""RGB colour of the outlines of unflagged annotations in :func:`audit_overlay`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,12 +73,7 @@ def overlay(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.45,
         if mask.shape != out.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} != image shape {out.shape[:2]}")
         out[mask] = (1.0 - alpha) * out[mask] + alpha * color
-        inner = mask.copy()
-        inner[1:, :] &= mask[:-1, :]
-        inner[:-1, :] &= mask[1:, :]
-        inner[:, 1:] &= mask[:, :-1]
-        inner[:, :-1] &= mask[:, 1:]
-        out[mask & ~inner] = color
+        out[_boundary(mask)] = color
     return out.astype(np.uint8)
 
 
@@ -199,10 +192,7 @@ def image_masks(df: pd.DataFrame, image_id: str, column: str = "annotation",
     """Decode the masks of one image from a train.csv / submission frame (empty strings skipped)."""
     rows = df[df["id"] == image_id]
     if shape is None:
-        if "height" in rows and len(rows):
-            shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
-        else:
-            shape = SHAPE
+        shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0])) if "height" in rows and len(rows) else SHAPE
     return [rle.decode(s, shape) for s in rows[column].fillna("") if isinstance(s, str) and s.strip()]
 
 
@@ -223,8 +213,7 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     """
     from cellkit.rundir import metric_records
 
-    records = metric_records(path)
-    frame = pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(metric_records(path))
     if frame.empty or "iteration" not in frame:
         raise ValueError(f"{path}: no iterations recorded")
     return frame.groupby("iteration", as_index=False).last().sort_values("iteration").reset_index(drop=True)
@@ -261,21 +250,30 @@ def _in_notebook() -> bool:
         return False
 
 
-def plot_overlays(panels: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]], ncols: int = 3,
-                  size: float = 4.5):
-    """Show ``(title, image, masks)`` panels in a grid, masks overlaid (see :func:`overlay`)."""
-    plt = _plt()
+def _grid(panels: Sequence[tuple[str, np.ndarray]], ncols: int, size: float, pad: float, fontsize: float):
+    """A figure of ``(title, picture)`` panels, ``ncols`` per row (fewer for fewer panels), every axis off.
+
+    Returns:
+        ``(figure, axes)``, axes a 2-D array.
+    """
     n = max(len(panels), 1)
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols * 1.35, size * nrows + 0.3), squeeze=False,
-                             layout="constrained")
+    fig, axes = _plt().subplots(nrows, ncols, figsize=(size * ncols * 1.35, size * nrows + pad), squeeze=False,
+                                layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (title, image, masks) in zip(axes.ravel(), panels):
-        ax.imshow(overlay(image, masks))
-        ax.set_title(f"{title} ({len(masks)} masks)", fontsize=9)
-    return fig
+    for ax, (title, picture) in zip(axes.ravel(), panels):
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=fontsize)
+    return fig, axes
+
+
+def plot_overlays(panels: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]], ncols: int = 3,
+                  size: float = 4.5):
+    """Show ``(title, image, masks)`` panels in a grid, masks overlaid (see :func:`overlay`)."""
+    pictures = [(f"{title} ({len(masks)} masks)", overlay(image, masks)) for title, image, masks in panels]
+    return _grid(pictures, ncols, size, 0.3, 9)[0]
 
 
 def plot_rle_overlays(df: pd.DataFrame, image_dir: str | os.PathLike, image_ids: Sequence[str],
@@ -314,7 +312,6 @@ def plot_audit(df: pd.DataFrame, image_dir: str | os.PathLike, result, n: int = 
 
     from cellkit.data import find_image
 
-    plt = _plt()
     images = result.images
     if image_ids is None:
         image_ids = images.loc[images["score"] > 0, "id"].astype(str).head(int(n)).tolist()
@@ -327,9 +324,8 @@ def plot_audit(df: pd.DataFrame, image_dir: str | os.PathLike, result, n: int = 
         shape = image.shape[:2]
         position = {int(r): k for k, r in enumerate(rows.index)}
         masks = [rle.decode(s, shape) if isinstance(s, str) else np.zeros(shape, bool) for s in rows["annotation"]]
-        flagged = instances[instances["id"].astype(str) == image_id]
         kinds, boxes = {}, []
-        for r in flagged.itertuples():
+        for r in instances[instances["id"].astype(str) == image_id].itertuples():
             if r.kind == "missed" or pd.isna(r.row):
                 boxes.append((r.kind, (r.x0, r.y0, r.x1, r.y1)))
             elif int(r.row) in position and r.kind != "empty":
@@ -341,16 +337,7 @@ def plot_audit(df: pd.DataFrame, image_dir: str | os.PathLike, result, n: int = 
         else:
             title = f"{image_id} (not audited)"
         panels.append((title, audit_overlay(image, masks, kinds, boxes=boxes)))
-    count = max(len(panels), 1)
-    ncols = min(ncols, count)
-    nrows = (count + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols * 1.35, size * nrows + 0.8), squeeze=False,
-                             layout="constrained")
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (title, picture) in zip(axes.ravel(), panels):
-        ax.imshow(picture)
-        ax.set_title(title, fontsize=8)
+    fig, axes = _grid(panels, ncols, size, 0.8, 8)
     if not panels:
         axes[0, 0].set_title("no flagged image")
     handles = [Patch(color=np.asarray(AUDIT_COLORS[k]) / 255.0, label=k) for k in AUDIT_COLORS if k in seen]
@@ -387,10 +374,7 @@ def plot_area_distributions(areas: pd.DataFrame, bins: int = 40):
     for cell_type, group in positive.groupby("cell_type"):
         ax.hist(group["area"], bins=edges, alpha=0.55, label=f"{cell_type} (median {group['area'].median():.0f})",
                 color=TYPE_COLORS.get(cell_type))
-    ax.set_xscale("log")
-    ax.set_xlabel("cell area (pixels)")
-    ax.set_ylabel("cells")
-    ax.set_title("cell-area distribution per type")
+    ax.set(xscale="log", xlabel="cell area (pixels)", ylabel="cells", title="cell-area distribution per type")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -405,16 +389,14 @@ def plot_training_curves(metrics: pd.DataFrame | str | os.PathLike):
         series = frame[["iteration", col]].dropna()
         left.plot(series["iteration"], series[col], label=col, lw=2.0 if col == "total_loss" else 1.0,
                   marker="o" if len(series) < 20 else None, ms=3)
-    left.set_xlabel("iteration")
-    left.set_title("training losses")
+    left.set(xlabel="iteration", title="training losses")
     if loss_columns(frame):
         left.legend(fontsize=7)
     cols = metric_columns(frame)
     for col in cols:
         series = frame[["iteration", col]].dropna()
         right.plot(series["iteration"], series[col], marker="o", label=col)
-    right.set_xlabel("iteration")
-    right.set_title("validation metric" if cols else "validation metric (none recorded)")
+    right.set(xlabel="iteration", title="validation metric" if cols else "validation metric (none recorded)")
     if cols:
         right.legend(fontsize=7)
     fig.tight_layout()

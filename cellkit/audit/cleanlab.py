@@ -175,5 +175,4 @@ def add_cleanlab_columns(images: "pandas.DataFrame", boxes: dict[int, _CleanlabI
         logger.warning("cellkit audit: cleanlab is not installed: the cleanlab_* columns stay empty (pip install "
                        "'cleanlab>=2.9'); every flag and the score are computed without it")
         return
-    for k, col in enumerate(CLEANLAB_COLUMNS):
-        images.loc[list(boxes), col] = scores[:, k]
+    images.loc[list(boxes), list(CLEANLAB_COLUMNS)] = scores

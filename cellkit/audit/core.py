@@ -30,17 +30,6 @@ def has_predictions(path) -> bool:
         return False
 
 
-def _audited_ids(groups: dict, image_ids, where: str) -> list[str]:
-    """The ids to audit: all of the truth's (file order) or ``image_ids`` (each must be in it; repeats dropped)."""
-    if image_ids is None:
-        return list(groups)
-    ids = list(dict.fromkeys(str(i) for i in image_ids))
-    unknown = [i for i in ids if i not in groups]
-    if unknown:
-        raise ValueError(f"{where}: {len(unknown)} image id(s) to audit are not in it, e.g. {unknown[0]!r}")
-    return ids
-
-
 def _prediction_paths(pred_dir, groups: dict, ids: list[str], where: str) -> dict[str, Path]:
     """``{image id: .npz}`` of the store (empty without one); warns about audited images without predictions.
 
@@ -94,7 +83,11 @@ def audit(truth, pred_dir=None, thresholds=None, spec: AuditSpec | None = None, 
                      else (data.read_train_csv(truth), str(truth)))
     where = source or "truth"
     groups = table.groupby("id", sort=False).indices
-    ids = _audited_ids(groups, image_ids, where)
+    # the ids to audit: all of the truth's (file order) or image_ids (each must be in it; repeats dropped)
+    ids = list(groups) if image_ids is None else list(dict.fromkeys(str(i) for i in image_ids))
+    unknown = [i for i in ids if i not in groups]
+    if unknown:
+        raise ValueError(f"{where}: {len(unknown)} image id(s) to audit are not in it, e.g. {unknown[0]!r}")
     listing = _prediction_paths(pred_dir, groups, ids, where)
     thr = ({c: dict(v) for c, v in postprocess.SEED_THRESHOLDS.items()} if thresholds is None
            else postprocess.load_thresholds(thresholds)["thresholds"])
@@ -148,9 +141,7 @@ def _tables(records: list[dict], instance_records: list[dict], boxes: dict, spec
     frame = pd.DataFrame.from_records(instance_records, columns=list(INSTANCE_COLUMNS)).astype(
         {**dict.fromkeys(("row", "partner_row", "pred_index", "partner_area"), "Int64"),
          **dict.fromkeys(("area", "x0", "y0", "x1", "y1"), np.int64)})
-    rank_of = {i: k for k, i in enumerate(images["id"].astype(str))}
-    kind_of = {k: n for n, k in enumerate(KINDS)}
-    order = np.lexsort((np.arange(len(frame)), frame["kind"].map(kind_of).to_numpy(),
-                        frame["id"].map(rank_of).to_numpy()))
+    order = np.lexsort((np.arange(len(frame)), frame["kind"].map({k: n for n, k in enumerate(KINDS)}).to_numpy(),
+                        frame["id"].map({i: k for k, i in enumerate(images["id"].astype(str))}).to_numpy()))
     images = images.astype(dict.fromkeys(("n_pred", "n_confident", "n_missed", "n_spurious", "n_misplaced"), "Int64"))
     return images, frame.iloc[order].reset_index(drop=True)

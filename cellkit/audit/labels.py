@@ -133,13 +133,12 @@ def audit_labels(image: ImageLabels, min_area: int, duplicate_iou: float, overla
     Returns:
         The counts ``n_labels`` (non-empty annotations), ``n_duplicate``, ``n_overlap``, ``n_empty``, ``n_tiny``.
     """
-    masks = image.masks
-    flags = label_flags(masks, min_area, duplicate_iou, overlap_ios)
+    flags = label_flags(image.masks, min_area, duplicate_iou, overlap_ios)
     for kind in ("duplicate", "overlap"):
         for (k, p), v, s in zip(getattr(flags, kind), getattr(flags, f"{kind}_iou"), getattr(flags, f"{kind}_ios")):
             image.flag(kind, k, p, iou=v, ios=s)
     for kind in ("empty", "tiny"):
         for k in getattr(flags, kind):
             image.flag(kind, k)
-    return {"n_labels": int(np.count_nonzero(masks.areas)), "n_duplicate": len(flags.duplicate),
+    return {"n_labels": int(np.count_nonzero(image.masks.areas)), "n_duplicate": len(flags.duplicate),
             "n_overlap": len(flags.overlap), "n_empty": len(flags.empty), "n_tiny": len(flags.tiny)}

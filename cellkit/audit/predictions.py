@@ -74,8 +74,7 @@ def prediction_flags(labels: MaskRuns, preds: MaskRuns, scores: np.ndarray, conf
 
     coverage = _coverage(conf, labels)
     missed = (pred_best_iou < match_iou) & (coverage < missed_coverage)
-    nonempty = labels.areas > 0
-    unmatched = nonempty & (label_best_iou < match_iou)
+    unmatched = (labels.areas > 0) & (label_best_iou < match_iou)
     return PredictionFlags(
         confident=kept, label_best_iou=label_best_iou, label_best_pred=label_best_pred,
         missed=kept[missed], missed_iou=pred_best_iou[missed], missed_label=pred_best_label[missed],

@@ -154,8 +154,7 @@ def image_score(counts: Mapping[str, float], weights: Mapping[str, float] | None
     label = sum(w[k] * float(counts.get(f"n_{k}", 0)) for k in LABEL_KINDS) / n
     if pd.isna(counts.get("n_missed", np.nan)):
         return float(label), np.nan
-    base = baselines or {}
-    pred = sum(w[k] * float(excess(f, float(base.get(k, 0.0)), d, noise_z))
+    pred = sum(w[k] * float(excess(f, float((baselines or {}).get(k, 0.0)), d, noise_z))
                for k, (f, d) in image_fractions(counts).items())
     return float(label), float(pred)
 

@@ -9,8 +9,6 @@ checked (duplicates, heavy overlaps, empty and tiny masks); with an out-of-fold 
 and spurious or misplaced labels. ``cellkit train --exclude AUDIT_DIR/audit.csv --exclude-top N`` then drops the N
 worst images from training.
 """
-from __future__ import annotations
-
 import argparse
 
 HELP = "flag suspicious annotations (duplicates, overlaps, tiny; missed/spurious with OOF predictions) -> audit.csv"
@@ -60,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from cellkit import audit
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    min_area = {**audit.DEFAULT_MIN_AREA, **(args.min_area or {})}
-    spec = audit.AuditSpec(duplicate_iou=args.duplicate_iou, overlap_ios=args.overlap_ios, min_area=min_area,
-                           match_iou=args.match_iou, confident_score=args.confident_score)
+    spec = audit.AuditSpec(duplicate_iou=args.duplicate_iou, overlap_ios=args.overlap_ios,
+                           min_area={**audit.DEFAULT_MIN_AREA, **(args.min_area or {})}, match_iou=args.match_iou,
+                           confident_score=args.confident_score)
     result = audit.audit(args.truth, pred_dir=args.pred, thresholds=args.thresholds, spec=spec,
                          progress=not args.no_progress)
     paths = audit.write_audit(result, args.out)
@@ -71,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"audited {s['n_images']} images ({s['n_with_pred']} with predictions) in {s['seconds']} s; flags: {flags}; "
           f"{s['n_flagged_images']} image(s) flagged")
     if args.top > 0:
-        top = result.images.head(args.top)
-        print(top[["id", "cell_type", "score", "n_labels", "flags"]].to_string(index=False))
+        print(result.images.head(args.top)[["id", "cell_type", "score", "n_labels", "flags"]].to_string(index=False))
     print(f"wrote {paths['audit']}, {paths['instances']} and {paths['summary']}")
     return 0

@@ -7,8 +7,6 @@ the chain's run directory: ``OUT_DIR/oof``, ``OUT_DIR/thresholds.json``, ``OUT_D
 ``--truth`` or ``--data DIR``'s ``train.csv``. Writes ``OUT_DIR/cv.json`` and ``OUT_DIR/cv.png`` (atomically) and
 prints both tables as markdown.
 """
-from __future__ import annotations
-
 HELP = "score out-of-fold predictions naive vs post-processed, per fold and overall -> OUT/cv.json + cv.png"
 
 

@@ -10,8 +10,6 @@ would give a mask is kept, images without a mask are dropped since a training im
 As for ``submit``, the store's inference signature must equal the thresholds' ``"inference"`` (exit 2 naming what
 differs; ``--allow-inference-mismatch`` goes on with a warning).
 """
-from __future__ import annotations
-
 import sys
 
 HELP = "turn predictions of unlabeled images into pseudo-labels (competition layout) for cellkit train"
@@ -51,12 +49,10 @@ def run(args) -> int:
     from cellkit.commands.submit import check_inference
 
     doc = pp.load_thresholds(args.thresholds)
-    settings = None
-    if not args.no_screen:
-        settings = pseudo.ScreenSettings(
-            min_share=args.min_share,
-            min_mean_score=pseudo.parse_class_values(args.min_mean_score, "--min-mean-score"),
-            min_mask_score=pseudo.parse_class_values(args.min_mask_score, "--min-mask-score"))
+    settings = None if args.no_screen else pseudo.ScreenSettings(
+        min_share=args.min_share,
+        min_mean_score=pseudo.parse_class_values(args.min_mean_score, "--min-mean-score"),
+        min_mask_score=pseudo.parse_class_values(args.min_mask_score, "--min-mask-score"))
     log = check_inference(args.pred, args.thresholds, doc, args.allow_inference_mismatch)
     log.append("screening: off (--no-screen)" if settings is None else f"screening: {settings.to_dict()}")
     print("\n".join(log), file=sys.stderr)
