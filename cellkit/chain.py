@@ -23,10 +23,6 @@ NOTEBOOKS = ("01_eda", "02_folds", "03_pretrain", "04_finetune", "05_threshold_s
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 """The project's notebooks (the chain runs from a checkout: notebooks are not part of the installed package)."""
 
-EXECUTED_SUBDIR = "notebooks"
-"""Sub-folder of ``OUT_DIR`` receiving the executed copies."""
-
-
 class NotebookFailed(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the error."""
 
@@ -104,8 +100,7 @@ def parse_folds(value: str, folds_table) -> list[int]:
         chosen = sorted({int(t) for t in str(value).split(",") if t.strip()})
     except ValueError:
         raise ValueError(f"FOLDS={value!r}: expected 'all' or comma-separated fold numbers") from None
-    unknown = [f for f in chosen if f not in known]
-    if not chosen or unknown:
+    if not chosen or not set(chosen) <= set(known):
         raise ValueError(f"FOLDS={value!r}: folds.csv has folds {known}")
     return chosen
 
@@ -125,14 +120,13 @@ def failure_message(name: str, exc: Exception, executed: Path) -> str:
     """One-paragraph description of a papermill execution error: notebook, cell, exception, executed copy."""
     cell = getattr(exc, "exec_count", None)
     index = getattr(exc, "cell_index", None)
-    ename = getattr(exc, "ename", type(exc).__name__)
-    evalue = getattr(exc, "evalue", str(exc))
     where = f"cell In [{cell}]" if cell is not None else "a cell"
     if index is not None:
         where += f" (cell {index + 1} of the executed copy)"
     source = (getattr(exc, "source", "") or "").strip().splitlines()
     first = f"; cell starts: {source[0][:100]!r}" if source else ""
-    return f"notebook {name}.ipynb failed at {where}: {ename}: {evalue}{first} (executed copy: {executed})"
+    return (f"notebook {name}.ipynb failed at {where}: {getattr(exc, 'ename', type(exc).__name__)}: "
+            f"{getattr(exc, 'evalue', str(exc))}{first} (executed copy: {executed})")
 
 
 def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, notebooks_dir: Path = NOTEBOOK_DIR,
@@ -158,7 +152,7 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
     source = Path(notebooks_dir) / f"{name}.ipynb"
     if not source.is_file():
         raise FileNotFoundError(f"notebook {source} not found")
-    executed = Path(out_dir) / EXECUTED_SUBDIR / f"{name}.ipynb"
+    executed = Path(out_dir) / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     chosen = select_parameters(notebook_parameters(source), params)
     start = time.perf_counter()
@@ -169,9 +163,6 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
         raise NotebookFailed(failure_message(name, exc, executed)) from None
     return StepResult(name, executed, time.perf_counter() - start)
 
-
-RUN_IDENTITY = "chain.json"
-"""File in the run directory recording the data and preset it was made from (a rerun resumes only the same run)."""
 
 IDENTITY_KEYS = ("DATA_DIR", "PRESET")
 
@@ -185,7 +176,7 @@ def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
     Raises:
         ValueError: naming both values, when ``out_dir`` holds a run of another data dir or preset.
     """
-    path = Path(out_dir) / RUN_IDENTITY
+    path = Path(out_dir) / "chain.json"
     identity = {k: str(params.get(k, "")) for k in IDENTITY_KEYS}
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))

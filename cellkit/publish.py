@@ -40,9 +40,8 @@ def resolve_owner(value: str | None = None, environ: Mapping[str, str] | None = 
     if not owner and environ.get("KAGGLE_USERNAME"):
         owner, origin = environ["KAGGLE_USERNAME"], "KAGGLE_USERNAME"
     if not owner:
-        config_dir = Path(environ["KAGGLE_CONFIG_DIR"]) if environ.get("KAGGLE_CONFIG_DIR") else \
-            Path(home or Path.home()) / ".kaggle"
-        token = config_dir / "kaggle.json"
+        token = (Path(environ["KAGGLE_CONFIG_DIR"]) if environ.get("KAGGLE_CONFIG_DIR") else
+                 Path(home or Path.home()) / ".kaggle") / "kaggle.json"
         if not token.is_file():
             raise ValueError(f"no Kaggle user to own the kernels and datasets: set KAGGLE_USERNAME, put your API "
                              f"token at {token} (kaggle.com > Settings > API > Create New Token) or pass "

@@ -78,9 +78,8 @@ class Environment:
     @property
     def default_out_dir(self) -> Path:
         """The run directory used when a notebook's ``OUT_DIR`` is empty."""
-        if self.kind == "local" and self.project_root is not None:
-            return self.project_root / "runs" / "demo"
-        return self.working_dir / "cellkit-run"
+        local = self.kind == "local" and self.project_root is not None
+        return self.project_root / "runs" / "demo" if local else self.working_dir / "cellkit-run"
 
 
 KAGGLE_ROOT_VARIABLE = "CELLKIT_KAGGLE_ROOT"
@@ -97,11 +96,10 @@ def kaggle_root(environ: Mapping[str, str] | None = None) -> Path:
     return Path(environ.get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
 
 
-def kaggle_path(value: str, environ: Mapping[str, str] | None = None) -> str:
+def kaggle_path(value: str) -> str:
     """``value`` itself, or a ``/kaggle/...`` path moved under :data:`KAGGLE_ROOT_VARIABLE` when that is set (the
     rehearsal runs the kernels' own ``OUT_DIR='/kaggle/working'`` in its fake filesystem)."""
-    environ = os.environ if environ is None else environ
-    root = environ.get(KAGGLE_ROOT_VARIABLE)
+    root = os.environ.get(KAGGLE_ROOT_VARIABLE)
     if root and (value == "/kaggle" or value.startswith("/kaggle/")):
         return str(Path(root) / value[len("/kaggle/"):]) if value != "/kaggle" else root
     return value
@@ -138,10 +136,9 @@ def detect_environment(root: Path | str | None = None, environ: Mapping[str, str
     project = find_project_root(cwd)
     kaggle = Environment("kaggle", (kaggle_dir / "input",), kaggle_dir / "working", project)
     content = root / "content"
-    colab_vars = any(name in environ for name in COLAB_VARIABLES)
     if "KAGGLE_KERNEL_RUN_TYPE" in environ:
         return kaggle
-    if colab_vars or (content.is_dir() and "google.colab" in sys.modules):
+    if any(name in environ for name in COLAB_VARIABLES) or (content.is_dir() and "google.colab" in sys.modules):
         roots = tuple(p for p in (content / "drive" / "MyDrive", content, kaggle_dir / "input") if p.is_dir())
         return Environment("colab", roots, content, project)
     if (kaggle_dir / "input").is_dir():
@@ -216,12 +213,9 @@ def _pick(candidates: list[Path], what: str, roots: Sequence[Path], prefer: str 
     if not candidates:
         where = ", ".join(str(r) for r in roots) or "(no input roots)"
         raise FileNotFoundError(f"no {what} found under {where}")
-    if len(candidates) == 1:
-        return candidates[0]
-    if prefer is not None:
-        named = [c for c in candidates if c.name == prefer]
-        if len(named) >= 1:
-            return named[0]
+    named = [c for c in candidates if c.name == prefer]
+    if len(candidates) == 1 or named:
+        return (named or candidates)[0]
     listing = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"several {what} found ({listing}): pass the one to use explicitly")
 
@@ -314,8 +308,7 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
     """
     path = Path(kaggle_path(os.path.expanduser(value))) if value else env.default_out_dir
     if not path.is_absolute():
-        base = env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()
-        path = base / path
+        path = (env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()) / path
     if env.inputs_read_only and any(path.resolve().is_relative_to(r.resolve()) for r in env.input_roots):
         raise PermissionError(f"{parameter}={value!r}: {path} is on Kaggle's read-only input mount; "
                               f"write under {env.working_dir}")
@@ -420,7 +413,9 @@ def resolve_livecell(dir_value: str, json_value: str, images_value: str, env: En
         folders = find_dirs((base,), ("*.tif",))
         if not folders:
             raise FileNotFoundError(f"LIVECELL_IMAGES='' (auto): no folder with *.tif images near {json_path}")
-        images = _livecell_images(folders, json_path)
+        # LIVECell ships livecell_train_val_images/ (train and val) and livecell_test_images/: the json's split
+        split = "test" if "test" in json_path.name.lower() else "train"
+        images = ([f for f in folders if split in f.name.lower()] or folders)[0]
     return LiveCell(json_path.resolve(), images.resolve(), vals[0].resolve() if vals else None)
 
 
@@ -435,14 +430,6 @@ def _livecell_root(json_path: Path, roots: Sequence[Path]) -> Path:
         if folder.resolve() in tops:
             break
     return json_path.parent
-
-
-def _livecell_images(folders: list[Path], json_path: Path) -> Path:
-    """Among folders holding ``*.tif``, the one for ``json_path``'s split: LIVECell ships
-    ``livecell_train_val_images/`` (train and val) and ``livecell_test_images/``."""
-    split = "test" if "test" in json_path.name.lower() else "train"
-    named = [f for f in folders if split in f.name.lower()]
-    return (named or folders)[0]
 
 
 def pretrain_preset(preset: str) -> str:
@@ -484,22 +471,17 @@ def resolve_device(value: str) -> str:
     """
     import torch
 
-    if value == "cpu":
-        return value
-    if value == "auto":
-        if not torch.cuda.is_available():
-            return "cpu"
-        check_cuda_arch(torch, 0, "DEVICE='auto'")
-        return "cuda"
-    if re.fullmatch(r"cuda(:\d+)?", value):
-        if not torch.cuda.is_available():
-            raise ValueError(f"DEVICE={value!r}: torch sees no CUDA device here; use 'cpu' or 'auto'")
-        index = int(value.split(":")[1]) if ":" in value else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"DEVICE={value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
-        check_cuda_arch(torch, index, f"DEVICE={value!r}")
-        return value
-    raise ValueError(f"DEVICE={value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if value == "cpu" or (value == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not re.fullmatch(r"auto|cuda(:\d+)?", value):
+        raise ValueError(f"DEVICE={value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"DEVICE={value!r}: torch sees no CUDA device here; use 'cpu' or 'auto'")
+    index = int(value.split(":")[1]) if ":" in value else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"DEVICE={value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    check_cuda_arch(torch, index, f"DEVICE={value!r}")
+    return "cuda" if value == "auto" else value
 
 
 def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
@@ -511,12 +493,8 @@ def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> boo
     major, minor = capability
     for arch in arch_list:
         match = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
-        if not match:
-            continue
-        a_major, a_minor = int(match.group(2)), int(match.group(3))
-        if match.group(1) == "sm" and a_major == major and a_minor <= minor:
-            return True
-        if match.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
+        built = (int(match.group(2)), int(match.group(3))) if match else None
+        if built and built <= (major, minor) and (match.group(1) == "compute" or built[0] == major):
             return True
     return False
 
@@ -531,9 +509,8 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
     archs = list(torch.cuda.get_arch_list())
     if not archs or arch_supported(capability, archs):
         return
-    name = torch.cuda.get_device_name(index)
     raise ValueError(
-        f"{parameter}: the GPU {name} (compute capability {capability[0]}.{capability[1]}) is not supported by this "
+        f"{parameter}: the GPU {torch.cuda.get_device_name(index)} (compute capability {capability[0]}.{capability[1]}) is not supported by this "
         f"torch {torch.__version__} (built for {', '.join(archs)}): the first CUDA operation would fail. Choose "
         f"another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata machine_shape {DEFAULT_MACHINE_SHAPE!r}, "
         f"`make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or DEVICE='cpu'")
@@ -660,10 +637,9 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
         target = Path(out_dir) / name
         if rundir.last_checkpoint(target) is not None:
             continue
-        found = [d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name]
-        if not found:
+        source = next((d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name), None)
+        if source is None:
             continue
-        source = found[0]
         checkpoint = rundir.copy_for_resume(source, target)
         print(f"resuming {name} from {source} ({checkpoint})")
         restored.append(target)
@@ -684,9 +660,7 @@ class SessionClock:
 
     def left(self) -> float | None:
         """Minutes left (None when unlimited)."""
-        if not self.budget:
-            return None
-        return self.budget - (self._clock() - self._start) / 60.0
+        return self.budget - (self._clock() - self._start) / 60.0 if self.budget else None
 
     def train_args(self, min_minutes: float = 1.0) -> list[str] | None:
         """``CELLKIT.TIME_BUDGET_MINUTES <left>`` for the next ``cellkit train``; ``[]`` when unlimited; None when
@@ -717,9 +691,7 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     """
     if value:
         runs: list[Path] = []
-        for item in (v.strip() for v in str(value).split(",")):
-            if not item:
-                continue
+        for item in [v.strip() for v in str(value).split(",") if v.strip()]:
             if glob.has_magic(item):
                 pattern = str(kaggle_path(os.path.expanduser(item)))
                 bases = [""] if os.path.isabs(pattern) else [
