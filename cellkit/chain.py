@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,15 +24,6 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 class NotebookFailed(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the error."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One executed notebook: its name, executed copy and wall time in seconds."""
-
-    name: str
-    output: Path
-    seconds: float
 
 
 def command(*argv) -> None:
@@ -130,7 +120,7 @@ def failure_message(name: str, exc: Exception, executed: Path) -> str:
 
 
 def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, notebooks_dir: Path = NOTEBOOK_DIR,
-                 kernel_name: str = "python3", log_output: bool = False, timeout: int | None = None) -> StepResult:
+                 kernel_name: str = "python3", log_output: bool = False, timeout: int | None = None) -> Path:
     """Execute one notebook of the chain with papermill.
 
     Args:
@@ -141,6 +131,9 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
         kernel_name: Jupyter kernel.
         log_output: stream the cells' output to the log as they run.
         timeout: per-cell timeout in seconds (None = no limit).
+
+    Returns:
+        The executed copy.
 
     Raises:
         FileNotFoundError: the notebook does not exist.
@@ -155,13 +148,12 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
     executed = Path(out_dir) / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     chosen = select_parameters(notebook_parameters(source), params)
-    start = time.perf_counter()
     try:
         pm.execute_notebook(str(source), str(executed), parameters=chosen, kernel_name=kernel_name,
                             progress_bar=False, log_output=log_output, execution_timeout=timeout)
     except PapermillExecutionError as exc:
         raise NotebookFailed(failure_message(name, exc, executed)) from None
-    return StepResult(name, executed, time.perf_counter() - start)
+    return executed
 
 
 IDENTITY_KEYS = ("DATA_DIR", "PRESET")
@@ -191,11 +183,8 @@ def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
 
 def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] = NOTEBOOKS,
               notebooks_dir: Path = NOTEBOOK_DIR, log_output: bool = False, timeout: int | None = None,
-              echo=print) -> list[StepResult]:
+              echo=print) -> None:
     """Run ``names`` in order; ``OUT_DIR`` is set to ``out_dir`` in every notebook.
-
-    Returns:
-        One :class:`StepResult` per notebook.
 
     Raises:
         NotebookFailed: at the first failing notebook (later ones are not run).
@@ -204,13 +193,11 @@ def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] 
     out_dir.mkdir(parents=True, exist_ok=True)
     check_run_identity(out_dir, params)
     shared = {**params, "OUT_DIR": str(out_dir)}
-    results = []
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}.ipynb ...", flush=True)
-        result = run_notebook(name, shared, out_dir, notebooks_dir, log_output=log_output, timeout=timeout)
-        echo(f"[{i}/{len(names)}] {name}.ipynb done in {result.seconds:.0f} s -> {result.output}", flush=True)
-        results.append(result)
-    return results
+        start = time.perf_counter()
+        executed = run_notebook(name, shared, out_dir, notebooks_dir, log_output=log_output, timeout=timeout)
+        echo(f"[{i}/{len(names)}] {name}.ipynb done in {time.perf_counter() - start:.0f} s -> {executed}", flush=True)
 
 
 THRESHOLDS_NAME = "thresholds.json"

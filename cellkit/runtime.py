@@ -108,10 +108,8 @@ def kaggle_path(value: str) -> str:
 def find_project_root(start: Path) -> Path | None:
     """Return the first folder at or above ``start`` holding ``cellkit/__init__.py`` and ``notebooks/``, else None."""
     start = Path(start).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "cellkit" / "__init__.py").is_file() and (folder / "notebooks").is_dir():
-            return folder
-    return None
+    return next((folder for folder in (start, *start.parents)
+                 if (folder / "cellkit" / "__init__.py").is_file() and (folder / "notebooks").is_dir()), None)
 
 
 def detect_environment(root: Path | str | None = None, environ: Mapping[str, str] | None = None,
@@ -510,10 +508,11 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
     if not archs or arch_supported(capability, archs):
         return
     raise ValueError(
-        f"{parameter}: the GPU {torch.cuda.get_device_name(index)} (compute capability {capability[0]}.{capability[1]}) is not supported by this "
-        f"torch {torch.__version__} (built for {', '.join(archs)}): the first CUDA operation would fail. Choose "
-        f"another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata machine_shape {DEFAULT_MACHINE_SHAPE!r}, "
-        f"`make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or DEVICE='cpu'")
+        f"{parameter}: the GPU {torch.cuda.get_device_name(index)} (compute capability {capability[0]}."
+        f"{capability[1]}) is not supported by this torch {torch.__version__} (built for {', '.join(archs)}): the "
+        f"first CUDA operation would fail. Choose another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata "
+        f"machine_shape {DEFAULT_MACHINE_SHAPE!r}, `make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or "
+        f"DEVICE='cpu'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,9 +592,9 @@ def install_missing(env: Environment, wheels_dir: str = "", run: bool = True) ->
             raise ModuleNotFoundError("detectron2 is not installed and no wheels folder was given: build it with "
                                       "`make wheels` (or scripts/build_detectron2_wheel.py) and pass WHEELS_DIR")
         folder = env.working_dir / "wheels"
-        build = [sys.executable, str(DETECTRON2_SCRIPT), "--out", str(folder), "--cache", str(folder / ".cache")]
         if run:
-            subprocess.run(build, check=True)
+            subprocess.run([sys.executable, str(DETECTRON2_SCRIPT), "--out", str(folder), "--cache",
+                            str(folder / ".cache")], check=True)
     cmd = pip_install_command(missing, folder, offline=env.kind == "kaggle")
     if run:
         print("installing:", " ".join(missing))

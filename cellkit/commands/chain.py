@@ -6,8 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-HELP = "run notebooks 01..06 in order with papermill (executed copies in OUT/notebooks/), print the CV score"
-
 
 def _parameter(text: str) -> tuple[str, object]:
     """``NAME=VALUE`` -> (NAME, VALUE parsed as YAML: numbers, booleans, strings)."""

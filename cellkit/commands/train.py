@@ -28,8 +28,6 @@ from pathlib import Path
 
 from cellkit import rundir
 
-HELP = "train a model (preset paper / r50 / demo or a YAML) on a competition-layout data dir or LIVECell"
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", metavar="PRESET_OR_YAML",
