@@ -85,7 +85,8 @@ def check_machine_shape(shape: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelSpec:
-    """One Kaggle kernel: which notebook it runs, with which parameters, on which inputs.
+    """One Kaggle kernel: which notebook it runs, with which parameters, on which inputs (every kernel runs on a GPU,
+    without internet).
 
     Attributes:
         notebook: file name in ``notebooks/``.
@@ -94,8 +95,6 @@ class KernelSpec:
             kernel's ``NUM_GPUS`` is replaced by the machine's GPU count at rendering.
         datasets: dataset slugs (owner added at rendering) attached as inputs.
         competition: attach the competition's data.
-        gpu: run on a GPU.
-        internet: internet access (a submission kernel must have none).
         pin_image: pin the docker image of the kernel's first run (``docker_image_pinning_type: original``), so
             that the rerun on the hidden test set runs the image the wheels were built and tested for.
         resumable: the kernel trains in chunks: rendered with ``--resume`` it attaches its own previous output
@@ -107,8 +106,6 @@ class KernelSpec:
     parameters: dict = field(default_factory=dict)
     datasets: tuple[str, ...] = ()
     competition: bool = True
-    gpu: bool = True
-    internet: bool = False
     pin_image: bool = False
     resumable: bool = False
 
@@ -175,16 +172,15 @@ def kernel_metadata(name: str, owner: str, machine_shape: str = DEFAULT_MACHINE_
         "language": "python",
         "kernel_type": "notebook",
         "is_private": True,
-        "enable_gpu": spec.gpu,
+        "enable_gpu": True,
         "enable_tpu": False,
-        "enable_internet": spec.internet,
+        "enable_internet": False,  # a code competition's submission kernel must have none
         "dataset_sources": [f"{owner}/{slug}" for slug in spec.datasets],
         "competition_sources": [COMPETITION] if spec.competition else [],
         "kernel_sources": [kernel_id] if (resume and spec.resumable) else [],
         "model_sources": [],
+        "machine_shape": check_machine_shape(machine_shape),
     }
-    if spec.gpu:
-        meta["machine_shape"] = check_machine_shape(machine_shape)
     if spec.pin_image:
         meta["docker_image_pinning_type"] = "original"
     return meta

@@ -92,8 +92,7 @@ COLAB_VARIABLES = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION", "C
 
 def kaggle_root(environ: Mapping[str, str] | None = None) -> Path:
     """``/kaggle``, or the folder named by :data:`KAGGLE_ROOT_VARIABLE`."""
-    environ = os.environ if environ is None else environ
-    return Path(environ.get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
+    return Path((os.environ if environ is None else environ).get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
 
 
 def kaggle_path(value: str) -> str:
@@ -129,11 +128,10 @@ def detect_environment(root: Path | str | None = None, environ: Mapping[str, str
     """
     environ = os.environ if environ is None else environ
     kaggle_dir = kaggle_root(environ) if root is None else Path(root) / "kaggle"
-    root = Path("/") if root is None else Path(root)
+    content = (Path("/") if root is None else Path(root)) / "content"
     cwd = Path(cwd or os.getcwd())
     project = find_project_root(cwd)
     kaggle = Environment("kaggle", (kaggle_dir / "input",), kaggle_dir / "working", project)
-    content = root / "content"
     if "KAGGLE_KERNEL_RUN_TYPE" in environ:
         return kaggle
     if any(name in environ for name in COLAB_VARIABLES) or (content.is_dir() and "google.colab" in sys.modules):
@@ -209,13 +207,11 @@ def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MA
 def _pick(candidates: list[Path], what: str, roots: Sequence[Path], prefer: str | None) -> Path:
     """Choose one folder: the only candidate, else the one named ``prefer``; otherwise a clear error."""
     if not candidates:
-        where = ", ".join(str(r) for r in roots) or "(no input roots)"
-        raise FileNotFoundError(f"no {what} found under {where}")
+        raise FileNotFoundError(f"no {what} found under {', '.join(map(str, roots)) or '(no input roots)'}")
     named = [c for c in candidates if c.name == prefer]
     if len(candidates) == 1 or named:
         return (named or candidates)[0]
-    listing = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"several {what} found ({listing}): pass the one to use explicitly")
+    raise FileNotFoundError(f"several {what} found ({', '.join(map(str, candidates))}): pass the one to use explicitly")
 
 
 def find_competition_dir(roots: Sequence[Path], need: str = "train") -> Path:
