@@ -200,19 +200,16 @@ def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] 
         echo(f"[{i}/{len(names)}] {name}.ipynb done in {time.perf_counter() - start:.0f} s -> {executed}", flush=True)
 
 
-THRESHOLDS_NAME = "thresholds.json"
-"""The threshold search's output in the run directory; it holds the CV score (``metric.before`` / ``metric.after``)."""
-
-
 def cv_summary(out_dir: Path) -> dict:
-    """The run's ``thresholds.json`` (validated), which carries the CV score of the out-of-fold predictions.
+    """The run's ``thresholds.json`` (validated; the threshold search's output), which carries the CV score of the
+    out-of-fold predictions (``metric.before`` / ``metric.after``).
 
     Raises:
         FileNotFoundError: the chain did not get as far as the threshold search.
     """
     from cellkit.postprocess import load_thresholds
 
-    path = Path(out_dir) / THRESHOLDS_NAME
+    path = Path(out_dir) / "thresholds.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the threshold-search notebook did not run")
     return load_thresholds(path)

@@ -202,11 +202,14 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
                   resume: bool = False) -> Path:
     """Write ``kernels/<name>/kernel-metadata.json`` and ``<name>.ipynb`` (the notebook with Kaggle parameters).
 
-    The notebook is rendered with ``papermill`` ``prepare_only`` (parameters injected, nothing executed).
+    The notebook is rendered with ``papermill`` ``prepare_only`` (parameters injected, nothing executed), then made
+    byte-identical across renderings: papermill gives the injected cell a random id and records absolute (temporary)
+    paths; the id becomes ``injected-parameters`` and the paths repository-relative.
 
     Returns:
         The kernel folder.
     """
+    import nbformat
     import papermill as pm
 
     spec = KERNELS[name]
@@ -220,25 +223,15 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
     with atomic.atomic_path(folder / meta["code_file"], suffix=".ipynb") as tmp:
         pm.execute_notebook(str(source), str(tmp), parameters=params, prepare_only=True,
                             kernel_name="python3", progress_bar=False, log_output=False)
-        _make_reproducible(tmp, f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
+        nb = nbformat.read(tmp, as_version=4)
+        for cell in nb.cells:
+            if "injected-parameters" in cell.metadata.get("tags", []):
+                cell.id = "injected-parameters"
+        nb.metadata.setdefault("papermill", {}).update(input_path=f"notebooks/{spec.notebook}",
+                                                       output_path=f"kernels/{name}/{meta['code_file']}")
+        nbformat.write(nb, tmp)
     atomic.write_json(folder / "kernel-metadata.json", meta)
     return folder
-
-
-def _make_reproducible(path: Path, input_path: str, output_path: str) -> None:
-    """Make a papermill-rendered notebook byte-identical across renderings.
-
-    papermill gives the injected cell a random id and records absolute (temporary) paths; the id becomes
-    ``injected-parameters`` and the paths repository-relative.
-    """
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.id = "injected-parameters"
-    nb.metadata.setdefault("papermill", {}).update(input_path=input_path, output_path=output_path)
-    nbformat.write(nb, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -135,12 +135,11 @@ def detect_environment(root: Path | str | None = None, environ: Mapping[str, str
     if "KAGGLE_KERNEL_RUN_TYPE" in environ:
         return kaggle
     if any(name in environ for name in COLAB_VARIABLES) or (content.is_dir() and "google.colab" in sys.modules):
-        roots = tuple(p for p in (content / "drive" / "MyDrive", content, kaggle_dir / "input") if p.is_dir())
-        return Environment("colab", roots, content, project)
+        return Environment("colab", tuple(p for p in (content / "drive" / "MyDrive", content, kaggle_dir / "input")
+                                          if p.is_dir()), content, project)
     if (kaggle_dir / "input").is_dir():
         return kaggle
-    roots = (project / "data",) if project is not None else (cwd,)
-    return Environment("local", roots, cwd, project)
+    return Environment("local", (project / "data",) if project is not None else (cwd,), cwd, project)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,8 +402,7 @@ def resolve_livecell(dir_value: str, json_value: str, images_value: str, env: En
     if images_value:
         images = resolve_input(images_value, env, "LIVECELL_IMAGES")
     else:
-        base = roots[0] if explicit else _livecell_root(json_path, roots)
-        folders = find_dirs((base,), ("*.tif",))
+        folders = find_dirs((roots[0] if explicit else _livecell_root(json_path, roots),), ("*.tif",))
         if not folders:
             raise FileNotFoundError(f"LIVECELL_IMAGES='' (auto): no folder with *.tif images near {json_path}")
         # LIVECell ships livecell_train_val_images/ (train and val) and livecell_test_images/: the json's split
@@ -619,14 +617,9 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
     Returns:
         The runs restored into ``out_dir``.
     """
-    if resume_dir == "none":
-        return []
-    if resume_dir:
-        roots: Sequence[Path] = (resolve_input(resume_dir, env, "RESUME_DIR"),)
-    elif env.kind == "kaggle":
-        roots = env.input_roots
-    else:
-        return []
+    if resume_dir == "none" or not (resume_dir or env.kind == "kaggle"):
+        return []  # a fresh start: asked for, or nowhere to look (the inputs are searched on Kaggle only)
+    roots = (resolve_input(resume_dir, env, "RESUME_DIR"),) if resume_dir else env.input_roots
     restored = []
     for name in names:
         target = Path(out_dir) / name
