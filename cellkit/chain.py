@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,21 +22,8 @@ NOTEBOOKS = ("01_eda", "02_folds", "03_pretrain", "04_finetune", "05_threshold_s
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 """The project's notebooks (the chain runs from a checkout: notebooks are not part of the installed package)."""
 
-EXECUTED_SUBDIR = "notebooks"
-"""Sub-folder of ``OUT_DIR`` receiving the executed copies."""
-
-
 class NotebookFailed(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the error."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One executed notebook: its name, executed copy and wall time in seconds."""
-
-    name: str
-    output: Path
-    seconds: float
 
 
 def command(*argv) -> None:
@@ -104,8 +90,7 @@ def parse_folds(value: str, folds_table) -> list[int]:
         chosen = sorted({int(t) for t in str(value).split(",") if t.strip()})
     except ValueError:
         raise ValueError(f"FOLDS={value!r}: expected 'all' or comma-separated fold numbers") from None
-    unknown = [f for f in chosen if f not in known]
-    if not chosen or unknown:
+    if not chosen or not set(chosen) <= set(known):
         raise ValueError(f"FOLDS={value!r}: folds.csv has folds {known}")
     return chosen
 
@@ -125,18 +110,17 @@ def failure_message(name: str, exc: Exception, executed: Path) -> str:
     """One-paragraph description of a papermill execution error: notebook, cell, exception, executed copy."""
     cell = getattr(exc, "exec_count", None)
     index = getattr(exc, "cell_index", None)
-    ename = getattr(exc, "ename", type(exc).__name__)
-    evalue = getattr(exc, "evalue", str(exc))
     where = f"cell In [{cell}]" if cell is not None else "a cell"
     if index is not None:
         where += f" (cell {index + 1} of the executed copy)"
     source = (getattr(exc, "source", "") or "").strip().splitlines()
     first = f"; cell starts: {source[0][:100]!r}" if source else ""
-    return f"notebook {name}.ipynb failed at {where}: {ename}: {evalue}{first} (executed copy: {executed})"
+    return (f"notebook {name}.ipynb failed at {where}: {getattr(exc, 'ename', type(exc).__name__)}: "
+            f"{getattr(exc, 'evalue', str(exc))}{first} (executed copy: {executed})")
 
 
 def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, notebooks_dir: Path = NOTEBOOK_DIR,
-                 kernel_name: str = "python3", log_output: bool = False, timeout: int | None = None) -> StepResult:
+                 kernel_name: str = "python3", log_output: bool = False, timeout: int | None = None) -> Path:
     """Execute one notebook of the chain with papermill.
 
     Args:
@@ -148,6 +132,9 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
         log_output: stream the cells' output to the log as they run.
         timeout: per-cell timeout in seconds (None = no limit).
 
+    Returns:
+        The executed copy.
+
     Raises:
         FileNotFoundError: the notebook does not exist.
         NotebookFailed: a cell raised; the message names the notebook and cell.
@@ -158,20 +145,16 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
     source = Path(notebooks_dir) / f"{name}.ipynb"
     if not source.is_file():
         raise FileNotFoundError(f"notebook {source} not found")
-    executed = Path(out_dir) / EXECUTED_SUBDIR / f"{name}.ipynb"
+    executed = Path(out_dir) / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     chosen = select_parameters(notebook_parameters(source), params)
-    start = time.perf_counter()
     try:
         pm.execute_notebook(str(source), str(executed), parameters=chosen, kernel_name=kernel_name,
                             progress_bar=False, log_output=log_output, execution_timeout=timeout)
     except PapermillExecutionError as exc:
         raise NotebookFailed(failure_message(name, exc, executed)) from None
-    return StepResult(name, executed, time.perf_counter() - start)
+    return executed
 
-
-RUN_IDENTITY = "chain.json"
-"""File in the run directory recording the data and preset it was made from (a rerun resumes only the same run)."""
 
 IDENTITY_KEYS = ("DATA_DIR", "PRESET")
 
@@ -185,7 +168,7 @@ def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
     Raises:
         ValueError: naming both values, when ``out_dir`` holds a run of another data dir or preset.
     """
-    path = Path(out_dir) / RUN_IDENTITY
+    path = Path(out_dir) / "chain.json"
     identity = {k: str(params.get(k, "")) for k in IDENTITY_KEYS}
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -200,11 +183,8 @@ def check_run_identity(out_dir: Path, params: Mapping[str, object]) -> None:
 
 def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] = NOTEBOOKS,
               notebooks_dir: Path = NOTEBOOK_DIR, log_output: bool = False, timeout: int | None = None,
-              echo=print) -> list[StepResult]:
+              echo=print) -> None:
     """Run ``names`` in order; ``OUT_DIR`` is set to ``out_dir`` in every notebook.
-
-    Returns:
-        One :class:`StepResult` per notebook.
 
     Raises:
         NotebookFailed: at the first failing notebook (later ones are not run).
@@ -213,28 +193,23 @@ def run_chain(params: Mapping[str, object], out_dir: Path, names: Sequence[str] 
     out_dir.mkdir(parents=True, exist_ok=True)
     check_run_identity(out_dir, params)
     shared = {**params, "OUT_DIR": str(out_dir)}
-    results = []
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}.ipynb ...", flush=True)
-        result = run_notebook(name, shared, out_dir, notebooks_dir, log_output=log_output, timeout=timeout)
-        echo(f"[{i}/{len(names)}] {name}.ipynb done in {result.seconds:.0f} s -> {result.output}", flush=True)
-        results.append(result)
-    return results
-
-
-THRESHOLDS_NAME = "thresholds.json"
-"""The threshold search's output in the run directory; it holds the CV score (``metric.before`` / ``metric.after``)."""
+        start = time.perf_counter()
+        executed = run_notebook(name, shared, out_dir, notebooks_dir, log_output=log_output, timeout=timeout)
+        echo(f"[{i}/{len(names)}] {name}.ipynb done in {time.perf_counter() - start:.0f} s -> {executed}", flush=True)
 
 
 def cv_summary(out_dir: Path) -> dict:
-    """The run's ``thresholds.json`` (validated), which carries the CV score of the out-of-fold predictions.
+    """The run's ``thresholds.json`` (validated; the threshold search's output), which carries the CV score of the
+    out-of-fold predictions (``metric.before`` / ``metric.after``).
 
     Raises:
         FileNotFoundError: the chain did not get as far as the threshold search.
     """
     from cellkit.postprocess import load_thresholds
 
-    path = Path(out_dir) / THRESHOLDS_NAME
+    path = Path(out_dir) / "thresholds.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the threshold-search notebook did not run")
     return load_thresholds(path)

@@ -1,8 +1,8 @@
 """``python -m cellkit COMMAND ...``: one thin driver per stage.
 
-Each command lives in ``cellkit/commands/<name>.py`` and defines ``HELP`` (one line), ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit code). Commands are imported only when used, so ``cellkit score`` does not pay
-for importing torch.
+Each command lives in ``cellkit/commands/<name>.py`` and defines ``add_arguments(parser)`` and ``run(args) -> int``
+(the exit code); its one-line help is in :data:`COMMANDS`. Commands are imported only when used, so ``cellkit score``
+does not pay for importing torch.
 """
 from __future__ import annotations
 
@@ -58,7 +58,3 @@ def main(argv=None) -> int:
     except (CellkitError, ValueError, FileNotFoundError) as exc:
         print(f"cellkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,9 +40,8 @@ def resolve_owner(value: str | None = None, environ: Mapping[str, str] | None = 
     if not owner and environ.get("KAGGLE_USERNAME"):
         owner, origin = environ["KAGGLE_USERNAME"], "KAGGLE_USERNAME"
     if not owner:
-        config_dir = Path(environ["KAGGLE_CONFIG_DIR"]) if environ.get("KAGGLE_CONFIG_DIR") else \
-            Path(home or Path.home()) / ".kaggle"
-        token = config_dir / "kaggle.json"
+        token = (Path(environ["KAGGLE_CONFIG_DIR"]) if environ.get("KAGGLE_CONFIG_DIR") else
+                 Path(home or Path.home()) / ".kaggle") / "kaggle.json"
         if not token.is_file():
             raise ValueError(f"no Kaggle user to own the kernels and datasets: set KAGGLE_USERNAME, put your API "
                              f"token at {token} (kaggle.com > Settings > API > Create New Token) or pass "
@@ -86,7 +85,8 @@ def check_machine_shape(shape: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelSpec:
-    """One Kaggle kernel: which notebook it runs, with which parameters, on which inputs.
+    """One Kaggle kernel: which notebook it runs, with which parameters, on which inputs (every kernel runs on a GPU,
+    without internet).
 
     Attributes:
         notebook: file name in ``notebooks/``.
@@ -95,8 +95,6 @@ class KernelSpec:
             kernel's ``NUM_GPUS`` is replaced by the machine's GPU count at rendering.
         datasets: dataset slugs (owner added at rendering) attached as inputs.
         competition: attach the competition's data.
-        gpu: run on a GPU.
-        internet: internet access (a submission kernel must have none).
         pin_image: pin the docker image of the kernel's first run (``docker_image_pinning_type: original``), so
             that the rerun on the hidden test set runs the image the wheels were built and tested for.
         resumable: the kernel trains in chunks: rendered with ``--resume`` it attaches its own previous output
@@ -108,8 +106,6 @@ class KernelSpec:
     parameters: dict = field(default_factory=dict)
     datasets: tuple[str, ...] = ()
     competition: bool = True
-    gpu: bool = True
-    internet: bool = False
     pin_image: bool = False
     resumable: bool = False
 
@@ -176,16 +172,15 @@ def kernel_metadata(name: str, owner: str, machine_shape: str = DEFAULT_MACHINE_
         "language": "python",
         "kernel_type": "notebook",
         "is_private": True,
-        "enable_gpu": spec.gpu,
+        "enable_gpu": True,
         "enable_tpu": False,
-        "enable_internet": spec.internet,
+        "enable_internet": False,  # a code competition's submission kernel must have none
         "dataset_sources": [f"{owner}/{slug}" for slug in spec.datasets],
         "competition_sources": [COMPETITION] if spec.competition else [],
         "kernel_sources": [kernel_id] if (resume and spec.resumable) else [],
         "model_sources": [],
+        "machine_shape": check_machine_shape(machine_shape),
     }
-    if spec.gpu:
-        meta["machine_shape"] = check_machine_shape(machine_shape)
     if spec.pin_image:
         meta["docker_image_pinning_type"] = "original"
     return meta
@@ -207,11 +202,14 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
                   resume: bool = False) -> Path:
     """Write ``kernels/<name>/kernel-metadata.json`` and ``<name>.ipynb`` (the notebook with Kaggle parameters).
 
-    The notebook is rendered with ``papermill`` ``prepare_only`` (parameters injected, nothing executed).
+    The notebook is rendered with ``papermill`` ``prepare_only`` (parameters injected, nothing executed), then made
+    byte-identical across renderings: papermill gives the injected cell a random id and records absolute (temporary)
+    paths; the id becomes ``injected-parameters`` and the paths repository-relative.
 
     Returns:
         The kernel folder.
     """
+    import nbformat
     import papermill as pm
 
     spec = KERNELS[name]
@@ -225,25 +223,15 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
     with atomic.atomic_path(folder / meta["code_file"], suffix=".ipynb") as tmp:
         pm.execute_notebook(str(source), str(tmp), parameters=params, prepare_only=True,
                             kernel_name="python3", progress_bar=False, log_output=False)
-        _make_reproducible(tmp, f"notebooks/{spec.notebook}", f"kernels/{name}/{meta['code_file']}")
+        nb = nbformat.read(tmp, as_version=4)
+        for cell in nb.cells:
+            if "injected-parameters" in cell.metadata.get("tags", []):
+                cell.id = "injected-parameters"
+        nb.metadata.setdefault("papermill", {}).update(input_path=f"notebooks/{spec.notebook}",
+                                                       output_path=f"kernels/{name}/{meta['code_file']}")
+        nbformat.write(nb, tmp)
     atomic.write_json(folder / "kernel-metadata.json", meta)
     return folder
-
-
-def _make_reproducible(path: Path, input_path: str, output_path: str) -> None:
-    """Make a papermill-rendered notebook byte-identical across renderings.
-
-    papermill gives the injected cell a random id and records absolute (temporary) paths; the id becomes
-    ``injected-parameters`` and the paths repository-relative.
-    """
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.id = "injected-parameters"
-    nb.metadata.setdefault("papermill", {}).update(input_path=input_path, output_path=output_path)
-    nbformat.write(nb, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

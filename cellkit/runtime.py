@@ -78,9 +78,8 @@ class Environment:
     @property
     def default_out_dir(self) -> Path:
         """The run directory used when a notebook's ``OUT_DIR`` is empty."""
-        if self.kind == "local" and self.project_root is not None:
-            return self.project_root / "runs" / "demo"
-        return self.working_dir / "cellkit-run"
+        local = self.kind == "local" and self.project_root is not None
+        return self.project_root / "runs" / "demo" if local else self.working_dir / "cellkit-run"
 
 
 KAGGLE_ROOT_VARIABLE = "CELLKIT_KAGGLE_ROOT"
@@ -93,15 +92,13 @@ COLAB_VARIABLES = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION", "C
 
 def kaggle_root(environ: Mapping[str, str] | None = None) -> Path:
     """``/kaggle``, or the folder named by :data:`KAGGLE_ROOT_VARIABLE`."""
-    environ = os.environ if environ is None else environ
-    return Path(environ.get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
+    return Path((os.environ if environ is None else environ).get(KAGGLE_ROOT_VARIABLE) or "/kaggle")
 
 
-def kaggle_path(value: str, environ: Mapping[str, str] | None = None) -> str:
+def kaggle_path(value: str) -> str:
     """``value`` itself, or a ``/kaggle/...`` path moved under :data:`KAGGLE_ROOT_VARIABLE` when that is set (the
     rehearsal runs the kernels' own ``OUT_DIR='/kaggle/working'`` in its fake filesystem)."""
-    environ = os.environ if environ is None else environ
-    root = environ.get(KAGGLE_ROOT_VARIABLE)
+    root = os.environ.get(KAGGLE_ROOT_VARIABLE)
     if root and (value == "/kaggle" or value.startswith("/kaggle/")):
         return str(Path(root) / value[len("/kaggle/"):]) if value != "/kaggle" else root
     return value
@@ -110,10 +107,8 @@ def kaggle_path(value: str, environ: Mapping[str, str] | None = None) -> str:
 def find_project_root(start: Path) -> Path | None:
     """Return the first folder at or above ``start`` holding ``cellkit/__init__.py`` and ``notebooks/``, else None."""
     start = Path(start).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "cellkit" / "__init__.py").is_file() and (folder / "notebooks").is_dir():
-            return folder
-    return None
+    return next((folder for folder in (start, *start.parents)
+                 if (folder / "cellkit" / "__init__.py").is_file() and (folder / "notebooks").is_dir()), None)
 
 
 def detect_environment(root: Path | str | None = None, environ: Mapping[str, str] | None = None,
@@ -133,21 +128,18 @@ def detect_environment(root: Path | str | None = None, environ: Mapping[str, str
     """
     environ = os.environ if environ is None else environ
     kaggle_dir = kaggle_root(environ) if root is None else Path(root) / "kaggle"
-    root = Path("/") if root is None else Path(root)
+    content = (Path("/") if root is None else Path(root)) / "content"
     cwd = Path(cwd or os.getcwd())
     project = find_project_root(cwd)
     kaggle = Environment("kaggle", (kaggle_dir / "input",), kaggle_dir / "working", project)
-    content = root / "content"
-    colab_vars = any(name in environ for name in COLAB_VARIABLES)
     if "KAGGLE_KERNEL_RUN_TYPE" in environ:
         return kaggle
-    if colab_vars or (content.is_dir() and "google.colab" in sys.modules):
-        roots = tuple(p for p in (content / "drive" / "MyDrive", content, kaggle_dir / "input") if p.is_dir())
-        return Environment("colab", roots, content, project)
+    if any(name in environ for name in COLAB_VARIABLES) or (content.is_dir() and "google.colab" in sys.modules):
+        return Environment("colab", tuple(p for p in (content / "drive" / "MyDrive", content, kaggle_dir / "input")
+                                          if p.is_dir()), content, project)
     if (kaggle_dir / "input").is_dir():
         return kaggle
-    roots = (project / "data",) if project is not None else (cwd,)
-    return Environment("local", roots, cwd, project)
+    return Environment("local", (project / "data",) if project is not None else (cwd,), cwd, project)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,16 +206,11 @@ def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MA
 def _pick(candidates: list[Path], what: str, roots: Sequence[Path], prefer: str | None) -> Path:
     """Choose one folder: the only candidate, else the one named ``prefer``; otherwise a clear error."""
     if not candidates:
-        where = ", ".join(str(r) for r in roots) or "(no input roots)"
-        raise FileNotFoundError(f"no {what} found under {where}")
-    if len(candidates) == 1:
-        return candidates[0]
-    if prefer is not None:
-        named = [c for c in candidates if c.name == prefer]
-        if len(named) >= 1:
-            return named[0]
-    listing = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"several {what} found ({listing}): pass the one to use explicitly")
+        raise FileNotFoundError(f"no {what} found under {', '.join(map(str, roots)) or '(no input roots)'}")
+    named = [c for c in candidates if c.name == prefer]
+    if len(candidates) == 1 or named:
+        return (named or candidates)[0]
+    raise FileNotFoundError(f"several {what} found ({', '.join(map(str, candidates))}): pass the one to use explicitly")
 
 
 def find_competition_dir(roots: Sequence[Path], need: str = "train") -> Path:
@@ -314,8 +301,7 @@ def resolve_out_dir(value: str, env: Environment, parameter: str = "OUT_DIR") ->
     """
     path = Path(kaggle_path(os.path.expanduser(value))) if value else env.default_out_dir
     if not path.is_absolute():
-        base = env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()
-        path = base / path
+        path = (env.project_root if (env.kind == "local" and env.project_root) else Path.cwd()) / path
     if env.inputs_read_only and any(path.resolve().is_relative_to(r.resolve()) for r in env.input_roots):
         raise PermissionError(f"{parameter}={value!r}: {path} is on Kaggle's read-only input mount; "
                               f"write under {env.working_dir}")
@@ -416,11 +402,12 @@ def resolve_livecell(dir_value: str, json_value: str, images_value: str, env: En
     if images_value:
         images = resolve_input(images_value, env, "LIVECELL_IMAGES")
     else:
-        base = roots[0] if explicit else _livecell_root(json_path, roots)
-        folders = find_dirs((base,), ("*.tif",))
+        folders = find_dirs((roots[0] if explicit else _livecell_root(json_path, roots),), ("*.tif",))
         if not folders:
             raise FileNotFoundError(f"LIVECELL_IMAGES='' (auto): no folder with *.tif images near {json_path}")
-        images = _livecell_images(folders, json_path)
+        # LIVECell ships livecell_train_val_images/ (train and val) and livecell_test_images/: the json's split
+        split = "test" if "test" in json_path.name.lower() else "train"
+        images = ([f for f in folders if split in f.name.lower()] or folders)[0]
     return LiveCell(json_path.resolve(), images.resolve(), vals[0].resolve() if vals else None)
 
 
@@ -435,14 +422,6 @@ def _livecell_root(json_path: Path, roots: Sequence[Path]) -> Path:
         if folder.resolve() in tops:
             break
     return json_path.parent
-
-
-def _livecell_images(folders: list[Path], json_path: Path) -> Path:
-    """Among folders holding ``*.tif``, the one for ``json_path``'s split: LIVECell ships
-    ``livecell_train_val_images/`` (train and val) and ``livecell_test_images/``."""
-    split = "test" if "test" in json_path.name.lower() else "train"
-    named = [f for f in folders if split in f.name.lower()]
-    return (named or folders)[0]
 
 
 def pretrain_preset(preset: str) -> str:
@@ -484,22 +463,17 @@ def resolve_device(value: str) -> str:
     """
     import torch
 
-    if value == "cpu":
-        return value
-    if value == "auto":
-        if not torch.cuda.is_available():
-            return "cpu"
-        check_cuda_arch(torch, 0, "DEVICE='auto'")
-        return "cuda"
-    if re.fullmatch(r"cuda(:\d+)?", value):
-        if not torch.cuda.is_available():
-            raise ValueError(f"DEVICE={value!r}: torch sees no CUDA device here; use 'cpu' or 'auto'")
-        index = int(value.split(":")[1]) if ":" in value else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"DEVICE={value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
-        check_cuda_arch(torch, index, f"DEVICE={value!r}")
-        return value
-    raise ValueError(f"DEVICE={value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if value == "cpu" or (value == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not re.fullmatch(r"auto|cuda(:\d+)?", value):
+        raise ValueError(f"DEVICE={value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"DEVICE={value!r}: torch sees no CUDA device here; use 'cpu' or 'auto'")
+    index = int(value.split(":")[1]) if ":" in value else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"DEVICE={value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    check_cuda_arch(torch, index, f"DEVICE={value!r}")
+    return "cuda" if value == "auto" else value
 
 
 def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
@@ -511,12 +485,8 @@ def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> boo
     major, minor = capability
     for arch in arch_list:
         match = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
-        if not match:
-            continue
-        a_major, a_minor = int(match.group(2)), int(match.group(3))
-        if match.group(1) == "sm" and a_major == major and a_minor <= minor:
-            return True
-        if match.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
+        built = (int(match.group(2)), int(match.group(3))) if match else None
+        if built and built <= (major, minor) and (match.group(1) == "compute" or built[0] == major):
             return True
     return False
 
@@ -531,12 +501,12 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
     archs = list(torch.cuda.get_arch_list())
     if not archs or arch_supported(capability, archs):
         return
-    name = torch.cuda.get_device_name(index)
     raise ValueError(
-        f"{parameter}: the GPU {name} (compute capability {capability[0]}.{capability[1]}) is not supported by this "
-        f"torch {torch.__version__} (built for {', '.join(archs)}): the first CUDA operation would fail. Choose "
-        f"another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata machine_shape {DEFAULT_MACHINE_SHAPE!r}, "
-        f"`make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or DEVICE='cpu'")
+        f"{parameter}: the GPU {torch.cuda.get_device_name(index)} (compute capability {capability[0]}."
+        f"{capability[1]}) is not supported by this torch {torch.__version__} (built for {', '.join(archs)}): the "
+        f"first CUDA operation would fail. Choose another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata "
+        f"machine_shape {DEFAULT_MACHINE_SHAPE!r}, `make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or "
+        f"DEVICE='cpu'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -616,9 +586,9 @@ def install_missing(env: Environment, wheels_dir: str = "", run: bool = True) ->
             raise ModuleNotFoundError("detectron2 is not installed and no wheels folder was given: build it with "
                                       "`make wheels` (or scripts/build_detectron2_wheel.py) and pass WHEELS_DIR")
         folder = env.working_dir / "wheels"
-        build = [sys.executable, str(DETECTRON2_SCRIPT), "--out", str(folder), "--cache", str(folder / ".cache")]
         if run:
-            subprocess.run(build, check=True)
+            subprocess.run([sys.executable, str(DETECTRON2_SCRIPT), "--out", str(folder), "--cache",
+                            str(folder / ".cache")], check=True)
     cmd = pip_install_command(missing, folder, offline=env.kind == "kaggle")
     if run:
         print("installing:", " ".join(missing))
@@ -647,23 +617,17 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
     Returns:
         The runs restored into ``out_dir``.
     """
-    if resume_dir == "none":
-        return []
-    if resume_dir:
-        roots: Sequence[Path] = (resolve_input(resume_dir, env, "RESUME_DIR"),)
-    elif env.kind == "kaggle":
-        roots = env.input_roots
-    else:
-        return []
+    if resume_dir == "none" or not (resume_dir or env.kind == "kaggle"):
+        return []  # a fresh start: asked for, or nowhere to look (the inputs are searched on Kaggle only)
+    roots = (resolve_input(resume_dir, env, "RESUME_DIR"),) if resume_dir else env.input_roots
     restored = []
     for name in names:
         target = Path(out_dir) / name
         if rundir.last_checkpoint(target) is not None:
             continue
-        found = [d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name]
-        if not found:
+        source = next((d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name), None)
+        if source is None:
             continue
-        source = found[0]
         checkpoint = rundir.copy_for_resume(source, target)
         print(f"resuming {name} from {source} ({checkpoint})")
         restored.append(target)
@@ -684,9 +648,7 @@ class SessionClock:
 
     def left(self) -> float | None:
         """Minutes left (None when unlimited)."""
-        if not self.budget:
-            return None
-        return self.budget - (self._clock() - self._start) / 60.0
+        return self.budget - (self._clock() - self._start) / 60.0 if self.budget else None
 
     def train_args(self, min_minutes: float = 1.0) -> list[str] | None:
         """``CELLKIT.TIME_BUDGET_MINUTES <left>`` for the next ``cellkit train``; ``[]`` when unlimited; None when
@@ -717,9 +679,7 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
     """
     if value:
         runs: list[Path] = []
-        for item in (v.strip() for v in str(value).split(",")):
-            if not item:
-                continue
+        for item in [v.strip() for v in str(value).split(",") if v.strip()]:
             if glob.has_magic(item):
                 pattern = str(kaggle_path(os.path.expanduser(item)))
                 bases = [""] if os.path.isabs(pattern) else [

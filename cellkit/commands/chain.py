@@ -6,8 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-HELP = "run notebooks 01..06 in order with papermill (executed copies in OUT/notebooks/), print the CV score"
-
 
 def _parameter(text: str) -> tuple[str, object]:
     """``NAME=VALUE`` -> (NAME, VALUE parsed as YAML: numbers, booleans, strings)."""
@@ -65,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     except chain.NotebookFailed as exc:
         raise CellkitError(str(exc)) from None
     print(f"chain finished in {time.perf_counter() - start:.0f} s; artifacts in {Path(args.out).resolve()}")
-    if (Path(args.out) / chain.THRESHOLDS_NAME).is_file():
+    if (Path(args.out) / "thresholds.json").is_file():
         print(chain.format_cv(chain.cv_summary(args.out)))
     submission = Path(args.out) / "submission.csv"
     if "06_submission" in names and submission.is_file():

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "render kernels/<name>/ (Kaggle kernel metadata + notebook with Kaggle parameters) for your Kaggle user"
-
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: its notebooks/ are rendered, into its kernels/
 
 OWNER_HELP = "Kaggle user owning the kernels and datasets (default: KAGGLE_USERNAME, else ~/.kaggle/kaggle.json)"

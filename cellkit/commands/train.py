@@ -28,8 +28,6 @@ from pathlib import Path
 
 from cellkit import rundir
 
-HELP = "train a model (preset paper / r50 / demo or a YAML) on a competition-layout data dir or LIVECell"
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", metavar="PRESET_OR_YAML",
@@ -85,29 +83,19 @@ def build_config(args):
     else:
         raise CellkitError("--config PRESET_OR_YAML is required (or --resume on a run dir with config.yaml)")
     cfg.OUTPUT_DIR = str(out)
-    if args.data:
-        cfg.CELLKIT.DATA.ROOT = str(args.data)
-    if args.fold is not None:
-        cfg.CELLKIT.DATA.FOLD = args.fold
-    if args.folds:
-        cfg.CELLKIT.DATA.FOLDS_CSV = str(args.folds)
+    # the options setting a CELLKIT.DATA key: a path when given (non-empty), a number when given (0 included)
+    for key, value in {"ROOT": args.data, "FOLDS_CSV": args.folds, "EXTRA_DATA": args.extra_data,
+                       "EXCLUDE": args.exclude, "LIVECELL_JSON": args.livecell, "LIVECELL_IMAGES": args.livecell_images,
+                       "LIVECELL_VAL_JSON": args.livecell_val}.items():
+        if value:
+            setattr(cfg.CELLKIT.DATA, key, str(value))
+    for key, value in {"FOLD": args.fold, "EXTRA_WEIGHT": args.extra_weight, "EXCLUDE_TOP": args.exclude_top}.items():
+        if value is not None:
+            setattr(cfg.CELLKIT.DATA, key, value)
     if args.weights:
         cfg.MODEL.WEIGHTS = str(args.weights)
-    if args.extra_data:
-        cfg.CELLKIT.DATA.EXTRA_DATA = str(args.extra_data)
-    if args.extra_weight is not None:
-        cfg.CELLKIT.DATA.EXTRA_WEIGHT = float(args.extra_weight)
-    if args.exclude:
-        cfg.CELLKIT.DATA.EXCLUDE = str(args.exclude)
-    if args.exclude_top is not None:
-        cfg.CELLKIT.DATA.EXCLUDE_TOP = args.exclude_top
     if args.livecell:
         cfg.CELLKIT.MODE = "pretrain"
-        cfg.CELLKIT.DATA.LIVECELL_JSON = str(args.livecell)
-    if args.livecell_images:
-        cfg.CELLKIT.DATA.LIVECELL_IMAGES = str(args.livecell_images)
-    if args.livecell_val:
-        cfg.CELLKIT.DATA.LIVECELL_VAL_JSON = str(args.livecell_val)
     apply_overrides(cfg, args.opts)
     if cfg.CELLKIT.MODE == "finetune" and not cfg.CELLKIT.DATA.ROOT:
         raise CellkitError("--data DIR is required (a competition-layout folder with train.csv and train/)")
@@ -132,9 +120,8 @@ def run(args) -> int:
     cfg, specs = prepare_config(build_config(args), resume=args.resume)
     if args.num_gpus > 1:
         launch(train_worker, args.num_gpus, dist_url="auto", args=(cfg, specs, args.resume))
-        results = None
-    else:
-        results = train_worker(cfg, specs, args.resume)
+        return 0
+    results = train_worker(cfg, specs, args.resume)
     if results:
-        print(json.dumps({"out": cfg.OUTPUT_DIR, **{k: v for k, v in results.get("cellkit", results).items()}}))
+        print(json.dumps({"out": cfg.OUTPUT_DIR, **results.get("cellkit", results)}))
     return 0

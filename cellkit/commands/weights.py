@@ -9,8 +9,6 @@ from pathlib import Path
 
 from cellkit.commands.kernels import OWNER_HELP, ROOT
 
-HELP = "build the Kaggle weights dataset (fold models, thresholds.json, cv.json) from a finished run"
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--owner", help=OWNER_HELP)
@@ -21,6 +19,5 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from cellkit.publish import build_weights, resolve_owner
 
-    owner = resolve_owner(args.owner)
-    print(build_weights(args.run, args.out, owner))
+    print(build_weights(args.run, args.out, resolve_owner(args.owner)))
     return 0

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from cellkit.commands.kernels import OWNER_HELP, ROOT
 
-HELP = "build the offline wheels dataset (cellkit, detectron2 and the third-party wheels the kernels install)"
-
 
 def add_arguments(parser) -> None:
     from cellkit.publish import KAGGLE_PLATFORM, KAGGLE_PYTHONS
@@ -25,8 +23,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from cellkit.publish import build_wheels, parse_python_versions, resolve_owner
 
-    owner = resolve_owner(args.owner)
-    versions = parse_python_versions(args.python_versions)
-    for wheel in build_wheels(args.out, ROOT, owner, versions, args.platform):
+    for wheel in build_wheels(args.out, ROOT, resolve_owner(args.owner), parse_python_versions(args.python_versions),
+                              args.platform):
         print(wheel.name)
     return 0
