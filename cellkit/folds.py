@@ -47,10 +47,8 @@ def image_table(train: pd.DataFrame, source: str = "train CSV") -> pd.DataFrame:
             values = sorted(rows.loc[rows["id"] == image_id, col].unique())
             raise ValueError(f"{source}: image {image_id} has rows with different {col} values {values}")
     images = rows.drop_duplicates("id").sort_values("id", kind="stable").reset_index(drop=True)
-    if "sample_id" in images:
-        images["group"] = images["sample_id"].where(images["sample_id"] != "", images["id"])
-    else:
-        images["group"] = images["id"]
+    samples = images.get("sample_id", images["id"])  # an image without a sample id is its own group
+    images["group"] = samples.where(samples != "", images["id"])
     return images
 
 
@@ -86,11 +84,7 @@ def make_folds(train: pd.DataFrame, k: int = 5, seed: int = 0, source: str = "tr
     sizes = np.bincount(fold, minlength=k)
     if (sizes == 0).any():
         raise ValueError(f"{source}: k={k} leaves fold {int(np.flatnonzero(sizes == 0)[0])} empty; use fewer folds")
-    out = images[["id", "cell_type"]].copy()
-    out["fold"] = fold
-    if "sample_id" in images:
-        out["sample_id"] = images["sample_id"]
-    return out
+    return images.assign(fold=fold)[["id", "cell_type", "fold"] + (["sample_id"] if "sample_id" in images else [])]
 
 
 def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
