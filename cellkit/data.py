@@ -61,8 +61,7 @@ def clear_cache() -> None:
     _DICTS.clear()
 
 
-def _line(row: int) -> int:
-    """CSV line number (1-based, header = line 1) of 0-based data row ``row``."""
+def _line(row: int) -> int:  # the CSV line (1-based, header = line 1) of 0-based data row ``row``
     return int(row) + 2
 
 
@@ -92,16 +91,8 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     cached = _TABLES.get(key)
     if cached is not None:
         return cached.copy()
-    try:
-        df = pd.read_csv(path, dtype={"id": str, "annotation": str, "cell_type": str, "sample_id": str},
-                         keep_default_na=False, na_values={"width": [""], "height": [""]})
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty CSV (no header)") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise ValueError(f"{path}: no data rows (only a header)")
+    df = _read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
+                     {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
     df = df.reset_index(drop=True)
     df["id"] = df["id"].str.strip()
     _check_rows(path, df["id"] != "", lambda i: f"{path} line {_line(i)}: empty image id")
@@ -122,6 +113,21 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     df.attrs["path"] = str(path)
     _TABLES[key] = df
     return df.copy()
+
+
+def _read_table(path: Path, columns, dtype: dict, na_values: dict, empty: str, no_rows: str) -> pd.DataFrame:
+    """``pd.read_csv`` (only ``na_values`` are NaN) of a table that must have ``columns`` and a data row; else a
+    ValueError naming the file (``empty``, ``no_rows``: the message for no header, for no data row)."""
+    try:
+        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: {empty}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise ValueError(f"{path}: {no_rows}")
+    return df
 
 
 def _file_key(path: Path) -> tuple:
@@ -237,13 +243,10 @@ def load_sartorius_dicts(csv_path: str | os.PathLike, image_dir: str | os.PathLi
     table = read_train_csv(csv_path)
     key = (_file_key(csv_path), str(Path(image_dir).resolve()))
     rows_by_id = table.groupby("id", sort=False).indices
-    if image_ids is None:
-        image_ids = list(rows_by_id)
-    else:
-        image_ids = [str(i) for i in image_ids]
-        unknown = [i for i in image_ids if i not in rows_by_id]
-        if unknown:
-            raise ValueError(f"{csv_path}: {len(unknown)} image id(s) not in the CSV, e.g. {unknown[0]!r}")
+    image_ids = list(rows_by_id) if image_ids is None else [str(i) for i in image_ids]
+    unknown = [i for i in image_ids if i not in rows_by_id]
+    if unknown:
+        raise ValueError(f"{csv_path}: {len(unknown)} image id(s) not in the CSV, e.g. {unknown[0]!r}")
     todo = [i for i in image_ids if (key, i) not in _DICTS]
     dropped = 0
     columns = {c: table[c].to_numpy() for c in ("id", "annotation", "width", "height", "cell_type")}

@@ -74,13 +74,11 @@ def cache_dir() -> Path:
     """The data check's cache folder: ``$CELLKIT_CACHE_DIR``, ``$XDG_CACHE_HOME/cellkit`` or ``~/.cache/cellkit``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cellkit"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cellkit"
 
 
 # --------------------------------------------------------------------------------------------------------- cache
-def _stat_key(path: Path) -> list | None:
-    """``[size, mtime_ns]`` of a file, or None when it cannot be stat'ed."""
+def _stat_key(path: Path) -> list | None:  # [size, mtime_ns], None when the file cannot be stat'ed
     try:
         st = path.stat()
     except OSError:

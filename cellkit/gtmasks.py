@@ -184,13 +184,11 @@ class CropMasks:
         order = torch.argsort(heights * widths)
         start = 0
         while start < len(uniq):  # chunks of similar size bound the padded batch's memory
-            stop = start + 1
-            while stop < len(uniq):
-                hh = int(heights[order[start:stop + 1]].max()) + 1
-                ww = int(widths[order[start:stop + 1]].max()) + 1
-                if (stop + 1 - start) * hh * ww > _CHUNK_ELEMENTS:
-                    break
-                stop += 1
+            # padded size of each prefix of the rest: it grows with the prefix, so the chunk is the longest that fits
+            hh = torch.cummax(heights[order[start:]], 0).values + 1
+            ww = torch.cummax(widths[order[start:]], 0).values + 1
+            cost = torch.arange(1, len(hh) + 1, device=device) * hh * ww
+            stop = start + max(1, int((cost <= _CHUNK_ELEMENTS).sum()))
             sel = order[start:stop]
             padded = self._padded(sel, win[sel], heights[sel], widths[sel], first[sel], *self.image_size)
             members = torch.nonzero(torch.isin(inverse, sel), as_tuple=False).flatten()

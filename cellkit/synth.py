@@ -70,8 +70,7 @@ def _pt(p: np.ndarray) -> tuple[int, int]:
     return int(round(p[0])), int(round(p[1]))
 
 
-def _place(mask: np.ndarray, cx: float, cy: float) -> Cell:
-    """Cell whose canvas centre lands on ``(cx, cy)``."""
+def _place(mask: np.ndarray, cx: float, cy: float) -> Cell:  # the cell whose canvas centre lands on (cx, cy)
     c = mask.shape[0] // 2
     return Cell(int(round(cy)) - c, int(round(cx)) - c, mask)
 
