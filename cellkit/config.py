@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 import yaml
 
-from cellkit import rundir
+from cellkit import atomic, rundir
 
 logger = logging.getLogger(__name__)
 
@@ -47,99 +47,103 @@ def add_cellkit_config(cfg) -> None:
     Args:
         cfg: a detectron2 ``CfgNode`` (from :func:`detectron2.config.get_cfg`).
     """
-    from detectron2.config import CfgNode as CN
+    from detectron2.config import CfgNode
 
-    _C = cfg
-    _C.CELLKIT = CN()
-    # Name of the preset the config was built from ("paper", "r50", "demo", ... or a YAML path); informational.
-    _C.CELLKIT.PRESET = ""
-    # "finetune": train on the competition train.csv (--data) with one fold held out for validation;
-    # "pretrain": train on a LIVECell COCO json (--livecell), keeping LIVECell's classes.
-    _C.CELLKIT.MODE = "finetune"
-    # Norm put into the backbone (MODEL.RESNETS.NORM), the FPN and the ROI heads when training starts from random
-    # init (MODEL.WEIGHTS empty): FrozenBN diverges to NaN within 2 iterations from scratch. "" keeps the config's.
-    _C.CELLKIT.SCRATCH_NORM = "GN"
-    # The checkpoint this preset is meant to start from, as a hint for error messages (e.g. the model-zoo file name
-    # to attach as a Kaggle dataset). Never downloaded: MODEL.WEIGHTS / --weights must be a local file.
-    _C.CELLKIT.WEIGHTS_SOURCE = ""
-
-    _C.CELLKIT.DATA = CN()
-    # Competition-layout data directory (train.csv, train/<id>.png) used in "finetune" mode.
-    _C.CELLKIT.DATA.ROOT = ""
-    # folds.csv (columns id, fold); "" = <OUTPUT_DIR>/folds.csv, written with cellkit.folds when absent.
-    _C.CELLKIT.DATA.FOLDS_CSV = ""
-    # Held-out validation fold; -1 trains on every image and skips validation.
-    _C.CELLKIT.DATA.FOLD = 0
-    # Number of folds used when folds.csv has to be written.
-    _C.CELLKIT.DATA.NUM_FOLDS = 5
-    # Seed of the fold split written when folds.csv is absent (cellkit.folds.DEFAULT_SEED, the same default as
-    # `cellkit folds` and notebook 02, so every entry point splits alike).
-    _C.CELLKIT.DATA.FOLD_SEED = 0
-    # "finetune" mode: extra training data, a competition-layout folder (train.csv, train/), e.g. pseudo-labels from
-    # `cellkit pseudo`; "" = none. Added to the training set of every fold, never to validation; its image ids must
-    # not occur in ROOT's train.csv.
-    _C.CELLKIT.DATA.EXTRA_DATA = ""
-    # Repeat factor of each EXTRA_DATA image relative to a real one (> 0): 1.0 = plain concatenation; otherwise
-    # detectron2's RepeatFactorTrainingSampler with factor 1 for real images and EXTRA_WEIGHT for extra ones
-    # (stochastic rounding per epoch: 0.5 = each extra image in about every other epoch, 2.0 = twice per epoch).
-    _C.CELLKIT.DATA.EXTRA_WEIGHT = 1.0
-    # Images dropped from the training split (finetune mode), e.g. those a label audit (`cellkit audit`) found
-    # suspicious: a text file with one image id per line (# comments allowed), a CSV with an `id` column, or an
-    # audit.csv with EXCLUDE_TOP > 0 (its EXCLUDE_TOP highest-scoring images). "" excludes nothing. The validation
-    # fold keeps every image, so that the CV score of runs with and without exclusions stays comparable; ids that are
-    # not in train.csv are an error naming the file.
-    _C.CELLKIT.DATA.EXCLUDE = ""
-    # With an audit.csv as EXCLUDE: how many of its highest-scoring images are excluded (0 for a plain id list).
-    _C.CELLKIT.DATA.EXCLUDE_TOP = 0
-    # "pretrain" mode: LIVECell COCO json for training and the folder holding its images.
-    _C.CELLKIT.DATA.LIVECELL_JSON = ""
-    _C.CELLKIT.DATA.LIVECELL_IMAGES = ""
-    # "pretrain" mode: optional LIVECell COCO json for validation (same image folder); "" = no validation.
-    _C.CELLKIT.DATA.LIVECELL_VAL_JSON = ""
-
-    # Training augmentations applied after the multi-scale resize (INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN).
-    _C.CELLKIT.AUG = CN()
-    # Probability of a horizontal flip.
-    _C.CELLKIT.AUG.HFLIP_PROB = 0.5
-    # Probability of a vertical flip.
-    _C.CELLKIT.AUG.VFLIP_PROB = 0.5
-    # Largest rotation angle in degrees (uniform in [-ROTATION, ROTATION], no canvas expansion); 0 disables.
-    _C.CELLKIT.AUG.ROTATION = 0.0
-    # Probability of applying the rotation.
-    _C.CELLKIT.AUG.ROTATION_PROB = 0.5
-    # Brightness factor drawn uniformly from [1 - BRIGHTNESS, 1 + BRIGHTNESS]; 0 disables.
-    _C.CELLKIT.AUG.BRIGHTNESS = 0.0
-    # Probability of applying the brightness change.
-    _C.CELLKIT.AUG.BRIGHTNESS_PROB = 0.5
-
-    _C.CELLKIT.EVAL = CN()
-    # Validation drops detections scoring under this (the seed's post-processing default, 0.5); masks are
-    # binarised at 0.5 by detectron2 and overlaps removed by descending score (cellkit.postprocess).
-    _C.CELLKIT.EVAL.SCORE_THRESHOLD = 0.5
-    # Name of the validation metric tracked for the best checkpoint and early stopping (max is better).
-    _C.CELLKIT.EVAL.METRIC = "cellkit/mAP"
-    # With TEST.EVAL_PERIOD 0: evaluate once after the last iteration (detectron2's default). False skips it, e.g.
-    # for fold runs whose out-of-fold predictions `cellkit predict --fold` makes anyway (no model_best.pth then).
-    _C.CELLKIT.EVAL.AT_END = True
-
-    # Evaluations (every TEST.EVAL_PERIOD iterations) without improvement of CELLKIT.EVAL.METRIC before training
-    # stops early; 0 disables early stopping.
-    _C.CELLKIT.EARLY_STOP_PATIENCE = 0
-    # Smallest increase of the metric that counts as an improvement for early stopping.
-    _C.CELLKIT.EARLY_STOP_MIN_DELTA = 0.0
-    # Stop training after this many minutes as if SOLVER.MAX_ITER had been reached (final evaluation and
-    # model_final follow; --resume continues the schedule), e.g. for Kaggle's session limit; 0 = no limit.
-    _C.CELLKIT.TIME_BUDGET_MINUTES = 0.0
-    # Activation checkpointing of the backbone: each residual block keeps only its input during training and
-    # recomputes its activations in the backward pass (~30% more compute, a fraction of the backbone's activation
-    # memory). On in `paper` (X152 at 1100x1490: over 23 GB in one CPU iteration without it; a T4 has 16 GB).
-    _C.CELLKIT.BACKBONE_CHECKPOINT = False
-    # Iterations between two log lines (losses, learning rate, s/iter, ETA) and metrics.json entries.
-    _C.CELLKIT.LOG_PERIOD = 20
-    # Periodic checkpoints (model_XXXXXXX.pth, every SOLVER.CHECKPOINT_PERIOD) kept in the run directory: older ones
-    # are deleted after each save, including those from before a --resume; model_best.pth, model_final.pth and the
-    # file last_checkpoint names are always kept. 0 keeps every checkpoint.
-    _C.CELLKIT.KEEP_CHECKPOINTS = 2
+    cfg.CELLKIT = CfgNode({
+        # Name of the preset the config was built from ("paper", "r50", "demo", ... or a YAML path); informational.
+        "PRESET": "",
+        # "finetune": train on the competition train.csv (--data) with one fold held out for validation;
+        # "pretrain": train on a LIVECell COCO json (--livecell), keeping LIVECell's classes.
+        "MODE": "finetune",
+        # Norm put into the backbone (MODEL.RESNETS.NORM), the FPN and the ROI heads when training starts from
+        # random init (MODEL.WEIGHTS empty): FrozenBN diverges to NaN within 2 iterations from scratch. "" keeps
+        # the config's.
+        "SCRATCH_NORM": "GN",
+        # The checkpoint this preset is meant to start from, as a hint for error messages (e.g. the model-zoo file
+        # name to attach as a Kaggle dataset). Never downloaded: MODEL.WEIGHTS / --weights must be a local file.
+        "WEIGHTS_SOURCE": "",
+        "DATA": {
+            # Competition-layout data directory (train.csv, train/<id>.png) used in "finetune" mode.
+            "ROOT": "",
+            # folds.csv (columns id, fold); "" = <OUTPUT_DIR>/folds.csv, written with cellkit.folds when absent.
+            "FOLDS_CSV": "",
+            # Held-out validation fold; -1 trains on every image and skips validation.
+            "FOLD": 0,
+            # Number of folds used when folds.csv has to be written.
+            "NUM_FOLDS": 5,
+            # Seed of the fold split written when folds.csv is absent (cellkit.folds.DEFAULT_SEED, the same default
+            # as `cellkit folds` and notebook 02, so every entry point splits alike).
+            "FOLD_SEED": 0,
+            # "finetune" mode: extra training data, a competition-layout folder (train.csv, train/), e.g.
+            # pseudo-labels from `cellkit pseudo`; "" = none. Added to the training set of every fold, never to
+            # validation; its image ids must not occur in ROOT's train.csv.
+            "EXTRA_DATA": "",
+            # Repeat factor of each EXTRA_DATA image relative to a real one (> 0): 1.0 = plain concatenation;
+            # otherwise detectron2's RepeatFactorTrainingSampler with factor 1 for real images and EXTRA_WEIGHT for
+            # extra ones (stochastic rounding per epoch: 0.5 = each extra image in about every other epoch, 2.0 =
+            # twice per epoch).
+            "EXTRA_WEIGHT": 1.0,
+            # Images dropped from the training split (finetune mode), e.g. those a label audit (`cellkit audit`)
+            # found suspicious: a text file with one image id per line (# comments allowed), a CSV with an `id`
+            # column, or an audit.csv with EXCLUDE_TOP > 0 (its EXCLUDE_TOP highest-scoring images). "" excludes
+            # nothing. The validation fold keeps every image, so that the CV score of runs with and without
+            # exclusions stays comparable; ids that are not in train.csv are an error naming the file.
+            "EXCLUDE": "",
+            # With an audit.csv as EXCLUDE: how many of its highest-scoring images are excluded (0 for a plain id
+            # list).
+            "EXCLUDE_TOP": 0,
+            # "pretrain" mode: LIVECell COCO json for training and the folder holding its images.
+            "LIVECELL_JSON": "",
+            "LIVECELL_IMAGES": "",
+            # "pretrain" mode: optional LIVECell COCO json for validation (same image folder); "" = no validation.
+            "LIVECELL_VAL_JSON": "",
+        },
+        # Training augmentations applied after the multi-scale resize (INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN).
+        "AUG": {
+            # Probability of a horizontal flip.
+            "HFLIP_PROB": 0.5,
+            # Probability of a vertical flip.
+            "VFLIP_PROB": 0.5,
+            # Largest rotation angle in degrees (uniform in [-ROTATION, ROTATION], no canvas expansion); 0 disables.
+            "ROTATION": 0.0,
+            # Probability of applying the rotation.
+            "ROTATION_PROB": 0.5,
+            # Brightness factor drawn uniformly from [1 - BRIGHTNESS, 1 + BRIGHTNESS]; 0 disables.
+            "BRIGHTNESS": 0.0,
+            # Probability of applying the brightness change.
+            "BRIGHTNESS_PROB": 0.5,
+        },
+        "EVAL": {
+            # Validation drops detections scoring under this (the seed's post-processing default, 0.5); masks are
+            # binarised at 0.5 by detectron2 and overlaps removed by descending score (cellkit.postprocess).
+            "SCORE_THRESHOLD": 0.5,
+            # Name of the validation metric tracked for the best checkpoint and early stopping (max is better).
+            "METRIC": "cellkit/mAP",
+            # With TEST.EVAL_PERIOD 0: evaluate once after the last iteration (detectron2's default). False skips
+            # it, e.g. for fold runs whose out-of-fold predictions `cellkit predict --fold` makes anyway (no
+            # model_best.pth then).
+            "AT_END": True,
+        },
+        # Evaluations (every TEST.EVAL_PERIOD iterations) without improvement of CELLKIT.EVAL.METRIC before
+        # training stops early; 0 disables early stopping.
+        "EARLY_STOP_PATIENCE": 0,
+        # Smallest increase of the metric that counts as an improvement for early stopping.
+        "EARLY_STOP_MIN_DELTA": 0.0,
+        # Stop training after this many minutes as if SOLVER.MAX_ITER had been reached (final evaluation and
+        # model_final follow; --resume continues the schedule), e.g. for Kaggle's session limit; 0 = no limit.
+        "TIME_BUDGET_MINUTES": 0.0,
+        # Activation checkpointing of the backbone: each residual block keeps only its input during training and
+        # recomputes its activations in the backward pass (~30% more compute, a fraction of the backbone's
+        # activation memory). On in `paper` (X152 at 1100x1490: over 23 GB in one CPU iteration without it; a T4
+        # has 16 GB).
+        "BACKBONE_CHECKPOINT": False,
+        # Iterations between two log lines (losses, learning rate, s/iter, ETA) and metrics.json entries.
+        "LOG_PERIOD": 20,
+        # Periodic checkpoints (model_XXXXXXX.pth, every SOLVER.CHECKPOINT_PERIOD) kept in the run directory: older
+        # ones are deleted after each save, including those from before a --resume; model_best.pth,
+        # model_final.pth and the file last_checkpoint names are always kept. 0 keeps every checkpoint.
+        "KEEP_CHECKPOINTS": 2,
+    })
 
 
 def preset_names() -> list[str]:
@@ -159,9 +163,8 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate.resolve()
         raise FileNotFoundError(f"config file {text} does not exist")
-    packaged = CONFIG_DIR / f"{text}.yaml"
     if text in preset_names():
-        return packaged
+        return CONFIG_DIR / f"{text}.yaml"
     raise ValueError(f"unknown preset {text!r}: choose one of {', '.join(preset_names())} or give a .yaml path")
 
 
@@ -183,13 +186,12 @@ def _base_path(base: str, including_file: Path) -> tuple[Path, bool]:
         from detectron2 import model_zoo
 
     try:
-        zoo = Path(model_zoo.get_config_file(base))
+        return Path(model_zoo.get_config_file(base)), False
     except RuntimeError as exc:
         raise FileNotFoundError(
             f"{including_file}: _BASE_ {base!r} is neither a file next to it, a cellkit preset, "
             f"nor a detectron2 model-zoo config ({exc})"
         ) from None
-    return zoo, False
 
 
 def merge_yaml(cfg, path: str | os.PathLike, _seen: tuple = ()) -> None:
@@ -298,11 +300,6 @@ def load_run_config(run_dir_or_file: str | os.PathLike):
     return cfg
 
 
-def _use_norm(current: str, norm: str) -> str:
-    """The norm a from-scratch model uses in place of ``current`` (FrozenBN / none -> ``norm``)."""
-    return norm if current in ("", "FrozenBN", "BN", "SyncBN") else current
-
-
 def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
     """Adapt ``cfg`` (in place) to the machine and the init, and say what changed.
 
@@ -331,7 +328,7 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
     if not cfg.MODEL.WEIGHTS and norm:
         for section in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
             node = cfg.MODEL[section]
-            new = _use_norm(node.NORM, norm)
+            new = norm if node.NORM in ("", "FrozenBN", "BN", "SyncBN") else node.NORM  # FrozenBN / none -> norm
             if new != node.NORM:
                 notes.append(f"random init: MODEL.{section}.NORM {node.NORM!r} -> {new!r} (CELLKIT.SCRATCH_NORM)")
                 node.NORM = new
@@ -340,7 +337,8 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
         cfg.MODEL.PIXEL_STD = list(SCRATCH_PIXEL_STD)
         notes.append(f"random init: MODEL.PIXEL_STD [1, 1, 1] -> {list(SCRATCH_PIXEL_STD)}")
     if not cfg.MODEL.WEIGHTS and cfg.MODEL.BACKBONE.FREEZE_AT > 0:
-        notes.append(f"random init: MODEL.BACKBONE.FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT} -> 0 (nothing to keep frozen)")
+        notes.append(f"random init: MODEL.BACKBONE.FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT} -> 0 "
+                     f"(nothing to keep frozen)")
         cfg.MODEL.BACKBONE.FREEZE_AT = 0
     for note in notes:
         logger.info("cellkit config: %s", note)
@@ -349,8 +347,6 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
 
 def save_config(cfg, directory: str | os.PathLike) -> Path:
     """Write ``cfg`` as ``<directory>/config.yaml`` atomically (:mod:`cellkit.atomic`) and return its path."""
-    from cellkit.atomic import write_text
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    return write_text(directory / CONFIG_FILE_NAME, cfg.dump())
+    return atomic.write_text(directory / CONFIG_FILE_NAME, cfg.dump())

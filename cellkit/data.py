@@ -22,11 +22,14 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from PIL import Image
+from pycocotools import mask as mask_util
+from tqdm.auto import tqdm
 
 from cellkit import CELL_TYPES, rle
 
 __all__ = [
-    "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
+    "REQUIRED_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
     "read_train_csv", "find_image", "load_sartorius_dicts", "register_sartorius", "register_livecell",
     "clear_cache", "IMAGE_MODES", "open_image", "read_image_array",
 ]
@@ -35,9 +38,6 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("id", "annotation", "width", "height", "cell_type")
 """Columns every competition-format train CSV has."""
-
-OPTIONAL_COLUMNS = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta")
-"""Columns of the original competition CSV that cellkit accepts but does not require."""
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 """Image file suffixes :func:`find_image` tries, in order."""
@@ -50,8 +50,6 @@ LIVECELL_CELL_LINES = ("A172", "BT474", "BV2", "Huh7", "MCF7", "SHSY5Y", "SkBr3"
 """LIVECell's eight cell lines (category-id order when registering with ``cell_line_classes=True``); a LIVECell image
 file name starts with its cell line, e.g. ``A172_Phase_C7_1_00d20h00m_4.tif``."""
 
-_STR_COLUMNS = {"id": str, "annotation": str, "cell_type": str, "sample_id": str}
-
 # Caches: CSV key -> validated frame; (CSV key, image dir, image id) -> dataset dict.
 _TABLES: dict[tuple, pd.DataFrame] = {}
 _DICTS: dict[tuple, dict] = {}
@@ -63,8 +61,7 @@ def clear_cache() -> None:
     _DICTS.clear()
 
 
-def _line(row: int) -> int:
-    """CSV line number (1-based, header = line 1) of 0-based data row ``row``."""
+def _line(row: int) -> int:  # the CSV line (1-based, header = line 1) of 0-based data row ``row``
     return int(row) + 2
 
 
@@ -94,24 +91,43 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     cached = _TABLES.get(key)
     if cached is not None:
         return cached.copy()
-    try:
-        df = pd.read_csv(path, dtype=_STR_COLUMNS, keep_default_na=False, na_values={"width": [""], "height": [""]})
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty CSV (no header)") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise ValueError(f"{path}: no data rows (only a header)")
+    df = _read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
+                     {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
     df = df.reset_index(drop=True)
-    _check_ids(df, path)
+    df["id"] = df["id"].str.strip()
+    _check_rows(path, df["id"] != "", lambda i: f"{path} line {_line(i)}: empty image id")
     for col in ("width", "height"):
-        df[col] = _positive_ints(df[col], col, path)
-    _check_cell_types(df, path)
-    _check_sizes_per_image(df, path)
+        values = pd.to_numeric(df[col], errors="coerce")
+        _check_rows(path, values.notna() & (values > 0) & (values == np.round(values)),
+                    lambda i: f"{path} line {_line(i)}: {col} {str(df[col].iloc[i])!r} is not a positive integer")
+        df[col] = values.astype(np.int64)
+    df["cell_type"] = df["cell_type"].str.strip()
+    _check_rows(path, df["cell_type"].isin(CELL_TYPES),
+                lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
+                          f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
+    first = df.groupby("id", sort=False)[["width", "height"]].transform("first")
+    _check_rows(path, (first["width"] == df["width"]) & (first["height"] == df["height"]),
+                lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
+                          f"{df['height'].iloc[i]} differs from the image's earlier rows "
+                          f"({first['width'].iloc[i]}x{first['height'].iloc[i]})")
     df.attrs["path"] = str(path)
     _TABLES[key] = df
     return df.copy()
+
+
+def _read_table(path: Path, columns, dtype: dict, na_values: dict, empty: str, no_rows: str) -> pd.DataFrame:
+    """``pd.read_csv`` (only ``na_values`` are NaN) of a table that must have ``columns`` and a data row; else a
+    ValueError naming the file (``empty``, ``no_rows``: the message for no header, for no data row)."""
+    try:
+        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: {empty}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise ValueError(f"{path}: {no_rows}")
+    return df
 
 
 def _file_key(path: Path) -> tuple:
@@ -128,51 +144,17 @@ def _file_key(path: Path) -> tuple:
 _MAX_LINES = 20  # further bad lines listed after the first one in a table error
 
 
-def _bad_rows(path: Path, bad: np.ndarray, first_message: str) -> ValueError:
-    """One error for every bad row: the first row's full message, then the lines of the others (up to a cap)."""
-    message = first_message
-    if bad.size > 1:
-        others = ", ".join(str(_line(i)) for i in bad[1:1 + _MAX_LINES])
-        more = f" and {bad.size - 1 - _MAX_LINES} more" if bad.size - 1 > _MAX_LINES else ""
-        message += f"; the same problem on {bad.size - 1} more line(s) of {path}: {others}{more}"
-    return ValueError(message)
-
-
-def _check_ids(df: pd.DataFrame, path: Path) -> None:
-    ids = df["id"].str.strip()
-    bad = np.flatnonzero((ids == "").to_numpy())
-    if bad.size:
-        raise _bad_rows(path, bad, f"{path} line {_line(bad[0])}: empty image id")
-    df["id"] = ids
-
-
-def _positive_ints(col: pd.Series, name: str, path: Path) -> pd.Series:
-    values = pd.to_numeric(col, errors="coerce")
-    ok = values.notna() & (values > 0) & (values == np.round(values))
+def _check_rows(path: Path, ok: pd.Series, message) -> None:
+    """One ValueError for every row where ``ok`` is False: ``message(first bad row)``, then the lines of the others
+    (up to a cap)."""
     bad = np.flatnonzero(~ok.to_numpy())
     if bad.size:
-        i = bad[0]
-        raise _bad_rows(path, bad, f"{path} line {_line(i)}: {name} {str(col.iloc[i])!r} is not a positive integer")
-    return values.astype(np.int64)
-
-
-def _check_cell_types(df: pd.DataFrame, path: Path) -> None:
-    df["cell_type"] = df["cell_type"].str.strip()
-    bad = np.flatnonzero(~df["cell_type"].isin(CELL_TYPES).to_numpy())
-    if bad.size:
-        i = bad[0]
-        raise _bad_rows(path, bad, f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
-                                   f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
-
-
-def _check_sizes_per_image(df: pd.DataFrame, path: Path) -> None:
-    first = df.groupby("id", sort=False)[["width", "height"]].transform("first")
-    bad = np.flatnonzero(((first["width"] != df["width"]) | (first["height"] != df["height"])).to_numpy())
-    if bad.size:
-        i = bad[0]
-        raise _bad_rows(path, bad, f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
-                                   f"{df['height'].iloc[i]} differs from the image's earlier rows "
-                                   f"({first['width'].iloc[i]}x{first['height'].iloc[i]})")
+        text = message(bad[0])
+        if bad.size > 1:
+            others = ", ".join(str(_line(i)) for i in bad[1:1 + _MAX_LINES])
+            more = f" and {bad.size - 1 - _MAX_LINES} more" if bad.size - 1 > _MAX_LINES else ""
+            text += f"; the same problem on {bad.size - 1} more line(s) of {path}: {others}{more}"
+        raise ValueError(text)
 
 
 # --------------------------------------------------------------------------------------------------------- images
@@ -196,17 +178,6 @@ def find_image(image_dir: str | os.PathLike, image_id: str) -> Path:
     raise FileNotFoundError(f"{image_dir}: no image for id {image_id!r} (tried {', '.join(IMAGE_EXTENSIONS)})")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header only (PIL opens lazily); ValueError naming the file if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
-
-
 def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None):
     """Open and decode an image completely, so that a broken file fails here, naming it, not later.
 
@@ -222,15 +193,12 @@ def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None):
         ValueError: ``"<path>: ..."`` for an unreadable (not an image, truncated, corrupt) file, a mode outside
             :data:`IMAGE_MODES`, or a size other than ``size``.
     """
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
-        with Image.open(path) as im:
-            im.load()  # decodes every pixel: a truncated file raises OSError here
-            image = im
+        with Image.open(path) as image:
+            image.load()  # decodes every pixel: a truncated file raises OSError here
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: cannot read image ({exc})") from None
     if image.mode not in IMAGE_MODES:
@@ -247,17 +215,6 @@ def read_image_array(path: str | os.PathLike) -> np.ndarray:
     if image.mode == "P":
         image = image.convert("RGB")
     return np.asarray(image)
-
-
-def _boxes_xyxy(segmentations: list[dict]) -> np.ndarray:
-    """float64 (N, 4) XYXY_ABS boxes of COCO RLEs: pixel extent, exclusive end (``x1 = max x + 1``)."""
-    from pycocotools import mask as mask_util
-
-    if not segmentations:
-        return np.zeros((0, 4))
-    xywh = mask_util.toBbox([{"size": s["size"], "counts": s["counts"].encode("ascii")} for s in segmentations])
-    xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------- dicts
@@ -286,32 +243,20 @@ def load_sartorius_dicts(csv_path: str | os.PathLike, image_dir: str | os.PathLi
     table = read_train_csv(csv_path)
     key = (_file_key(csv_path), str(Path(image_dir).resolve()))
     rows_by_id = table.groupby("id", sort=False).indices
-    if image_ids is None:
-        image_ids = list(rows_by_id)
-    else:
-        image_ids = [str(i) for i in image_ids]
-        unknown = [i for i in image_ids if i not in rows_by_id]
-        if unknown:
-            raise ValueError(f"{csv_path}: {len(unknown)} image id(s) not in the CSV, e.g. {unknown[0]!r}")
+    image_ids = list(rows_by_id) if image_ids is None else [str(i) for i in image_ids]
+    unknown = [i for i in image_ids if i not in rows_by_id]
+    if unknown:
+        raise ValueError(f"{csv_path}: {len(unknown)} image id(s) not in the CSV, e.g. {unknown[0]!r}")
     todo = [i for i in image_ids if (key, i) not in _DICTS]
     dropped = 0
     columns = {c: table[c].to_numpy() for c in ("id", "annotation", "width", "height", "cell_type")}
-    for image_id in _progress(todo, f"decoding {csv_path.name}"):
-        record, n_empty = _image_dict(columns, rows_by_id[image_id], csv_path, Path(image_dir))
-        _DICTS[(key, image_id)] = record
+    # a tqdm bar when there are many (decoding every real image takes seconds)
+    for image_id in tqdm(todo, desc=f"decoding {csv_path.name}", unit="img", leave=False, disable=len(todo) < 50):
+        _DICTS[(key, image_id)], n_empty = _image_dict(columns, rows_by_id[image_id], csv_path, Path(image_dir))
         dropped += n_empty
     if dropped:
         logger.warning("%s: dropped %d empty annotation(s)", csv_path, dropped)
     return [_copy_record(_DICTS[(key, i)]) for i in image_ids]
-
-
-def _progress(items: list, desc: str):
-    """tqdm over ``items`` when there are many (decoding every real image takes seconds)."""
-    if len(items) < 50:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="img", leave=False)
 
 
 def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path,
@@ -330,7 +275,11 @@ def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path
         file_name = find_image(image_dir, image_id)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{where}: {exc}") from None
-    actual = _image_size(file_name)
+    try:
+        with Image.open(file_name) as im:  # the header only: PIL opens lazily
+            actual = im.size
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{file_name}: cannot read image ({exc})") from None
     if actual != (width, height):
         raise ValueError(f"{where}: image {file_name} is {actual[0]}x{actual[1]} (WxH), the CSV says {width}x{height}")
     runs, kept = [], []
@@ -343,15 +292,17 @@ def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path
             runs.append((starts, lengths))
             kept.append(int(row))
     segmentations = rle.to_coco_many(runs, (height, width))
-    boxes = _boxes_xyxy(segmentations)
-    categories = [CELL_TYPES.index(columns["cell_type"][row]) for row in kept]
+    # XYXY_ABS boxes: the masks' pixel extent, exclusive end (x1 = max x + 1)
+    coco = [{"size": s["size"], "counts": s["counts"].encode("ascii")} for s in segmentations]
+    xywh = np.asarray(mask_util.toBbox(coco), dtype=np.float64).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     annotations = [
-        {"bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "segmentation": seg, "category_id": cat, "iscrowd": 0}
-        for box, seg, cat in zip(boxes, segmentations, categories)
+        {"bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "segmentation": seg,
+         "category_id": CELL_TYPES.index(columns["cell_type"][row]), "iscrowd": 0}
+        for box, seg, row in zip(boxes, segmentations, kept)
     ]
-    record = {"file_name": str(file_name), "image_id": image_id, "height": height, "width": width,
-              "cell_type": str(columns["cell_type"][first]), "annotations": annotations}
-    return record, len(rows) - len(kept)
+    return {"file_name": str(file_name), "image_id": image_id, "height": height, "width": width,
+            "cell_type": str(columns["cell_type"][first]), "annotations": annotations}, len(rows) - len(kept)
 
 
 def _copy_record(record: dict) -> dict:
@@ -362,16 +313,6 @@ def _copy_record(record: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------- catalog
-def _replace_registration(name: str) -> None:
-    """Drop ``name`` from DatasetCatalog and MetadataCatalog so it can be registered again (re-run notebook cells)."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
-
-
 def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | os.PathLike,
                        folds_csv: str | os.PathLike | None = None, fold: int | None = None,
                        split: str = "train", exclude: Iterable[str] = ()) -> str:
@@ -425,12 +366,12 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
         raise ValueError(f"register_sartorius({name!r}): {len(unknown)} excluded id(s) not in {csv_path}, e.g. "
                          f"{unknown[0]!r}")
     excluded = tuple(i for i in image_ids if i in exclude)
-    image_ids = [i for i in image_ids if i not in exclude]
-    if not image_ids:
+    ids = tuple(i for i in image_ids if i not in exclude)
+    if not ids:
         raise ValueError(f"register_sartorius({name!r}): excluding {len(excluded)} image(s) leaves none in the "
                          f"{split} split of {csv_path}")
-    _replace_registration(name)
-    ids = tuple(image_ids)
+    DatasetCatalog.pop(name, None)  # registering an existing name replaces it (re-run notebook cells)
+    MetadataCatalog.pop(name, None)
     DatasetCatalog.register(name, lambda: load_sartorius_dicts(csv_path, image_dir, ids))
     MetadataCatalog.get(name).set(
         thing_classes=list(CELL_TYPES), evaluator_type="sartorius", csv_file=str(csv_path),
@@ -468,7 +409,8 @@ def register_livecell(name: str, json_path: str | os.PathLike, image_root: str |
         raise FileNotFoundError(f"{json_path}: no such LIVECell json")
     if not image_root.is_dir():
         raise FileNotFoundError(f"{image_root}: LIVECell image folder does not exist")
-    _replace_registration(name)
+    DatasetCatalog.pop(name, None)
+    MetadataCatalog.pop(name, None)
     if not cell_line_classes:
         register_coco_instances(name, {}, str(json_path), str(image_root))
         return name
@@ -533,8 +475,12 @@ def exclusion_ids(path, known_ids, top: int = 0) -> list[str]:
     if top and not scored:
         raise ValueError(f"{path}: --exclude-top needs an audit.csv (with a score column); this file is a plain "
                          f"list of ids")
-    if scored:
-        ids = _top_scored(path, frame, top)
+    if scored:  # the ``top`` highest scores, ties in file order
+        scores = pd.to_numeric(frame["score"], errors="coerce")
+        if scores.isna().any():
+            bad = int(np.flatnonzero(scores.isna().to_numpy())[0])
+            raise ValueError(f"{path} line {bad + 2}: score {frame['score'].iloc[bad]!r} is not a number")
+        ids = [str(i).strip() for i in frame["id"].to_numpy()[np.argsort(-scores.to_numpy(), kind="stable")][:top]]
     elif frame is not None:
         ids = [str(i).strip() for i in frame["id"]]
     else:
@@ -549,12 +495,3 @@ def exclusion_ids(path, known_ids, top: int = 0) -> list[str]:
                          f"{', '.join(repr(i) for i in unknown[:3])}")
     return ids
 
-
-def _top_scored(path: Path, frame: pd.DataFrame, top: int) -> list[str]:
-    """The ids of the ``top`` highest ``score`` rows of an audit.csv (ties: file order)."""
-    scores = pd.to_numeric(frame["score"], errors="coerce")
-    if scores.isna().any():
-        bad = int(np.flatnonzero(scores.isna().to_numpy())[0])
-        raise ValueError(f"{path} line {bad + 2}: score {frame['score'].iloc[bad]!r} is not a number")
-    order = np.lexsort((np.arange(len(frame)), -scores.to_numpy()))
-    return [str(i).strip() for i in frame["id"].to_numpy()[order][:top]]

@@ -11,9 +11,10 @@ any work starts, so that a broken file ends the command with one message instead
   every annotation refers to a listed image and has a polygon (even number of >= 6 finite coordinates) or RLE
   segmentation.
 
-Images are decoded and annotations parsed in parallel (forked worker processes: both hold the GIL). Problems are collected, sorted by file and
-row, and raised together as one :class:`DataCheckError` (up to ``max_problems`` listed, then a count of the rest);
-each names the file and, for the CSV, the line (``line = 0-based row + 2``), for the json the annotation's index.
+Images are decoded and annotations parsed in parallel (forked worker processes: both hold the GIL). Problems are
+collected, sorted by file and row, and raised together as one :class:`DataCheckError` (up to ``max_problems`` listed,
+then a count of the rest); each names the file and, for the CSV, the line (``line = 0-based row + 2``), for the json
+the annotation's index.
 
 What passed is remembered in a cache outside the data (the real data may be read-only): ``$CELLKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/cellkit``, else ``~/.cache/cellkit``, one JSON file per (annotation file, image folder), keyed by
@@ -26,9 +27,16 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cellkit import atomic, data, rle
 
 __all__ = ["CACHE_ENV", "MAX_PROBLEMS", "DataCheckError", "cache_dir", "check_sartorius", "check_livecell"]
 
@@ -54,12 +62,11 @@ class DataCheckError(ValueError):
     def __init__(self, source: str, problems: list[tuple], max_problems: int = MAX_PROBLEMS,
                  consequence: str = "nothing was trained"):
         self.problems = sorted(problems, key=lambda p: p[0])
-        shown = [m for _, m in self.problems[:max_problems]]
-        more = len(self.problems) - len(shown)
+        shown = self.problems[:max_problems]
         lines = [f"the data check found {len(self.problems)} problem(s) in {source}; {consequence}:"]
-        lines += [f"  {m}" for m in shown]
-        if more:
-            lines.append(f"  ... and {more} more")
+        lines += [f"  {m}" for _, m in shown]
+        if len(shown) < len(self.problems):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
         super().__init__("\n".join(lines))
 
 
@@ -67,13 +74,11 @@ def cache_dir() -> Path:
     """The data check's cache folder: ``$CELLKIT_CACHE_DIR``, ``$XDG_CACHE_HOME/cellkit`` or ``~/.cache/cellkit``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cellkit"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cellkit"
 
 
 # --------------------------------------------------------------------------------------------------------- cache
-def _stat_key(path: Path) -> list | None:
-    """``[size, mtime_ns]`` of a file, or None when it cannot be stat'ed."""
+def _stat_key(path: Path) -> list | None:  # [size, mtime_ns], None when the file cannot be stat'ed
     try:
         st = path.stat()
     except OSError:
@@ -81,26 +86,23 @@ def _stat_key(path: Path) -> list | None:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
-def _cache_file(kind: str, *paths: Path) -> Path:
-    digest = hashlib.sha1("\0".join([kind, *(str(p.resolve()) for p in paths)]).encode()).hexdigest()[:20]
-    return cache_dir() / "datacheck" / f"{kind}-{digest}.json"
-
-
-def _load_cache(path: Path, source_key: list | None) -> dict:
-    """The cache's content when it belongs to this version and ``source_key`` (annotation file), else empty."""
+def _load_cache(kind: str, source: Path, folder: Path, use_cache: bool) -> tuple[Path, list, dict]:
+    """The cache file of (annotation file ``source``, image ``folder``), ``source``'s key, and the cache's content
+    when ``use_cache`` and it belongs to this version and key, else an empty cache."""
+    source_key = [str(source.resolve())] + (_stat_key(source) or [])
+    digest = hashlib.sha1("\0".join([kind, str(source.resolve()), str(folder.resolve())]).encode()).hexdigest()[:20]
+    path = cache_dir() / "datacheck" / f"{kind}-{digest}.json"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8")) if use_cache else None
     except (OSError, ValueError):
-        return {"images": {}, "annotations_ok": False}
+        doc = None
     if not isinstance(doc, dict) or doc.get("version") != _CACHE_VERSION or not isinstance(doc.get("images"), dict):
-        return {"images": {}, "annotations_ok": False}
+        doc = {"images": {}}
     doc["annotations_ok"] = bool(doc.get("annotations_ok")) and doc.get("source") == source_key
-    return doc
+    return path, source_key, doc
 
 
 def _save_cache(path: Path, source_key: list | None, annotations_ok: bool, images: dict) -> None:
-    from cellkit import atomic
-
     doc = {"version": _CACHE_VERSION, "source": source_key, "annotations_ok": bool(annotations_ok),
            "images": images}
     try:
@@ -126,74 +128,41 @@ def run_parallel(fn, items: list, workers: int, desc: str, progress: bool, share
     available; a tqdm bar for 50+ items. ``fn`` must be a module-level function (pickled by reference); workers only
     decode images and parse strings (no torch), so forking a process that has imported torch is safe. ``shared``
     is available to ``fn`` as the module's ``_SHARED`` (inherited by the forked workers, not pickled per item)."""
-    import multiprocessing
-
     if not items:
         return []
     _SHARED.clear()
     _SHARED.update(shared or {})
-    bar = None
-    if progress and len(items) >= 50:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), desc=desc, unit="img", leave=False)
+    bar = partial(tqdm, total=len(items), desc=desc, unit="img", leave=False, disable=not progress or len(items) < 50)
     try:
-        if workers > 1 and len(items) >= _MIN_FOR_PROCESSES and "fork" in multiprocessing.get_all_start_methods():
-            from concurrent.futures import ProcessPoolExecutor
-
-            chunk = max(1, len(items) // (workers * 8))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                results = []
-                for r in pool.map(fn, items, chunksize=chunk):
-                    results.append(r)
-                    if bar is not None:
-                        bar.update()
-                return results
-        results = []
-        for item in items:
-            results.append(fn(item))
-            if bar is not None:
-                bar.update()
-        return results
+        if workers < 2 or len(items) < _MIN_FOR_PROCESSES or "fork" not in multiprocessing.get_all_start_methods():
+            return list(bar(map(fn, items)))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(bar(pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))))
     finally:
         _SHARED.clear()
-        if bar is not None:
-            bar.close()
-
-
-def _check_image(path: Path, size: tuple[int, int] | None) -> str | None:
-    """None when ``path`` decodes completely (at ``size`` = ``(width, height)`` unless None) with an 8-bit mode,
-    else the problem (naming the file)."""
-    from cellkit.data import open_image
-
-    try:
-        open_image(path, size=size)
-    except (ValueError, FileNotFoundError) as exc:
-        return str(exc)
-    return None
 
 
 def image_problem(task: tuple) -> str | None:
-    """:func:`_check_image` of ``task`` = ``(path, size or None)`` (module level: runs in worker processes)."""
-    return _check_image(Path(task[0]), task[1])
+    """None when the image ``task[0]`` decodes completely (at ``task[1]`` = ``(width, height)`` unless None) with an
+    8-bit mode, else the problem (naming the file); module level: runs in worker processes."""
+    try:
+        data.open_image(task[0], size=task[1])
+    except (ValueError, FileNotFoundError) as exc:
+        return str(exc)
+    return None
 
 
 def _sartorius_task(task: tuple) -> tuple[list, bool, bool]:
     """Check one image of a train CSV in a worker: ``task`` = ``(csv_path, image_id, path or None, size, read,
     rows, parse)``, the annotation strings in ``_SHARED["annotations"]``; returns ``(problems, image ok, some row
     bad)``."""
-    from cellkit import data, rle
-
     csv_path, image_id, path, size, read, rows, parse = task
-    annotations = [_SHARED["annotations"][r] for r in rows] if parse else None
-    problems, image_ok, bad_rows = [], True, False
-    where = f"{csv_path} line {data._line(rows[0])} (id {image_id})"
-    if path is not None and read:
-        problem = _check_image(Path(path), size)
-        if problem:
-            problems.append(((csv_path, int(rows[0])), f"{where}: {problem}"))
-            image_ok = False
-    if annotations is not None:
+    problems, bad_rows = [], False
+    problem = image_problem((path, size)) if path is not None and read else None
+    if problem:
+        problems.append(((csv_path, int(rows[0])), f"{csv_path} line {data._line(rows[0])} (id {image_id}): {problem}"))
+    if parse:
+        annotations = [_SHARED["annotations"][r] for r in rows]
         shape = (size[1], size[0])
         try:
             rle.parse_many(annotations, shape)
@@ -205,7 +174,7 @@ def _sartorius_task(task: tuple) -> tuple[list, bool, bool]:
                     bad_rows = True
                     problems.append(((csv_path, int(r)), f"{csv_path} line {data._line(r)} (id {image_id}): "
                                                          f"bad annotation: {exc}"))
-    return problems, image_ok, bad_rows
+    return problems, not problem, bad_rows
 
 
 # ----------------------------------------------------------------------------------------------- competition csv
@@ -231,19 +200,13 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
             :class:`DataCheckError` listing every missing, unreadable, truncated, wrong-mode or wrong-size image
             and every malformed annotation, each with the CSV line and the file.
     """
-    from cellkit import data
-
     start = time.perf_counter()
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     table = data.read_train_csv(csv_path)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image directory does not exist")
-    source_key = [str(csv_path.resolve())] + (_stat_key(csv_path) or [])
-    cache_path = _cache_file("sartorius", csv_path, image_dir)
-    cache = _load_cache(cache_path, source_key) if use_cache else {"images": {}, "annotations_ok": False}
+    cache_path, source_key, cache = _load_cache("sartorius", csv_path, image_dir, use_cache)
     parse_rows = not cache["annotations_ok"]
-    ids = table["id"].to_numpy()
-    annotations = table["annotation"].to_numpy()
     widths, heights = table["width"].to_numpy(), table["height"].to_numpy()
     rows_by_id = table.groupby("id", sort=False).indices
 
@@ -266,21 +229,17 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
             tasks.append((str(csv_path), image_id, None if path is None else str(path), size, read,
                           [int(r) for r in rows], parse_rows))
     results = run_parallel(_sartorius_task, tasks, _workers(workers), f"checking {csv_path.name}", progress,
-                            shared={"annotations": annotations})
-    bad_rows = False
-    for task, (task_problems, image_ok, task_bad_rows) in zip(tasks, results):
+                            shared={"annotations": table["annotation"].to_numpy()})
+    for task, (task_problems, image_ok, _) in zip(tasks, results):
         problems += task_problems
-        bad_rows |= task_bad_rows
-        image_id, path, read = task[1], task[2], task[4]
-        if path is not None and read and image_ok:
-            ok_images[image_id] = keys[image_id]
+        if task[4] and image_ok:  # read (so found) and readable
+            ok_images[task[1]] = keys[task[1]]
     if use_cache:
-        _save_cache(cache_path, source_key, not bad_rows, ok_images)
+        _save_cache(cache_path, source_key, not any(r[2] for r in results), ok_images)
     if problems:
         raise DataCheckError(str(csv_path), problems, max_problems)
-    n_read = sum(1 for t in tasks if t[4])
-    stats = {"images": len(rows_by_id), "annotations": int(len(ids)), "images_read": n_read,
-             "annotations_parsed": int(len(ids)) if parse_rows else 0, "seconds": time.perf_counter() - start}
+    stats = {"images": len(rows_by_id), "annotations": len(table), "images_read": sum(1 for t in tasks if t[4]),
+             "annotations_parsed": len(table) if parse_rows else 0, "seconds": time.perf_counter() - start}
     logger.info("cellkit: data check of %s: %d images, %d annotations OK (%d images read, %d annotations parsed, "
                 "%.1f s)", csv_path, stats["images"], stats["annotations"], stats["images_read"],
                 stats["annotations_parsed"], stats["seconds"])
@@ -328,8 +287,6 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
             :class:`DataCheckError` naming each bad image entry (file and index in ``images``) and each bad
             annotation (index in ``annotations`` and its id).
     """
-    from cellkit import atomic
-
     start = time.perf_counter()
     json_path, image_root = Path(json_path), Path(image_root)
     if not image_root.is_dir():
@@ -338,9 +295,7 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(
             doc.get("annotations"), list):
         raise ValueError(f"{json_path}: not a COCO annotation file (needs 'images' and 'annotations' lists)")
-    source_key = [str(json_path.resolve())] + (_stat_key(json_path) or [])
-    cache_path = _cache_file("livecell", json_path, image_root)
-    cache = _load_cache(cache_path, source_key) if use_cache else {"images": {}, "annotations_ok": False}
+    cache_path, source_key, cache = _load_cache("livecell", json_path, image_root, use_cache)
     problems: list[tuple] = []
     images = _livecell_images(doc, json_path, image_root, cell_line_classes, problems)
     parse = not cache["annotations_ok"]
@@ -374,8 +329,6 @@ def check_livecell(json_path, image_root, *, cell_line_classes: bool = True, wor
 def _livecell_images(doc: dict, json_path: Path, image_root: Path, cell_line_classes: bool, problems: list) -> dict:
     """``{image id: (index, where, path, (width, height))}`` of a LIVECell json's ``images``; a bad entry is
     appended to ``problems`` (``((file, 0, index), message)``)."""
-    from cellkit import data
-
     images: dict = {}
     lowered = [c.lower() for c in data.LIVECELL_CELL_LINES]
     for k, im in enumerate(doc["images"]):
@@ -400,18 +353,15 @@ def _livecell_annotation_problems(doc: dict, json_path: Path, images: dict, prob
     for k, ann in enumerate(doc["annotations"]):
         where = f"{json_path} annotations[{k}]"
         if not isinstance(ann, dict):
-            problems.append(((str(json_path), 1, k), f"{where}: not an object"))
-            continue
-        where = f"{where} (id {ann.get('id')})"
-        if ann.get("image_id") not in images:
-            problems.append(((str(json_path), 1, k), f"{where}: image_id {ann.get('image_id')!r} is not in "
-                                                     f"'images'"))
-            continue
-        problem = _polygon_problem(ann.get("segmentation"))
-        if problem is None:
+            problem = "not an object"
+        elif ann.get("image_id") not in images:
+            problem = f"image_id {ann.get('image_id')!r} is not in 'images'"
+        else:
             bbox = ann.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(
+            problem = _polygon_problem(ann.get("segmentation"))
+            if problem is None and not (isinstance(bbox, list) and len(bbox) == 4 and all(
                     isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 problem = f"bbox must be 4 finite numbers, got {bbox!r}"
         if problem:
+            where += f" (id {ann.get('id')})" if isinstance(ann, dict) else ""
             problems.append(((str(json_path), 1, k), f"{where}: {problem}"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellkit import atomic
+from cellkit import atomic, data
 
 __all__ = ["image_table", "make_folds", "write_folds", "read_folds", "fold_ids", "SPLITS"]
 
@@ -47,10 +47,8 @@ def image_table(train: pd.DataFrame, source: str = "train CSV") -> pd.DataFrame:
             values = sorted(rows.loc[rows["id"] == image_id, col].unique())
             raise ValueError(f"{source}: image {image_id} has rows with different {col} values {values}")
     images = rows.drop_duplicates("id").sort_values("id", kind="stable").reset_index(drop=True)
-    if "sample_id" in images:
-        images["group"] = images["sample_id"].where(images["sample_id"] != "", images["id"])
-    else:
-        images["group"] = images["id"]
+    samples = images.get("sample_id", images["id"])  # an image without a sample id is its own group
+    images["group"] = samples.where(samples != "", images["id"])
     return images
 
 
@@ -86,11 +84,7 @@ def make_folds(train: pd.DataFrame, k: int = 5, seed: int = 0, source: str = "tr
     sizes = np.bincount(fold, minlength=k)
     if (sizes == 0).any():
         raise ValueError(f"{source}: k={k} leaves fold {int(np.flatnonzero(sizes == 0)[0])} empty; use fewer folds")
-    out = images[["id", "cell_type"]].copy()
-    out["fold"] = fold
-    if "sample_id" in images:
-        out["sample_id"] = images["sample_id"]
-    return out
+    return images.assign(fold=fold)[["id", "cell_type", "fold"] + (["sample_id"] if "sample_id" in images else [])]
 
 
 def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -117,16 +111,8 @@ def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such folds file")
-    try:
-        df = pd.read_csv(path, dtype={"id": str, "cell_type": str, "sample_id": str}, keep_default_na=False,
-                         na_values={"fold": [""]})
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty folds file") from None
-    missing = [c for c in ("id", "fold") if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise ValueError(f"{path}: no data rows")
+    df = data._read_table(path, ("id", "fold"), {"id": str, "cell_type": str, "sample_id": str}, {"fold": [""]},
+                          "empty folds file", "no data rows")
     fold = pd.to_numeric(df["fold"], errors="coerce")
     bad = np.flatnonzero(~(fold.notna() & (fold >= 0) & (fold == np.round(fold))).to_numpy())
     if bad.size:

@@ -27,8 +27,7 @@ MARGIN = 3
 """Pixels of zeros kept around each crop (within the image): covers nearest-neighbour rounding and rotation, and
 makes :meth:`CropMasks.crop_and_resize` sample like ROIAlign on the full image (out-of-crop samples read 0)."""
 
-_CHUNK_ELEMENTS = 1 << 23
-"""Upper bound of ``crops x height x width`` gathered at once in :meth:`CropMasks.crop_and_resize`."""
+_CHUNK_ELEMENTS = 1 << 23  # upper bound of crops x height x width gathered at once in CropMasks.crop_and_resize
 
 
 class CropMasks:
@@ -72,9 +71,8 @@ class CropMasks:
                 boxes[i] = (x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1)
             flat.append(crop.reshape(-1))
         sizes = np.array([f.size for f in flat], dtype=np.int64)
-        offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])) if len(flat) else np.zeros(0, dtype=np.int64)
         data = np.concatenate(flat) if flat else np.zeros(0, dtype=bool)
-        return cls(torch.from_numpy(data), torch.from_numpy(windows), torch.from_numpy(offsets.astype(np.int64)),
+        return cls(torch.from_numpy(data), torch.from_numpy(windows), torch.from_numpy(np.cumsum(sizes) - sizes),
                    image_size, torch.from_numpy(boxes))
 
     @classmethod
@@ -183,19 +181,16 @@ class CropMasks:
         win = self.windows[first]
         out = torch.empty((n, mask_size, mask_size), dtype=torch.bool, device=device)
         heights, widths = (win[:, 3] - win[:, 1]), (win[:, 2] - win[:, 0])
-        img_h, img_w = self.image_size
         order = torch.argsort(heights * widths)
         start = 0
         while start < len(uniq):  # chunks of similar size bound the padded batch's memory
-            stop = start + 1
-            while stop < len(uniq):
-                hh = int(heights[order[start:stop + 1]].max()) + 1
-                ww = int(widths[order[start:stop + 1]].max()) + 1
-                if (stop + 1 - start) * hh * ww > _CHUNK_ELEMENTS:
-                    break
-                stop += 1
+            # padded size of each prefix of the rest: it grows with the prefix, so the chunk is the longest that fits
+            hh = torch.cummax(heights[order[start:]], 0).values + 1
+            ww = torch.cummax(widths[order[start:]], 0).values + 1
+            cost = torch.arange(1, len(hh) + 1, device=device) * hh * ww
+            stop = start + max(1, int((cost <= _CHUNK_ELEMENTS).sum()))
             sel = order[start:stop]
-            padded = self._padded(sel, win[sel], heights[sel], widths[sel], first[sel], img_h, img_w)
+            padded = self._padded(sel, win[sel], heights[sel], widths[sel], first[sel], *self.image_size)
             members = torch.nonzero(torch.isin(inverse, sel), as_tuple=False).flatten()
             slot = torch.empty(len(uniq), dtype=torch.long, device=device)
             slot[sel] = torch.arange(len(sel), device=device)
@@ -230,13 +225,9 @@ def _windows_after(transforms, boxes: np.ndarray, shape_hw: tuple[int, int], mar
     """int64 ``(N, 4)`` windows of the transformed ``boxes`` plus ``margin``, clipped to the ``(H, W)`` image."""
     hh, ww = shape_hw
     moved = np.asarray(transforms.apply_box(boxes.astype(np.float64)), dtype=np.float64).reshape(-1, 4)
-    win = np.empty((len(moved), 4), dtype=np.int64)
-    win[:, 0] = np.clip(np.floor(moved[:, 0]) - margin, 0, ww)
-    win[:, 1] = np.clip(np.floor(moved[:, 1]) - margin, 0, hh)
-    win[:, 2] = np.clip(np.ceil(moved[:, 2]) + margin, 0, ww)
-    win[:, 3] = np.clip(np.ceil(moved[:, 3]) + margin, 0, hh)
-    win[:, 2] = np.maximum(win[:, 2], win[:, 0])
-    win[:, 3] = np.maximum(win[:, 3], win[:, 1])
+    win = np.concatenate([np.floor(moved[:, :2]) - margin, np.ceil(moved[:, 2:]) + margin], axis=1)
+    win = np.clip(win, 0, [ww, hh, ww, hh]).astype(np.int64)
+    win[:, 2:] = np.maximum(win[:, 2:], win[:, :2])
     return win
 
 
@@ -263,9 +254,7 @@ def transform_annotation_masks(segmentations: Sequence, height: int, width: int,
     if n == 0:
         shape = transforms.apply_segmentation(np.zeros((height, width), np.uint8)).shape[:2]
         return CropMasks.from_crops([], np.zeros((0, 4)), shape)
-    crops: list[np.ndarray] = [None] * n  # type: ignore[list-item]
-    windows = np.zeros((n, 4), dtype=np.int64)
-    shape_out = None
+    crops, windows = [], []
     for first in range(0, n, 32):
         rles = [rle.coco_segmentation(s, height, width) for s in segmentations[first:first + 32]]
         xywh = np.asarray(mask_util.toBbox(rles), dtype=np.float64).reshape(-1, 4)
@@ -277,13 +266,9 @@ def transform_annotation_masks(segmentations: Sequence, height: int, width: int,
             x0, y0, x1, y1 = src[j]
             chunk[y0:y1, x0:x1, b] |= (decoded[y0:y1, x0:x1, j] & 1) << (7 - k)
         del decoded
-        moved = np.ascontiguousarray(transforms.apply_segmentation(chunk))
-        if shape_out is None:
-            shape_out = moved.shape[:2]
-        win = _windows_after(transforms, src, shape_out, margin)
-        for j in range(len(src)):
+        moved = np.ascontiguousarray(transforms.apply_segmentation(chunk))  # the same shape for every chunk
+        windows.append(_windows_after(transforms, src, moved.shape[:2], margin))
+        for j, (x0, y0, x1, y1) in enumerate(windows[-1]):
             b, k = divmod(j, 8)
-            x0, y0, x1, y1 = win[j]
-            crops[first + j] = (moved[y0:y1, x0:x1, b] & (1 << (7 - k))) != 0
-            windows[first + j] = win[j]
-    return CropMasks.from_crops(crops, windows, shape_out)
+            crops.append((moved[y0:y1, x0:x1, b] & (1 << (7 - k))) != 0)
+    return CropMasks.from_crops(crops, np.concatenate(windows), moved.shape[:2])

@@ -30,7 +30,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
 
 from cellkit import CELL_TYPES, SHAPE, rle
 
@@ -55,8 +59,7 @@ class Cell:
 
 # ------------------------------------------------------------------------------------------------- morphologies
 def _canvas(radius: int) -> tuple[np.ndarray, int]:
-    size = 2 * radius + 1
-    return np.zeros((size, size), dtype=np.uint8), radius
+    return np.zeros((2 * radius + 1, 2 * radius + 1), dtype=np.uint8), radius
 
 
 def _polar(length: float, angle: float) -> np.ndarray:
@@ -67,20 +70,16 @@ def _pt(p: np.ndarray) -> tuple[int, int]:
     return int(round(p[0])), int(round(p[1]))
 
 
-def _place(mask: np.ndarray, cx: float, cy: float) -> Cell:
-    """Cell whose canvas centre lands on ``(cx, cy)``."""
+def _place(mask: np.ndarray, cx: float, cy: float) -> Cell:  # the cell whose canvas centre lands on (cx, cy)
     c = mask.shape[0] // 2
     return Cell(int(round(cy)) - c, int(round(cx)) - c, mask)
 
 
 def _shsy5y(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
     """Many small elongated cells (long axis 12-30 px) in loose clusters of similar orientation; some with a neurite."""
-    import cv2
-
     height, width = shape
     cells = []
-    n_clusters = int(rng.integers(8, 16))
-    for _ in range(n_clusters):
+    for _ in range(int(rng.integers(8, 16))):  # clusters
         ccx, ccy = rng.uniform(0, width), rng.uniform(0, height)
         spread = rng.uniform(25, 70)
         direction = rng.uniform(0, np.pi)
@@ -92,16 +91,13 @@ def _shsy5y(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
             cv2.ellipse(canvas, (c, c), (int(round(a)), int(round(b))), float(np.degrees(angle)), 0, 360, 1, -1)
             if neurite:
                 tip = np.array([c, c]) + _polar(a - 1, angle)
-                end = tip + _polar(neurite, angle + rng.normal(0, 0.4))
-                cv2.line(canvas, _pt(tip), _pt(end), 1, 2)
+                cv2.line(canvas, _pt(tip), _pt(tip + _polar(neurite, angle + rng.normal(0, 0.4))), 1, 2)
             cells.append(_place(canvas, ccx + rng.normal(0, spread), ccy + rng.normal(0, spread)))
     return cells
 
 
 def _astro(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
     """Large cells: an irregular body (radius 9-18 px) with 3-6 tapering, bending, sometimes forking processes."""
-    import cv2
-
     height, width = shape
     cells = []
     for _ in range(int(rng.integers(12, 30))):
@@ -109,8 +105,7 @@ def _astro(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
         centre = np.array([c, c], dtype=float)
         r1, r2 = rng.uniform(10, 18), rng.uniform(8, 14)
         cv2.ellipse(canvas, (c, c), (int(r1), int(r2)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        n_branches = int(rng.integers(3, 7))
-        for angle in np.linspace(0, 2 * np.pi, n_branches, endpoint=False) + rng.uniform(0, 2 * np.pi):
+        for angle in np.linspace(0, 2 * np.pi, int(rng.integers(3, 7)), endpoint=False) + rng.uniform(0, 2 * np.pi):
             _branch(rng, canvas, centre, angle + rng.normal(0, 0.3), thickness=int(rng.integers(5, 8)), depth=0)
         cells.append(_place(canvas, rng.uniform(0, width), rng.uniform(0, height)))
     return cells
@@ -119,8 +114,6 @@ def _astro(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
 def _branch(rng: np.random.Generator, canvas: np.ndarray, start: np.ndarray, angle: float, thickness: int,
             depth: int) -> None:
     """Draw a process of 3 segments from ``start``, thinning and bending; at depth 0 it may fork once."""
-    import cv2
-
     point = start
     for segment in range(3):
         length = rng.uniform(10, 24)
@@ -134,8 +127,6 @@ def _branch(rng: np.random.Generator, canvas: np.ndarray, start: np.ndarray, ang
 
 def _cort(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
     """Few round cells (radius 7-12 px, aspect 0.75-1), sometimes with one short process."""
-    import cv2
-
     height, width = shape
     cells = []
     for _ in range(int(rng.integers(15, 45))):
@@ -173,8 +164,6 @@ def paint(cells: list[Cell], shape: tuple[int, int], min_area: int, min_visible:
     Returns:
         int32 (H, W) label map, 0 = background.
     """
-    import cv2
-
     height, width = shape
     labels = np.zeros(shape, dtype=np.int32)
     next_label = 1
@@ -212,8 +201,6 @@ def render(labels: np.ndarray, rng: np.random.Generator, style: dict) -> np.ndar
     Returns:
         uint8 (H, W).
     """
-    import cv2
-
     height, width = labels.shape
     coarse = rng.normal(0, 1, (5, 7)).astype(np.float32)
     image = style["base"] + 2.5 * cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
@@ -262,8 +249,6 @@ def label_rles(labels: np.ndarray) -> list[str]:
 
     Each cell is encoded on the strip of full rows it spans, then shifted, so the cost is per cell, not per image.
     """
-    from scipy import ndimage
-
     width = labels.shape[1]
     out = []
     for label, window in enumerate(ndimage.find_objects(labels), start=1):
@@ -306,9 +291,6 @@ def _plan(seed: int, n_images: int, n_test: int) -> tuple[list[dict], list[dict]
 
 def _write_split(entries: list[dict], split: int, seed: int, image_dir: Path, desc: str) -> list[dict]:
     """Generate and save the images of one split; returns the CSV rows of their cells."""
-    import cv2
-    from tqdm.auto import tqdm
-
     image_dir.mkdir(parents=True)
     height, width = SHAPE
     rows = []
@@ -317,9 +299,9 @@ def _write_split(entries: list[dict], split: int, seed: int, image_dir: Path, de
         image, labels = generate_image(entry["cell_type"], rng, entry["style"])
         if not cv2.imwrite(str(image_dir / f"{entry['id']}.png"), image):
             raise OSError(f"{image_dir}: could not write {entry['id']}.png")
-        extra = {"sample_id": entry["sample_id"]} if "sample_id" in entry else {}
         rows += [{"id": entry["id"], "annotation": s, "width": width, "height": height,
-                  "cell_type": entry["cell_type"], **extra} for s in label_rles(labels)]
+                  "cell_type": entry["cell_type"], "sample_id": entry.get("sample_id")}  # test rows drop sample_id
+                 for s in label_rles(labels)]
     return rows
 
 
@@ -341,8 +323,6 @@ def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: 
     Raises:
         ValueError: bad counts or seed; ``out`` is a file, or non-empty without ``force``.
     """
-    import pandas as pd
-
     out = Path(out)
     if n_images < 1 or n_test < 0 or seed < 0:
         raise ValueError(f"need --images >= 1, --test-images >= 0, --seed >= 0 (got {n_images}, {n_test}, {seed})")
@@ -357,26 +337,21 @@ def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: 
     try:
         train, test = _plan(seed, n_images, n_test)
         columns = ["id", "annotation", "width", "height", "cell_type"]
-        train_rows = _write_split(train, _TRAIN, seed, tmp / "train", "synth train")
-        test_rows = _write_split(test, _TEST, seed, tmp / "test", "synth test")
-        pd.DataFrame(train_rows, columns=columns + ["sample_id"]).to_csv(tmp / "train.csv", index=False,
-                                                                        lineterminator="\n")
-        pd.DataFrame(test_rows, columns=columns).to_csv(tmp / "test_truth.csv", index=False, lineterminator="\n")
+        pd.DataFrame(_write_split(train, _TRAIN, seed, tmp / "train", "synth train"),
+                     columns=columns + ["sample_id"]).to_csv(tmp / "train.csv", index=False, lineterminator="\n")
+        pd.DataFrame(_write_split(test, _TEST, seed, tmp / "test", "synth test"),
+                     columns=columns).to_csv(tmp / "test_truth.csv", index=False, lineterminator="\n")
         pd.DataFrame({"id": [e["id"] for e in test], "predicted": ""}).to_csv(
             tmp / "sample_submission.csv", index=False, lineterminator="\n")
         meta = {"generator": "cellkit.synth", "version": SYNTH_VERSION, "seed": seed, "images": n_images,
                 "test_images": n_test, "shape": list(SHAPE)}
         (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"  # an existing out is moved aside, deleted after
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted after."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,4 @@
 """``python -m cellkit folds TRAIN.csv --k 5 --out folds.csv [--seed S]``."""
-from __future__ import annotations
-
 HELP = "write folds.csv (StratifiedGroupKFold by cell type, grouped by sample_id)"
 
 
@@ -14,12 +12,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from cellkit import CELL_TYPES
-    from cellkit.data import read_train_csv
+    from cellkit import CELL_TYPES, data
     from cellkit.folds import make_folds, write_folds
 
-    train = read_train_csv(args.train_csv)
-    folds = make_folds(train, k=args.k, seed=args.seed, source=str(args.train_csv))
+    folds = make_folds(data.read_train_csv(args.train_csv), k=args.k, seed=args.seed, source=str(args.train_csv))
     path = write_folds(folds, args.out)
     table = pd.crosstab(folds["fold"], folds["cell_type"]).reindex(columns=list(CELL_TYPES), fill_value=0)
     table["images"] = table.sum(axis=1)
