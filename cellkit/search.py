@@ -46,10 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellkit import CELL_TYPES, atomic, rle
-from cellkit import metric
-from cellkit import postprocess as pp
-from cellkit import predictions as P
+from cellkit import CELL_TYPES, __version__, metric, postprocess as pp, predictions as P, rle
 from cellkit.geometry import MaskRuns
 
 __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
@@ -81,12 +78,9 @@ def make_grid(score=None, mask=None, min_area=None) -> dict[str, list]:
     Raises:
         ValueError: an empty axis or a value out of range (score in [0, 1], mask in (0, 1], min_area integer >= 0).
     """
-    grid = {"score": DEFAULT_GRID["score"] if score is None else score,
-            "mask": DEFAULT_GRID["mask"] if mask is None else mask,
-            "min_area": DEFAULT_GRID["min_area"] if min_area is None else min_area}
     out = {}
-    for key, seed in (("score", 0.5), ("mask", 0.5), ("min_area", 0)):
-        values = [float(v) for v in grid[key]]
+    for key, values, seed in (("score", score, 0.5), ("mask", mask, 0.5), ("min_area", min_area, 0)):
+        values = [float(v) for v in (DEFAULT_GRID[key] if values is None else values)]
         if not values:
             raise ValueError(f"search grid {key!r} is empty")
         for v in values:  # same rules as a thresholds file
@@ -141,15 +135,6 @@ class ImageData:
     n_pixels: int
 
 
-def _qthresholds(mask_grid) -> np.ndarray:
-    """Smallest uint8 value kept at each pixel threshold (256 when none is)."""
-    out = []
-    for m in mask_grid:
-        table = pp.binarize_table(m)
-        out.append(int(np.argmax(table)) if table.any() else 256)
-    return np.asarray(out, dtype=np.int64)
-
-
 def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: int):
     """Primary truth label of each entry pixel and the (entry, truth) pairs of overlapping truths."""
     tmap = np.full(n_pixels, -1, dtype=np.int32)
@@ -188,28 +173,24 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
         grid: the search grid (:func:`make_grid`).
         vote_min_score: confidence of a voting detection.
     """
-    qthr = _qthresholds(grid["mask"])
-    qmin = int(qthr.min())
+    # smallest uint8 probability kept at each pixel threshold (256 when none is)
+    qthr = np.array([np.argmax(np.append(pp.binarize_table(m), True)) for m in grid["mask"]], dtype=np.int64)
     scores = pred.scores.astype(np.float64)
     vote = pp.vote_class(pred.classes, scores, vote_min_score)
     alive = np.flatnonzero(scores >= min(grid["score"]))
     n = alive.size
     boxes = pred.mask_boxes[alive].astype(np.int64).reshape(-1, 4)
-    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
-    sizes = h * w
+    w = boxes[:, 2] - boxes[:, 0]
+    sizes = (boxes[:, 3] - boxes[:, 1]) * w
     data = (np.concatenate([pred.masks[i].reshape(-1) for i in alive]) if n else np.zeros(0, dtype=np.uint8))
     owner = np.repeat(np.arange(n), sizes)
-    # per-instance histograms of q -> sums and counts over q >= each threshold (for rescoring)
-    hist = np.bincount(owner * 256 + data, minlength=n * 256).reshape(n, 256)
-    ccount = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    csum = np.cumsum((hist * np.arange(256))[:, ::-1], axis=1)[:, ::-1]
-    ok = qthr < 256
-    qcount = np.zeros((len(qthr), n), dtype=np.int64)
-    qsum = np.zeros((len(qthr), n))
-    qcount[ok] = ccount[:, qthr[ok]].T
-    qsum[ok] = csum[:, qthr[ok]].T
+    # per-instance histograms of q -> sums and counts over q >= each threshold (for rescoring); column 256 (no
+    # value) stays empty, for the thresholds that keep nothing
+    hist = np.bincount(owner * 257 + data, minlength=n * 257).reshape(n, 257)
+    qcount = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, qthr].T
+    qsum = np.cumsum((hist * np.arange(257))[:, ::-1], axis=1)[:, ::-1][:, qthr].T.astype(np.float64)
     # entries: crop pixels at or above the smallest pixel threshold
-    sel = np.flatnonzero(data >= qmin)
+    sel = np.flatnonzero(data >= qthr.min())
     inst = owner[sel]
     offsets = np.concatenate(([0], np.cumsum(sizes)))
     r, c = np.divmod(sel - offsets[inst], np.maximum(w[inst], 1))
@@ -219,10 +200,8 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     order = np.lexsort((-q.astype(np.int64), cls[inst]))  # by class, then descending probability
     inst, pix, q = inst[order].astype(np.int32), pix[order].astype(np.int32), q[order]
     block = np.searchsorted(cls[inst], np.arange(_N_CLASSES + 1), side="left").astype(np.int64)
-    prefix = np.zeros((_N_CLASSES, len(qthr)), dtype=np.int64)
-    for b in range(_N_CLASSES):
-        neg = -q[block[b]:block[b + 1]].astype(np.int64)  # ascending
-        prefix[b] = np.searchsorted(neg, -qthr, side="right")
+    prefix = np.array([np.searchsorted(-q[block[b]:block[b + 1]].astype(np.int64), -qthr, side="right")
+                       for b in range(_N_CLASSES)], dtype=np.int64)  # -q is ascending in a block
     tlab, extra_entry, extra_truth = _truth_labels(truth_indices, pix, pred.height * pred.width)
     return ImageData(pred.image_id, cell_type, len(truth_indices),
                      np.array([t.size for t in truth_indices], dtype=np.int64), cls, scores[alive],
@@ -273,20 +252,11 @@ def _first_rank(pix: np.ndarray, rank: np.ndarray, n_pixels: int) -> np.ndarray:
     return out
 
 
-def _pair_values(keys: np.ndarray, hi: np.ndarray, weights: np.ndarray, ns: int):
-    """Aggregate items ``(key, hi, weight)`` meaning "weight for every score index k < hi".
-
-    Returns:
-        ``(unique keys, values float64 (n_keys, ns))``.
-    """
-    if keys.size == 0:
-        return keys, np.zeros((0, ns))
-    uniq, inv = np.unique(keys, return_inverse=True)
-    width = ns + 1
-    acc = np.bincount(inv * width + hi, weights=weights, minlength=uniq.size * width).reshape(uniq.size, width)
-    # value at k = sum of weights with hi > k
-    values = np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    return uniq, values
+def _below(keys: np.ndarray, hi: np.ndarray, n_keys: int, ns: int, weights=None) -> np.ndarray:
+    """Sum of the weights (default 1) of the items ``(key, hi)`` meaning "weight for every score index k < hi":
+    ``(n_keys, ns)``, the value at ``[key, k]`` summing the items of that key with ``hi > k``."""
+    acc = np.bincount(keys * (ns + 1) + hi, weights=weights, minlength=n_keys * (ns + 1)).reshape(n_keys, ns + 1)
+    return np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
 
 
 def _dense_counts(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,63 +274,49 @@ class _Fixed:
 
     alive: np.ndarray      # bool (N,)
     order: np.ndarray      # fixed instance indices by descending score
-    first: np.ndarray | None  # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel
+    first: np.ndarray      # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel (none: its size)
     area: np.ndarray       # int64 (N,) residual area without the swept class
     pair_keys: np.ndarray  # inst * M + truth
     pair_counts: np.ndarray
 
 
+def _owners(img: ImageData, alive: np.ndarray, eff_score: np.ndarray, blocks, mask_index: np.ndarray, vote: bool):
+    """``(order, rank, owned)``: the alive instances by descending score, each instance's rank in ``order`` (int32
+    ``(N,)``, ``order.size`` when not alive) and the entries of the given class blocks whose instance is the first
+    of ``order`` at their pixel."""
+    idx = np.flatnonzero(alive)
+    order = idx[np.argsort(-eff_score[idx], kind="stable")]
+    rank = np.full(alive.size, order.size, dtype=np.int32)
+    rank[order] = np.arange(order.size)
+    e = _block_entries(img, blocks, mask_index, alive, vote)
+    e_rank = rank[img.inst[e]]
+    return order, rank, e[e_rank == _first_rank(img.pix[e], e_rank, img.n_pixels)]
+
+
 def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_score, blocks_c, vote) -> _Fixed:
     n = img.classes.size
     alive = (eff_class != c) & (eff_score >= fixed_score[eff_class])
-    fixed_blocks = [b for b in range(_N_CLASSES) if b not in blocks_c]
-    if not alive.any():
-        empty = np.zeros(0, dtype=np.int64)
-        return _Fixed(alive, empty, None, np.zeros(n, dtype=np.int64), empty, empty)
-    idx = np.flatnonzero(alive)
-    order = idx[np.argsort(-eff_score[idx], kind="stable")]
-    rank = np.full(n, order.size, dtype=np.int32)
-    rank[order] = np.arange(order.size)
-    e = _block_entries(img, fixed_blocks, mask_index, alive, vote)
-    e_rank = rank[img.inst[e]]
+    order, rank, owned = _owners(img, alive, eff_score, [b for b in range(_N_CLASSES) if b not in blocks_c],
+                                 mask_index, vote)
     first = np.full(img.n_pixels, order.size, dtype=np.int32)
-    np.minimum.at(first, img.pix[e], e_rank)
-    owned = e[e_rank == first[img.pix[e]]]
+    first[img.pix[owned]] = rank[img.inst[owned]]
     o_inst = img.inst[owned].astype(np.int64)
-    area = np.bincount(o_inst, minlength=n).astype(np.int64)
-    keys = _truth_keys(img, owned, o_inst)
-    pair_keys, pair_counts = _dense_counts(keys, n * max(img.n_truth, 1))
-    return _Fixed(alive, order, first, area, pair_keys, pair_counts)
+    pair_keys, pair_counts = _dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1))
+    return _Fixed(alive, order, first, np.bincount(o_inst, minlength=n).astype(np.int64), pair_keys, pair_counts)
 
 
-def _extra_pairs(img: ImageData, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(position in entries, truth)`` of the further true masks at the given (sorted) entries' pixels."""
-    if not img.extra_entry.size or not entries.size:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    pos = np.searchsorted(entries, img.extra_entry)
-    pos_c = np.minimum(pos, entries.size - 1)
-    hit = entries[pos_c] == img.extra_entry
-    return pos_c[hit], img.extra_truth[hit].astype(np.int64)
-
-
-def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray) -> np.ndarray:
-    """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices)."""
+def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray, carry: np.ndarray | None = None):
+    """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices);
+    with ``carry``, also ``(keys, carry)``: those per-entry values repeated in the same order."""
     t = img.tlab[entries]
     has = t >= 0
-    keys = inst[has] * img.n_truth + t[has]
-    pos, truth = _extra_pairs(img, entries)
-    if pos.size:
-        keys = np.concatenate([keys, inst[pos] * img.n_truth + truth])
-    return keys
-
-
-def _truth_carry(img: ImageData, entries: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``values`` per entry, repeated in the order :func:`_truth_keys` emits (entry, covering truth) items."""
-    out = values[img.tlab[entries] >= 0]
-    pos, _ = _extra_pairs(img, entries)
-    if pos.size:
-        out = np.concatenate([out, values[pos]])
-    return out
+    pos, truth = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if img.extra_entry.size and entries.size:  # the further true masks at the entries' pixels
+        pos = np.minimum(np.searchsorted(entries, img.extra_entry), entries.size - 1)
+        hit = entries[pos] == img.extra_entry
+        pos, truth = pos[hit], img.extra_truth[hit].astype(np.int64)
+    keys = np.concatenate([inst[has] * img.n_truth + t[has], inst[pos] * img.n_truth + truth])
+    return keys if carry is None else (keys, np.concatenate([carry[has], carry[pos]]))
 
 
 def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: np.ndarray,
@@ -407,82 +363,60 @@ def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_
     jpass = np.where(swept, np.searchsorted(score_grid, eff, side="right"), ns)  # c passes s_k for k < jpass
     area = np.zeros((n, ns), dtype=np.int64)
     area[fixed.alive] = fixed.area[fixed.alive][:, None]
-    items_k, items_hi, items_w = [fixed.pair_keys], [np.full(fixed.pair_keys.size, ns)], [fixed.pair_counts]
+    items = [(fixed.pair_keys, np.full(fixed.pair_keys.size, ns), fixed.pair_counts)]  # (keys, hi, weights)
     if alive_c.any():
-        idx = np.flatnonzero(alive_c)
-        order = idx[np.argsort(-eff[idx], kind="stable")]
-        rank = np.full(n, order.size, dtype=np.int32)
-        rank[order] = np.arange(order.size)
-        e = _block_entries(img, blocks_c, mask_index, alive_c, vote)
-        e_pix = img.pix[e]
-        e_rank = rank[img.inst[e]]
-        top = e_rank == _first_rank(e_pix, e_rank, img.n_pixels)
-        e, e_pix = e[top], e_pix[top]
-        e_inst = img.inst[e].astype(np.int64)
-        if fixed.first is not None:
-            fo = fixed.first[e_pix]
-            has_o = fo < fixed.order.size
-            o_inst = fixed.order[np.minimum(fo, max(fixed.order.size - 1, 0))]
-            se, so = eff[e_inst], eff[o_inst]
-            before = ~has_o | (se > so) | ((se == so) & (e_inst < o_inst))
-            lost = before & has_o
-        else:
-            before = None
-            lost = np.zeros(1, dtype=bool)
-        own_e, own_inst = (e, e_inst) if before is None else (e[before], e_inst[before])
+        e = _owners(img, alive_c, eff, blocks_c, mask_index, vote)[2]
+        e_pix, e_inst = img.pix[e], img.inst[e].astype(np.int64)
+        fo = fixed.first[e_pix]
+        has_o = fo < fixed.order.size
+        o_inst = np.append(fixed.order, -1)[fo]  # the first fixed instance at the entry's pixel (-1: none)
+        se, so = eff[e_inst], eff[o_inst]
+        before = ~has_o | (se > so) | ((se == so) & (e_inst < o_inst))
+        lost = before & has_o
+        own_e, own_inst = e[before], e_inst[before]
         cnt = np.bincount(own_inst, minlength=n)
         area[swept] = np.where(np.arange(ns)[None, :] < jpass[swept][:, None], cnt[swept][:, None], 0)
         if lost.any():
             lo_inst, lo_hi = o_inst[lost], jpass[e_inst[lost]]
-            width = ns + 1
-            acc = np.bincount(lo_inst * width + lo_hi, minlength=n * width).reshape(n, width)
-            area -= np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
-            lk = _truth_keys(img, e[lost], lo_inst)
-            hi_per = _truth_carry(img, e[lost], lo_hi)
-            items_k.append(lk)
-            items_hi.append(hi_per)
-            items_w.append(np.full(lk.size, -1))
+            area -= _below(lo_inst, lo_hi, n, ns)
+            lost_keys, lost_hi = _truth_keys(img, e[lost], lo_inst, lo_hi)
+            items.append((lost_keys, lost_hi, np.full(lost_keys.size, -1)))
         if m_truth:
             ck, cc = _dense_counts(_truth_keys(img, own_e, own_inst), n * m_truth)
-            items_k.append(ck)
-            items_hi.append(jpass[ck // m_truth])
-            items_w.append(cc)
-    return _precision_grid(img, area, swept, eff_class, fixed_area, area_grid, (items_k, items_hi, items_w))
+            items.append((ck, jpass[ck // m_truth], cc))
+    return _precision_grid(img, area, swept, eff_class, fixed_area, area_grid, items)
 
 
 def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndarray, fixed_area: np.ndarray,
                     area_grid: np.ndarray, items) -> np.ndarray:
     """:func:`_scores_at`'s image score at every (score, min area) grid point, float64 ``(ns, na)``, from the
     ``(n, ns)`` residual areas and the (instance x truth) intersection items ``(keys, hi, weights)``."""
-    items_k, items_hi, items_w = items
-    n, ns = area.shape
+    ns = area.shape[1]
     na, nt, m_truth = len(area_grid), len(metric.THRESHOLDS), img.n_truth
     rows = np.flatnonzero(area.any(axis=1))
     min_area = np.maximum(np.where(swept[rows, None], area_grid[None, :], fixed_area[eff_class[rows]][:, None]), 1)
     kept_rows = area[rows, :, None] >= min_area[:, None, :]  # (R, ns, na)
     n_pred = kept_rows.sum(axis=0)
-    row_of = np.full(n, -1, dtype=np.int64)
-    row_of[rows] = np.arange(rows.size)
     tp = np.zeros((ns, na, nt))
-    if m_truth:
-        keys = np.concatenate(items_k)
-        if keys.size:
-            uniq, inter = _pair_values(keys, np.concatenate(items_hi).astype(np.int64),
-                                       np.concatenate(items_w).astype(np.float64), ns)
-            pi, pt = uniq // m_truth, uniq % m_truth  # sorted by instance
-            union = area[pi] + img.truth_area[pt][:, None] - inter
-            iou = np.divide(inter, union, out=np.zeros(inter.shape), where=inter > 0)
-            cand = (iou > metric.THRESHOLDS[0]).any(axis=1)
-            pi, iou = pi[cand], iou[cand]
-            if pi.size:
-                # Residual masks are disjoint, so no truth has two predictions with IoU > 0.5 (two disjoint masks
-                # cannot both cover more than half of it): every component of the match graph is one prediction
-                # with its truths, and a maximum matching counts the kept predictions whose best IoU exceeds t.
-                starts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]])
-                best = np.maximum.reduceat(iou, starts, axis=0)  # (G, ns)
-                kp = kept_rows[row_of[pi[starts]]].astype(np.float32)  # (G, ns, na); IoU > 0 implies area > 0
-                hit = (best[:, :, None] > metric.THRESHOLDS[None, None, :]).astype(np.float32)  # (G, ns, nt)
-                tp = np.matmul(kp.transpose(1, 2, 0), hit.transpose(1, 0, 2)).astype(np.float64)
+    keys, hi, weights = (np.concatenate(x) for x in zip(*items))
+    if keys.size:  # (none without true masks)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        inter = _below(inv, hi.astype(np.int64), uniq.size, ns, weights.astype(np.float64))
+        pi, pt = uniq // m_truth, uniq % m_truth  # sorted by instance
+        union = area[pi] + img.truth_area[pt][:, None] - inter
+        iou = np.divide(inter, union, out=np.zeros(inter.shape), where=inter > 0)
+        cand = (iou > metric.THRESHOLDS[0]).any(axis=1)
+        pi, iou = pi[cand], iou[cand]
+        if pi.size:
+            # Residual masks are disjoint, so no truth has two predictions with IoU > 0.5 (two disjoint masks
+            # cannot both cover more than half of it): every component of the match graph is one prediction
+            # with its truths, and a maximum matching counts the kept predictions whose best IoU exceeds t.
+            starts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]])
+            best = np.maximum.reduceat(iou, starts, axis=0)  # (G, ns)
+            # (G, ns, na); IoU > 0 implies area > 0, so each prediction has a row
+            kp = kept_rows[np.searchsorted(rows, pi[starts])].astype(np.float32)
+            hit = (best[:, :, None] > metric.THRESHOLDS[None, None, :]).astype(np.float32)  # (G, ns, nt)
+            tp = np.matmul(kp.transpose(1, 2, 0), hit.transpose(1, 0, 2)).astype(np.float64)
     denom = n_pred[:, :, None] + m_truth - tp
     prec = np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0)
     return prec.mean(axis=2)
