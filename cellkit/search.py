@@ -429,11 +429,17 @@ def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, gr
     Returns:
         float64 ``(len(grid["score"]), len(grid["min_area"]))``.
     """
-    mask_index = np.array([grid["mask"].index(thresholds[n]["mask"]) for n in CELL_TYPES])
-    fixed_score = np.array([thresholds[n]["score"] for n in CELL_TYPES], dtype=np.float64)
-    fixed_area = np.array([thresholds[n]["min_area"] for n in CELL_TYPES], dtype=np.int64)
+    mask_index, fixed_score, fixed_area = _threshold_arrays(thresholds, grid["mask"])
     return sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, [int(mask_index[c])],
                        np.asarray(grid["score"], dtype=np.float64), np.asarray(grid["min_area"], dtype=np.int64))[0]
+
+
+def _threshold_arrays(thr: dict, mask_grid: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: the index of its pixel threshold in ``mask_grid`` (int64), its score threshold (float64) and
+    minimum area (int64), each ``(3,)``."""
+    return (np.array([mask_grid.index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64),
+            np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64),
+            np.array([thr[name]["min_area"] for name in CELL_TYPES], dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ exact evaluation
@@ -479,22 +485,33 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
 
 # ------------------------------------------------------------------------------------------------ workers
 class _Shard:
-    """A set of images held by one process, answering sweep and evaluation requests."""
+    """A set of images held by one process, answering sweep and evaluation requests.
 
-    def __init__(self, images: list[ImageData], grid: dict, source: tuple | None = None):
-        self.images = images
+    ``truth_by_id``: ``{image id: (annotations, cell type, (H, W))}``.
+    """
+
+    def __init__(self, pred_dir, ids, truth_by_id: dict, grid: dict, vote_min_score: float):
+        self.source = (pred_dir, ids, truth_by_id)  # to re-read the predictions for exact()
+        self.images = []
+        for pred in P.iter_dir(pred_dir, ids=ids):
+            annotations, cell_type, shape = truth_by_id[pred.image_id]
+            if (pred.height, pred.width) != shape:
+                raise ValueError(f"{pred_dir}/{pred.image_id}.npz: image size {pred.height}x{pred.width} differs from "
+                                 f"the truth's {shape[0]}x{shape[1]}")
+            runs = [rle.parse(s, shape) for s in annotations]
+            truth = [rle.runs_to_indices(starts, lengths) for starts, lengths in runs if lengths.size]
+            self.images.append(prepare_image(pred, truth, cell_type, grid, vote_min_score))
         self.grid = grid
-        self.source = source  # (pred_dir, ids, truth_by_id, shape_by_id): to re-read the predictions for exact()
         self.score_grid = np.asarray(grid["score"], dtype=np.float64)
         self.area_grid = np.asarray(grid["min_area"], dtype=np.int64)
-        self.mask_grid = np.asarray(grid["mask"], dtype=np.float64)
         self.cache: dict = {}
 
     def info(self):
         return [(img.image_id, img.cell_type, img.n_truth, int(img.inst.size), bool(np.unique(img.classes).size > 1))
                 for img in self.images]
 
-    def peak_rss_mb(self) -> float:
+    @staticmethod
+    def peak_rss_mb() -> float:
         """Peak resident memory of this process, MiB (Linux ``ru_maxrss``)."""
         import resource
 
@@ -503,8 +520,8 @@ class _Shard:
     def sweep(self, c: int, thr: dict, options: dict) -> dict[int, np.ndarray]:
         """``{local image index: (n_mask, ns, na) scores}`` for the images with an instance of effective class c."""
         vote, rescore = options["image_class_vote"], options["rescore"]
-        mask_index, fixed_score, fixed_area = self._fixed(thr)
-        masks = list(range(len(self.mask_grid)))
+        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
+        masks = list(range(len(self.grid["mask"])))
         out = {}
         for j, img in enumerate(self.images):
             eff = effective(img, vote)
@@ -514,19 +531,15 @@ class _Shard:
             # image is pure), so it is reused while those stay the same
             deps = tuple((b, tuple(sorted(thr[CELL_TYPES[b]].items()))) for b in np.unique(eff) if b != c)
             key = (j, c, rescore) if not deps else (j, c, rescore, vote)  # a pure image: own class == vote
-            hit = self.cache.get(key)
-            if hit is not None and hit[0] == deps:
-                out[j] = hit[1]
-                continue
-            res = sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, masks, self.score_grid,
-                              self.area_grid)
-            self.cache[key] = (deps, res)
-            out[j] = res
+            if key not in self.cache or self.cache[key][0] != deps:
+                self.cache[key] = (deps, sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, masks,
+                                                     self.score_grid, self.area_grid))
+            out[j] = self.cache[key][1]
         return out
 
     def evaluate(self, thr: dict, options: dict) -> np.ndarray:
         """Image score of every image at the given on-grid thresholds, float64 ``(n_images,)``."""
-        mask_index, fixed_score, fixed_area = self._fixed(thr)
+        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
         out = np.empty(len(self.images))
         for j, img in enumerate(self.images):
             out[j] = sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
@@ -536,47 +549,25 @@ class _Shard:
     def exact(self, candidates) -> np.ndarray:
         """Exact image scores of every image under each candidate (:func:`exact_image_scores`), float64
         ``(n_images, len(candidates))`` in :attr:`images` order; the predictions are re-read one image at a time."""
-        pred_dir, ids, truth_by_id, shape_by_id = self.source
+        pred_dir, ids, truth_by_id = self.source
         out = np.empty((len(self.images), len(candidates)))
-        for j, pred in enumerate(P.iter_dir(pred_dir, ids=ids)):  # sorted by id, as _load_shard read them
+        for j, pred in enumerate(P.iter_dir(pred_dir, ids=ids)):  # sorted by id, as __init__ read them
             if pred.image_id != self.images[j].image_id:
                 raise ValueError(f"{pred_dir}: image {pred.image_id} read where {self.images[j].image_id} was "
                                  f"expected (the store changed during the search)")
-            truth = truth_mask_set(truth_by_id[pred.image_id], shape_by_id[pred.image_id],
-                                   f"truth of image {pred.image_id}")
-            out[j] = exact_image_scores(pred, truth, candidates)
+            annotations, _, shape = truth_by_id[pred.image_id]
+            out[j] = exact_image_scores(pred, truth_mask_set(annotations, shape, f"truth of image {pred.image_id}"),
+                                        candidates)
         return out
 
-    def _fixed(self, thr: dict):
-        mask_index = np.array([self.grid["mask"].index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64)
-        fixed_score = np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64)
-        fixed_area = np.array([thr[name]["min_area"] for name in CELL_TYPES], dtype=np.int64)
-        return mask_index, fixed_score, fixed_area
 
-
-def _load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score) -> list[ImageData]:
-    images = []
-    for pred in P.iter_dir(pred_dir, ids=ids):
-        shape = shape_by_id[pred.image_id]
-        if (pred.height, pred.width) != shape:
-            raise ValueError(f"{pred_dir}/{pred.image_id}.npz: image size {pred.height}x{pred.width} differs from "
-                             f"the truth's {shape[0]}x{shape[1]}")
-        truth = []
-        for i, s in enumerate(truth_by_id[pred.image_id]):
-            starts, lengths = rle.parse(s, shape)
-            if lengths.size:
-                truth.append(rle.runs_to_indices(starts, lengths))
-        images.append(prepare_image(pred, truth, cell_type_by_id[pred.image_id], grid, vote_min_score))
-    return images
-
-
+# The shard a worker process holds (set by _start_shard, the first task of its executor).
 _SHARD: _Shard | None = None
-"""The shard a worker process holds (set by :func:`_start_shard`, the first task of its executor)."""
 
 
 def _start_shard(args) -> list:
     global _SHARD
-    _SHARD = _Shard(_load_shard(*args), args[5], (args[0], args[1], args[2], args[4]))
+    _SHARD = _Shard(*args)
     return _SHARD.info()
 
 
@@ -588,21 +579,17 @@ class _Pool:
     """Shards in worker processes (one single-process ``ProcessPoolExecutor`` each, so a shard stays resident in
     its process between requests), or in-process when ``workers <= 1``; queried in parallel."""
 
-    def __init__(self, pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score, workers):
-        self.local = None
-        self.executors = []
-        shards = [ids[w::workers] for w in range(workers)] if workers > 1 else [ids]
-        self.shard_ids = [s for s in shards if s]
+    def __init__(self, workers: int, pred_dir, ids, *shard_args):
+        self.local, self.executors = None, []
         if workers <= 1:
-            self.local = _Shard(_load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid,
-                                            vote_min_score), grid, (pred_dir, ids, truth_by_id, shape_by_id))
+            self.local = _Shard(pred_dir, ids, *shard_args)
             self.infos = [self.local.info()]
             return
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        self.executors = [ProcessPoolExecutor(max_workers=1, mp_context=ctx) for _ in self.shard_ids]
-        self.infos = self._gather([ex.submit(_start_shard, (pred_dir, part, truth_by_id, cell_type_by_id,
-                                                            shape_by_id, grid, vote_min_score))
-                                   for ex, part in zip(self.executors, self.shard_ids)])
+        parts = [ids[w::workers] for w in range(min(workers, len(ids)))]
+        self.executors = [ProcessPoolExecutor(max_workers=1, mp_context=ctx) for _ in parts]
+        self.infos = self._gather([ex.submit(_start_shard, (pred_dir, part, *shard_args))
+                                   for ex, part in zip(self.executors, parts)])
 
     @staticmethod
     def _gather(futures) -> list:
@@ -651,13 +638,11 @@ class ThresholdSearch:
         if self.missing:
             logger.warning("%d truth image(s) have no predictions in %s and are left out of the search",
                            len(self.missing), self.pred_dir)
-        rows = truth[truth["id"].isin(set(ids))]
-        groups = rows.groupby("id", sort=False)
-        truth_by_id = {k: g["annotation"].tolist() for k, g in groups}
-        cell_type_by_id = {k: str(g["cell_type"].iat[0]) for k, g in groups}
-        shape_by_id = {k: (int(g["height"].iat[0]), int(g["width"].iat[0])) for k, g in groups}
-        self.pool = _Pool(self.pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, self.grid,
-                          self.vote_min_score, max(1, min(int(workers), len(ids))))
+        truth_by_id = {k: (g["annotation"].tolist(), str(g["cell_type"].iat[0]),
+                           (int(g["height"].iat[0]), int(g["width"].iat[0])))
+                       for k, g in truth[truth["id"].isin(set(ids))].groupby("id", sort=False)}
+        self.pool = _Pool(max(1, min(int(workers), len(ids))), self.pred_dir, ids, truth_by_id, self.grid,
+                          self.vote_min_score)
         self.info = [x for part in self.pool.infos for x in part]
         self.n_images = len(self.info)
         self.cell_types = np.array([x[1] for x in self.info])
@@ -674,10 +659,7 @@ class ThresholdSearch:
 
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this process plus its workers, MiB (sum of each process's peak)."""
-        import resource
-
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return own + (sum(self.pool.call("peak_rss_mb")) if self.pool.local is None else 0.0)
+        return _Shard.peak_rss_mb() + (sum(self.pool.call("peak_rss_mb")) if self.pool.local is None else 0.0)
 
     def evaluate(self, thresholds: dict, options: dict) -> np.ndarray:
         """Image scores, float64 ``(n_images,)`` in :attr:`info` order, at on-grid thresholds (by the sweep).
@@ -687,8 +669,7 @@ class ThresholdSearch:
                 use :meth:`exact`).
         """
         _sweepable(options)
-        thresholds = self._on_grid(thresholds)
-        return np.concatenate(self.pool.call("evaluate", thresholds, options))
+        return np.concatenate(self.pool.call("evaluate", self._on_grid(thresholds), options))
 
     def exact(self, candidates) -> np.ndarray:
         """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
@@ -727,34 +708,25 @@ class ThresholdSearch:
         for rounds in range(1, max_rounds + 1):
             changed = False
             for ci, name in enumerate(CELL_TYPES):
-                parts = self.pool.call("sweep", ci, thr, options)
-                affected = np.zeros(self.n_images, dtype=bool)
-                total = None
-                for w, part in enumerate(parts):
-                    for j, res in part.items():
-                        affected[offsets[w] + j] = True
-                        total = res.copy() if total is None else total + res
+                # {image index: (n_mask, ns, na) scores} of the images with an instance of the class
+                swept = {offsets[w] + j: res for w, part in enumerate(self.pool.call("sweep", ci, thr, options))
+                         for j, res in part.items()}
                 if progress is not None:
                     progress.update(1)
-                if total is None:
+                if not swept:
                     continue
-                total += current[~affected].sum()
-                total /= self.n_images
+                total = (sum(swept.values()) + np.delete(current, list(swept)).sum()) / self.n_images
                 best = np.unravel_index(int(np.argmax(total)), total.shape)
-                new = {"mask": self.grid["mask"][best[0]], "score": self.grid["score"][best[1]],
-                       "min_area": self.grid["min_area"][best[2]]}
-                cur_idx = (self.grid["mask"].index(thr[name]["mask"]), self.grid["score"].index(thr[name]["score"]),
-                           self.grid["min_area"].index(thr[name]["min_area"]))
-                if total[best] > total[cur_idx] + 1e-12:
-                    thr[name] = new
-                    changed = True
-                m, k, a = (self.grid["mask"].index(thr[name]["mask"]), self.grid["score"].index(thr[name]["score"]),
-                           self.grid["min_area"].index(thr[name]["min_area"]))
+                cur = tuple(self.grid[key].index(thr[name][key]) for key in ("mask", "score", "min_area"))
+                if total[best] > total[cur] + 1e-12:
+                    thr[name] = {"mask": self.grid["mask"][best[0]], "score": self.grid["score"][best[1]],
+                                 "min_area": self.grid["min_area"][best[2]]}
+                    changed, cur = True, best
+                m, k, a = cur
                 curves[name] = {"score": total[m, :, a].tolist(), "mask": total[:, k, a].tolist(),
                                 "min_area": total[m, k, :].tolist()}
-                for w, part in enumerate(parts):
-                    for j, res in part.items():
-                        current[offsets[w] + j] = res[m, k, a]
+                for i, res in swept.items():
+                    current[i] = res[m, k, a]
             if not changed or options["image_class_vote"] or not self.any_mixed:
                 break  # without images that mix classes the classes are independent: one round is exact
         final = self.evaluate(thr, options)
