@@ -767,15 +767,16 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
     """
     from tqdm import tqdm
 
+    from cellkit.data import read_train_csv
+
     start = time.perf_counter()
-    truth, truth_path = _read_truth(truth_csv)
+    truth_path = str(truth_csv) if isinstance(truth_csv, (str, os.PathLike)) else None
+    truth = truth_csv if truth_path is None else read_train_csv(truth_csv)
     option_sets = [{k: bool(o[k]) for k in ("image_class_vote", "rescore")} for o in list(option_sets or OPTION_SETS)]
     pred_dir = Path(pred_dir)
     meta = _read_store_meta(pred_dir)
     with ThresholdSearch(pred_dir, truth, grid, workers, vote_min_score) as s:
-        seed = {"options": dict(pp.DEFAULT_OPTIONS, vote_min_score=vote_min_score),
-                "thresholds": {c: dict(pp.SEED_THRESHOLDS[c]) for c in CELL_TYPES}}
-        before = s.per_class(s.evaluate(seed["thresholds"], seed["options"]))
+        before = s.per_class(s.evaluate(pp.SEED_THRESHOLDS, pp.DEFAULT_OPTIONS))
         bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
         results = _optimise_option_sets(s, option_sets, max_rounds, bar)
         best = results[0]
@@ -784,36 +785,28 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
                 best = r
         chosen, free_report, after = _free_dropped(s, best, try_free_dropped, bar)
         bar.close()
-        counts = {"n_images": s.n_images, "n_truth_images_without_predictions": len(s.missing)}
-        peak_mb = s.peak_rss_mb()
-    search_doc = {
-        "grid": s.grid,
-        "objective": "competition mAP over the images with predictions (cellkit.metric)",
-        "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
-                     "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
-        "curves": best["curves"],
-        "free_dropped": free_report,
-        **counts,
-        "seconds": round(time.perf_counter() - start, 2),
-        "peak_rss_mb": round(peak_mb, 1),
-    }
+        search_doc = {
+            "grid": s.grid,
+            "objective": "competition mAP over the images with predictions (cellkit.metric)",
+            "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
+                         "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
+            "curves": best["curves"],
+            "free_dropped": free_report,
+            "n_images": s.n_images,
+            "n_truth_images_without_predictions": len(s.missing),
+            "seconds": None,  # set once the workers are closed
+            "peak_rss_mb": round(s.peak_rss_mb(), 1),
+        }
+    search_doc["seconds"] = round(time.perf_counter() - start, 2)
     return {
         "thresholds": best["thresholds"],
         "options": pp.validate_options({**best["options"], "free_dropped": bool(chosen)}),
         "metric": {"before": before, "after": after},
         "search": search_doc,
         "inference": P.store_signature(meta),
-        "provenance": _provenance(pred_dir, truth, truth_path, meta),
+        "provenance": {"predictions": str(pred_dir), "truth": truth_path or truth.attrs.get("path"),
+                       **_source_provenance(meta), "predictions_meta": meta, "cellkit_version": __version__},
     }
-
-
-def _read_truth(truth_csv):
-    """``(truth frame, its path or None)`` of a train CSV path or frame."""
-    from cellkit.data import read_train_csv
-
-    if isinstance(truth_csv, (str, os.PathLike)):
-        return read_train_csv(truth_csv), str(truth_csv)
-    return truth_csv, None
 
 
 def _read_store_meta(pred_dir: Path) -> dict:
@@ -867,18 +860,6 @@ def _free_dropped(s: "ThresholdSearch", best: dict, try_free_dropped: bool, bar)
     return chosen, report, s.per_class(exact[:, int(chosen)])
 
 
-def _provenance(pred_dir: Path, truth, truth_path, meta: dict) -> dict:
-    from cellkit import __version__
-
-    return {
-        "predictions": str(pred_dir),
-        "truth": truth_path or truth.attrs.get("path"),
-        **_source_provenance(meta),
-        "predictions_meta": meta,
-        "cellkit_version": __version__,
-    }
-
-
 def _source_provenance(meta: dict) -> dict:
     """``config``, ``weights`` and ``folds`` of a predictions ``meta.json``: its top-level keys, or those of its
     ``sources`` (one entry per fold, each with its ``members``, as ``cellkit predict`` writes); one value when all
@@ -914,7 +895,6 @@ def plot_search(doc: dict, path) -> Path:
 
     from cellkit.viz import save_figure
 
-    path = Path(path)
     grid, curves = doc["search"]["grid"], doc["search"]["curves"]
     fig, axes = plt.subplots(len(CELL_TYPES), 3, figsize=(12, 3.2 * len(CELL_TYPES)), squeeze=False)
     for row, name in enumerate(CELL_TYPES):
@@ -926,12 +906,9 @@ def plot_search(doc: dict, path) -> Path:
                 ax.axvline(pp.SEED_THRESHOLDS[name][key], color="tab:gray", ls=":", lw=1, label="seed")
             else:
                 ax.text(0.5, 0.5, "no detections of this class", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{name}: {key}")
-            ax.set_xlabel(key)
-            ax.set_ylabel("mAP")
+            ax.set(title=f"{name}: {key}", xlabel=key, ylabel="mAP")
             ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     opts = doc["options"]
     fig.suptitle(f"threshold search (vote={opts['image_class_vote']}, rescore={opts['rescore']}, "
                  f"free_dropped={opts.get('free_dropped', False)}; curves with free_dropped=False): "
