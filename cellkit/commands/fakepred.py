@@ -41,11 +41,9 @@ def run(args) -> int:
 
     specs = fakepred.spec_for(args.preset, **dict(args.knobs))
     truth = read_train_csv(args.truth)
-    ids = sorted(truth["id"].unique())
-    if args.images is not None:
-        if args.images < 1:
-            raise ValueError(f"--images must be >= 1, got {args.images}")
-        ids = ids[:args.images]
+    if args.images is not None and args.images < 1:
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    ids = sorted(truth["id"].unique())[:args.images]  # all when None
     out = fakepred.generate(truth, args.out, specs, seed=args.seed, image_ids=ids, progress=not args.no_progress)
     print(f"wrote predictions of {len(ids)} image(s) to {out}")
     return 0

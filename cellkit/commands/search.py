@@ -24,8 +24,7 @@ def _floats(text: str) -> list[float]:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0:
                 raise ValueError
-            n = int(np.floor((stop - start) / step + 1e-9)) + 1
-            return [round(start + i * step, 10) for i in range(n)]
+            return [round(start + i * step, 10) for i in range(int(np.floor((stop - start) / step + 1e-9)) + 1)]
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a list 'a,b,c' or a range 'start:stop:step', got {text!r}")
@@ -51,24 +50,22 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from cellkit import CELL_TYPES
-    from cellkit import postprocess as pp
-    from cellkit import search as S
+    from cellkit import CELL_TYPES, postprocess as pp, search as S
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grid = {"score": args.score_grid, "mask": args.mask_grid, "min_area": args.min_area_grid}
-    options = S.OPTION_SETS if args.options == "all" else S.OPTION_SETS[:1]
-    doc = S.search(args.pred, args.truth, grid=grid, option_sets=options, workers=args.workers,
+    doc = S.search(args.pred, args.truth, grid=grid,
+                   option_sets=S.OPTION_SETS if args.options == "all" else S.OPTION_SETS[:1], workers=args.workers,
                    max_rounds=args.rounds, try_free_dropped=args.options == "all", progress=not args.no_progress)
     out = pp.save_thresholds(args.out, doc)
     plot = S.plot_search(doc, args.plot or Path(args.out).with_suffix(".png"))
     before, after = doc["metric"]["before"], doc["metric"]["after"]
+    fmt = lambda v: f"{v:7.4f}" if v is not None else "      -"
     print(f"{'class':8} {'score':>6} {'mask':>6} {'min_area':>8}   {'before':>7} {'after':>7}")
     for name in CELL_TYPES:
         t = doc["thresholds"][name]
-        b, a = before["per_class"][name], after["per_class"][name]
-        fmt = lambda v: f"{v:7.4f}" if v is not None else "      -"
-        print(f"{name:8} {t['score']:6.2f} {t['mask']:6.2f} {t['min_area']:8d}   {fmt(b)} {fmt(a)}")
+        print(f"{name:8} {t['score']:6.2f} {t['mask']:6.2f} {t['min_area']:8d}   "
+              f"{fmt(before['per_class'][name])} {fmt(after['per_class'][name])}")
     print(f"{'mAP':8} {'':6} {'':6} {'':8}   {before['mAP']:7.4f} {after['mAP']:7.4f}")
     opts = doc["options"]
     print(f"options: image_class_vote={opts['image_class_vote']} rescore={opts['rescore']} "
