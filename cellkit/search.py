@@ -138,7 +138,7 @@ class ImageData:
 def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: int):
     """Primary truth label of each entry pixel and the (entry, truth) pairs of overlapping truths."""
     tmap = np.full(n_pixels, -1, dtype=np.int32)
-    extra_pix, extra_lab = [], []
+    extra_pix, extra_lab = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int32)]
     for k, idx in enumerate(truth_indices):
         taken = tmap[idx] >= 0
         if taken.any():
@@ -146,9 +146,6 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
             extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
             idx = idx[~taken]
         tmap[idx] = k
-    tlab = tmap[pix]
-    if not extra_pix:
-        return tlab, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
     xp, xl = np.concatenate(extra_pix), np.concatenate(extra_lab)
     order = np.argsort(xp, kind="stable")
     xp, xl = xp[order], xl[order]
@@ -159,7 +156,7 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
     n = np.searchsorted(xp, pix[cand], side="right") - lo
     extra_entry = np.repeat(cand, n)
     extra_truth = xl[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
-    return tlab, extra_entry.astype(np.int64), extra_truth.astype(np.int32)
+    return tmap[pix], extra_entry.astype(np.int64), extra_truth.astype(np.int32)
 
 
 def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], cell_type: str, grid: dict,
@@ -211,9 +208,7 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
 
 def effective(img: ImageData, vote: bool) -> np.ndarray:
     """Class id whose thresholds each instance uses (own class or the image's vote)."""
-    if vote and img.vote >= 0:
-        return np.full(img.classes.shape, img.vote, dtype=np.int64)
-    return img.classes
+    return np.full(img.classes.shape, img.vote, dtype=np.int64) if vote and img.vote >= 0 else img.classes
 
 
 def _effective_scores(img: ImageData, rescore: bool, mask_of_instance: np.ndarray) -> np.ndarray:
@@ -222,8 +217,7 @@ def _effective_scores(img: ImageData, rescore: bool, mask_of_instance: np.ndarra
         return img.scores
     cols = np.arange(img.scores.size)
     cnt = img.qcount[mask_of_instance, cols]
-    mean = np.divide(img.qsum[mask_of_instance, cols], 255.0 * cnt, out=np.zeros(cnt.size), where=cnt > 0)
-    return img.scores * mean
+    return img.scores * np.divide(img.qsum[mask_of_instance, cols], 255.0 * cnt, out=np.zeros(cnt.size), where=cnt > 0)
 
 
 def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.ndarray, vote: bool) -> np.ndarray:
@@ -232,9 +226,7 @@ def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.nda
     block_mask = np.full(_N_CLASSES, mask_index[img.vote]) if (vote and img.vote >= 0) else mask_index
     parts = [np.arange(img.block[b], img.block[b] + img.prefix[b, block_mask[b]]) for b in blocks]
     idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if alive[np.isin(img.classes, blocks)].all():
-        return idx
-    return idx[alive[img.inst[idx]]]
+    return idx if alive[np.isin(img.classes, blocks)].all() else idx[alive[img.inst[idx]]]
 
 
 _SCRATCH: dict[int, np.ndarray] = {}
@@ -272,10 +264,9 @@ def _dense_counts(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray
 class _Fixed:
     """Ownership by the fixed (other-class) instances alone, shared by every pixel threshold of the swept class."""
 
-    alive: np.ndarray      # bool (N,)
     order: np.ndarray      # fixed instance indices by descending score
     first: np.ndarray      # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel (none: its size)
-    area: np.ndarray       # int64 (N,) residual area without the swept class
+    area: np.ndarray       # int64 (N,) residual area without the swept class (0 for the swept class)
     pair_keys: np.ndarray  # inst * M + truth
     pair_counts: np.ndarray
 
@@ -302,7 +293,7 @@ def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_scor
     first[img.pix[owned]] = rank[img.inst[owned]]
     o_inst = img.inst[owned].astype(np.int64)
     pair_keys, pair_counts = _dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1))
-    return _Fixed(alive, order, first, np.bincount(o_inst, minlength=n).astype(np.int64), pair_keys, pair_counts)
+    return _Fixed(order, first, np.bincount(o_inst, minlength=n).astype(np.int64), pair_keys, pair_counts)
 
 
 def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray, carry: np.ndarray | None = None):
@@ -355,14 +346,12 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
 def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_fixed, fixed_area, score_grid,
                area_grid, blocks_c) -> np.ndarray:
     """One pixel threshold of :func:`sweep_image`: float64 ``(ns, na)``."""
-    ns = len(score_grid)
-    n, m_truth = img.classes.size, img.n_truth
+    n, ns, m_truth = img.classes.size, len(score_grid), img.n_truth
     swept = eff_class == c
     eff = np.where(swept, _effective_scores(img, rescore, mask_index[eff_class]), eff_fixed)
     alive_c = swept & (eff >= score_grid[0])
     jpass = np.where(swept, np.searchsorted(score_grid, eff, side="right"), ns)  # c passes s_k for k < jpass
-    area = np.zeros((n, ns), dtype=np.int64)
-    area[fixed.alive] = fixed.area[fixed.alive][:, None]
+    area = np.repeat(fixed.area[:, None], ns, axis=1)  # residual areas (those of the swept class are set below)
     items = [(fixed.pair_keys, np.full(fixed.pair_keys.size, ns), fixed.pair_counts)]  # (keys, hi, weights)
     if alive_c.any():
         e = _owners(img, alive_c, eff, blocks_c, mask_index, vote)[2]
@@ -687,9 +676,9 @@ class ThresholdSearch:
 
     def per_class(self, scores: np.ndarray) -> dict:
         """``{"mAP", "per_class"}`` from image scores (per class = mean over images of that true cell type)."""
-        out = {c: (float(scores[self.cell_types == c].mean()) if (self.cell_types == c).any() else None)
-               for c in CELL_TYPES}
-        return {"mAP": float(scores.mean()), "per_class": out}
+        return {"mAP": float(scores.mean()),
+                "per_class": {c: (float(scores[self.cell_types == c].mean()) if (self.cell_types == c).any() else None)
+                              for c in CELL_TYPES}}
 
     def optimise(self, options: dict, max_rounds: int = 3, progress=None, init: dict | None = None) -> dict:
         """Coordinate ascent over classes for one option set, from ``init`` (default: the seed's thresholds).
@@ -838,10 +827,9 @@ def _free_dropped(s: "ThresholdSearch", best: dict, try_free_dropped: bool, bar)
     """The winner's thresholds, exactly, with dropped masks claiming and freeing their pixels:
     ``(free_dropped chosen, report, per-class figures of the choice)``."""
     settings = [False, True] if try_free_dropped else [False]
-    base = pp.validate_options(best["options"])
     bar.total += 1
     bar.set_postfix_str("exact free_dropped")
-    exact = s.exact([(best["thresholds"], {**base, "free_dropped": f}) for f in settings])
+    exact = s.exact([(best["thresholds"], {**best["options"], "free_dropped": f}) for f in settings])
     bar.update(1)
     gap = float(np.abs(exact[:, 0] - best["image_scores"]).max()) if s.n_images else 0.0
     if gap > 1e-9:
@@ -878,8 +866,8 @@ def _source_provenance(meta: dict) -> dict:
                 values.append(src[key])
         return values[0] if len(values) == 1 else (values or None)
 
-    folds = sorted({src["fold"] for src in sources if src.get("fold") is not None})
-    return {"config": distinct("config"), "weights": distinct("weights"), "folds": folds or None}
+    return {"config": distinct("config"), "weights": distinct("weights"),
+            "folds": sorted({src["fold"] for src in sources if src.get("fold") is not None}) or None}
 
 
 def plot_search(doc: dict, path) -> Path:
