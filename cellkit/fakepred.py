@@ -137,9 +137,8 @@ def _soft_instance(mask_rows: np.ndarray, mask_cols: np.ndarray, shape: tuple[in
     """
     height, width = shape
     rows, cols = mask_rows + dy, mask_cols + dx
-    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    if not inside.any():
-        return None
+    if not ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).any():
+        return None  # no pixel inside the image
     logit = float(np.log(spec.edge_level / (1.0 - spec.edge_level)))  # of the probability at the boundary
     margin = int(np.ceil(spec.edge_width * (6.5 + abs(logit)) + max(bias, 0.0))) + 1
     r0, r1 = int(rows.min()) - margin, int(rows.max()) + margin + 1
@@ -155,8 +154,7 @@ def _soft_instance(mask_rows: np.ndarray, mask_cols: np.ndarray, shape: tuple[in
     if not nz_r.size:
         return None
     crop = np.ascontiguousarray(crop[nz_r[0]:nz_r[-1] + 1, nz_c[0]:nz_c[-1] + 1])
-    window = np.array([x0 + nz_c[0], y0 + nz_r[0], x0 + nz_c[-1] + 1, y0 + nz_r[0] + crop.shape[0]], dtype=np.int32)
-    return window, crop
+    return np.array([x0 + nz_c[0], y0 + nz_r[0], x0 + nz_c[-1] + 1, y0 + nz_r[0] + crop.shape[0]], dtype=np.int32), crop
 
 
 def _ellipse(rng: np.random.Generator, area: float, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -269,8 +267,7 @@ def generate(truth, out_dir, specs: Mapping[str, FakeSpec] | None = None, seed: 
     unknown = [i for i in ids if i not in groups.groups]
     if unknown:
         raise ValueError(f"fakepred: {len(unknown)} image id(s) not in the truth, e.g. {unknown[:5]}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    P.write_meta(out_dir, meta)
+    P.write_meta(out_dir, meta)  # creates the directory
     for image_id in tqdm(ids, desc="fakepred", unit="image", disable=not progress):
         if resume and (out_dir / f"{image_id}.npz").is_file():
             continue

@@ -86,8 +86,7 @@ def make_grid(score=None, mask=None, min_area=None) -> dict[str, list]:
         for v in values:  # same rules as a thresholds file
             pp.validate_thresholds({c: {**pp.SEED_THRESHOLDS[c], key: v} for c in CELL_TYPES},
                                    f"search grid {key!r}")
-        values = sorted(set(values) | {float(seed)})
-        out[key] = [int(v) for v in values] if key == "min_area" else values
+        out[key] = [int(v) if key == "min_area" else v for v in sorted(set(values) | {float(seed)})]
     return out
 
 
@@ -229,21 +228,6 @@ def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.nda
     return idx if alive[np.isin(img.classes, blocks)].all() else idx[alive[img.inst[idx]]]
 
 
-_SCRATCH: dict[int, np.ndarray] = {}
-_NONE = np.iinfo(np.int32).max
-
-
-def _first_rank(pix: np.ndarray, rank: np.ndarray, n_pixels: int) -> np.ndarray:
-    """For each entry, the smallest rank among the entries at its pixel (int32), via a reused pixel buffer."""
-    buf = _SCRATCH.get(n_pixels)
-    if buf is None:
-        buf = _SCRATCH[n_pixels] = np.full(n_pixels, _NONE, dtype=np.int32)
-    np.minimum.at(buf, pix, rank)
-    out = buf[pix]
-    buf[pix] = _NONE
-    return out
-
-
 def _below(keys: np.ndarray, hi: np.ndarray, n_keys: int, ns: int, weights=None) -> np.ndarray:
     """Sum of the weights (default 1) of the items ``(key, hi)`` meaning "weight for every score index k < hi":
     ``(n_keys, ns)``, the value at ``[key, k]`` summing the items of that key with ``hi > k``."""
@@ -271,17 +255,27 @@ class _Fixed:
     pair_counts: np.ndarray
 
 
+_SCRATCH: dict[int, np.ndarray] = {}  # a reused int32 pixel buffer per image size, all _NONE between uses
+_NONE = np.iinfo(np.int32).max
+
+
 def _owners(img: ImageData, alive: np.ndarray, eff_score: np.ndarray, blocks, mask_index: np.ndarray, vote: bool):
     """``(order, rank, owned)``: the alive instances by descending score, each instance's rank in ``order`` (int32
     ``(N,)``, ``order.size`` when not alive) and the entries of the given class blocks whose instance is the first
-    of ``order`` at their pixel."""
+    of ``order`` at their pixel (the smallest rank at each pixel is found in a reused pixel buffer)."""
     idx = np.flatnonzero(alive)
     order = idx[np.argsort(-eff_score[idx], kind="stable")]
     rank = np.full(alive.size, order.size, dtype=np.int32)
     rank[order] = np.arange(order.size)
     e = _block_entries(img, blocks, mask_index, alive, vote)
-    e_rank = rank[img.inst[e]]
-    return order, rank, e[e_rank == _first_rank(img.pix[e], e_rank, img.n_pixels)]
+    pix, e_rank = img.pix[e], rank[img.inst[e]]
+    buf = _SCRATCH.get(img.n_pixels)
+    if buf is None:
+        buf = _SCRATCH[img.n_pixels] = np.full(img.n_pixels, _NONE, dtype=np.int32)
+    np.minimum.at(buf, pix, e_rank)
+    owned = e[e_rank == buf[pix]]
+    buf[pix] = _NONE
+    return order, rank, owned
 
 
 def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_score, blocks_c, vote) -> _Fixed:
@@ -392,8 +386,8 @@ def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndar
         uniq, inv = np.unique(keys, return_inverse=True)
         inter = _below(inv, hi.astype(np.int64), uniq.size, ns, weights.astype(np.float64))
         pi, pt = uniq // m_truth, uniq % m_truth  # sorted by instance
-        union = area[pi] + img.truth_area[pt][:, None] - inter
-        iou = np.divide(inter, union, out=np.zeros(inter.shape), where=inter > 0)
+        iou = np.divide(inter, area[pi] + img.truth_area[pt][:, None] - inter, out=np.zeros(inter.shape),
+                        where=inter > 0)
         cand = (iou > metric.THRESHOLDS[0]).any(axis=1)
         pi, iou = pi[cand], iou[cand]
         if pi.size:
@@ -407,8 +401,7 @@ def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndar
             hit = (best[:, :, None] > metric.THRESHOLDS[None, None, :]).astype(np.float32)  # (G, ns, nt)
             tp = np.matmul(kp.transpose(1, 2, 0), hit.transpose(1, 0, 2)).astype(np.float64)
     denom = n_pred[:, :, None] + m_truth - tp
-    prec = np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0)
-    return prec.mean(axis=2)
+    return np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0).mean(axis=2)  # precision, averaged over t
 
 
 def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, grid: dict, c: int = 0
@@ -529,11 +522,9 @@ class _Shard:
     def evaluate(self, thr: dict, options: dict) -> np.ndarray:
         """Image score of every image at the given on-grid thresholds, float64 ``(n_images,)``."""
         mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
-        out = np.empty(len(self.images))
-        for j, img in enumerate(self.images):
-            out[j] = sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
-                                 fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
-        return out
+        return np.array([sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
+                                     fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
+                         for img in self.images], dtype=np.float64)
 
     def exact(self, candidates) -> np.ndarray:
         """Exact image scores of every image under each candidate (:func:`exact_image_scores`), float64
@@ -658,21 +649,18 @@ class ThresholdSearch:
                 use :meth:`exact`).
         """
         _sweepable(options)
-        return np.concatenate(self.pool.call("evaluate", self._on_grid(thresholds), options))
-
-    def exact(self, candidates) -> np.ndarray:
-        """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
-        ``(n_images, len(candidates))`` in :attr:`info` order; one pass over the predictions store per worker."""
-        candidates = [(pp.validate_thresholds(t), pp.validate_options(o)) for t, o in candidates]
-        return np.concatenate(self.pool.call("exact", candidates), axis=0)
-
-    def _on_grid(self, thresholds: dict) -> dict:
         thresholds = pp.validate_thresholds(thresholds)
         for name, t in thresholds.items():
             for key in pp.THRESHOLD_KEYS:
                 if t[key] not in self.grid[key]:
                     raise ValueError(f"class {name!r}: {key} = {t[key]} is not on the search grid")
-        return thresholds
+        return np.concatenate(self.pool.call("evaluate", thresholds, options))
+
+    def exact(self, candidates) -> np.ndarray:
+        """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
+        ``(n_images, len(candidates))`` in :attr:`info` order; one pass over the predictions store per worker."""
+        return np.concatenate(self.pool.call("exact", [(pp.validate_thresholds(t), pp.validate_options(o))
+                                                       for t, o in candidates]), axis=0)
 
     def per_class(self, scores: np.ndarray) -> dict:
         """``{"mAP", "per_class"}`` from image scores (per class = mean over images of that true cell type)."""
@@ -763,7 +751,12 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
     truth = truth_csv if truth_path is None else read_train_csv(truth_csv)
     option_sets = [{k: bool(o[k]) for k in ("image_class_vote", "rescore")} for o in list(option_sets or OPTION_SETS)]
     pred_dir = Path(pred_dir)
-    meta = _read_store_meta(pred_dir)
+    try:
+        meta = P.read_meta(pred_dir)
+    except FileNotFoundError:
+        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
+        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
+        meta = {}
     with ThresholdSearch(pred_dir, truth, grid, workers, vote_min_score) as s:
         before = s.per_class(s.evaluate(pp.SEED_THRESHOLDS, pp.DEFAULT_OPTIONS))
         bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
@@ -796,16 +789,6 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
         "provenance": {"predictions": str(pred_dir), "truth": truth_path or truth.attrs.get("path"),
                        **_source_provenance(meta), "predictions_meta": meta, "cellkit_version": __version__},
     }
-
-
-def _read_store_meta(pred_dir: Path) -> dict:
-    """The store's ``meta.json`` ({} with a warning when it has none; a missing or foreign store raises)."""
-    try:
-        return P.read_meta(pred_dir)
-    except FileNotFoundError:
-        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
-        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
-        return {}
 
 
 def _optimise_option_sets(s: "ThresholdSearch", option_sets: list[dict], max_rounds: int, bar) -> list[dict]:

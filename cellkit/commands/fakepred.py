@@ -17,10 +17,9 @@ def _knob(text: str):
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
-        parsed = tuple(float(v) for v in value.split(",")) if "," in value else float(value)
+        return key.strip(), (tuple(float(v) for v in value.split(",")) if "," in value else float(value))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{key}: expected a number or 'lo,hi', got {value!r}") from None
-    return key.strip(), parsed
 
 
 def add_arguments(parser) -> None:
