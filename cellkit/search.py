@@ -153,9 +153,8 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
     cand = np.flatnonzero(in_extra[pix])
     lo = np.searchsorted(xp, pix[cand], side="left")
     n = np.searchsorted(xp, pix[cand], side="right") - lo
-    extra_entry = np.repeat(cand, n)
     extra_truth = xl[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
-    return tmap[pix], extra_entry.astype(np.int64), extra_truth.astype(np.int32)
+    return tmap[pix], np.repeat(cand, n).astype(np.int64), extra_truth.astype(np.int32)
 
 
 def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], cell_type: str, grid: dict,
@@ -349,21 +348,23 @@ def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_
     items = [(fixed.pair_keys, np.full(fixed.pair_keys.size, ns), fixed.pair_counts)]  # (keys, hi, weights)
     if alive_c.any():
         e = _owners(img, alive_c, eff, blocks_c, mask_index, vote)[2]
-        e_pix, e_inst = img.pix[e], img.inst[e].astype(np.int64)
-        fo = fixed.first[e_pix]
-        has_o = fo < fixed.order.size
-        o_inst = np.append(fixed.order, -1)[fo]  # the first fixed instance at the entry's pixel (-1: none)
-        se, so = eff[e_inst], eff[o_inst]
-        before = ~has_o | (se > so) | ((se == so) & (e_inst < o_inst))
-        lost = before & has_o
-        own_e, own_inst = e[before], e_inst[before]
+        e_inst = img.inst[e].astype(np.int64)
+        own_e, own_inst = e, e_inst
+        if fixed.order.size:  # the entries' pixels that a fixed instance covers go to whichever comes first
+            fo = fixed.first[img.pix[e]]
+            has_o = fo < fixed.order.size
+            o_inst = np.append(fixed.order, -1)[fo]  # the first fixed instance at the entry's pixel (-1: none)
+            se, so = eff[e_inst], eff[o_inst]
+            before = ~has_o | (se > so) | ((se == so) & (e_inst < o_inst))
+            own_e, own_inst = e[before], e_inst[before]
+            lost = before & has_o  # pixels the fixed instance loses while the swept one passes
+            if lost.any():
+                lo_inst, lo_hi = o_inst[lost], jpass[e_inst[lost]]
+                area -= _below(lo_inst, lo_hi, n, ns)
+                lost_keys, lost_hi = _truth_keys(img, e[lost], lo_inst, lo_hi)
+                items.append((lost_keys, lost_hi, np.full(lost_keys.size, -1)))
         cnt = np.bincount(own_inst, minlength=n)
         area[swept] = np.where(np.arange(ns)[None, :] < jpass[swept][:, None], cnt[swept][:, None], 0)
-        if lost.any():
-            lo_inst, lo_hi = o_inst[lost], jpass[e_inst[lost]]
-            area -= _below(lo_inst, lo_hi, n, ns)
-            lost_keys, lost_hi = _truth_keys(img, e[lost], lo_inst, lo_hi)
-            items.append((lost_keys, lost_hi, np.full(lost_keys.size, -1)))
         if m_truth:
             ck, cc = _dense_counts(_truth_keys(img, own_e, own_inst), n * m_truth)
             items.append((ck, jpass[ck // m_truth], cc))
