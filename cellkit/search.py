@@ -248,7 +248,7 @@ class _Fixed:
     """Ownership by the fixed (other-class) instances alone, shared by every pixel threshold of the swept class."""
 
     order: np.ndarray      # fixed instance indices by descending score
-    first: np.ndarray      # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel (none: its size)
+    first: np.ndarray      # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel (none: order.size)
     area: np.ndarray       # int64 (N,) residual area without the swept class (0 for the swept class)
     pair_keys: np.ndarray  # inst * M + truth
     pair_counts: np.ndarray

@@ -31,14 +31,15 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--pred", required=True, metavar="DIR", help="out-of-fold predictions store (cellkit.predictions)")
+    parser.add_argument("--pred", required=True, metavar="DIR",
+                        help="out-of-fold predictions store (cellkit.predictions)")
     parser.add_argument("--truth", required=True, metavar="CSV", help="competition train.csv with the true masks")
     parser.add_argument("--out", required=True, metavar="JSON", help="thresholds.json to write")
     parser.add_argument("--plot", metavar="PNG", help="plot of the metric vs each threshold (default: OUT with .png)")
-    for flag, values in (("--score-grid", "score thresholds (default 0.1:0.9:0.05)"),
-                         ("--mask-grid", "pixel thresholds (default 0.3:0.7:0.05)"),
-                         ("--min-area-grid", "minimum areas (default 0,10,20,...,300)")):
-        parser.add_argument(flag, type=_floats, metavar="LIST", help=values)
+    for flag, text in (("--score-grid", "score thresholds (default 0.1:0.9:0.05)"),
+                       ("--mask-grid", "pixel thresholds (default 0.3:0.7:0.05)"),
+                       ("--min-area-grid", "minimum areas (default 0,10,20,...,300)")):
+        parser.add_argument(flag, type=_floats, metavar="LIST", help=text)
     parser.add_argument("--options", choices=("all", "seed"), default="all",
                         help="options to try: all (the four vote x rescore sets, then free_dropped off/on at the "
                              "winner) or only the seed's (default all)")
