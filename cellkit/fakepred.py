@@ -26,21 +26,20 @@ not depend on which other images are generated (and an interrupted run resumes b
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from cellkit import CELL_TYPES, rle
-from cellkit import predictions as P
+from cellkit import CELL_TYPES, predictions as P, rle
 
 __all__ = ["FakeSpec", "PRESETS", "spec_for", "fake_image", "generate"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class FakeSpec:
     """Knobs of the generator (one spec per cell type; see the module docstring for the model).
 
@@ -78,9 +77,8 @@ class FakeSpec:
 
     def __post_init__(self):
         for name in ("miss_rate", "dup_rate", "class_confusion"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"FakeSpec.{name} = {v} is out of range [0, 1]")
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"FakeSpec.{name} = {getattr(self, name)} is out of range [0, 1]")
         for name in ("shift", "bias_std", "dup_shift", "fp_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FakeSpec.{name} = {getattr(self, name)} must be >= 0")
@@ -130,14 +128,6 @@ def spec_for(preset: str = "realistic", **overrides) -> dict[str, FakeSpec]:
     return {c: dataclasses.replace(s, **overrides) for c, s in PRESETS[preset].items()}
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _logit(p: float) -> float:
-    return float(np.log(p / (1.0 - p)))
-
-
 def _soft_instance(mask_rows: np.ndarray, mask_cols: np.ndarray, shape: tuple[int, int], dy: int, dx: int,
                    bias: float, spec: FakeSpec) -> tuple[np.ndarray, np.ndarray] | None:
     """Probability crop of a mask given by its pixel coordinates, shifted by ``(dy, dx)``.
@@ -147,35 +137,32 @@ def _soft_instance(mask_rows: np.ndarray, mask_cols: np.ndarray, shape: tuple[in
     """
     height, width = shape
     rows, cols = mask_rows + dy, mask_cols + dx
-    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    if not inside.any():
-        return None
-    margin = int(np.ceil(spec.edge_width * (6.5 + abs(_logit(spec.edge_level))) + max(bias, 0.0))) + 1
+    if not ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).any():
+        return None  # no pixel inside the image
+    logit = float(np.log(spec.edge_level / (1.0 - spec.edge_level)))  # of the probability at the boundary
+    margin = int(np.ceil(spec.edge_width * (6.5 + abs(logit)) + max(bias, 0.0))) + 1
     r0, r1 = int(rows.min()) - margin, int(rows.max()) + margin + 1
     c0, c1 = int(cols.min()) - margin, int(cols.max()) + margin + 1
     local = np.zeros((r1 - r0, c1 - c0), dtype=bool)
     local[rows - r0, cols - c0] = True
     signed = np.where(local, ndimage.distance_transform_edt(local) - 0.5,
                       0.5 - ndimage.distance_transform_edt(~local))
-    prob = _sigmoid(_logit(spec.edge_level) + (signed + bias) / spec.edge_width)
+    prob = 1.0 / (1.0 + np.exp(-(logit + (signed + bias) / spec.edge_width)))  # sigmoid
     y0, y1, x0, x1 = max(r0, 0), min(r1, height), max(c0, 0), min(c1, width)
     crop = P.quantize(prob[y0 - r0:y1 - r0, x0 - c0:x1 - c0])
     nz_r, nz_c = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
     if not nz_r.size:
         return None
     crop = np.ascontiguousarray(crop[nz_r[0]:nz_r[-1] + 1, nz_c[0]:nz_c[-1] + 1])
-    window = np.array([x0 + nz_c[0], y0 + nz_r[0], x0 + nz_c[-1] + 1, y0 + nz_r[0] + crop.shape[0]], dtype=np.int32)
-    return window, crop
+    return np.array([x0 + nz_c[0], y0 + nz_r[0], x0 + nz_c[-1] + 1, y0 + nz_r[0] + crop.shape[0]], dtype=np.int32), crop
 
 
 def _ellipse(rng: np.random.Generator, area: float, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates of a random ellipse of about ``area`` pixels centred somewhere in the image."""
-    height, width = shape
-    ratio = rng.uniform(1.0, 3.0)
-    a = np.sqrt(area * ratio / np.pi)
+    a = np.sqrt(area * rng.uniform(1.0, 3.0) / np.pi)  # the axes' ratio is uniform in [1, 3]
     b = area / (np.pi * a)
     theta = rng.uniform(0, np.pi)
-    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
     ext = int(np.ceil(a)) + 1
     yy, xx = np.mgrid[-ext:ext + 1, -ext:ext + 1]
     u = xx * np.cos(theta) + yy * np.sin(theta)
@@ -184,10 +171,6 @@ def _ellipse(rng: np.random.Generator, area: float, shape: tuple[int, int]) -> t
     if not inside.any():
         inside[ext, ext] = True
     return (yy[inside] + int(cy)), (xx[inside] + int(cx))
-
-
-def _other_class(rng: np.random.Generator, cls: int) -> int:
-    return int(rng.choice([c for c in range(len(CELL_TYPES)) if c != cls]))
 
 
 def fake_image(image_id: str, truth_rles, cell_type: str, specs: Mapping[str, FakeSpec], seed: int = 0,
@@ -209,24 +192,21 @@ def fake_image(image_id: str, truth_rles, cell_type: str, specs: Mapping[str, Fa
         raise ValueError(f"image {image_id}: unknown cell type {cell_type!r}")
     spec = specs[cell_type]
     cls = CELL_TYPES.index(cell_type)
+    others = [c for c in range(len(CELL_TYPES)) if c != cls]
     rng = np.random.default_rng([int(seed), zlib.crc32(str(image_id).encode())])
-    width = shape[1]
-    windows, crops, scores, classes = [], [], [], []
+    detections = []  # (window, crop, score, class)
 
     def add(rows, cols, dy, dx, bias, score):
         made = _soft_instance(rows, cols, shape, dy, dx, bias, spec)
         if made is not None:
-            windows.append(made[0])
-            crops.append(made[1])
-            scores.append(score)
-            classes.append(_other_class(rng, cls) if rng.random() < spec.class_confusion else cls)
+            detections.append((*made, score, int(rng.choice(others)) if rng.random() < spec.class_confusion else cls))
 
     areas = []
     for s in truth_rles:
         starts, lengths = rle.parse(s, shape)
         if not lengths.size:
             continue
-        rows, cols = np.divmod(rle.runs_to_indices(starts, lengths), width)
+        rows, cols = np.divmod(rle.runs_to_indices(starts, lengths), shape[1])
         areas.append(rows.size)
         if rng.random() < spec.miss_rate:
             continue
@@ -242,14 +222,13 @@ def fake_image(image_id: str, truth_rles, cell_type: str, specs: Mapping[str, Fa
         rows, cols = _ellipse(rng, rng.uniform(*spec.fp_area), shape)
         lo, hi = spec.fp_score
         add(rows, cols, 0, 0, 0.0, lo + (hi - lo) * rng.beta(1.0, 2.0))
-    n = len(scores)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    windows = np.asarray(windows, dtype=np.int32).reshape(-1, 4)[order]
-    crops = [crops[i] for i in order]
-    boxes = windows.astype(np.float32) + rng.normal(0.0, 0.5, (n, 4)).astype(np.float32)
+    detections.sort(key=lambda d: -d[2])  # by descending score, stable
+    windows = np.asarray([d[0] for d in detections], dtype=np.int32).reshape(-1, 4)
+    boxes = windows.astype(np.float32) + rng.normal(0.0, 0.5, (len(detections), 4)).astype(np.float32)
     boxes = np.clip(boxes, 0, [shape[1], shape[0], shape[1], shape[0]]).astype(np.float32)
-    return P.InstancePredictions(image_id, shape[0], shape[1], np.asarray(classes, dtype=np.int64)[order],
-                                 np.asarray(scores, dtype=np.float32)[order], boxes, windows, crops)
+    return P.InstancePredictions(image_id, shape[0], shape[1], np.asarray([d[3] for d in detections], dtype=np.int64),
+                                 np.asarray([d[2] for d in detections], dtype=np.float32), boxes, windows,
+                                 [d[1] for d in detections])
 
 
 def generate(truth, out_dir, specs: Mapping[str, FakeSpec] | None = None, seed: int = 0, image_ids=None,
@@ -279,7 +258,7 @@ def generate(truth, out_dir, specs: Mapping[str, FakeSpec] | None = None, seed: 
                          "specs": {c: dataclasses.asdict(s) for c, s in specs.items()}}}
     if resume and (out_dir / P.META_NAME).is_file():
         old = P.read_meta(out_dir).get("fakepred", {})
-        new = _json_roundtrip(meta["fakepred"])
+        new = json.loads(json.dumps(meta["fakepred"]))  # as it reads back from JSON (tuples become lists)
         if {k: old.get(k) for k in ("seed", "specs")} != {k: new[k] for k in ("seed", "specs")}:
             raise ValueError(f"{out_dir}: holds fakepred predictions of another seed or spec; use a new directory "
                              f"or resume=False")
@@ -288,20 +267,13 @@ def generate(truth, out_dir, specs: Mapping[str, FakeSpec] | None = None, seed: 
     unknown = [i for i in ids if i not in groups.groups]
     if unknown:
         raise ValueError(f"fakepred: {len(unknown)} image id(s) not in the truth, e.g. {unknown[:5]}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    P.write_meta(out_dir, meta)
+    P.write_meta(out_dir, meta)  # creates the directory
     for image_id in tqdm(ids, desc="fakepred", unit="image", disable=not progress):
         if resume and (out_dir / f"{image_id}.npz").is_file():
             continue
         rows = groups.get_group(image_id)
         shape = (int(rows["height"].iat[0]), int(rows["width"].iat[0]))
-        pred = fake_image(image_id, rows["annotation"].tolist(), str(rows["cell_type"].iat[0]), specs, seed, shape)
-        P.save(pred, out_dir)
+        P.save(fake_image(image_id, rows["annotation"].tolist(), str(rows["cell_type"].iat[0]), specs, seed, shape),
+               out_dir)
     return out_dir
 
-
-def _json_roundtrip(obj):
-    """``obj`` as it reads back from JSON (tuples become lists), for comparing with a stored meta.json."""
-    import json
-
-    return json.loads(json.dumps(obj))

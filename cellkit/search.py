@@ -46,10 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellkit import CELL_TYPES, atomic, rle
-from cellkit import metric
-from cellkit import postprocess as pp
-from cellkit import predictions as P
+from cellkit import CELL_TYPES, __version__, metric, postprocess as pp, predictions as P, rle
 from cellkit.geometry import MaskRuns
 
 __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
@@ -81,19 +78,15 @@ def make_grid(score=None, mask=None, min_area=None) -> dict[str, list]:
     Raises:
         ValueError: an empty axis or a value out of range (score in [0, 1], mask in (0, 1], min_area integer >= 0).
     """
-    grid = {"score": DEFAULT_GRID["score"] if score is None else score,
-            "mask": DEFAULT_GRID["mask"] if mask is None else mask,
-            "min_area": DEFAULT_GRID["min_area"] if min_area is None else min_area}
     out = {}
-    for key, seed in (("score", 0.5), ("mask", 0.5), ("min_area", 0)):
-        values = [float(v) for v in grid[key]]
+    for key, values, seed in (("score", score, 0.5), ("mask", mask, 0.5), ("min_area", min_area, 0)):
+        values = [float(v) for v in (DEFAULT_GRID[key] if values is None else values)]
         if not values:
             raise ValueError(f"search grid {key!r} is empty")
         for v in values:  # same rules as a thresholds file
             pp.validate_thresholds({c: {**pp.SEED_THRESHOLDS[c], key: v} for c in CELL_TYPES},
                                    f"search grid {key!r}")
-        values = sorted(set(values) | {float(seed)})
-        out[key] = [int(v) for v in values] if key == "min_area" else values
+        out[key] = [int(v) if key == "min_area" else v for v in sorted(set(values) | {float(seed)})]
     return out
 
 
@@ -141,19 +134,10 @@ class ImageData:
     n_pixels: int
 
 
-def _qthresholds(mask_grid) -> np.ndarray:
-    """Smallest uint8 value kept at each pixel threshold (256 when none is)."""
-    out = []
-    for m in mask_grid:
-        table = pp.binarize_table(m)
-        out.append(int(np.argmax(table)) if table.any() else 256)
-    return np.asarray(out, dtype=np.int64)
-
-
 def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: int):
     """Primary truth label of each entry pixel and the (entry, truth) pairs of overlapping truths."""
     tmap = np.full(n_pixels, -1, dtype=np.int32)
-    extra_pix, extra_lab = [], []
+    extra_pix, extra_lab = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int32)]
     for k, idx in enumerate(truth_indices):
         taken = tmap[idx] >= 0
         if taken.any():
@@ -161,9 +145,6 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
             extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
             idx = idx[~taken]
         tmap[idx] = k
-    tlab = tmap[pix]
-    if not extra_pix:
-        return tlab, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
     xp, xl = np.concatenate(extra_pix), np.concatenate(extra_lab)
     order = np.argsort(xp, kind="stable")
     xp, xl = xp[order], xl[order]
@@ -172,9 +153,8 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
     cand = np.flatnonzero(in_extra[pix])
     lo = np.searchsorted(xp, pix[cand], side="left")
     n = np.searchsorted(xp, pix[cand], side="right") - lo
-    extra_entry = np.repeat(cand, n)
     extra_truth = xl[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
-    return tlab, extra_entry.astype(np.int64), extra_truth.astype(np.int32)
+    return tmap[pix], np.repeat(cand, n).astype(np.int64), extra_truth.astype(np.int32)
 
 
 def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], cell_type: str, grid: dict,
@@ -188,28 +168,24 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
         grid: the search grid (:func:`make_grid`).
         vote_min_score: confidence of a voting detection.
     """
-    qthr = _qthresholds(grid["mask"])
-    qmin = int(qthr.min())
+    # smallest uint8 probability kept at each pixel threshold (256 when none is)
+    qthr = np.array([np.argmax(np.append(pp.binarize_table(m), True)) for m in grid["mask"]], dtype=np.int64)
     scores = pred.scores.astype(np.float64)
     vote = pp.vote_class(pred.classes, scores, vote_min_score)
     alive = np.flatnonzero(scores >= min(grid["score"]))
     n = alive.size
     boxes = pred.mask_boxes[alive].astype(np.int64).reshape(-1, 4)
-    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
-    sizes = h * w
+    w = boxes[:, 2] - boxes[:, 0]
+    sizes = (boxes[:, 3] - boxes[:, 1]) * w
     data = (np.concatenate([pred.masks[i].reshape(-1) for i in alive]) if n else np.zeros(0, dtype=np.uint8))
     owner = np.repeat(np.arange(n), sizes)
-    # per-instance histograms of q -> sums and counts over q >= each threshold (for rescoring)
-    hist = np.bincount(owner * 256 + data, minlength=n * 256).reshape(n, 256)
-    ccount = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    csum = np.cumsum((hist * np.arange(256))[:, ::-1], axis=1)[:, ::-1]
-    ok = qthr < 256
-    qcount = np.zeros((len(qthr), n), dtype=np.int64)
-    qsum = np.zeros((len(qthr), n))
-    qcount[ok] = ccount[:, qthr[ok]].T
-    qsum[ok] = csum[:, qthr[ok]].T
+    # per-instance histograms of q -> sums and counts over q >= each threshold (for rescoring); column 256 (no
+    # value) stays empty, for the thresholds that keep nothing
+    hist = np.bincount(owner * 257 + data, minlength=n * 257).reshape(n, 257)
+    qcount = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, qthr].T
+    qsum = np.cumsum((hist * np.arange(257))[:, ::-1], axis=1)[:, ::-1][:, qthr].T.astype(np.float64)
     # entries: crop pixels at or above the smallest pixel threshold
-    sel = np.flatnonzero(data >= qmin)
+    sel = np.flatnonzero(data >= qthr.min())
     inst = owner[sel]
     offsets = np.concatenate(([0], np.cumsum(sizes)))
     r, c = np.divmod(sel - offsets[inst], np.maximum(w[inst], 1))
@@ -219,10 +195,8 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     order = np.lexsort((-q.astype(np.int64), cls[inst]))  # by class, then descending probability
     inst, pix, q = inst[order].astype(np.int32), pix[order].astype(np.int32), q[order]
     block = np.searchsorted(cls[inst], np.arange(_N_CLASSES + 1), side="left").astype(np.int64)
-    prefix = np.zeros((_N_CLASSES, len(qthr)), dtype=np.int64)
-    for b in range(_N_CLASSES):
-        neg = -q[block[b]:block[b + 1]].astype(np.int64)  # ascending
-        prefix[b] = np.searchsorted(neg, -qthr, side="right")
+    prefix = np.array([np.searchsorted(-q[block[b]:block[b + 1]].astype(np.int64), -qthr, side="right")
+                       for b in range(_N_CLASSES)], dtype=np.int64)  # -q is ascending in a block
     tlab, extra_entry, extra_truth = _truth_labels(truth_indices, pix, pred.height * pred.width)
     return ImageData(pred.image_id, cell_type, len(truth_indices),
                      np.array([t.size for t in truth_indices], dtype=np.int64), cls, scores[alive],
@@ -232,9 +206,7 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
 
 def effective(img: ImageData, vote: bool) -> np.ndarray:
     """Class id whose thresholds each instance uses (own class or the image's vote)."""
-    if vote and img.vote >= 0:
-        return np.full(img.classes.shape, img.vote, dtype=np.int64)
-    return img.classes
+    return np.full(img.classes.shape, img.vote, dtype=np.int64) if vote and img.vote >= 0 else img.classes
 
 
 def _effective_scores(img: ImageData, rescore: bool, mask_of_instance: np.ndarray) -> np.ndarray:
@@ -243,8 +215,7 @@ def _effective_scores(img: ImageData, rescore: bool, mask_of_instance: np.ndarra
         return img.scores
     cols = np.arange(img.scores.size)
     cnt = img.qcount[mask_of_instance, cols]
-    mean = np.divide(img.qsum[mask_of_instance, cols], 255.0 * cnt, out=np.zeros(cnt.size), where=cnt > 0)
-    return img.scores * mean
+    return img.scores * np.divide(img.qsum[mask_of_instance, cols], 255.0 * cnt, out=np.zeros(cnt.size), where=cnt > 0)
 
 
 def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.ndarray, vote: bool) -> np.ndarray:
@@ -253,40 +224,14 @@ def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.nda
     block_mask = np.full(_N_CLASSES, mask_index[img.vote]) if (vote and img.vote >= 0) else mask_index
     parts = [np.arange(img.block[b], img.block[b] + img.prefix[b, block_mask[b]]) for b in blocks]
     idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if alive[np.isin(img.classes, blocks)].all():
-        return idx
-    return idx[alive[img.inst[idx]]]
+    return idx if alive[np.isin(img.classes, blocks)].all() else idx[alive[img.inst[idx]]]
 
 
-_SCRATCH: dict[int, np.ndarray] = {}
-_NONE = np.iinfo(np.int32).max
-
-
-def _first_rank(pix: np.ndarray, rank: np.ndarray, n_pixels: int) -> np.ndarray:
-    """For each entry, the smallest rank among the entries at its pixel (int32), via a reused pixel buffer."""
-    buf = _SCRATCH.get(n_pixels)
-    if buf is None:
-        buf = _SCRATCH[n_pixels] = np.full(n_pixels, _NONE, dtype=np.int32)
-    np.minimum.at(buf, pix, rank)
-    out = buf[pix]
-    buf[pix] = _NONE
-    return out
-
-
-def _pair_values(keys: np.ndarray, hi: np.ndarray, weights: np.ndarray, ns: int):
-    """Aggregate items ``(key, hi, weight)`` meaning "weight for every score index k < hi".
-
-    Returns:
-        ``(unique keys, values float64 (n_keys, ns))``.
-    """
-    if keys.size == 0:
-        return keys, np.zeros((0, ns))
-    uniq, inv = np.unique(keys, return_inverse=True)
-    width = ns + 1
-    acc = np.bincount(inv * width + hi, weights=weights, minlength=uniq.size * width).reshape(uniq.size, width)
-    # value at k = sum of weights with hi > k
-    values = np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    return uniq, values
+def _below(keys: np.ndarray, hi: np.ndarray, n_keys: int, ns: int, weights=None) -> np.ndarray:
+    """Sum of the weights (default 1) of the items ``(key, hi)`` meaning "weight for every score index k < hi":
+    ``(n_keys, ns)``, the value at ``[key, k]`` summing the items of that key with ``hi > k``."""
+    acc = np.bincount(keys * (ns + 1) + hi, weights=weights, minlength=n_keys * (ns + 1)).reshape(n_keys, ns + 1)
+    return np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
 
 
 def _dense_counts(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,65 +247,60 @@ def _dense_counts(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray
 class _Fixed:
     """Ownership by the fixed (other-class) instances alone, shared by every pixel threshold of the swept class."""
 
-    alive: np.ndarray      # bool (N,)
     order: np.ndarray      # fixed instance indices by descending score
-    first: np.ndarray | None  # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel
-    area: np.ndarray       # int64 (N,) residual area without the swept class
+    first: np.ndarray      # int32 (H*W,) rank in ``order`` of the first fixed instance at each pixel (none: order.size)
+    area: np.ndarray       # int64 (N,) residual area without the swept class (0 for the swept class)
     pair_keys: np.ndarray  # inst * M + truth
     pair_counts: np.ndarray
+
+
+_SCRATCH: dict[int, np.ndarray] = {}  # a reused int32 pixel buffer per image size, all _NONE between uses
+_NONE = np.iinfo(np.int32).max
+
+
+def _owners(img: ImageData, alive: np.ndarray, eff_score: np.ndarray, blocks, mask_index: np.ndarray, vote: bool):
+    """``(order, rank, owned)``: the alive instances by descending score, each instance's rank in ``order`` (int32
+    ``(N,)``, ``order.size`` when not alive) and the entries of the given class blocks whose instance is the first
+    of ``order`` at their pixel (the smallest rank at each pixel is found in a reused pixel buffer)."""
+    idx = np.flatnonzero(alive)
+    order = idx[np.argsort(-eff_score[idx], kind="stable")]
+    rank = np.full(alive.size, order.size, dtype=np.int32)
+    rank[order] = np.arange(order.size)
+    e = _block_entries(img, blocks, mask_index, alive, vote)
+    pix, e_rank = img.pix[e], rank[img.inst[e]]
+    buf = _SCRATCH.get(img.n_pixels)
+    if buf is None:
+        buf = _SCRATCH[img.n_pixels] = np.full(img.n_pixels, _NONE, dtype=np.int32)
+    np.minimum.at(buf, pix, e_rank)
+    owned = e[e_rank == buf[pix]]
+    buf[pix] = _NONE
+    return order, rank, owned
 
 
 def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_score, blocks_c, vote) -> _Fixed:
     n = img.classes.size
     alive = (eff_class != c) & (eff_score >= fixed_score[eff_class])
-    fixed_blocks = [b for b in range(_N_CLASSES) if b not in blocks_c]
-    if not alive.any():
-        empty = np.zeros(0, dtype=np.int64)
-        return _Fixed(alive, empty, None, np.zeros(n, dtype=np.int64), empty, empty)
-    idx = np.flatnonzero(alive)
-    order = idx[np.argsort(-eff_score[idx], kind="stable")]
-    rank = np.full(n, order.size, dtype=np.int32)
-    rank[order] = np.arange(order.size)
-    e = _block_entries(img, fixed_blocks, mask_index, alive, vote)
-    e_rank = rank[img.inst[e]]
+    order, rank, owned = _owners(img, alive, eff_score, [b for b in range(_N_CLASSES) if b not in blocks_c],
+                                 mask_index, vote)
     first = np.full(img.n_pixels, order.size, dtype=np.int32)
-    np.minimum.at(first, img.pix[e], e_rank)
-    owned = e[e_rank == first[img.pix[e]]]
+    first[img.pix[owned]] = rank[img.inst[owned]]
     o_inst = img.inst[owned].astype(np.int64)
-    area = np.bincount(o_inst, minlength=n).astype(np.int64)
-    keys = _truth_keys(img, owned, o_inst)
-    pair_keys, pair_counts = _dense_counts(keys, n * max(img.n_truth, 1))
-    return _Fixed(alive, order, first, area, pair_keys, pair_counts)
+    pair_keys, pair_counts = _dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1))
+    return _Fixed(order, first, np.bincount(o_inst, minlength=n).astype(np.int64), pair_keys, pair_counts)
 
 
-def _extra_pairs(img: ImageData, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(position in entries, truth)`` of the further true masks at the given (sorted) entries' pixels."""
-    if not img.extra_entry.size or not entries.size:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    pos = np.searchsorted(entries, img.extra_entry)
-    pos_c = np.minimum(pos, entries.size - 1)
-    hit = entries[pos_c] == img.extra_entry
-    return pos_c[hit], img.extra_truth[hit].astype(np.int64)
-
-
-def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray) -> np.ndarray:
-    """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices)."""
+def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray, carry: np.ndarray | None = None):
+    """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices);
+    with ``carry``, also ``(keys, carry)``: those per-entry values repeated in the same order."""
     t = img.tlab[entries]
     has = t >= 0
-    keys = inst[has] * img.n_truth + t[has]
-    pos, truth = _extra_pairs(img, entries)
-    if pos.size:
-        keys = np.concatenate([keys, inst[pos] * img.n_truth + truth])
-    return keys
-
-
-def _truth_carry(img: ImageData, entries: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``values`` per entry, repeated in the order :func:`_truth_keys` emits (entry, covering truth) items."""
-    out = values[img.tlab[entries] >= 0]
-    pos, _ = _extra_pairs(img, entries)
-    if pos.size:
-        out = np.concatenate([out, values[pos]])
-    return out
+    pos, truth = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if img.extra_entry.size and entries.size:  # the further true masks at the entries' pixels
+        pos = np.minimum(np.searchsorted(entries, img.extra_entry), entries.size - 1)
+        hit = entries[pos] == img.extra_entry
+        pos, truth = pos[hit], img.extra_truth[hit].astype(np.int64)
+    keys = np.concatenate([inst[has] * img.n_truth + t[has], inst[pos] * img.n_truth + truth])
+    return keys if carry is None else (keys, np.concatenate([carry[has], carry[pos]]))
 
 
 def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: np.ndarray,
@@ -399,93 +339,70 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
 def _scores_at(img, eff_class, vote, rescore, c, mask_index, fixed: _Fixed, eff_fixed, fixed_area, score_grid,
                area_grid, blocks_c) -> np.ndarray:
     """One pixel threshold of :func:`sweep_image`: float64 ``(ns, na)``."""
-    ns = len(score_grid)
-    n, m_truth = img.classes.size, img.n_truth
+    n, ns, m_truth = img.classes.size, len(score_grid), img.n_truth
     swept = eff_class == c
     eff = np.where(swept, _effective_scores(img, rescore, mask_index[eff_class]), eff_fixed)
     alive_c = swept & (eff >= score_grid[0])
     jpass = np.where(swept, np.searchsorted(score_grid, eff, side="right"), ns)  # c passes s_k for k < jpass
-    area = np.zeros((n, ns), dtype=np.int64)
-    area[fixed.alive] = fixed.area[fixed.alive][:, None]
-    items_k, items_hi, items_w = [fixed.pair_keys], [np.full(fixed.pair_keys.size, ns)], [fixed.pair_counts]
+    area = np.repeat(fixed.area[:, None], ns, axis=1)  # residual areas (those of the swept class are set below)
+    items = [(fixed.pair_keys, np.full(fixed.pair_keys.size, ns), fixed.pair_counts)]  # (keys, hi, weights)
     if alive_c.any():
-        idx = np.flatnonzero(alive_c)
-        order = idx[np.argsort(-eff[idx], kind="stable")]
-        rank = np.full(n, order.size, dtype=np.int32)
-        rank[order] = np.arange(order.size)
-        e = _block_entries(img, blocks_c, mask_index, alive_c, vote)
-        e_pix = img.pix[e]
-        e_rank = rank[img.inst[e]]
-        top = e_rank == _first_rank(e_pix, e_rank, img.n_pixels)
-        e, e_pix = e[top], e_pix[top]
+        e = _owners(img, alive_c, eff, blocks_c, mask_index, vote)[2]
         e_inst = img.inst[e].astype(np.int64)
-        if fixed.first is not None:
-            fo = fixed.first[e_pix]
+        own_e, own_inst = e, e_inst
+        if fixed.order.size:  # the entries' pixels that a fixed instance covers go to whichever comes first
+            fo = fixed.first[img.pix[e]]
             has_o = fo < fixed.order.size
-            o_inst = fixed.order[np.minimum(fo, max(fixed.order.size - 1, 0))]
+            o_inst = np.append(fixed.order, -1)[fo]  # the first fixed instance at the entry's pixel (-1: none)
             se, so = eff[e_inst], eff[o_inst]
             before = ~has_o | (se > so) | ((se == so) & (e_inst < o_inst))
-            lost = before & has_o
-        else:
-            before = None
-            lost = np.zeros(1, dtype=bool)
-        own_e, own_inst = (e, e_inst) if before is None else (e[before], e_inst[before])
+            own_e, own_inst = e[before], e_inst[before]
+            lost = before & has_o  # pixels the fixed instance loses while the swept one passes
+            if lost.any():
+                lo_inst, lo_hi = o_inst[lost], jpass[e_inst[lost]]
+                area -= _below(lo_inst, lo_hi, n, ns)
+                lost_keys, lost_hi = _truth_keys(img, e[lost], lo_inst, lo_hi)
+                items.append((lost_keys, lost_hi, np.full(lost_keys.size, -1)))
         cnt = np.bincount(own_inst, minlength=n)
         area[swept] = np.where(np.arange(ns)[None, :] < jpass[swept][:, None], cnt[swept][:, None], 0)
-        if lost.any():
-            lo_inst, lo_hi = o_inst[lost], jpass[e_inst[lost]]
-            width = ns + 1
-            acc = np.bincount(lo_inst * width + lo_hi, minlength=n * width).reshape(n, width)
-            area -= np.cumsum(acc[:, ::-1], axis=1)[:, ::-1][:, 1:]
-            lk = _truth_keys(img, e[lost], lo_inst)
-            hi_per = _truth_carry(img, e[lost], lo_hi)
-            items_k.append(lk)
-            items_hi.append(hi_per)
-            items_w.append(np.full(lk.size, -1))
         if m_truth:
             ck, cc = _dense_counts(_truth_keys(img, own_e, own_inst), n * m_truth)
-            items_k.append(ck)
-            items_hi.append(jpass[ck // m_truth])
-            items_w.append(cc)
-    return _precision_grid(img, area, swept, eff_class, fixed_area, area_grid, (items_k, items_hi, items_w))
+            items.append((ck, jpass[ck // m_truth], cc))
+    return _precision_grid(img, area, swept, eff_class, fixed_area, area_grid, items)
 
 
 def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndarray, fixed_area: np.ndarray,
                     area_grid: np.ndarray, items) -> np.ndarray:
     """:func:`_scores_at`'s image score at every (score, min area) grid point, float64 ``(ns, na)``, from the
     ``(n, ns)`` residual areas and the (instance x truth) intersection items ``(keys, hi, weights)``."""
-    items_k, items_hi, items_w = items
-    n, ns = area.shape
+    ns = area.shape[1]
     na, nt, m_truth = len(area_grid), len(metric.THRESHOLDS), img.n_truth
     rows = np.flatnonzero(area.any(axis=1))
     min_area = np.maximum(np.where(swept[rows, None], area_grid[None, :], fixed_area[eff_class[rows]][:, None]), 1)
     kept_rows = area[rows, :, None] >= min_area[:, None, :]  # (R, ns, na)
     n_pred = kept_rows.sum(axis=0)
-    row_of = np.full(n, -1, dtype=np.int64)
-    row_of[rows] = np.arange(rows.size)
     tp = np.zeros((ns, na, nt))
-    if m_truth:
-        keys = np.concatenate(items_k)
-        if keys.size:
-            uniq, inter = _pair_values(keys, np.concatenate(items_hi).astype(np.int64),
-                                       np.concatenate(items_w).astype(np.float64), ns)
-            pi, pt = uniq // m_truth, uniq % m_truth  # sorted by instance
-            union = area[pi] + img.truth_area[pt][:, None] - inter
-            iou = np.divide(inter, union, out=np.zeros(inter.shape), where=inter > 0)
-            cand = (iou > metric.THRESHOLDS[0]).any(axis=1)
-            pi, iou = pi[cand], iou[cand]
-            if pi.size:
-                # Residual masks are disjoint, so no truth has two predictions with IoU > 0.5 (two disjoint masks
-                # cannot both cover more than half of it): every component of the match graph is one prediction
-                # with its truths, and a maximum matching counts the kept predictions whose best IoU exceeds t.
-                starts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]])
-                best = np.maximum.reduceat(iou, starts, axis=0)  # (G, ns)
-                kp = kept_rows[row_of[pi[starts]]].astype(np.float32)  # (G, ns, na); IoU > 0 implies area > 0
-                hit = (best[:, :, None] > metric.THRESHOLDS[None, None, :]).astype(np.float32)  # (G, ns, nt)
-                tp = np.matmul(kp.transpose(1, 2, 0), hit.transpose(1, 0, 2)).astype(np.float64)
+    keys, hi, weights = (np.concatenate(x) for x in zip(*items))
+    if keys.size:  # (none without true masks)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        inter = _below(inv, hi.astype(np.int64), uniq.size, ns, weights.astype(np.float64))
+        pi, pt = uniq // m_truth, uniq % m_truth  # sorted by instance
+        iou = np.divide(inter, area[pi] + img.truth_area[pt][:, None] - inter, out=np.zeros(inter.shape),
+                        where=inter > 0)
+        cand = (iou > metric.THRESHOLDS[0]).any(axis=1)
+        pi, iou = pi[cand], iou[cand]
+        if pi.size:
+            # Residual masks are disjoint, so no truth has two predictions with IoU > 0.5 (two disjoint masks
+            # cannot both cover more than half of it): every component of the match graph is one prediction
+            # with its truths, and a maximum matching counts the kept predictions whose best IoU exceeds t.
+            starts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]])
+            best = np.maximum.reduceat(iou, starts, axis=0)  # (G, ns)
+            # (G, ns, na); IoU > 0 implies area > 0, so each prediction has a row
+            kp = kept_rows[np.searchsorted(rows, pi[starts])].astype(np.float32)
+            hit = (best[:, :, None] > metric.THRESHOLDS[None, None, :]).astype(np.float32)  # (G, ns, nt)
+            tp = np.matmul(kp.transpose(1, 2, 0), hit.transpose(1, 0, 2)).astype(np.float64)
     denom = n_pred[:, :, None] + m_truth - tp
-    prec = np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0)
-    return prec.mean(axis=2)
+    return np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0).mean(axis=2)  # precision, averaged over t
 
 
 def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, grid: dict, c: int = 0
@@ -495,11 +412,17 @@ def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, gr
     Returns:
         float64 ``(len(grid["score"]), len(grid["min_area"]))``.
     """
-    mask_index = np.array([grid["mask"].index(thresholds[n]["mask"]) for n in CELL_TYPES])
-    fixed_score = np.array([thresholds[n]["score"] for n in CELL_TYPES], dtype=np.float64)
-    fixed_area = np.array([thresholds[n]["min_area"] for n in CELL_TYPES], dtype=np.int64)
+    mask_index, fixed_score, fixed_area = _threshold_arrays(thresholds, grid["mask"])
     return sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, [int(mask_index[c])],
                        np.asarray(grid["score"], dtype=np.float64), np.asarray(grid["min_area"], dtype=np.int64))[0]
+
+
+def _threshold_arrays(thr: dict, mask_grid: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: the index of its pixel threshold in ``mask_grid`` (int64), its score threshold (float64) and
+    minimum area (int64), each ``(3,)``."""
+    return (np.array([mask_grid.index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64),
+            np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64),
+            np.array([thr[name]["min_area"] for name in CELL_TYPES], dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ exact evaluation
@@ -545,22 +468,33 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
 
 # ------------------------------------------------------------------------------------------------ workers
 class _Shard:
-    """A set of images held by one process, answering sweep and evaluation requests."""
+    """A set of images held by one process, answering sweep and evaluation requests.
 
-    def __init__(self, images: list[ImageData], grid: dict, source: tuple | None = None):
-        self.images = images
+    ``truth_by_id``: ``{image id: (annotations, cell type, (H, W))}``.
+    """
+
+    def __init__(self, pred_dir, ids, truth_by_id: dict, grid: dict, vote_min_score: float):
+        self.source = (pred_dir, ids, truth_by_id)  # to re-read the predictions for exact()
+        self.images = []
+        for pred in P.iter_dir(pred_dir, ids=ids):
+            annotations, cell_type, shape = truth_by_id[pred.image_id]
+            if (pred.height, pred.width) != shape:
+                raise ValueError(f"{pred_dir}/{pred.image_id}.npz: image size {pred.height}x{pred.width} differs from "
+                                 f"the truth's {shape[0]}x{shape[1]}")
+            runs = [rle.parse(s, shape) for s in annotations]
+            truth = [rle.runs_to_indices(starts, lengths) for starts, lengths in runs if lengths.size]
+            self.images.append(prepare_image(pred, truth, cell_type, grid, vote_min_score))
         self.grid = grid
-        self.source = source  # (pred_dir, ids, truth_by_id, shape_by_id): to re-read the predictions for exact()
         self.score_grid = np.asarray(grid["score"], dtype=np.float64)
         self.area_grid = np.asarray(grid["min_area"], dtype=np.int64)
-        self.mask_grid = np.asarray(grid["mask"], dtype=np.float64)
         self.cache: dict = {}
 
     def info(self):
         return [(img.image_id, img.cell_type, img.n_truth, int(img.inst.size), bool(np.unique(img.classes).size > 1))
                 for img in self.images]
 
-    def peak_rss_mb(self) -> float:
+    @staticmethod
+    def peak_rss_mb() -> float:
         """Peak resident memory of this process, MiB (Linux ``ru_maxrss``)."""
         import resource
 
@@ -569,8 +503,8 @@ class _Shard:
     def sweep(self, c: int, thr: dict, options: dict) -> dict[int, np.ndarray]:
         """``{local image index: (n_mask, ns, na) scores}`` for the images with an instance of effective class c."""
         vote, rescore = options["image_class_vote"], options["rescore"]
-        mask_index, fixed_score, fixed_area = self._fixed(thr)
-        masks = list(range(len(self.mask_grid)))
+        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
+        masks = list(range(len(self.grid["mask"])))
         out = {}
         for j, img in enumerate(self.images):
             eff = effective(img, vote)
@@ -580,69 +514,41 @@ class _Shard:
             # image is pure), so it is reused while those stay the same
             deps = tuple((b, tuple(sorted(thr[CELL_TYPES[b]].items()))) for b in np.unique(eff) if b != c)
             key = (j, c, rescore) if not deps else (j, c, rescore, vote)  # a pure image: own class == vote
-            hit = self.cache.get(key)
-            if hit is not None and hit[0] == deps:
-                out[j] = hit[1]
-                continue
-            res = sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, masks, self.score_grid,
-                              self.area_grid)
-            self.cache[key] = (deps, res)
-            out[j] = res
+            if key not in self.cache or self.cache[key][0] != deps:
+                self.cache[key] = (deps, sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, masks,
+                                                     self.score_grid, self.area_grid))
+            out[j] = self.cache[key][1]
         return out
 
     def evaluate(self, thr: dict, options: dict) -> np.ndarray:
         """Image score of every image at the given on-grid thresholds, float64 ``(n_images,)``."""
-        mask_index, fixed_score, fixed_area = self._fixed(thr)
-        out = np.empty(len(self.images))
-        for j, img in enumerate(self.images):
-            out[j] = sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
-                                 fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
-        return out
+        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
+        return np.array([sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
+                                     fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
+                         for img in self.images], dtype=np.float64)
 
     def exact(self, candidates) -> np.ndarray:
         """Exact image scores of every image under each candidate (:func:`exact_image_scores`), float64
         ``(n_images, len(candidates))`` in :attr:`images` order; the predictions are re-read one image at a time."""
-        pred_dir, ids, truth_by_id, shape_by_id = self.source
+        pred_dir, ids, truth_by_id = self.source
         out = np.empty((len(self.images), len(candidates)))
-        for j, pred in enumerate(P.iter_dir(pred_dir, ids=ids)):  # sorted by id, as _load_shard read them
+        for j, pred in enumerate(P.iter_dir(pred_dir, ids=ids)):  # sorted by id, as __init__ read them
             if pred.image_id != self.images[j].image_id:
                 raise ValueError(f"{pred_dir}: image {pred.image_id} read where {self.images[j].image_id} was "
                                  f"expected (the store changed during the search)")
-            truth = truth_mask_set(truth_by_id[pred.image_id], shape_by_id[pred.image_id],
-                                   f"truth of image {pred.image_id}")
-            out[j] = exact_image_scores(pred, truth, candidates)
+            annotations, _, shape = truth_by_id[pred.image_id]
+            out[j] = exact_image_scores(pred, truth_mask_set(annotations, shape, f"truth of image {pred.image_id}"),
+                                        candidates)
         return out
 
-    def _fixed(self, thr: dict):
-        mask_index = np.array([self.grid["mask"].index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64)
-        fixed_score = np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64)
-        fixed_area = np.array([thr[name]["min_area"] for name in CELL_TYPES], dtype=np.int64)
-        return mask_index, fixed_score, fixed_area
 
-
-def _load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score) -> list[ImageData]:
-    images = []
-    for pred in P.iter_dir(pred_dir, ids=ids):
-        shape = shape_by_id[pred.image_id]
-        if (pred.height, pred.width) != shape:
-            raise ValueError(f"{pred_dir}/{pred.image_id}.npz: image size {pred.height}x{pred.width} differs from "
-                             f"the truth's {shape[0]}x{shape[1]}")
-        truth = []
-        for i, s in enumerate(truth_by_id[pred.image_id]):
-            starts, lengths = rle.parse(s, shape)
-            if lengths.size:
-                truth.append(rle.runs_to_indices(starts, lengths))
-        images.append(prepare_image(pred, truth, cell_type_by_id[pred.image_id], grid, vote_min_score))
-    return images
-
-
+# The shard a worker process holds (set by _start_shard, the first task of its executor).
 _SHARD: _Shard | None = None
-"""The shard a worker process holds (set by :func:`_start_shard`, the first task of its executor)."""
 
 
 def _start_shard(args) -> list:
     global _SHARD
-    _SHARD = _Shard(_load_shard(*args), args[5], (args[0], args[1], args[2], args[4]))
+    _SHARD = _Shard(*args)
     return _SHARD.info()
 
 
@@ -654,21 +560,17 @@ class _Pool:
     """Shards in worker processes (one single-process ``ProcessPoolExecutor`` each, so a shard stays resident in
     its process between requests), or in-process when ``workers <= 1``; queried in parallel."""
 
-    def __init__(self, pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid, vote_min_score, workers):
-        self.local = None
-        self.executors = []
-        shards = [ids[w::workers] for w in range(workers)] if workers > 1 else [ids]
-        self.shard_ids = [s for s in shards if s]
+    def __init__(self, workers: int, pred_dir, ids, *shard_args):
+        self.local, self.executors = None, []
         if workers <= 1:
-            self.local = _Shard(_load_shard(pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, grid,
-                                            vote_min_score), grid, (pred_dir, ids, truth_by_id, shape_by_id))
+            self.local = _Shard(pred_dir, ids, *shard_args)
             self.infos = [self.local.info()]
             return
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        self.executors = [ProcessPoolExecutor(max_workers=1, mp_context=ctx) for _ in self.shard_ids]
-        self.infos = self._gather([ex.submit(_start_shard, (pred_dir, part, truth_by_id, cell_type_by_id,
-                                                            shape_by_id, grid, vote_min_score))
-                                   for ex, part in zip(self.executors, self.shard_ids)])
+        parts = [ids[w::workers] for w in range(min(workers, len(ids)))]
+        self.executors = [ProcessPoolExecutor(max_workers=1, mp_context=ctx) for _ in parts]
+        self.infos = self._gather([ex.submit(_start_shard, (pred_dir, part, *shard_args))
+                                   for ex, part in zip(self.executors, parts)])
 
     @staticmethod
     def _gather(futures) -> list:
@@ -717,13 +619,11 @@ class ThresholdSearch:
         if self.missing:
             logger.warning("%d truth image(s) have no predictions in %s and are left out of the search",
                            len(self.missing), self.pred_dir)
-        rows = truth[truth["id"].isin(set(ids))]
-        groups = rows.groupby("id", sort=False)
-        truth_by_id = {k: g["annotation"].tolist() for k, g in groups}
-        cell_type_by_id = {k: str(g["cell_type"].iat[0]) for k, g in groups}
-        shape_by_id = {k: (int(g["height"].iat[0]), int(g["width"].iat[0])) for k, g in groups}
-        self.pool = _Pool(self.pred_dir, ids, truth_by_id, cell_type_by_id, shape_by_id, self.grid,
-                          self.vote_min_score, max(1, min(int(workers), len(ids))))
+        truth_by_id = {k: (g["annotation"].tolist(), str(g["cell_type"].iat[0]),
+                           (int(g["height"].iat[0]), int(g["width"].iat[0])))
+                       for k, g in truth[truth["id"].isin(set(ids))].groupby("id", sort=False)}
+        self.pool = _Pool(max(1, min(int(workers), len(ids))), self.pred_dir, ids, truth_by_id, self.grid,
+                          self.vote_min_score)
         self.info = [x for part in self.pool.infos for x in part]
         self.n_images = len(self.info)
         self.cell_types = np.array([x[1] for x in self.info])
@@ -740,10 +640,7 @@ class ThresholdSearch:
 
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this process plus its workers, MiB (sum of each process's peak)."""
-        import resource
-
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return own + (sum(self.pool.call("peak_rss_mb")) if self.pool.local is None else 0.0)
+        return _Shard.peak_rss_mb() + (sum(self.pool.call("peak_rss_mb")) if self.pool.local is None else 0.0)
 
     def evaluate(self, thresholds: dict, options: dict) -> np.ndarray:
         """Image scores, float64 ``(n_images,)`` in :attr:`info` order, at on-grid thresholds (by the sweep).
@@ -753,28 +650,24 @@ class ThresholdSearch:
                 use :meth:`exact`).
         """
         _sweepable(options)
-        thresholds = self._on_grid(thresholds)
-        return np.concatenate(self.pool.call("evaluate", thresholds, options))
-
-    def exact(self, candidates) -> np.ndarray:
-        """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
-        ``(n_images, len(candidates))`` in :attr:`info` order; one pass over the predictions store per worker."""
-        candidates = [(pp.validate_thresholds(t), pp.validate_options(o)) for t, o in candidates]
-        return np.concatenate(self.pool.call("exact", candidates), axis=0)
-
-    def _on_grid(self, thresholds: dict) -> dict:
         thresholds = pp.validate_thresholds(thresholds)
         for name, t in thresholds.items():
             for key in pp.THRESHOLD_KEYS:
                 if t[key] not in self.grid[key]:
                     raise ValueError(f"class {name!r}: {key} = {t[key]} is not on the search grid")
-        return thresholds
+        return np.concatenate(self.pool.call("evaluate", thresholds, options))
+
+    def exact(self, candidates) -> np.ndarray:
+        """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
+        ``(n_images, len(candidates))`` in :attr:`info` order; one pass over the predictions store per worker."""
+        return np.concatenate(self.pool.call("exact", [(pp.validate_thresholds(t), pp.validate_options(o))
+                                                       for t, o in candidates]), axis=0)
 
     def per_class(self, scores: np.ndarray) -> dict:
         """``{"mAP", "per_class"}`` from image scores (per class = mean over images of that true cell type)."""
-        out = {c: (float(scores[self.cell_types == c].mean()) if (self.cell_types == c).any() else None)
-               for c in CELL_TYPES}
-        return {"mAP": float(scores.mean()), "per_class": out}
+        return {"mAP": float(scores.mean()),
+                "per_class": {c: (float(scores[self.cell_types == c].mean()) if (self.cell_types == c).any() else None)
+                              for c in CELL_TYPES}}
 
     def optimise(self, options: dict, max_rounds: int = 3, progress=None, init: dict | None = None) -> dict:
         """Coordinate ascent over classes for one option set, from ``init`` (default: the seed's thresholds).
@@ -793,34 +686,25 @@ class ThresholdSearch:
         for rounds in range(1, max_rounds + 1):
             changed = False
             for ci, name in enumerate(CELL_TYPES):
-                parts = self.pool.call("sweep", ci, thr, options)
-                affected = np.zeros(self.n_images, dtype=bool)
-                total = None
-                for w, part in enumerate(parts):
-                    for j, res in part.items():
-                        affected[offsets[w] + j] = True
-                        total = res.copy() if total is None else total + res
+                # {image index: (n_mask, ns, na) scores} of the images with an instance of the class
+                swept = {offsets[w] + j: res for w, part in enumerate(self.pool.call("sweep", ci, thr, options))
+                         for j, res in part.items()}
                 if progress is not None:
                     progress.update(1)
-                if total is None:
+                if not swept:
                     continue
-                total += current[~affected].sum()
-                total /= self.n_images
+                total = (sum(swept.values()) + np.delete(current, list(swept)).sum()) / self.n_images
                 best = np.unravel_index(int(np.argmax(total)), total.shape)
-                new = {"mask": self.grid["mask"][best[0]], "score": self.grid["score"][best[1]],
-                       "min_area": self.grid["min_area"][best[2]]}
-                cur_idx = (self.grid["mask"].index(thr[name]["mask"]), self.grid["score"].index(thr[name]["score"]),
-                           self.grid["min_area"].index(thr[name]["min_area"]))
-                if total[best] > total[cur_idx] + 1e-12:
-                    thr[name] = new
-                    changed = True
-                m, k, a = (self.grid["mask"].index(thr[name]["mask"]), self.grid["score"].index(thr[name]["score"]),
-                           self.grid["min_area"].index(thr[name]["min_area"]))
+                cur = tuple(self.grid[key].index(thr[name][key]) for key in ("mask", "score", "min_area"))
+                if total[best] > total[cur] + 1e-12:
+                    thr[name] = {"mask": self.grid["mask"][best[0]], "score": self.grid["score"][best[1]],
+                                 "min_area": self.grid["min_area"][best[2]]}
+                    changed, cur = True, best
+                m, k, a = cur
                 curves[name] = {"score": total[m, :, a].tolist(), "mask": total[:, k, a].tolist(),
                                 "min_area": total[m, k, :].tolist()}
-                for w, part in enumerate(parts):
-                    for j, res in part.items():
-                        current[offsets[w] + j] = res[m, k, a]
+                for i, res in swept.items():
+                    current[i] = res[m, k, a]
             if not changed or options["image_class_vote"] or not self.any_mixed:
                 break  # without images that mix classes the classes are independent: one round is exact
         final = self.evaluate(thr, options)
@@ -861,15 +745,21 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
     """
     from tqdm import tqdm
 
+    from cellkit.data import read_train_csv
+
     start = time.perf_counter()
-    truth, truth_path = _read_truth(truth_csv)
+    truth_path = str(truth_csv) if isinstance(truth_csv, (str, os.PathLike)) else None
+    truth = truth_csv if truth_path is None else read_train_csv(truth_csv)
     option_sets = [{k: bool(o[k]) for k in ("image_class_vote", "rescore")} for o in list(option_sets or OPTION_SETS)]
     pred_dir = Path(pred_dir)
-    meta = _read_store_meta(pred_dir)
+    try:
+        meta = P.read_meta(pred_dir)
+    except FileNotFoundError:
+        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
+        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
+        meta = {}
     with ThresholdSearch(pred_dir, truth, grid, workers, vote_min_score) as s:
-        seed = {"options": dict(pp.DEFAULT_OPTIONS, vote_min_score=vote_min_score),
-                "thresholds": {c: dict(pp.SEED_THRESHOLDS[c]) for c in CELL_TYPES}}
-        before = s.per_class(s.evaluate(seed["thresholds"], seed["options"]))
+        before = s.per_class(s.evaluate(pp.SEED_THRESHOLDS, pp.DEFAULT_OPTIONS))
         bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
         results = _optimise_option_sets(s, option_sets, max_rounds, bar)
         best = results[0]
@@ -878,46 +768,28 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
                 best = r
         chosen, free_report, after = _free_dropped(s, best, try_free_dropped, bar)
         bar.close()
-        counts = {"n_images": s.n_images, "n_truth_images_without_predictions": len(s.missing)}
-        peak_mb = s.peak_rss_mb()
-    search_doc = {
-        "grid": s.grid,
-        "objective": "competition mAP over the images with predictions (cellkit.metric)",
-        "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
-                     "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
-        "curves": best["curves"],
-        "free_dropped": free_report,
-        **counts,
-        "seconds": round(time.perf_counter() - start, 2),
-        "peak_rss_mb": round(peak_mb, 1),
-    }
+        search_doc = {
+            "grid": s.grid,
+            "objective": "competition mAP over the images with predictions (cellkit.metric)",
+            "results": [{"options": {k: r["options"][k] for k in ("image_class_vote", "rescore")},
+                         "mAP": r["mAP"], "thresholds": r["thresholds"], "rounds": r["rounds"]} for r in results],
+            "curves": best["curves"],
+            "free_dropped": free_report,
+            "n_images": s.n_images,
+            "n_truth_images_without_predictions": len(s.missing),
+            "seconds": None,  # set once the workers are closed
+            "peak_rss_mb": round(s.peak_rss_mb(), 1),
+        }
+    search_doc["seconds"] = round(time.perf_counter() - start, 2)
     return {
         "thresholds": best["thresholds"],
         "options": pp.validate_options({**best["options"], "free_dropped": bool(chosen)}),
         "metric": {"before": before, "after": after},
         "search": search_doc,
         "inference": P.store_signature(meta),
-        "provenance": _provenance(pred_dir, truth, truth_path, meta),
+        "provenance": {"predictions": str(pred_dir), "truth": truth_path or truth.attrs.get("path"),
+                       **_source_provenance(meta), "predictions_meta": meta, "cellkit_version": __version__},
     }
-
-
-def _read_truth(truth_csv):
-    """``(truth frame, its path or None)`` of a train CSV path or frame."""
-    from cellkit.data import read_train_csv
-
-    if isinstance(truth_csv, (str, os.PathLike)):
-        return read_train_csv(truth_csv), str(truth_csv)
-    return truth_csv, None
-
-
-def _read_store_meta(pred_dir: Path) -> dict:
-    """The store's ``meta.json`` ({} with a warning when it has none; a missing or foreign store raises)."""
-    try:
-        return P.read_meta(pred_dir)
-    except FileNotFoundError:
-        P.image_ids(pred_dir)  # a missing/empty/foreign directory is the better error
-        logger.warning("%s has no meta.json: provenance unknown", pred_dir)
-        return {}
 
 
 def _optimise_option_sets(s: "ThresholdSearch", option_sets: list[dict], max_rounds: int, bar) -> list[dict]:
@@ -939,10 +811,9 @@ def _free_dropped(s: "ThresholdSearch", best: dict, try_free_dropped: bool, bar)
     """The winner's thresholds, exactly, with dropped masks claiming and freeing their pixels:
     ``(free_dropped chosen, report, per-class figures of the choice)``."""
     settings = [False, True] if try_free_dropped else [False]
-    base = pp.validate_options(best["options"])
     bar.total += 1
     bar.set_postfix_str("exact free_dropped")
-    exact = s.exact([(best["thresholds"], {**base, "free_dropped": f}) for f in settings])
+    exact = s.exact([(best["thresholds"], {**best["options"], "free_dropped": f}) for f in settings])
     bar.update(1)
     gap = float(np.abs(exact[:, 0] - best["image_scores"]).max()) if s.n_images else 0.0
     if gap > 1e-9:
@@ -959,18 +830,6 @@ def _free_dropped(s: "ThresholdSearch", best: dict, try_free_dropped: bool, bar)
         "sweep_mAP": best["mAP"],
     }
     return chosen, report, s.per_class(exact[:, int(chosen)])
-
-
-def _provenance(pred_dir: Path, truth, truth_path, meta: dict) -> dict:
-    from cellkit import __version__
-
-    return {
-        "predictions": str(pred_dir),
-        "truth": truth_path or truth.attrs.get("path"),
-        **_source_provenance(meta),
-        "predictions_meta": meta,
-        "cellkit_version": __version__,
-    }
 
 
 def _source_provenance(meta: dict) -> dict:
@@ -991,8 +850,8 @@ def _source_provenance(meta: dict) -> dict:
                 values.append(src[key])
         return values[0] if len(values) == 1 else (values or None)
 
-    folds = sorted({src["fold"] for src in sources if src.get("fold") is not None})
-    return {"config": distinct("config"), "weights": distinct("weights"), "folds": folds or None}
+    return {"config": distinct("config"), "weights": distinct("weights"),
+            "folds": sorted({src["fold"] for src in sources if src.get("fold") is not None}) or None}
 
 
 def plot_search(doc: dict, path) -> Path:
@@ -1008,7 +867,6 @@ def plot_search(doc: dict, path) -> Path:
 
     from cellkit.viz import save_figure
 
-    path = Path(path)
     grid, curves = doc["search"]["grid"], doc["search"]["curves"]
     fig, axes = plt.subplots(len(CELL_TYPES), 3, figsize=(12, 3.2 * len(CELL_TYPES)), squeeze=False)
     for row, name in enumerate(CELL_TYPES):
@@ -1020,12 +878,9 @@ def plot_search(doc: dict, path) -> Path:
                 ax.axvline(pp.SEED_THRESHOLDS[name][key], color="tab:gray", ls=":", lw=1, label="seed")
             else:
                 ax.text(0.5, 0.5, "no detections of this class", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{name}: {key}")
-            ax.set_xlabel(key)
-            ax.set_ylabel("mAP")
+            ax.set(title=f"{name}: {key}", xlabel=key, ylabel="mAP")
             ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     opts = doc["options"]
     fig.suptitle(f"threshold search (vote={opts['image_class_vote']}, rescore={opts['rescore']}, "
                  f"free_dropped={opts.get('free_dropped', False)}; curves with free_dropped=False): "

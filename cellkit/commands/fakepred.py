@@ -17,10 +17,9 @@ def _knob(text: str):
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
-        parsed = tuple(float(v) for v in value.split(",")) if "," in value else float(value)
+        return key.strip(), (tuple(float(v) for v in value.split(",")) if "," in value else float(value))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{key}: expected a number or 'lo,hi', got {value!r}") from None
-    return key.strip(), parsed
 
 
 def add_arguments(parser) -> None:
@@ -41,11 +40,9 @@ def run(args) -> int:
 
     specs = fakepred.spec_for(args.preset, **dict(args.knobs))
     truth = read_train_csv(args.truth)
-    ids = sorted(truth["id"].unique())
-    if args.images is not None:
-        if args.images < 1:
-            raise ValueError(f"--images must be >= 1, got {args.images}")
-        ids = ids[:args.images]
+    if args.images is not None and args.images < 1:
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    ids = sorted(truth["id"].unique())[:args.images]  # all when None
     out = fakepred.generate(truth, args.out, specs, seed=args.seed, image_ids=ids, progress=not args.no_progress)
     print(f"wrote predictions of {len(ids)} image(s) to {out}")
     return 0
