@@ -209,8 +209,7 @@ def pair_intersections(a: MaskRuns, b: MaskRuns, i: np.ndarray, j: np.ndarray) -
     owner = np.concatenate((own_a, own_b))
     order = np.argsort(starts, kind="stable")
     starts, ends, owner = starts[order], ends[order], owner[order]
-    reach = np.maximum.accumulate(ends)
-    before = np.concatenate((starts[:1], reach[:-1]))  # the furthest end of the runs sorted before each run
+    before = np.concatenate((starts[:1], np.maximum.accumulate(ends)[:-1]))  # furthest end of the runs before each
     added = np.maximum(ends - np.maximum(starts, before), 0)
     union = np.bincount(owner, weights=added, minlength=i.size)
     return a.areas[i] + b.areas[j] - np.rint(union).astype(np.int64)
@@ -261,8 +260,8 @@ def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
     owner = np.searchsorted(offsets, starts, side="right") - 1
     row, col = np.divmod(starts - offsets[owner], w1[owner])
     global_starts = (windows[owner, 1] + row) * int(width) + windows[owner, 0] + col
-    counts = np.bincount(owner, minlength=len(crops)).astype(np.int64)
-    return global_starts.astype(np.int64), (ends - starts).astype(np.int64), counts
+    return (global_starts.astype(np.int64), (ends - starts).astype(np.int64),
+            np.bincount(owner, minlength=len(crops)).astype(np.int64))
 
 
 def iou_matrix(a: MaskRuns, b: MaskRuns) -> np.ndarray:

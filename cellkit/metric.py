@@ -46,8 +46,7 @@ def iou_from_indices(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray]) ->
         float64 array ``(len(pred), len(truth))`` (an empty mask has IoU 0 with everything), by
         :func:`cellkit.geometry.iou_matrix` (the indices are read as one image row).
     """
-    sizes = [np.size(m) for m in (*pred, *truth)]
-    width = 1 + max((int(np.max(m)) for m, n in zip((*pred, *truth), sizes) if n), default=0)
+    width = 1 + max((int(np.max(m)) for m in (*pred, *truth) if np.size(m)), default=0)
     return geometry.iou_matrix(MaskRuns.from_indices(pred, (1, width)), MaskRuns.from_indices(truth, (1, width)))
 
 
@@ -218,13 +217,10 @@ def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False
                         float(precision.mean()), t_set.n_nonempty, p_set.n_nonempty))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "score", "n_truth", "n_pred"])
     per_threshold = np.mean(per_threshold, axis=0) if per_threshold else np.full(len(THRESHOLDS), np.nan)
-    per_class = {}
-    for cell_type in CELL_TYPES:
-        scores = per_image.loc[per_image["cell_type"] == cell_type, "score"]
-        per_class[cell_type] = float(scores.mean()) if len(scores) else None
+    by_class = {cell_type: per_image.loc[per_image["cell_type"] == cell_type, "score"] for cell_type in CELL_TYPES}
     return {
         "mAP": float(per_image["score"].mean()) if len(per_image) else float("nan"),
-        "per_class": per_class,
+        "per_class": {cell_type: float(s.mean()) if len(s) else None for cell_type, s in by_class.items()},
         "per_threshold": [float(x) for x in per_threshold],
         "n_images": int(len(per_image)),
         "per_image": per_image,
@@ -257,7 +253,5 @@ def read_csv(path, role: str) -> pd.DataFrame:
 
 def score_csv(truth_path, pred_path, progress: bool = False) -> dict:
     """:func:`score_frames` on two CSV files; errors name the file and the CSV line."""
-    truth = read_csv(truth_path, "truth")
-    pred = read_csv(pred_path, "predictions")
-    return score_frames(truth, pred, progress=progress, truth_name=str(truth_path), pred_name=str(pred_path),
-                        row_label="line")
+    return score_frames(read_csv(truth_path, "truth"), read_csv(pred_path, "predictions"), progress=progress,
+                        truth_name=str(truth_path), pred_name=str(pred_path), row_label="line")

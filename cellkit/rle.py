@@ -172,10 +172,8 @@ def validate(rle: str, shape: tuple[int, int] = SHAPE) -> None:
 
 def runs_to_string(starts: np.ndarray, lengths: np.ndarray) -> str:
     """Format 0-indexed ``starts`` and ``lengths`` as a competition string (1-indexed)."""
-    pairs = np.empty(2 * len(starts), dtype=np.int64)
-    pairs[0::2] = np.asarray(starts) + 1
-    pairs[1::2] = lengths
-    return " ".join(map(str, pairs.tolist()))
+    pairs = np.stack((np.asarray(starts) + 1, lengths), axis=1).astype(np.int64, copy=False)  # start, length, ...
+    return " ".join(map(str, pairs.ravel().tolist()))
 
 
 def runs_to_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -108,9 +108,8 @@ def run_weights(run_dir, weights=None) -> Path:
     last = last_checkpoint(run_dir)
     if last is not None and (run_dir / last).is_file():
         hints.append(f"its last checkpoint {last} is for `cellkit train --resume`")
-    hint = f"; {'; '.join(hints)}" if hints else ""
-    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)}){hint}; "
-                            f"pass --weights PATH to use another")
+    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)})"
+                            f"{''.join(f'; {hint}' for hint in hints)}; pass --weights PATH to use another")
 
 
 def failure_reason(run_dir: str | os.PathLike) -> str | None:
