@@ -13,6 +13,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -72,9 +73,7 @@ def _json_default(obj):
     """``json.dumps`` fallback: numpy scalars and arrays become Python numbers and lists, paths strings."""
     import numpy as np
 
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
@@ -83,8 +82,6 @@ def _json_default(obj):
 
 def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = False) -> Path:
     """Write ``obj`` as indented JSON (numpy values and paths converted) plus a newline, atomically."""
-    import json
-
     return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default) + "\n")
 
 
@@ -99,8 +96,6 @@ def read_json(path: str | os.PathLike, what: str):
         FileNotFoundError: ``"<path>: no such <what>"``.
         ValueError: ``"<path>: invalid JSON (...)"`` for unparsable or non-UTF-8 content.
     """
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what}")

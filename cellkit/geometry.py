@@ -63,31 +63,31 @@ class MaskRuns:
         return self.indptr.size - 1
 
     @classmethod
+    def _from_counts(cls, starts, lengths, counts, shape: tuple[int, int]) -> "MaskRuns":
+        return cls(starts, lengths, np.concatenate(([0], np.cumsum(counts))), shape)
+
+    @classmethod
     def from_rles(cls, rles: Sequence[str], shape: tuple[int, int] = SHAPE) -> "MaskRuns":
         """From competition mask strings (validated; an empty string is an empty mask and keeps its position).
 
         Raises:
             cellkit.rle.MaskError: (a ValueError) naming the position of the first malformed string.
         """
-        starts, lengths, counts = rle.parse_many(rles, shape)
-        return cls(starts, lengths, np.concatenate(([0], np.cumsum(counts))), shape)
+        return cls._from_counts(*rle.parse_many(rles, shape), shape)
 
     @classmethod
     def from_crops(cls, crops: Sequence[np.ndarray], windows: np.ndarray, shape: tuple[int, int]) -> "MaskRuns":
         """From bool crops ``crops[k]`` placed at ``windows[k] = (x0, y0, x1, y1)`` (as binarised predictions)."""
-        starts, lengths, counts = crops_runs(list(crops), np.asarray(windows).reshape(-1, 4), int(shape[1]))
-        return cls(starts, lengths, np.concatenate(([0], np.cumsum(counts))), shape)
+        return cls._from_counts(*crops_runs(list(crops), np.asarray(windows).reshape(-1, 4), int(shape[1])), shape)
 
     @classmethod
     def from_runs(cls, runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> "MaskRuns":
         """From one ``(starts, lengths)`` per mask (0-indexed flat row-major starts, as :func:`cellkit.rle.parse`
         gives; the runs of one mask sorted and disjoint)."""
-        if not len(runs):
-            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), shape)
-        counts = [len(s) for s, _ in runs]
-        return cls(np.concatenate([np.asarray(s, np.int64) for s, _ in runs]),
-                   np.concatenate([np.asarray(n, np.int64) for _, n in runs]),
-                   np.concatenate(([0], np.cumsum(counts))), shape)
+        empty = np.zeros(0, np.int64)
+        return cls._from_counts(np.concatenate([empty, *(np.asarray(s, np.int64) for s, _ in runs)]),
+                                np.concatenate([empty, *(np.asarray(n, np.int64) for _, n in runs)]),
+                                [len(s) for s, _ in runs], shape)
 
     @classmethod
     def from_indices(cls, masks: Sequence[np.ndarray], shape: tuple[int, int]) -> "MaskRuns":
@@ -101,8 +101,7 @@ class MaskRuns:
         first[1:] = (pix[1:] != pix[:-1] + 1) | (owner[1:] != owner[:-1])
         starts = np.flatnonzero(first)
         lengths = np.diff(np.append(starts, pix.size))
-        counts = np.bincount(owner[starts], minlength=sizes.size)
-        return cls(pix[starts], lengths, np.concatenate(([0], np.cumsum(counts))), shape)
+        return cls._from_counts(pix[starts], lengths, np.bincount(owner[starts], minlength=sizes.size), shape)
 
     @classmethod
     def from_masks(cls, masks) -> "MaskRuns":
@@ -121,15 +120,14 @@ class MaskRuns:
         """The masks ``idx`` (int indices), in that order."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         runs, _ = _ragged(self.indptr, idx)
-        counts = self.indptr[idx + 1] - self.indptr[idx]
-        return MaskRuns(self.starts[runs], self.lengths[runs], np.concatenate(([0], np.cumsum(counts))), self.shape)
+        return self._from_counts(self.starts[runs], self.lengths[runs], self.indptr[idx + 1] - self.indptr[idx],
+                                 self.shape)
 
     def union(self) -> np.ndarray:
         """bool ``(height * width,)``: the pixels covered by any mask (flat, row-major)."""
         n_pixels = self.shape[0] * self.shape[1]
-        diff = np.zeros(n_pixels + 1, dtype=np.int32)
-        np.add.at(diff, self.starts, 1)
-        np.add.at(diff, self.starts + self.lengths, -1)
+        diff = np.bincount(self.starts, minlength=n_pixels + 1) - np.bincount(self.starts + self.lengths,
+                                                                              minlength=n_pixels + 1)
         return np.cumsum(diff[:-1]) > 0
 
 
@@ -140,8 +138,6 @@ def _run_boxes(starts: np.ndarray, lengths: np.ndarray, indptr: np.ndarray, widt
     """
     n = indptr.size - 1
     boxes = np.zeros((n, 4), dtype=np.int64)
-    if starts.size == 0:
-        return boxes
     r0, c0 = np.divmod(starts, width)
     r1, c1 = np.divmod(starts + lengths - 1, width)
     wrap = r1 > r0
@@ -159,11 +155,9 @@ def _ragged(indptr: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarr
     ``items``); int64 both."""
     items = np.asarray(items, dtype=np.int64)
     counts = indptr[items + 1] - indptr[items]
-    total = int(counts.sum())
     owner = np.repeat(np.arange(items.size, dtype=np.int64), counts)
     block_start = np.cumsum(counts) - counts
-    positions = np.arange(total, dtype=np.int64) - block_start[owner] + indptr[items][owner]
-    return positions, owner
+    return np.arange(int(counts.sum()), dtype=np.int64) - block_start[owner] + indptr[items][owner], owner
 
 
 def box_pairs(boxes_a: np.ndarray, boxes_b: np.ndarray | None = None, chunk: int = 512
@@ -207,20 +201,15 @@ def pair_intersections(a: MaskRuns, b: MaskRuns, i: np.ndarray, j: np.ndarray) -
     """
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
-    if i.size == 0:
-        return np.zeros(0, dtype=np.int64)
     n_pixels = np.int64(a.shape[0] * a.shape[1])
     runs_a, own_a = _ragged(a.indptr, i)
     runs_b, own_b = _ragged(b.indptr, j)
     starts = np.concatenate((a.starts[runs_a] + own_a * n_pixels, b.starts[runs_b] + own_b * n_pixels))
     ends = starts + np.concatenate((a.lengths[runs_a], b.lengths[runs_b]))
     owner = np.concatenate((own_a, own_b))
-    if starts.size == 0:
-        return np.zeros(i.size, dtype=np.int64)
     order = np.argsort(starts, kind="stable")
     starts, ends, owner = starts[order], ends[order], owner[order]
-    reach = np.maximum.accumulate(ends)
-    before = np.concatenate((starts[:1], reach[:-1]))  # the furthest end of the runs sorted before each run
+    before = np.concatenate((starts[:1], np.maximum.accumulate(ends)[:-1]))  # furthest end of the runs before each
     added = np.maximum(ends - np.maximum(starts, before), 0)
     union = np.bincount(owner, weights=added, minlength=i.size)
     return a.areas[i] + b.areas[j] - np.rint(union).astype(np.int64)
@@ -258,15 +247,10 @@ def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
         ``(starts, lengths, counts)``: int64 runs of every crop concatenated in crop order (global 0-indexed
         row-major starts), and int64 ``(K,)`` number of runs of each crop.
     """
-    k = len(crops)
-    if k == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
     windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
     h = windows[:, 3] - windows[:, 1]
     w1 = windows[:, 2] - windows[:, 0] + 1  # padded width: a False column ends every row's last run
-    sizes = h * w1
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    offsets = np.concatenate(([0], np.cumsum(h * w1)))
     buf = np.zeros(int(offsets[-1]) + 1, dtype=np.int8)  # +1: a final 0 closes the last run
     for j, c in enumerate(crops):
         if c.size:
@@ -276,8 +260,8 @@ def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
     owner = np.searchsorted(offsets, starts, side="right") - 1
     row, col = np.divmod(starts - offsets[owner], w1[owner])
     global_starts = (windows[owner, 1] + row) * int(width) + windows[owner, 0] + col
-    counts = np.bincount(owner, minlength=k).astype(np.int64)
-    return global_starts.astype(np.int64), (ends - starts).astype(np.int64), counts
+    return (global_starts.astype(np.int64), (ends - starts).astype(np.int64),
+            np.bincount(owner, minlength=len(crops)).astype(np.int64))
 
 
 def iou_matrix(a: MaskRuns, b: MaskRuns) -> np.ndarray:

@@ -32,9 +32,6 @@ __all__ = ["THRESHOLDS", "iou_from_indices", "precision_per_threshold", "score_s
 THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
 """The ten IoU thresholds 0.50, 0.55, ..., 0.95 (float64, each the nearest double to its decimal)."""
 
-PRED_COLUMN = "predicted"
-TRUTH_COLUMN = "annotation"
-
 
 # ---------------------------------------------------------------------------------------------------------- images
 def iou_from_indices(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> np.ndarray:
@@ -49,8 +46,7 @@ def iou_from_indices(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray]) ->
         float64 array ``(len(pred), len(truth))`` (an empty mask has IoU 0 with everything), by
         :func:`cellkit.geometry.iou_matrix` (the indices are read as one image row).
     """
-    sizes = [np.size(m) for m in (*pred, *truth)]
-    width = 1 + max((int(np.max(m)) for m, n in zip((*pred, *truth), sizes) if n), default=0)
+    width = 1 + max((int(np.max(m)) for m in (*pred, *truth) if np.size(m)), default=0)
     return geometry.iou_matrix(MaskRuns.from_indices(pred, (1, width)), MaskRuns.from_indices(truth, (1, width)))
 
 
@@ -63,8 +59,6 @@ def _precision_from_pairs(rows: np.ndarray, cols: np.ndarray, iou: np.ndarray, n
     if n_pred == 0 and n_truth == 0:
         return np.ones(len(THRESHOLDS))
     tp = np.zeros(len(THRESHOLDS))
-    candidate = iou > THRESHOLDS[0]
-    rows, cols, iou = rows[candidate], cols[candidate], iou[candidate]
     for k, t in enumerate(THRESHOLDS):
         match = iou > t
         if not match.any():
@@ -89,14 +83,9 @@ def precision_per_threshold(iou) -> np.ndarray:
         all ones when ``n_pred == n_truth == 0``.
     """
     n_pred, n_truth = iou.shape
-    if sparse.issparse(iou):
-        coo = sparse.coo_matrix(iou)
-        rows, cols, values = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data.astype(np.float64)
-    else:
-        iou = np.asarray(iou, dtype=np.float64)
-        rows, cols = np.nonzero(iou)
-        values = iou[rows, cols]
-    return _precision_from_pairs(rows, cols, values, n_pred, n_truth, (n_pred, n_truth))
+    coo = sparse.coo_matrix(iou if sparse.issparse(iou) else np.asarray(iou, dtype=np.float64))
+    return _precision_from_pairs(coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data.astype(np.float64),
+                                 n_pred, n_truth, (n_pred, n_truth))
 
 
 def score_sets(pred: MaskRuns, truth: MaskRuns) -> np.ndarray:
@@ -200,47 +189,38 @@ def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False
         ValueError: a missing column, a prediction for an id absent from the truth, or a malformed mask (naming the
             frame, row and id).
     """
-    truth_col = _mask_column(truth, TRUTH_COLUMN, PRED_COLUMN, truth_name)
-    pred_col = _mask_column(pred, PRED_COLUMN, TRUTH_COLUMN, pred_name)
+    truth_col = _mask_column(truth, "annotation", "predicted", truth_name)
+    pred_col = _mask_column(pred, "predicted", "annotation", pred_name)
     truth_where, pred_where = f"{truth_name} {row_label}", f"{pred_name} {row_label}"
     for frame, role in ((truth, truth_name), (pred, pred_name)):
         if "id" not in frame.columns:
             raise ValueError(f"{role} has no 'id' column; columns: {list(frame.columns)}")
-    truth_ids = truth["id"].astype(str)
-    pred_ids = pred["id"].astype(str)
-    truth_groups = truth_ids.groupby(truth_ids.to_numpy(), sort=False).indices
-    pred_groups = pred_ids.groupby(pred_ids.to_numpy(), sort=False).indices
+    truth_groups = truth.groupby(truth["id"].astype(str).to_numpy(), sort=False).indices
+    pred_groups = pred.groupby(pred["id"].astype(str).to_numpy(), sort=False).indices
     unknown = [i for i in pred_groups if i not in truth_groups]
     if unknown:
         row = pred.index[pred_groups[unknown[0]][0]]
         raise ValueError(f"{pred_where} {row}: id {unknown[0]!r} is not in {truth_name}"
                          + (f" (and {len(unknown) - 1} more unknown ids)" if len(unknown) > 1 else ""))
-    has_type = "cell_type" in truth.columns
-    no_rows = np.zeros(0, dtype=np.int64)
+    from tqdm import tqdm
 
     records, per_threshold = [], []
-    ids = list(truth_groups)
-    if progress:
-        from tqdm import tqdm
-        ids = tqdm(ids, desc="score", unit="image")
-    for image_id in ids:
+    for image_id in tqdm(truth_groups, desc="score", unit="image", disable=not progress):
         t_pos = truth_groups[image_id]
         shape = _image_shape(truth, t_pos, image_id, truth_where)
         t_set = _mask_set(truth, truth_col, t_pos, shape, image_id, truth_where)
-        p_set = _mask_set(pred, pred_col, pred_groups.get(image_id, no_rows), shape, image_id, pred_where)
+        p_set = _mask_set(pred, pred_col, pred_groups.get(image_id, np.zeros(0, dtype=np.int64)), shape, image_id,
+                          pred_where)
         precision = score_sets(p_set, t_set)
         per_threshold.append(precision)
-        records.append((image_id, str(truth["cell_type"].iat[t_pos[0]]) if has_type else None,
+        records.append((image_id, str(truth["cell_type"].iat[t_pos[0]]) if "cell_type" in truth.columns else None,
                         float(precision.mean()), t_set.n_nonempty, p_set.n_nonempty))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "score", "n_truth", "n_pred"])
     per_threshold = np.mean(per_threshold, axis=0) if per_threshold else np.full(len(THRESHOLDS), np.nan)
-    per_class = {}
-    for cell_type in CELL_TYPES:
-        scores = per_image.loc[per_image["cell_type"] == cell_type, "score"]
-        per_class[cell_type] = float(scores.mean()) if len(scores) else None
+    by_class = {cell_type: per_image.loc[per_image["cell_type"] == cell_type, "score"] for cell_type in CELL_TYPES}
     return {
         "mAP": float(per_image["score"].mean()) if len(per_image) else float("nan"),
-        "per_class": per_class,
+        "per_class": {cell_type: float(s.mean()) if len(s) else None for cell_type, s in by_class.items()},
         "per_threshold": [float(x) for x in per_threshold],
         "n_images": int(len(per_image)),
         "per_image": per_image,
@@ -273,7 +253,5 @@ def read_csv(path, role: str) -> pd.DataFrame:
 
 def score_csv(truth_path, pred_path, progress: bool = False) -> dict:
     """:func:`score_frames` on two CSV files; errors name the file and the CSV line."""
-    truth = read_csv(truth_path, "truth")
-    pred = read_csv(pred_path, "predictions")
-    return score_frames(truth, pred, progress=progress, truth_name=str(truth_path), pred_name=str(pred_path),
-                        row_label="line")
+    return score_frames(read_csv(truth_path, "truth"), read_csv(pred_path, "predictions"), progress=progress,
+                        truth_name=str(truth_path), pred_name=str(pred_path), row_label="line")

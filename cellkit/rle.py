@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pycocotools import mask as mask_util
 
 from cellkit import SHAPE
 
@@ -39,40 +40,23 @@ def parse(rle: str, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndar
         else:
             raise ValueError(f"RLE must be a string, got {type(rle).__name__}")
     n_pixels = int(shape[0]) * int(shape[1])
-    values = _fast_ints(rle, n_pixels)
-    if values is not None:
-        if values.size == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    try:  # numpy's C text parser (AttributeError: a numpy without text-mode fromstring)
+        values = np.fromstring(rle, dtype=np.int64, sep=" ") if rle.strip() else np.zeros(0, dtype=np.int64)
+    except (ValueError, AttributeError):
+        values = None
+    # anything outside the plain case (a token that is not an ASCII integer, an odd count, a value outside
+    # [1, n_pixels], which also catches int64 saturation) takes the slow path, which names the problem
+    if values is None or values.size % 2 or values.min(initial=1) < 1 or values.max(initial=1) > n_pixels:
+        values = _slow_ints(rle)
+    else:
         # every value is in [1, n_pixels]: bounds are [start, end) pairs, 0-indexed, that must not go backwards
         bounds = values - 1
         bounds[1::2] += values[0::2]
-        if bounds[-1] <= n_pixels and bool(np.all(bounds[2::2] >= bounds[1:-1:2])):
+        if values.size and bounds[-1] <= n_pixels and bool(np.all(bounds[2::2] >= bounds[1:-1:2])):
             return bounds[0::2], values[1::2]
-    else:  # something unusual: the slow path finds and names the problem
-        values = _slow_ints(rle)
-        if values.size == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     starts, lengths = values[0::2], values[1::2]
     _check_runs(starts, lengths, shape)
     return starts - 1, lengths
-
-
-def _fast_ints(rle: str, n_pixels: int) -> np.ndarray | None:
-    """Tokens of ``rle`` as int64 through numpy's C text parser, or None when the slow path must decide.
-
-    Returns None for anything outside the plain case (a token that is not an ASCII integer, an odd count, a value
-    outside ``[1, n_pixels]``, which also catches int64 saturation), so that :func:`_slow_ints` and
-    :func:`_check_runs` produce the exact error message.
-    """
-    if not rle or rle.isspace():
-        return np.zeros(0, dtype=np.int64)
-    try:
-        values = np.fromstring(rle, dtype=np.int64, sep=" ")
-    except (ValueError, AttributeError):  # AttributeError: a numpy without text-mode fromstring
-        return None
-    if values.size % 2 or values.min() < 1 or values.max() > n_pixels:
-        return None
-    return values
 
 
 def _slow_ints(rle: str) -> np.ndarray:
@@ -92,29 +76,25 @@ def _slow_ints(rle: str) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+def _first(flags: np.ndarray) -> int | None:
+    return int(np.argmax(flags)) if flags.any() else None
+
+
 def _check_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]) -> None:
     """Validate 1-indexed runs; raise ValueError naming the first offending pair (0-based pair index)."""
     n_pixels = int(shape[0]) * int(shape[1])
-    bad = np.flatnonzero(starts < 1)
-    if bad.size:
-        i = bad[0]
+    if (i := _first(starts < 1)) is not None:
         raise ValueError(f"RLE pair {i}: start {starts[i]} < 1 (starts are 1-indexed)")
-    bad = np.flatnonzero(lengths < 1)
-    if bad.size:
-        i = bad[0]
+    if (i := _first(lengths < 1)) is not None:
         raise ValueError(f"RLE pair {i}: length {lengths[i]} < 1")
     # compare before adding, so that huge values cannot overflow int64 into a negative end
-    bad = np.flatnonzero((starts > n_pixels) | (lengths > n_pixels - starts + 1))
-    if bad.size:
-        i = bad[0]
+    if (i := _first((starts > n_pixels) | (lengths > n_pixels - starts + 1))) is not None:
         raise ValueError(f"RLE pair {i}: run {starts[i]}+{lengths[i]} ends past the image end "
                          f"({n_pixels} pixels for shape {tuple(shape)})")
-    ends = starts + lengths - 1  # last pixel of each run, 1-indexed
-    bad = np.flatnonzero(starts[1:] <= ends[:-1])
-    if bad.size:
-        i = bad[0] + 1
-        kind = "unsorted" if starts[i] < starts[i - 1] else "overlapping"
-        raise ValueError(f"RLE pair {i}: {kind} runs (start {starts[i]} after run {starts[i - 1]}+{lengths[i - 1]})")
+    # pair i + 1 starts before the last pixel (1-indexed) of pair i ends
+    if (i := _first(starts[1:] <= starts[:-1] + lengths[:-1] - 1)) is not None:
+        kind = "unsorted" if starts[i + 1] < starts[i] else "overlapping"
+        raise ValueError(f"RLE pair {i + 1}: {kind} runs (start {starts[i + 1]} after run {starts[i]}+{lengths[i]})")
 
 
 class MaskError(ValueError):
@@ -147,21 +127,18 @@ def parse_many(rles, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.nda
         MaskError: (a ValueError) naming the position of the first malformed string and the problem.
     """
     rles = list(rles)
-    n_pixels = int(shape[0]) * int(shape[1])
-    fast = _parse_many_fast(rles, n_pixels)
+    fast = _parse_many_fast(rles, int(shape[0]) * int(shape[1]))
     if fast is not None:
         return fast
-    starts, lengths, counts = [], [], np.zeros(len(rles), dtype=np.int64)
+    runs = []
     for i, s in enumerate(rles):
         try:
-            st, ln = parse(s, shape)
+            runs.append(parse(s, shape))
         except ValueError as exc:
             raise MaskError(i, str(exc)) from None
-        starts.append(st)
-        lengths.append(ln)
-        counts[i] = st.size
-    empty = [np.zeros(0, dtype=np.int64)]
-    return np.concatenate(starts or empty), np.concatenate(lengths or empty), counts
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate([empty, *(st for st, _ in runs)]), np.concatenate([empty, *(ln for _, ln in runs)]),
+            np.array([st.size for st, _ in runs], dtype=np.int64))
 
 
 def _parse_many_fast(rles: list, n_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -169,38 +146,23 @@ def _parse_many_fast(rles: list, n_pixels: int) -> tuple[np.ndarray, np.ndarray,
     if not all(type(s) is str for s in rles):
         return None
     joined = "\n".join(rles)
-    if (joined.translate(_CANONICAL_CHARS) or "  " in joined or " \n" in joined or "\n " in joined
-            or joined.startswith(" ") or joined.endswith(" ")):
-        return None
     # canonical: every non-empty string has exactly count(" ") + 1 tokens
     tokens = np.array([s.count(" ") + 1 if s else 0 for s in rles], dtype=np.int64)
-    if (tokens % 2).any():
+    if (joined.translate(_CANONICAL_CHARS) or "  " in joined or " \n" in joined or "\n " in joined
+            or joined.startswith(" ") or joined.endswith(" ") or (tokens % 2).any()):
         return None
-    if not joined.strip():
-        values = np.zeros(0, dtype=np.int64)
-    else:
-        try:
-            values = np.fromstring(joined, dtype=np.int64, sep=" ")
-        except (ValueError, AttributeError):
-            return None
-    if values.size != tokens.sum():
+    try:  # (fromstring reads a string of newlines as one 0)
+        values = np.fromstring(joined, dtype=np.int64, sep=" ") if tokens.any() else np.zeros(0, dtype=np.int64)
+    except (ValueError, AttributeError):
         return None
-    counts = tokens // 2
-    if values.size == 0:
-        return values, values.copy(), counts
-    if values.min() < 1 or values.max() > n_pixels:
+    if values.size != tokens.sum() or values.min(initial=1) < 1 or values.max(initial=1) > n_pixels:
         return None
-    starts = values[0::2] - 1
-    lengths = values[1::2]
+    starts, lengths, counts = values[0::2] - 1, values[1::2], tokens // 2
     ends = starts + lengths  # exclusive, 0-indexed
-    if ends.max() > n_pixels:
-        return None
     ordered = starts[1:] >= ends[:-1]
     first = np.cumsum(counts)[:-1]  # index of each mask's first run in the concatenation (after the first mask)
     ordered[first[(first > 0) & (first < starts.size)] - 1] = True  # runs of different masks are not compared
-    if not ordered.all():
-        return None
-    return starts, lengths, counts
+    return (starts, lengths, counts) if ends.max(initial=0) <= n_pixels and ordered.all() else None
 
 
 def validate(rle: str, shape: tuple[int, int] = SHAPE) -> None:
@@ -210,10 +172,8 @@ def validate(rle: str, shape: tuple[int, int] = SHAPE) -> None:
 
 def runs_to_string(starts: np.ndarray, lengths: np.ndarray) -> str:
     """Format 0-indexed ``starts`` and ``lengths`` as a competition string (1-indexed)."""
-    pairs = np.empty(2 * len(starts), dtype=np.int64)
-    pairs[0::2] = np.asarray(starts) + 1
-    pairs[1::2] = lengths
-    return " ".join(map(str, pairs.tolist()))
+    pairs = np.stack((np.asarray(starts) + 1, lengths), axis=1).astype(np.int64, copy=False)  # start, length, ...
+    return " ".join(map(str, pairs.ravel().tolist()))
 
 
 def runs_to_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -277,8 +237,6 @@ def to_coco(rle: str, shape: tuple[int, int] = SHAPE) -> dict:
     Returns:
         ``{"size": [height, width], "counts": str}``: JSON-serialisable; ``pycocotools.mask.decode`` accepts it.
     """
-    from pycocotools import mask as mask_util
-
     coco = mask_util.encode(np.asfortranarray(decode(rle, shape).astype(np.uint8)))
     return {"size": [int(shape[0]), int(shape[1])], "counts": coco["counts"].decode("ascii")}
 
@@ -298,8 +256,6 @@ def to_coco_many(runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int
     Returns:
         One ``{"size": [height, width], "counts": str}`` per mask, in order.
     """
-    from pycocotools import mask as mask_util
-
     if not runs:
         return []
     height, width = int(shape[0]), int(shape[1])
@@ -309,14 +265,10 @@ def to_coco_many(runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int
         raise ValueError(f"to_coco_many: mask {int(np.flatnonzero(sizes == 0)[0])} is empty")
     flat = runs_to_indices(np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
     owner = np.repeat(np.arange(len(runs), dtype=np.int64), sizes)
-    keys = owner * n_pixels + (flat % width) * height + flat // width  # column-major position, per mask
-    keys.sort()
+    keys = np.sort(owner * n_pixels + (flat % width) * height + flat // width)  # column-major position, per mask
     breaks = np.flatnonzero((np.diff(keys) != 1) | (np.diff(keys // n_pixels) != 0)) + 1  # runs end at masks' ends
-    run_start = keys[np.concatenate(([0], breaks))]
-    run_end = keys[np.concatenate((breaks - 1, [len(keys) - 1]))] + 1
-    run_owner = run_start // n_pixels
-    run_start -= run_owner * n_pixels
-    run_end -= run_owner * n_pixels
+    run_owner, run_start = np.divmod(keys[np.concatenate(([0], breaks))], n_pixels)
+    run_end = keys[np.concatenate((breaks - 1, [len(keys) - 1]))] % n_pixels + 1
     bounds = np.searchsorted(run_owner, np.arange(len(runs) + 1))
     uncompressed = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -342,8 +294,6 @@ def coco_segmentation(segm, height: int, width: int) -> dict:
     Returns:
         ``{"size": [height, width], "counts": bytes}`` (column-major, as pycocotools encodes).
     """
-    from pycocotools import mask as mask_util
-
     if isinstance(segm, dict):
         counts = segm["counts"]
         if isinstance(counts, list):
@@ -355,12 +305,5 @@ def coco_segmentation(segm, height: int, width: int) -> dict:
 
 def from_coco(coco_rle: dict) -> str:
     """Convert a COCO RLE (compressed or uncompressed counts) to a competition string."""
-    from pycocotools import mask as mask_util
-
     h, w = coco_rle["size"]
-    counts = coco_rle["counts"]
-    if isinstance(counts, list):
-        coco_rle = mask_util.frPyObjects(coco_rle, h, w)
-    elif isinstance(counts, str):
-        coco_rle = {"size": [h, w], "counts": counts.encode("ascii")}
-    return encode(mask_util.decode(coco_rle))
+    return encode(mask_util.decode(coco_segmentation(coco_rle, h, w)))

@@ -29,8 +29,6 @@ __all__ = ["CONFIG", "METRICS", "LAST", "BEST", "FINAL", "WEIGHT_NAMES", "FAILED
            "clear_failed", "remove_temporaries", "prune_periodic", "prune_checkpoints", "copy_for_resume",
            "metric_records", "best_metric"]
 
-logger = logging.getLogger(__name__)
-
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
 LAST = "last_checkpoint"
@@ -110,9 +108,8 @@ def run_weights(run_dir, weights=None) -> Path:
     last = last_checkpoint(run_dir)
     if last is not None and (run_dir / last).is_file():
         hints.append(f"its last checkpoint {last} is for `cellkit train --resume`")
-    hint = f"; {'; '.join(hints)}" if hints else ""
-    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)}){hint}; "
-                            f"pass --weights PATH to use another")
+    raise FileNotFoundError(f"{run_dir}: no finished or best checkpoint ({' or '.join(WEIGHT_NAMES)})"
+                            f"{''.join(f'; {hint}' for hint in hints)}; pass --weights PATH to use another")
 
 
 def failure_reason(run_dir: str | os.PathLike) -> str | None:
@@ -153,9 +150,8 @@ def clear_failed(run_dir: str | os.PathLike) -> None:
 
 def remove_temporaries(run_dir: str | os.PathLike) -> None:
     """Delete the temporary files of a checkpoint save that was killed (:mod:`cellkit.atomic`'s hidden names)."""
-    run_dir = Path(run_dir)
     for pattern in (".model_*.pth.*.pth", f".{LAST}.*.tmp"):
-        for path in run_dir.glob(pattern):
+        for path in Path(run_dir).glob(pattern):
             path.unlink(missing_ok=True)
 
 
@@ -192,8 +188,7 @@ def prune_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     last = last_checkpoint(run_dir)
     if last is None:
         return []
-    keep = {last, BEST, FINAL}
-    deleted = [p for p in sorted(run_dir.glob("model_*.pth")) if p.name not in keep]
+    deleted = [p for p in sorted(run_dir.glob("model_*.pth")) if p.name not in (last, BEST, FINAL)]
     for path in deleted:
         path.unlink()
     return deleted
@@ -209,8 +204,7 @@ def copy_for_resume(source: Path, target: Path) -> str:
     checkpoint = last_checkpoint(source)
     target.mkdir(parents=True, exist_ok=True)
     for item in sorted(source.iterdir()):
-        keep = item.name in (checkpoint, BEST) or not item.name.endswith(".pth")
-        if item.is_file() and keep:
+        if item.is_file() and (item.name in (checkpoint, BEST) or not item.name.endswith(".pth")):
             shutil.copy2(item, target / item.name)
     folds_csv = source.parent / "folds.csv"
     if folds_csv.is_file() and not (target.parent / "folds.csv").exists():
@@ -232,12 +226,9 @@ def metric_records(path: str | os.PathLike) -> list[dict]:
     records = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
-            line = line.strip()
-            if not line:
-                continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.strip())
+            except json.JSONDecodeError:  # a torn or blank line
                 continue
             if isinstance(row, dict):
                 records.append(row)
@@ -249,8 +240,6 @@ def best_metric(path: str | os.PathLike, metric: str = "cellkit/mAP") -> tuple[f
     path = Path(path)
     if not (path / METRICS if path.is_dir() else path).is_file():
         return None
-    best = None
-    for row in metric_records(path):
-        if isinstance(row.get(metric), (int, float)) and (best is None or row[metric] > best[0]):
-            best = (float(row[metric]), int(row.get("iteration", -1)))
-    return best
+    logged = [row for row in metric_records(path) if isinstance(row.get(metric), (int, float))]
+    best = max(logged, key=lambda row: row[metric], default=None)  # the first of equal bests
+    return None if best is None else (float(best[metric]), int(best.get("iteration", -1)))

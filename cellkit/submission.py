@@ -117,7 +117,6 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
             masks of one image that overlap; also an id not in ``image_ids``, or a duplicated image id. Nothing is
             written then; an error while writing leaves no file (and any previous file untouched).
     """
-    path = Path(path)
     ids = [_check_id(i) for i in image_ids]
     dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
@@ -141,12 +140,10 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
             i, j, n = pairs[0]
             raise ValueError(f"image {image_id}: masks {index[i]} and {index[j]} overlap by {n} pixels "
                              f"({len(pairs)} overlapping pair(s) in this image)")
-        if not runs:
-            writer.writerow((image_id, ""))
-        for starts, lengths in runs:
-            writer.writerow((image_id, rle.runs_to_string(starts, lengths)))
-    text = buf.getvalue()
-    return atomic.write_text(path, text)
+        # an image without masks gets one row with an empty predicted
+        writer.writerows([(image_id, rle.runs_to_string(starts, lengths)) for starts, lengths in runs]
+                         or [(image_id, "")])
+    return atomic.write_text(path, buf.getvalue())
 
 
 def image_sizes(image_dir) -> dict[str, tuple[int, int]]:
@@ -274,9 +271,8 @@ def _check_rle(predicted: str, shape: tuple[int, int]) -> tuple[str | None, tupl
         return f"bad RLE: {exc}", None
     n_pixels = shape[0] * shape[1]
     ends = starts + lengths  # 0-indexed, exclusive
-    past = np.flatnonzero(ends > n_pixels)
-    if past.size:
-        i = int(past[0])
+    if (ends > n_pixels).any():
+        i = int(np.argmax(ends > n_pixels))
         return (f"out of bounds: RLE pair {i} (run {starts[i] + 1}+{lengths[i]}) ends at pixel {ends[i]} past the "
                 f"image end ({n_pixels} pixels for height x width {shape[0]}x{shape[1]})"), None
     return None, (starts, lengths)

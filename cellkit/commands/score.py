@@ -39,21 +39,15 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cellkit import atomic
     from cellkit.metric import score_csv
 
     result = score_csv(args.truth, args.pred, progress=sys.stderr.isatty() and not args.json)
     if args.per_image:
-        _write_csv_atomic(result["per_image"], args.per_image)
+        Path(args.per_image).parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(args.per_image) as tmp:
+            result["per_image"].to_csv(tmp, index=False)
     print(json.dumps(summary(result)) if args.json else format_table(result))
     return 0
-
-
-def _write_csv_atomic(frame, path) -> None:
-    from pathlib import Path
-
-    from cellkit import atomic
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)

@@ -100,6 +100,6 @@ def run(args) -> int:
     problems = validate_submission(out, args.images)
     if problems:  # cannot happen for masks from apply_predictions; never hand in an invalid file silently
         raise CellkitError(f"{out}: written but invalid: {problems[0]} ({len(problems)} problem(s))")
-    empty = sum(1 for v in masks.values() if not v)
-    print(f"wrote {out}: {n_kept} masks, {len(sizes)} images ({empty} without cells); valid")
+    print(f"wrote {out}: {n_kept} masks, {len(sizes)} images "
+          f"({sum(not v for v in masks.values())} without cells); valid")
     return 0
