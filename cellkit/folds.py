@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellkit import atomic, data
+from cellkit import atomic
 
 __all__ = ["image_table", "make_folds", "write_folds", "read_folds", "fold_ids", "SPLITS"]
 
@@ -111,8 +111,16 @@ def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such folds file")
-    df = data._read_table(path, ("id", "fold"), {"id": str, "cell_type": str, "sample_id": str}, {"fold": [""]},
-                          "empty folds file", "no data rows")
+    try:
+        df = pd.read_csv(path, dtype={"id": str, "cell_type": str, "sample_id": str}, keep_default_na=False,
+                         na_values={"fold": [""]})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty folds file") from None
+    missing = [c for c in ("id", "fold") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise ValueError(f"{path}: no data rows")
     fold = pd.to_numeric(df["fold"], errors="coerce")
     bad = np.flatnonzero(~(fold.notna() & (fold >= 0) & (fold == np.round(fold))).to_numpy())
     if bad.size:
