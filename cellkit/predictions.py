@@ -117,8 +117,7 @@ class InstancePredictions:
         x0, y0, x1, y1 = self.mask_boxes.T
         bad = np.flatnonzero((x0 < 0) | (y0 < 0) | (x1 > self.width) | (y1 > self.height) | (x1 < x0) | (y1 < y0))
         if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{where}: instance {i}: mask_box {self.mask_boxes[i].tolist()} is not a window "
+            raise ValueError(f"{where}: instance {bad[0]}: mask_box {self.mask_boxes[bad[0]].tolist()} is not a window "
                              f"x0<=x1<={self.width}, y0<=y1<={self.height}")
         for i, m in enumerate(self.masks):
             m = np.asarray(m)
@@ -198,12 +197,9 @@ class InstancePredictions:
                                  f"mask 0 has {(height, width)}")
             height, width = q.shape
             rows, cols = np.flatnonzero(q.any(axis=1)), np.flatnonzero(q.any(axis=0))
-            if rows.size:
-                y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-                mask_boxes[i] = (x0, y0, x1, y1)
-                masks.append(np.ascontiguousarray(q[y0:y1, x0:x1]))
-            else:
-                masks.append(np.zeros((0, 0), dtype=np.uint8))
+            y0, y1, x0, x1 = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if rows.size else (0, 0, 0, 0)
+            mask_boxes[i] = (x0, y0, x1, y1)
+            masks.append(np.ascontiguousarray(q[y0:y1, x0:x1]))
         return cls(image_id, height, width, classes, scores, boxes, mask_boxes, masks)
 
 
@@ -212,18 +208,12 @@ def save(pred: InstancePredictions, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{pred.image_id}.npz"
-    if len(pred):
-        mask_data = np.concatenate([m.reshape(-1) for m in pred.masks])
-    else:
-        mask_data = np.zeros(0, dtype=np.uint8)
-    arrays = {
-        "format": np.array(FORMAT), "image_id": np.array(pred.image_id),
-        "shape": np.array([pred.height, pred.width], dtype=np.int64),
-        "classes": pred.classes, "scores": pred.scores, "boxes": pred.boxes, "mask_boxes": pred.mask_boxes,
-        "mask_data": mask_data.astype(np.uint8, copy=False),
-    }
+    mask_data = np.concatenate([np.zeros(0, dtype=np.uint8)] + [m.reshape(-1) for m in pred.masks])
     with atomic.atomic_path(path, suffix=".npz") as tmp:  # hidden name: skipped by readers while incomplete
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, format=np.array(FORMAT), image_id=np.array(pred.image_id),
+                            shape=np.array([pred.height, pred.width], dtype=np.int64), classes=pred.classes,
+                            scores=pred.scores, boxes=pred.boxes, mask_boxes=pred.mask_boxes,
+                            mask_data=mask_data.astype(np.uint8, copy=False))
     return path
 
 
@@ -242,8 +232,7 @@ def load(path) -> InstancePredictions:
         raise ValueError(f"{path}: not a cellkit predictions file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in _KEYS if k not in npz.files]
-            if missing:
+            if missing := [k for k in _KEYS if k not in npz.files]:
                 raise ValueError(f"missing keys {missing}")
             data = {k: npz[k] for k in _KEYS}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
@@ -309,8 +298,7 @@ def iter_dir(directory, ids: Iterable[str] | None = None) -> Iterator[InstancePr
     listing = _listing(Path(directory))
     if ids is not None:
         wanted = sorted(set(ids))
-        missing = [i for i in wanted if i not in listing]
-        if missing:
+        if missing := [i for i in wanted if i not in listing]:
             raise ValueError(f"{directory}: no predictions for {len(missing)} requested image(s), e.g. "
                              f"{missing[:5]}")
         listing = {i: listing[i] for i in wanted}
@@ -328,9 +316,7 @@ def write_meta(directory, meta: dict) -> Path:
         raise ValueError(f"write_meta: meta must be a dict, got {type(meta).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {**meta}
-    meta.setdefault("cellkit_version", __version__)
-    return atomic.write_json(directory / META_NAME, meta, sort_keys=True)
+    return atomic.write_json(directory / META_NAME, {"cellkit_version": __version__, **meta}, sort_keys=True)
 
 
 def read_meta(directory) -> dict:
