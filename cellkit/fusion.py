@@ -126,8 +126,8 @@ def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     if score == "mean" and len(out_boxes):
         pooled = Boxes(boxes.float().clone())
         pooled.clip(tuple(shape_hw))
-        overlap = pairwise_iou(Boxes(out_boxes), pooled)  # (n, N)
-        match = (overlap > float(iou)) & (out_classes[:, None] == classes.long()[None, :].to(device))
+        match = ((pairwise_iou(Boxes(out_boxes), pooled) > float(iou))  # (n, N)
+                 & (out_classes[:, None] == classes.long()[None, :].to(device)))
         match[torch.arange(len(kept), device=device), kept.to(device)] = True  # a kept box matches itself
         contrib = torch.where(match, scores.float()[None, :].to(device), torch.zeros((), device=device))
         best = torch.zeros(len(out_boxes), int(n_groups), device=device)
@@ -257,13 +257,11 @@ def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[
     clusters: list[list[int]] = []
     members_in: list[set] = []
     for i in np.argsort(-pooled.scores, kind="stable").tolist():
-        heads = partner[indptr[i]:indptr[i + 1]]
-        found = cluster_of_head[heads]
+        found = cluster_of_head[partner[indptr[i]:indptr[i + 1]]]
         best, best_iou = -1, float(iou)
         for c, v in sorted(zip(found[found >= 0].tolist(), pair_iou[indptr[i]:indptr[i + 1]][found >= 0].tolist())):
-            if v > best_iou or (v == best_iou and best < 0):
-                if member[i] not in members_in[c]:
-                    best, best_iou = c, v
+            if (v > best_iou or (v == best_iou and best < 0)) and member[i] not in members_in[c]:
+                best, best_iou = c, v
         if best < 0:
             cluster_of_head[i] = len(clusters)
             clusters.append([i])
@@ -287,5 +285,5 @@ def _fuse_cluster(pooled, wins: np.ndarray, cl: list[int], k: int):
     for weight, i in zip(w, cl):
         a0, b0, a1, b1 = wins[i]
         acc[b0 - y0:b1 - y0, a0 - x0:a1 - x0] += weight * pooled.masks[i].astype(np.float64) / 255.0
-    box = (w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0)
-    return pooled.classes[cl[0]], float(s.sum()) / k, box, np.array([x0, y0, x1, y1]), quantize(acc)
+    return (pooled.classes[cl[0]], float(s.sum()) / k, (w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0),
+            np.array([x0, y0, x1, y1]), quantize(acc))

@@ -43,6 +43,14 @@ def _pair(value) -> tuple:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def _norm_activation(x: torch.Tensor, norm, activation) -> torch.Tensor:  # after the conv, as detectron2's layers
+    if norm is not None:
+        x = norm(x)
+    if activation is not None:
+        x = activation(x)
+    return x
+
+
 class _DeformConvBase(nn.Module):
     """Shared constructor of the torchvision-backed deformable convolutions (detectron2's argument names)."""
 
@@ -79,16 +87,9 @@ class _DeformConvBase(nn.Module):
         # keeps the autograd graph connected, like detectron2's _NewEmptyTensorOp
         return x.new_zeros([x.shape[0], self.out_channels] + shape) + 0 * x.sum()
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
     def _deform(self, x, offset, mask=None):
         if x.numel() == 0:
-            return self._finish(self._empty_output(x))
+            return _norm_activation(self._empty_output(x), self.norm, self.activation)
         if offset.device.type == "cpu" and not bool(torch.isfinite(offset).all()):
             # torchvision's CPU kernel reads out of bounds (segfault) on NaN offsets: fail like a diverged loss does.
             # Only there: on CUDA this check would synchronise with the host in every deformable layer.
@@ -106,7 +107,7 @@ class _DeformConvBase(nn.Module):
                 dilation=self.dilation,
                 mask=None if mask is None else mask.to(dtype),
             )
-        return self._finish(out)
+        return _norm_activation(out, self.norm, self.activation)
 
     def extra_repr(self) -> str:
         return (
@@ -154,11 +155,7 @@ def _float32_forward(cls):
                     out = super().forward(x.float(), *(a.float() for a in args))
             finally:
                 self.norm, self.activation = norm, activation
-            if norm is not None:
-                out = norm(out)
-            if activation is not None:
-                out = activation(out)
-            return out
+            return _norm_activation(out, norm, activation)
 
     Float32.__name__ = Float32.__qualname__ = cls.__name__
     Float32.__doc__ = f"detectron2's compiled ``{cls.__name__}`` computed in float32 under autocast."
@@ -272,5 +269,4 @@ def load_model(cfg, weights: str | os.PathLike):
     check_local_weights(weights, cfg.CELLKIT.WEIGHTS_SOURCE if "CELLKIT" in cfg else "")
     model = build_model(cfg)
     CellkitCheckpointer(model).load(str(weights))
-    model.eval()
-    return model
+    return model.eval()

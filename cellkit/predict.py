@@ -239,12 +239,10 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
                 raise ValueError(f"{run_dir}: {key} is {a!r}, {lead_dir} has {b!r}; ensemble members must agree")
     fusion = (fusion or FusionSettings()).resolved(lead.MODEL.ROI_HEADS.NMS_THRESH_TEST)
     pass_fusion = FusionSettings("nms", None, fusion.score) if fusion.mode == "wmf" else fusion
-    members, infos = [], []
-    for run_dir, cfg, w, s in plans:
-        members.append(CellTTA(cfg, load_model(cfg, w), tta=tta, settings=s, fusion=pass_fusion,
-                               cache_features=cache_features))
-        infos.append({"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
-                      "weights": str(Path(w).resolve()), "sha256": sha256_file(w)})
+    members = [CellTTA(cfg, load_model(cfg, w), tta=tta, settings=s, fusion=pass_fusion, cache_features=cache_features)
+               for _, cfg, w, s in plans]
+    infos = [{"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
+              "weights": str(Path(w).resolve()), "sha256": sha256_file(w)} for run_dir, _, w, _ in plans]
     return Ensemble(members, fusion, infos)
 
 
@@ -289,8 +287,7 @@ def _existing_ids(out: Path) -> set:
         raise ValueError(f"{out}: output path exists and is not a directory")
     if any(not p.name.startswith(".") for p in out.glob("*.npz")):  # a killed first write leaves only a hidden temp
         return set(predictions.image_ids(out))
-    foreign = [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]
-    if foreign:
+    if foreign := [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]:
         raise ValueError(f"{foreign[0]}: foreign file in predictions directory {out}")
     return set()
 
@@ -323,8 +320,7 @@ def check_images(paths: Sequence[Path], workers: int | None = None, progress: bo
     """
     results = datacheck.run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
                                       datacheck._workers(workers), "checking images", progress)
-    problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
-    if problems:
+    if problems := [((str(p),), msg) for p, msg in zip(paths, results) if msg]:
         raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,
                                        consequence="nothing was predicted")
 
@@ -414,10 +410,11 @@ def predict_oof(run_dirs_by_fold: Mapping, data_dir, out, tta: bool = False, wei
         raise ValueError("predict_oof: an image is held out by more than one fold (folds files differ between runs)")
     results = {}
     for fold, (runs, images) in plans.items():
-        weights = [weights_by_fold.get(fold)] if len(runs) == 1 else None
-        predictor = load_ensemble(runs, weights, tta=tta, device=device, fusion=fusion, settings=settings)
-        source = {"fold": int(fold), "images": str(Path(data_dir).resolve() / "train")}
-        results[fold] = predict_images(predictor, images, out, source, progress=progress)
+        predictor = load_ensemble(runs, [weights_by_fold.get(fold)] if len(runs) == 1 else None, tta=tta,
+                                  device=device, fusion=fusion, settings=settings)
+        results[fold] = predict_images(predictor, images, out,
+                                       {"fold": int(fold), "images": str(Path(data_dir).resolve() / "train")},
+                                       progress=progress)
         del predictor
     return results
 

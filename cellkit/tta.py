@@ -103,11 +103,10 @@ def tta_settings(cfg, tta: bool) -> TTASettings:
     """
     if tta:
         sizes, max_size, flip = tuple(cfg.TEST.AUG.MIN_SIZES), int(cfg.TEST.AUG.MAX_SIZE), bool(cfg.TEST.AUG.FLIP)
-        where = "TEST.AUG.MIN_SIZES / TEST.AUG.MAX_SIZE"
     else:
         sizes, max_size, flip = (int(cfg.INPUT.MIN_SIZE_TEST),), int(cfg.INPUT.MAX_SIZE_TEST), False
-        where = "INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST"
     if not sizes or any(int(s) <= 0 for s in sizes) or max_size <= 0:
+        where = "TEST.AUG.MIN_SIZES / TEST.AUG.MAX_SIZE" if tta else "INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST"
         raise ValueError(f"config {where} must be positive sizes, got {list(sizes)} / {max_size}")
     return TTASettings(tuple(int(s) for s in sizes), max_size, flip)
 
@@ -259,9 +258,8 @@ class CellTTA(TTACompat):
         if not cfg.MODEL.MASK_ON:
             raise ValueError("config MODEL.MASK_ON is False: predictions need a mask head")
         self.settings = settings if settings is not None else tta_settings(cfg, tta)
-        mapper = DatasetMapperTTA(min_sizes=list(self.settings.min_sizes), max_size=self.settings.max_size,
-                                  flip=self.settings.flip)
-        super().__init__(cfg, model, tta_mapper=mapper, batch_size=1)
+        super().__init__(cfg, model, batch_size=1, tta_mapper=DatasetMapperTTA(
+            min_sizes=list(self.settings.min_sizes), max_size=self.settings.max_size, flip=self.settings.flip))
         self.model.eval()
         self.cache_features = cache_features
         self.fusion = (fusion or FusionSettings()).resolved(cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST)
@@ -304,11 +302,6 @@ class CellTTA(TTACompat):
         return predict_members([self], image, image_id, self.fusion)
 
     # -- internals -----------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def _features(self, aug_input):
         images = self.model.preprocess_image([aug_input])
         self.passes_run += 1
@@ -328,12 +321,10 @@ class CellTTA(TTACompat):
     def _single_pass(self, inp):
         """The model's own boxes and masks from one forward pass (no merge)."""
         aug_inputs, tfms = self.augmented_inputs(inp)
-        images, features = self._features(aug_inputs[0])
-        res = self._detect(images, features, with_masks=True)
+        res = self._detect(*self._features(aug_inputs[0]), with_masks=True)
         boxes = deaugment_boxes(res.pred_boxes.tensor, tfms[0])
         keep = _valid(boxes, (inp["height"], inp["width"]))
-        masks = deaugment_masks(res.pred_masks, tfms[0])
-        return boxes[keep], res.scores[keep], res.pred_classes[keep], masks[keep]
+        return boxes[keep], res.scores[keep], res.pred_classes[keep], deaugment_masks(res.pred_masks, tfms[0])[keep]
 
     def _pass_boxes(self, inp):
         """Pass 1 of every augmentation: ``(aug_inputs, tfms, cached, [(boxes, scores, classes)] per pass)``."""
@@ -349,14 +340,13 @@ class CellTTA(TTACompat):
     def _pass_masks(self, aug_inputs, tfms, cached, merged: Instances) -> torch.Tensor:
         """Pass 2: the sum over this model's passes of ``(N, 1, M, M)`` mask probabilities on ``merged`` boxes."""
         aug_instances = self.rescale_boxes(aug_inputs, merged, tfms)
-        total = None
+        total = 0
         for k, (aug_input, inst, tfm) in enumerate(zip(aug_inputs, aug_instances, tfms)):
             images, features = cached[k] if self.cache_features else self._features(aug_input)
             if self.cache_features:
                 cached[k] = None  # free this pass's pyramid as soon as it is used
             # as detectron2's _reduce_pred_masks: box-relative masks are scale-free, only the flip is undone
-            pass_masks = deaugment_masks(self._masks_for_boxes(images, features, inst).float(), tfm)
-            total = pass_masks if total is None else total + pass_masks
+            total = total + deaugment_masks(self._masks_for_boxes(images, features, inst).float(), tfm)
         return total
 
 
@@ -431,13 +421,13 @@ def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str
         raise ValueError(f"image {image_id!r}: expected (H, W, C) or (H, W), got shape {image.shape}")
     height, width = image.shape[:2]
     inp = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": height, "width": width}
-    with members[0]._autocast():
+    with torch.autocast(device_type="cuda", dtype=torch.float16) if members[0].amp else contextlib.nullcontext():
         boxes, scores, classes, masks = fused_boxes_and_masks(members, inp, fusion)
     mask_boxes, crops = paste_crops(masks.float(), boxes, height, width)
-    order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
+    scores = scores.float().cpu().numpy()
     classes = torch.zeros_like(classes) if members[0].one_class else classes
-    return InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores.float().cpu().numpy(),
-                               boxes.cpu().numpy(), mask_boxes, crops).select(order)
+    return InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores, boxes.cpu().numpy(), mask_boxes,
+                               crops).select(np.argsort(-scores, kind="stable"))
 
 
 def check_num_classes(cfg) -> None:
