@@ -171,8 +171,7 @@ def wbf_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     fb, fs, fl = weighted_boxes_fusion(boxes_list, scores_list, labels_list, iou_thr=float(iou), skip_box_thr=0.0,
                                        conf_type="avg")
     order = np.argsort(-np.asarray(fs), kind="stable")[: int(max_dets)]
-    fb = np.asarray(fb, dtype=np.float64)[order] * scale
-    return (torch.as_tensor(fb, dtype=torch.float32, device=device),
+    return (torch.as_tensor(np.asarray(fb, dtype=np.float64)[order] * scale, dtype=torch.float32, device=device),
             torch.as_tensor(np.asarray(fs)[order], dtype=torch.float32, device=device),
             torch.as_tensor(np.asarray(fl)[order], dtype=torch.int64, device=device))
 

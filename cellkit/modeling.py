@@ -39,10 +39,6 @@ HAS_D2_C = importlib.util.find_spec("detectron2._C") is not None
 """Whether detectron2 was compiled with its C++/CUDA ops (a source build on Kaggle/Colab)."""
 
 
-def _pair(value) -> tuple:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def _norm_activation(x: torch.Tensor, norm, activation) -> torch.Tensor:  # after the conv, as detectron2's layers
     if norm is not None:
         x = norm(x)
@@ -72,8 +68,8 @@ class _DeformConvBase(nn.Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must divide by groups {groups}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding, self.dilation = (
-            _pair(v) for v in (kernel_size, stride, padding, dilation))
+        self.kernel_size, self.stride, self.padding, self.dilation = (  # (v, v) for an int v
+            (v, v) if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, padding, dilation))
         self.deformable_groups, self.with_bias, self.norm, self.activation = deformable_groups, bias, norm, activation
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None

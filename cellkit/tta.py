@@ -44,9 +44,9 @@ import torch
 from torch.nn import functional as F
 
 from detectron2.modeling import GeneralizedRCNN
-from fvcore.transforms import HFlipTransform
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from detectron2.structures import Boxes, Instances
+from fvcore.transforms import HFlipTransform
 
 from cellkit import CELL_TYPES
 from cellkit.compat import TTACompat
@@ -220,8 +220,7 @@ def _paste_batch(masks, boxes, windows, wh, idx, crops) -> None:
     x0, y0, x1, y1 = (b[:, k:k + 1] for k in range(4))
     img_x = (w[:, 0:1].float() + torch.arange(wmax, device=device, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
     img_y = (w[:, 1:2].float() + torch.arange(hmax, device=device, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
-    k = len(idx)
-    grid = torch.stack([img_x[:, None, :].expand(k, hmax, wmax), img_y[:, :, None].expand(k, hmax, wmax)], dim=3)
+    grid = torch.stack([img_x[:, None, :].expand(-1, hmax, wmax), img_y[:, :, None].expand(-1, hmax, wmax)], dim=3)
     q = quantize(F.grid_sample(masks[sel][:, None].float(), grid, align_corners=False)[:, 0].cpu().numpy())
     for j, i in enumerate(idx):
         crops[i] = np.ascontiguousarray(q[j, : int(wh[i, 1]), : int(wh[i, 0])])
