@@ -146,10 +146,13 @@ def expand_runs(patterns: Sequence[str]) -> list[Path]:
     return out
 
 
-def sha256_file(path) -> str:
+def sha256_file(path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file (a member's checkpoint in the signature's provenance)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Ensemble:
