@@ -35,11 +35,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+from detectron2.structures import Boxes, pairwise_iou
 
 from cellkit.geometry import MaskRuns, box_pairs, pair_intersections
+from cellkit.predictions import InstancePredictions, quantize
 
 __all__ = ["MODES", "SCORE_MODES", "FusionSettings", "merge_boxes", "nms_merge", "wbf_merge",
-           "weighted_mask_fusion", "box_iou"]
+           "weighted_mask_fusion"]
 
 MODES = ("nms", "wbf", "wmf")
 """Fusion modes: box-first NMS, box-first weighted box fusion, weighted mask fusion."""
@@ -95,13 +98,6 @@ class FusionSettings:
 
 
 # ----------------------------------------------------------------------------------------------------- box merging
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of XYXY boxes ``a (N, 4)`` and ``b (M, 4)`` -> float32 ``(N, M)``."""
-    from detectron2.structures import Boxes, pairwise_iou
-
-    return pairwise_iou(Boxes(a.float()), Boxes(b.float()))
-
-
 def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, groups: torch.Tensor, n_groups: int,
               shape_hw, iou: float, max_dets: int, score: str = "mean"):
     """Class-wise NMS over pooled boxes (detectron2's ``fast_rcnn_inference_single_image``), optionally re-scored.
@@ -118,8 +114,6 @@ def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     Returns:
         ``(boxes (n, 4) float32, scores (n,) float32, classes (n,) int64)``, highest raw score first.
     """
-    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
-
     device = boxes.device
     num_classes = int(classes.max()) + 1 if len(classes) else 1
     scores_2d = torch.zeros(len(boxes), num_classes + 1, device=device)
@@ -127,16 +121,13 @@ def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
         scores_2d[torch.arange(len(boxes), device=device), classes.long()] = scores.float()
     merged, kept = fast_rcnn_inference_single_image(boxes.float(), scores_2d, tuple(shape_hw), 1e-8, float(iou),
                                                     int(max_dets))
-    out_boxes = merged.pred_boxes.tensor.float()
-    out_scores = merged.scores.float()
-    out_classes = merged.pred_classes.long()
+    out_boxes, out_scores, out_classes = (merged.pred_boxes.tensor.float(), merged.scores.float(),
+                                          merged.pred_classes.long())
     if score == "mean" and len(out_boxes):
-        from detectron2.structures import Boxes
-
         pooled = Boxes(boxes.float().clone())
         pooled.clip(tuple(shape_hw))
-        overlap = box_iou(out_boxes, pooled.tensor)  # (n, N)
-        match = (overlap > float(iou)) & (out_classes[:, None] == classes.long()[None, :].to(device))
+        match = ((pairwise_iou(Boxes(out_boxes), pooled) > float(iou))  # (n, N)
+                 & (out_classes[:, None] == classes.long()[None, :].to(device)))
         match[torch.arange(len(kept), device=device), kept.to(device)] = True  # a kept box matches itself
         contrib = torch.where(match, scores.float()[None, :].to(device), torch.zeros((), device=device))
         best = torch.zeros(len(out_boxes), int(n_groups), device=device)
@@ -170,20 +161,17 @@ def wbf_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     c = classes.detach().cpu().numpy()
     g = groups.detach().cpu().numpy()
     valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-    boxes_list, scores_list, labels_list = [], [], []
-    for k in range(int(n_groups)):
-        sel = (g == k) & valid
-        boxes_list.append(b[sel].tolist())
-        scores_list.append(s[sel].tolist())
-        labels_list.append(c[sel].tolist())
+    selections = [(g == k) & valid for k in range(int(n_groups))]
+    boxes_list = [b[sel].tolist() for sel in selections]
+    scores_list = [s[sel].tolist() for sel in selections]
+    labels_list = [c[sel].tolist() for sel in selections]
     if not any(len(x) for x in scores_list):
         return (torch.zeros((0, 4), device=device), torch.zeros((0,), device=device),
                 torch.zeros((0,), dtype=torch.int64, device=device))
     fb, fs, fl = weighted_boxes_fusion(boxes_list, scores_list, labels_list, iou_thr=float(iou), skip_box_thr=0.0,
                                        conf_type="avg")
     order = np.argsort(-np.asarray(fs), kind="stable")[: int(max_dets)]
-    fb = np.asarray(fb, dtype=np.float64)[order] * scale
-    return (torch.as_tensor(fb, dtype=torch.float32, device=device),
+    return (torch.as_tensor(np.asarray(fb, dtype=np.float64)[order] * scale, dtype=torch.float32, device=device),
             torch.as_tensor(np.asarray(fs)[order], dtype=torch.float32, device=device),
             torch.as_tensor(np.asarray(fl)[order], dtype=torch.int64, device=device))
 
@@ -216,33 +204,7 @@ def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None
     Raises:
         ValueError: no members, or members of different images.
     """
-    from cellkit.predictions import InstancePredictions
-
     preds = list(preds)
-    pooled, member = _pool_members(preds)
-    if len(pooled) == 0:
-        return pooled
-    wins = pooled.mask_boxes.astype(np.int64)
-    fused = [_fuse_cluster(pooled, wins, cl, len(preds)) for cl in _clusters(pooled, member, wins, iou)]
-    classes, scores, boxes, windows, crops = zip(*fused)
-    first = preds[0]
-    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
-                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
-                                np.asarray(windows, np.int32).reshape(-1, 4), list(crops))
-    keep = np.argsort(-fused.scores, kind="stable")
-    if max_dets is not None:
-        keep = keep[: int(max_dets)]
-    return fused.select(keep)
-
-
-def _pool_members(preds: list):
-    """All members' instances in one :class:`InstancePredictions`, and ``(N,)`` int64 member index of each.
-
-    Raises:
-        ValueError: no members, or members of different images.
-    """
-    from cellkit.predictions import InstancePredictions
-
     if not preds:
         raise ValueError("weighted_mask_fusion: no member predictions")
     first = preds[0]
@@ -250,6 +212,7 @@ def _pool_members(preds: list):
         if (p.image_id, p.height, p.width) != (first.image_id, first.height, first.width):
             raise ValueError(f"weighted_mask_fusion: members predict different images ({first.image_id!r} "
                              f"{first.height}x{first.width} vs {p.image_id!r} {p.height}x{p.width})")
+    # all members' instances in one InstancePredictions, and the member index of each
     member = np.concatenate([np.full(len(p), m, np.int64) for m, p in enumerate(preds)])
     pooled = InstancePredictions(first.image_id, first.height, first.width,
                                  np.concatenate([p.classes for p in preds]),
@@ -257,25 +220,15 @@ def _pool_members(preds: list):
                                  np.concatenate([p.boxes for p in preds]).reshape(-1, 4),
                                  np.concatenate([p.mask_boxes for p in preds]).reshape(-1, 4),
                                  [m for p in preds for m in p.masks])
-    return pooled, member
-
-
-def _head_pairs(pooled, member: np.ndarray, wins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The mask IoUs a cluster can ask for: pairs of instances of the same class and of other members whose binary
-    masks (probability >= 0.5) share pixels, both ways, as CSR: instance ``i``'s partners are
-    ``partner[indptr[i]:indptr[i + 1]]`` at IoUs ``iou[...]``."""
-    binary = [m >= 128 for m in pooled.masks]  # uint8 q >= 128 <=> probability >= 0.5 (q / 255 >= 0.5)
-    runs = MaskRuns.from_crops(binary, wins, (pooled.height, pooled.width))
-    a, b = box_pairs(runs.boxes)
-    same = (pooled.classes[a] == pooled.classes[b]) & (member[a] != member[b])
-    inter = pair_intersections(runs, runs, a[same], b[same])
-    hit = inter > 0
-    a, b, inter = a[same][hit], b[same][hit], inter[hit]
-    iou = inter / (runs.areas[a] + runs.areas[b] - inter)
-    src, partner, iou = np.concatenate((a, b)), np.concatenate((b, a)), np.concatenate((iou, iou))
-    order = np.argsort(src, kind="stable")
-    indptr = np.searchsorted(src[order], np.arange(len(binary) + 1))
-    return indptr, partner[order], iou[order]
+    if len(pooled) == 0:
+        return pooled
+    wins = pooled.mask_boxes.astype(np.int64)
+    fused = [_fuse_cluster(pooled, wins, cl, len(preds)) for cl in _clusters(pooled, member, wins, iou)]
+    classes, scores, boxes, windows, crops = zip(*fused)
+    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
+                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
+                                np.asarray(windows, np.int32).reshape(-1, 4), list(crops))
+    return fused.select(np.argsort(-fused.scores, kind="stable")[: None if max_dets is None else int(max_dets)])
 
 
 def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[list[int]]:
@@ -284,18 +237,30 @@ def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[
     starts one."""
     if not 0.0 < float(iou) <= 1.0:
         raise ValueError(f"weighted_mask_fusion: iou {iou!r}: expected a number in (0, 1]")
-    indptr, partner, pair_iou = _head_pairs(pooled, member, wins)
+    # the mask IoUs a cluster can ask for: pairs of instances of the same class and of other members whose binary
+    # masks (probability >= 0.5) share pixels, both ways, as CSR: instance i's partners are
+    # partner[indptr[i]:indptr[i + 1]] at IoUs pair_iou[...]
+    binary = [m >= 128 for m in pooled.masks]  # uint8 q >= 128 <=> probability >= 0.5 (q / 255 >= 0.5)
+    runs = MaskRuns.from_crops(binary, wins, (pooled.height, pooled.width))
+    a, b = box_pairs(runs.boxes)
+    same = (pooled.classes[a] == pooled.classes[b]) & (member[a] != member[b])
+    inter = pair_intersections(runs, runs, a[same], b[same])
+    hit = inter > 0
+    a, b, inter = a[same][hit], b[same][hit], inter[hit]
+    pair_iou = inter / (runs.areas[a] + runs.areas[b] - inter)
+    src, partner, pair_iou = np.concatenate((a, b)), np.concatenate((b, a)), np.concatenate((pair_iou, pair_iou))
+    order = np.argsort(src, kind="stable")
+    indptr = np.searchsorted(src[order], np.arange(len(binary) + 1))
+    partner, pair_iou = partner[order], pair_iou[order]
     cluster_of_head = np.full(len(pooled), -1, dtype=np.int64)
     clusters: list[list[int]] = []
     members_in: list[set] = []
     for i in np.argsort(-pooled.scores, kind="stable").tolist():
-        heads = partner[indptr[i]:indptr[i + 1]]
-        found = cluster_of_head[heads]
+        found = cluster_of_head[partner[indptr[i]:indptr[i + 1]]]
         best, best_iou = -1, float(iou)
         for c, v in sorted(zip(found[found >= 0].tolist(), pair_iou[indptr[i]:indptr[i + 1]][found >= 0].tolist())):
-            if v > best_iou or (v == best_iou and best < 0):
-                if member[i] not in members_in[c]:
-                    best, best_iou = c, v
+            if (v > best_iou or (v == best_iou and best < 0)) and member[i] not in members_in[c]:
+                best, best_iou = c, v
         if best < 0:
             cluster_of_head[i] = len(clusters)
             clusters.append([i])
@@ -308,8 +273,6 @@ def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[
 
 def _fuse_cluster(pooled, wins: np.ndarray, cl: list[int], k: int):
     """``(class, score, box, window, crop)`` of one cluster of ``k`` members' instances (module docstring)."""
-    from cellkit.predictions import quantize
-
     s = pooled.scores[cl].astype(np.float64)
     if len(cl) == 1:
         i = cl[0]
@@ -321,5 +284,5 @@ def _fuse_cluster(pooled, wins: np.ndarray, cl: list[int], k: int):
     for weight, i in zip(w, cl):
         a0, b0, a1, b1 = wins[i]
         acc[b0 - y0:b1 - y0, a0 - x0:a1 - x0] += weight * pooled.masks[i].astype(np.float64) / 255.0
-    box = (w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0)
-    return pooled.classes[cl[0]], float(s.sum()) / k, box, np.array([x0, y0, x1, y1]), quantize(acc)
+    return (pooled.classes[cl[0]], float(s.sum()) / k, (w[:, None] * pooled.boxes[cl].astype(np.float64)).sum(axis=0),
+            np.array([x0, y0, x1, y1]), quantize(acc))

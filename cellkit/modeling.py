@@ -5,8 +5,9 @@
   as detectron2's classes, so model-zoo checkpoints load. Where ``detectron2._C`` imports, detectron2's own
   classes are used instead (:data:`HAS_D2_C`).
 - ``build_cellkit_resnet_fpn_backbone`` (in ``BACKBONE_REGISTRY``): detectron2's ResNet-FPN builders with the
-  deformable blocks' 3x3 conv built from the layers above (:func:`cellkit.compat.resnet_deform_ops`); identical to ``build_resnet_fpn_backbone`` otherwise, except that ``CELLKIT.BACKBONE_CHECKPOINT`` recomputes
-  each block's activations in the backward pass (:class:`CheckpointedStage`) to fit X152 at the paper's size.
+  deformable blocks' 3x3 conv built from the layers above (:func:`cellkit.compat.resnet_deform_ops`); identical to
+  ``build_resnet_fpn_backbone`` otherwise, except that ``CELLKIT.BACKBONE_CHECKPOINT`` recomputes each block's
+  activations in the backward pass (:class:`CheckpointedStage`) to fit X152 at the paper's size.
 - :class:`CellkitCheckpointer`: loads only local files (a URL or ``detectron2://`` path is an error, nothing is
   downloaded) and logs every head re-initialised because its class count differs from the checkpoint's.
 
@@ -24,11 +25,11 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling import BACKBONE_REGISTRY, build_model as d2_build_model
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 
-from cellkit import rundir
+from cellkit import atomic, rundir
 from cellkit.compat import CheckpointerCompat, resnet_deform_ops
 from cellkit.rundir import check_local_weights
 
@@ -38,13 +39,12 @@ HAS_D2_C = importlib.util.find_spec("detectron2._C") is not None
 """Whether detectron2 was compiled with its C++/CUDA ops (a source build on Kaggle/Colab)."""
 
 
-def _pair(value) -> tuple:
-    """``(v, v)`` for an int, else the 2 values as a tuple (a conv's kernel size, stride, padding, dilation)."""
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _out_size(size, padding, dilation, kernel, stride):
-    return (size + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1
+def _norm_activation(x: torch.Tensor, norm, activation) -> torch.Tensor:  # after the conv, as detectron2's layers
+    if norm is not None:
+        x = norm(x)
+    if activation is not None:
+        x = activation(x)
+    return x
 
 
 class _DeformConvBase(nn.Module):
@@ -60,46 +60,32 @@ class _DeformConvBase(nn.Module):
         dilation=1,
         groups: int = 1,
         deformable_groups: int = 1,
-        bias: bool = False,
+        bias: bool = True,
         norm: nn.Module | None = None,
         activation=None,
     ):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must divide by groups {groups}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
-        self.deformable_groups = deformable_groups
-        self.with_bias = bias
-        self.norm = norm
-        self.activation = activation
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = (  # (v, v) for an int v
+            (v, v) if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, padding, dilation))
+        self.deformable_groups, self.with_bias, self.norm, self.activation = deformable_groups, bias, norm, activation
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
     def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
         shape = [
-            _out_size(i, p, d, k, s)
+            (i + 2 * p - (d * (k - 1) + 1)) // s + 1
             for i, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
         ]
         # keeps the autograd graph connected, like detectron2's _NewEmptyTensorOp
         return x.new_zeros([x.shape[0], self.out_channels] + shape) + 0 * x.sum()
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
     def _deform(self, x, offset, mask=None):
         if x.numel() == 0:
-            return self._finish(self._empty_output(x))
+            return _norm_activation(self._empty_output(x), self.norm, self.activation)
         if offset.device.type == "cpu" and not bool(torch.isfinite(offset).all()):
             # torchvision's CPU kernel reads out of bounds (segfault) on NaN offsets: fail like a diverged loss does.
             # Only there: on CUDA this check would synchronise with the host in every deformable layer.
@@ -117,7 +103,7 @@ class _DeformConvBase(nn.Module):
                 dilation=self.dilation,
                 mask=None if mask is None else mask.to(dtype),
             )
-        return self._finish(out)
+        return _norm_activation(out, self.norm, self.activation)
 
     def extra_repr(self) -> str:
         return (
@@ -148,9 +134,6 @@ class TorchvisionModulatedDeformConv(_DeformConvBase):
     ``forward(x, offset (N, 2*G*kh*kw, Ho, Wo), mask (N, G*kh*kw, Ho, Wo) in [0,1]) -> (N, out_channels, Ho, Wo)``.
     """
 
-    def __init__(self, *args, bias: bool = True, **kwargs):
-        super().__init__(*args, bias=bias, **kwargs)
-
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._deform(x, offset, mask)
 
@@ -168,11 +151,7 @@ def _float32_forward(cls):
                     out = super().forward(x.float(), *(a.float() for a in args))
             finally:
                 self.norm, self.activation = norm, activation
-            if norm is not None:
-                out = norm(out)
-            if activation is not None:
-                out = activation(out)
-            return out
+            return _norm_activation(out, norm, activation)
 
     Float32.__name__ = Float32.__qualname__ = cls.__name__
     Float32.__doc__ = f"detectron2's compiled ``{cls.__name__}`` computed in float32 under autocast."
@@ -189,20 +168,6 @@ else:
     ModulatedDeformConv = TorchvisionModulatedDeformConv
 
 
-def _check_resnet_cfg(r) -> None:
-    """Clear errors for the ``MODEL.RESNETS`` values detectron2's builder only asserts."""
-    depths = (18, 34, 50, 101, 152)
-    if r.DEPTH not in depths:
-        raise ValueError(f"MODEL.RESNETS.DEPTH={r.DEPTH} is not one of {list(depths)}")
-    if r.RES5_DILATION not in (1, 2):
-        raise ValueError(f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION} must be 1 or 2")
-    if r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
-                                or r.NUM_GROUPS != 1):
-        raise ValueError(
-            "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no deformable stage"
-        )
-
-
 def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """detectron2's ``build_resnet_backbone``, its deformable stages built on this module's :data:`DeformConv` /
     :data:`ModulatedDeformConv` (:func:`cellkit.compat.resnet_deform_ops`).
@@ -210,11 +175,23 @@ def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     Reads the same ``MODEL.RESNETS`` keys; returns a :class:`detectron2.modeling.backbone.ResNet` with detectron2's
     ``DeformBottleneckBlock`` (same parameter names, so model-zoo dconv checkpoints load).
     """
-    _check_resnet_cfg(cfg.MODEL.RESNETS)
+    r = cfg.MODEL.RESNETS  # clear errors for the values detectron2's builder only asserts
+    if r.DEPTH not in (18, 34, 50, 101, 152):
+        raise ValueError(f"MODEL.RESNETS.DEPTH={r.DEPTH} is not one of [18, 34, 50, 101, 152]")
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION} must be 1 or 2")
+    if r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
+                                or r.NUM_GROUPS != 1):
+        raise ValueError(
+            "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no deformable stage"
+        )
     with resnet_deform_ops(DeformConv, ModulatedDeformConv):
         resnet = build_resnet_backbone(cfg, input_shape)
     if "CELLKIT" in cfg and cfg.CELLKIT.BACKBONE_CHECKPOINT:
-        use_activation_checkpointing(resnet)
+        # every stage a CheckpointedStage (same blocks, so the same state dict)
+        for i, name in enumerate(resnet.stage_names):
+            resnet.stages[i] = CheckpointedStage(*getattr(resnet, name))
+            setattr(resnet, name, resnet.stages[i])
     return resnet
 
 
@@ -232,22 +209,6 @@ class CheckpointedStage(nn.Sequential):
         for block in self:
             x = checkpoint(block, x, use_reentrant=False)
         return x
-
-
-def use_activation_checkpointing(resnet: ResNet) -> ResNet:
-    """Turn every stage of a detectron2 ``ResNet`` into a :class:`CheckpointedStage` in place (state dict unchanged).
-
-    Returns:
-        ``resnet``.
-    """
-    for i, name in enumerate(resnet.stage_names):
-        stage = getattr(resnet, name)
-        if isinstance(stage, CheckpointedStage):
-            continue
-        new = CheckpointedStage(*stage)
-        setattr(resnet, name, new)
-        resnet.stages[i] = new
-    return resnet
 
 
 @BACKBONE_REGISTRY.register()
@@ -274,25 +235,15 @@ class CellkitCheckpointer(CheckpointerCompat):
     """
 
     def save(self, name: str, **kwargs) -> None:
-        from cellkit import atomic
-
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
+        data = {"model": self.model.state_dict(), **{k: obj.state_dict() for k, obj in self.checkpointables.items()},
+                **kwargs}
+        save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", save_file)
         with atomic.atomic_path(save_file, suffix=".pth") as tmp:
             torch.save(data, tmp)
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        from cellkit import atomic
-
-        atomic.write_text(os.path.join(self.save_dir, rundir.LAST), last_filename_basename)
+        atomic.write_text(os.path.join(self.save_dir, rundir.LAST), f"{name}.pth")  # then the last_checkpoint tag
 
     def load(self, path, *args, **kwargs):
         if path:
@@ -302,8 +253,6 @@ class CellkitCheckpointer(CheckpointerCompat):
 
 def build_model(cfg):
     """detectron2's ``build_model`` with cellkit's registered parts available (moved to ``cfg.MODEL.DEVICE``)."""
-    from detectron2.modeling import build_model as d2_build_model
-
     return d2_build_model(cfg)
 
 
@@ -316,5 +265,4 @@ def load_model(cfg, weights: str | os.PathLike):
     check_local_weights(weights, cfg.CELLKIT.WEIGHTS_SOURCE if "CELLKIT" in cfg else "")
     model = build_model(cfg)
     CellkitCheckpointer(model).load(str(weights))
-    model.eval()
-    return model
+    return model.eval()

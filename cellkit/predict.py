@@ -26,21 +26,27 @@ Stores of cellkit before the signature (``meta.json`` with ``"tta"``) read as NM
 """
 from __future__ import annotations
 
-import glob as _glob
+import glob
 import hashlib
-import logging
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from detectron2.data.detection_utils import convert_PIL_to_numpy
+from PIL import ImageOps
+from tqdm import tqdm
 
-from cellkit.fusion import FusionSettings
+from cellkit import __version__, datacheck, predictions
+from cellkit.config import CONFIG_FILE_NAME, load_run_config
+from cellkit.data import IMAGE_EXTENSIONS, find_image, open_image
+from cellkit.folds import fold_ids, read_folds
+from cellkit.fusion import FusionSettings, weighted_mask_fusion
+from cellkit.modeling import load_model
 from cellkit.rundir import WEIGHT_NAMES, is_run, run_weights
 from cellkit.predictions import read_signature, signature_difference, store_signature
 from cellkit.tta import CellTTA, TTASettings, check_num_classes, predict_members, tta_settings
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_images", "check_held_out",
            "run_folds_csv", "expand_runs", "sha256_file", "Ensemble", "load_ensemble", "store_signature",
@@ -57,8 +63,6 @@ def list_images(image_dir) -> list[tuple[str, Path]]:
         FileNotFoundError: the directory does not exist.
         ValueError: it holds no image, or two files share an id (``a.png`` and ``a.tif``).
     """
-    from cellkit.data import IMAGE_EXTENSIONS
-
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image directory does not exist")
@@ -85,9 +89,6 @@ def fold_images(data_dir, fold: int, folds_csv=None) -> list[tuple[str, Path]]:
         FileNotFoundError: no folds file, no ``train/`` folder, an image of the fold missing (naming it).
         ValueError: a fold that is not in the folds file (see :func:`cellkit.folds.fold_ids`).
     """
-    from cellkit.data import find_image
-    from cellkit.folds import fold_ids, read_folds
-
     data_dir = Path(data_dir)
     folds_csv = Path(folds_csv) if folds_csv else data_dir / "folds.csv"
     if not folds_csv.is_file():
@@ -96,8 +97,7 @@ def fold_images(data_dir, fold: int, folds_csv=None) -> list[tuple[str, Path]]:
     ids = fold_ids(read_folds(folds_csv), int(fold), "val")
     if not ids:
         raise ValueError(f"{folds_csv}: fold {fold} has no images")
-    image_dir = data_dir / "train"
-    return sorted((i, find_image(image_dir, i)) for i in ids)
+    return sorted((i, find_image(data_dir / "train", i)) for i in ids)
 
 
 def check_held_out(cfg, fold: int, run_dir) -> None:
@@ -115,9 +115,7 @@ def check_held_out(cfg, fold: int, run_dir) -> None:
 
 def run_folds_csv(run_dir, cfg, data_dir) -> Path | None:
     """The folds file a run was trained with: ``CELLKIT.DATA.FOLDS_CSV``, ``<run>/folds.csv``, ``<data>/folds.csv``."""
-    candidates = []
-    if "CELLKIT" in cfg and cfg.CELLKIT.DATA.FOLDS_CSV:
-        candidates.append(Path(cfg.CELLKIT.DATA.FOLDS_CSV))
+    candidates = [Path(cfg.CELLKIT.DATA.FOLDS_CSV)] if "CELLKIT" in cfg and cfg.CELLKIT.DATA.FOLDS_CSV else []
     candidates += [Path(run_dir) / "folds.csv", Path(data_dir) / "folds.csv"]
     return next((c for c in candidates if c.is_file()), candidates[-1])
 
@@ -132,13 +130,12 @@ def expand_runs(patterns: Sequence[str]) -> list[Path]:
         FileNotFoundError: a glob matching no run directory (naming it).
     """
     out: list[Path] = []
-    for pattern in patterns:
-        pattern = str(pattern)
-        if _glob.has_magic(pattern):
-            found = [Path(p) for p in _glob.glob(pattern) if is_run(p)]
+    for pattern in map(str, patterns):
+        if glob.has_magic(pattern):
+            found = sorted((Path(p) for p in glob.glob(pattern) if is_run(p)),
+                           key=lambda p: (len(p.name), p.name, str(p)))
             if not found:
                 raise FileNotFoundError(f"--run {pattern!r}: matches no run directory (a folder with config.yaml)")
-            found.sort(key=lambda p: (len(p.name), p.name, str(p)))
         else:
             found = [Path(pattern)]
         for p in found:
@@ -174,11 +171,6 @@ class Ensemble:
         self.cfg = self.members[0].cfg
 
     @property
-    def settings(self) -> TTASettings:
-        """The passes every member runs."""
-        return self.members[0].settings
-
-    @property
     def n_passes(self) -> int:
         """Forward passes per image and member."""
         return self.members[0].n_passes
@@ -186,31 +178,12 @@ class Ensemble:
     @property
     def signature(self) -> dict:
         """The inference signature (module docstring), without the members."""
-        return {"passes": self.settings.as_dict(), "fusion": self.fusion.as_dict(),
+        return {"passes": self.members[0].settings.as_dict(), "fusion": self.fusion.as_dict(),
                 "detections_per_image": int(self.cfg.TEST.DETECTIONS_PER_IMAGE)}
 
     def predict(self, image: np.ndarray, image_id: str):
         """One image's fused predictions (:func:`cellkit.tta.predict_members`)."""
         return predict_members(self.members, image, image_id, self.fusion)
-
-
-def _member_config(run_dir: Path, weights, device: str | None, detections: int | None):
-    from cellkit.config import load_run_config
-
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run directory does not exist")
-    cfg = load_run_config(run_dir)
-    weights = run_weights(run_dir, weights)
-    check_num_classes(cfg)
-    if device:
-        cfg.MODEL.DEVICE = device
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    if not cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.SOLVER.AMP.ENABLED = False
-    if detections is not None:
-        cfg.TEST.DETECTIONS_PER_IMAGE = int(detections)
-    return cfg, weights
 
 
 def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool = False, device: str | None = None,
@@ -236,9 +209,6 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
         FileNotFoundError / ValueError: a missing run, config or checkpoint, a wrong class count, members whose
             passes, detections per image or input format differ (naming both runs).
     """
-    from cellkit.config import CONFIG_FILE_NAME
-    from cellkit.modeling import load_model
-
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:
         raise ValueError("load_ensemble: no run directories")
@@ -247,28 +217,35 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
         raise ValueError(f"load_ensemble: {len(weights)} weights for {len(run_dirs)} runs")
     plans = []
     for run_dir, w in zip(run_dirs, weights):
-        cfg, w = _member_config(run_dir, w, device, detections)
-        member_settings = settings if settings is not None else tta_settings(cfg, tta)
-        plans.append((run_dir, cfg, w, member_settings))
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: run directory does not exist")
+        cfg = load_run_config(run_dir)
+        w = run_weights(run_dir, w)
+        check_num_classes(cfg)
+        if device:
+            cfg.MODEL.DEVICE = device
+        if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cpu"
+        if not cfg.MODEL.DEVICE.startswith("cuda"):
+            cfg.SOLVER.AMP.ENABLED = False
+        if detections is not None:
+            cfg.TEST.DETECTIONS_PER_IMAGE = int(detections)
+        plans.append((run_dir, cfg, w, settings if settings is not None else tta_settings(cfg, tta)))
     lead_dir, lead, _, lead_settings = plans[0]
     for run_dir, cfg, _, s in plans[1:]:
         if s != lead_settings:
             raise ValueError(f"{run_dir}: its passes {s.as_dict()} differ from {lead_dir}'s {lead_settings.as_dict()} "
                              f"(TEST.AUG / INPUT.*_TEST); give the passes explicitly (--like)")
-        for key in ("TEST.DETECTIONS_PER_IMAGE", "INPUT.FORMAT"):
-            a, b = cfg, lead
-            for part in key.split("."):
-                a, b = a[part], b[part]
+        for key, a, b in (("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE,
+                           lead.TEST.DETECTIONS_PER_IMAGE), ("INPUT.FORMAT", cfg.INPUT.FORMAT, lead.INPUT.FORMAT)):
             if a != b:
                 raise ValueError(f"{run_dir}: {key} is {a!r}, {lead_dir} has {b!r}; ensemble members must agree")
     fusion = (fusion or FusionSettings()).resolved(lead.MODEL.ROI_HEADS.NMS_THRESH_TEST)
     pass_fusion = FusionSettings("nms", None, fusion.score) if fusion.mode == "wmf" else fusion
-    members, infos = [], []
-    for run_dir, cfg, w, s in plans:
-        model = load_model(cfg, w)
-        members.append(CellTTA(cfg, model, tta=tta, settings=s, fusion=pass_fusion, cache_features=cache_features))
-        infos.append({"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
-                      "weights": str(Path(w).resolve()), "sha256": sha256_file(w)})
+    members = [CellTTA(cfg, load_model(cfg, w), tta=tta, settings=s, fusion=pass_fusion, cache_features=cache_features)
+               for _, cfg, w, s in plans]
+    infos = [{"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
+              "weights": str(Path(w).resolve()), "sha256": sha256_file(w)} for run_dir, _, w, _ in plans]
     return Ensemble(members, fusion, infos)
 
 
@@ -277,8 +254,6 @@ def _merge_meta(out: Path, signature: dict, source: dict) -> dict:
 
     A source with the same ``fold`` (or, without folds, the same ``images``) is replaced.
     """
-    from cellkit import __version__, predictions
-
     meta = {"format": META_FORMAT, "signature": signature, "sources": [], "cellkit_version": __version__}
     meta_path = out / predictions.META_NAME
     if meta_path.is_file():
@@ -286,8 +261,7 @@ def _merge_meta(out: Path, signature: dict, source: dict) -> dict:
         if "signature" not in old:
             raise ValueError(f"{meta_path}: the store was written by an older cellkit (no inference signature); "
                              f"use another --out")
-        diff = signature_difference(old["signature"], signature)
-        if diff:
+        if diff := signature_difference(old["signature"], signature):
             raise ValueError(f"{meta_path}: the store holds predictions made with other settings ({diff}: store vs "
                              f"this run); use another --out")
         sources = old.get("sources", [])
@@ -300,28 +274,23 @@ def _merge_meta(out: Path, signature: dict, source: dict) -> dict:
     key = ("fold", source["fold"]) if source["fold"] is not None else ("images", source["images"])
     digest = sorted(m["sha256"] for m in source["members"])
     for old_src in meta["sources"]:
-        if old_src.get(key[0]) == key[1]:
-            old_digest = sorted(m.get("sha256", "") for m in old_src.get("members", []))
-            if old_digest != digest:
-                raise ValueError(f"{meta_path}: the store holds predictions of {key[0]} {key[1]} made by other "
-                                 f"models ({[m.get('weights') for m in old_src.get('members', [])]}), not "
-                                 f"{[m['weights'] for m in source['members']]}; use another --out")
+        if old_src.get(key[0]) == key[1] and sorted(m.get("sha256", "") for m in old_src.get("members", [])) != digest:
+            raise ValueError(f"{meta_path}: the store holds predictions of {key[0]} {key[1]} made by other "
+                             f"models ({[m.get('weights') for m in old_src.get('members', [])]}), not "
+                             f"{[m['weights'] for m in source['members']]}; use another --out")
     meta["sources"] = [s for s in meta["sources"] if s.get(key[0]) != key[1]] + [source]
     return meta
 
 
 def _existing_ids(out: Path) -> set:
     """Ids already stored in ``out`` (resume); an error for a foreign file there."""
-    from cellkit import predictions
-
     if not out.exists():
         return set()
     if not out.is_dir():
         raise ValueError(f"{out}: output path exists and is not a directory")
     if any(not p.name.startswith(".") for p in out.glob("*.npz")):  # a killed first write leaves only a hidden temp
         return set(predictions.image_ids(out))
-    foreign = [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]
-    if foreign:
+    if foreign := [p for p in out.iterdir() if not p.name.startswith(".") and p.name != predictions.META_NAME]:
         raise ValueError(f"{foreign[0]}: foreign file in predictions directory {out}")
     return set()
 
@@ -334,11 +303,6 @@ def read_image(path, fmt: str) -> np.ndarray:
         FileNotFoundError: no such file.
         ValueError: naming the file, when it is not an image, truncated or corrupt, or not 8-bit.
     """
-    from detectron2.data.detection_utils import convert_PIL_to_numpy
-    from PIL import ImageOps
-
-    from cellkit.data import open_image
-
     image = open_image(path)
     try:
         array = convert_PIL_to_numpy(ImageOps.exif_transpose(image), fmt)
@@ -357,12 +321,9 @@ def check_images(paths: Sequence[Path], workers: int | None = None, progress: bo
         ValueError: one :class:`cellkit.datacheck.DataCheckError` naming every unreadable, truncated or non-8-bit
             image (up to ``max_problems`` listed).
     """
-    from cellkit import datacheck
-
     results = datacheck.run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
                                       datacheck._workers(workers), "checking images", progress)
-    problems = [((str(p),), msg) for p, msg in zip(paths, results) if msg]
-    if problems:
+    if problems := [((str(p),), msg) for p, msg in zip(paths, results) if msg]:
         raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,
                                        consequence="nothing was predicted")
 
@@ -372,11 +333,6 @@ def _remove_stale_temporaries(out: Path, image_ids: Sequence[str]) -> None:
     images this run is about to write (``.<id>.npz.<random>.npz``) and ``meta.json`` temporaries older than a
     minute. Readers skip them anyway, but a resumed store should equal an uninterrupted one; a concurrent run
     writing other images (another fold) into the same store is left alone."""
-    import glob
-    import time
-
-    if not out.is_dir():
-        return
     for image_id in image_ids:
         for path in out.glob(f".{glob.escape(image_id)}.npz.*.npz"):
             path.unlink(missing_ok=True)
@@ -403,26 +359,17 @@ def predict_images(predictor: Ensemble, images: Sequence[tuple[str, Path]], out,
     Returns:
         ``{"written": n, "skipped": n, "seconds": s}``.
     """
-    import time
-
-    from tqdm import tqdm
-
-    from cellkit import predictions
-
     out = Path(out)
     done = _existing_ids(out)
-    src = {"fold": source.get("fold"), "images": source.get("images"), "n_images": len(images),
-           "members": predictor.infos}
-    meta = _merge_meta(out, predictor.signature, src)
+    meta = _merge_meta(out, predictor.signature, {"fold": source.get("fold"), "images": source.get("images"),
+                                                  "n_images": len(images), "members": predictor.infos})
     todo = [(i, p) for i, p in images if i not in done]
     check_images([p for _, p in todo], progress=progress)  # before anything is written
     _remove_stale_temporaries(out, [i for i, _ in todo])
     predictions.write_meta(out, meta)
-    fmt = predictor.cfg.INPUT.FORMAT
     start = time.perf_counter()
     for image_id, path in tqdm(todo, desc=f"predict -> {out.name}", unit="img", disable=not progress):
-        pred = predictor.predict(read_image(path, fmt), image_id)
-        predictions.save(pred, out)
+        predictions.save(predictor.predict(read_image(path, predictor.cfg.INPUT.FORMAT), image_id), out)
     return {"written": len(todo), "skipped": len(images) - len(todo), "seconds": time.perf_counter() - start}
 
 
@@ -445,8 +392,6 @@ def predict_oof(run_dirs_by_fold: Mapping, data_dir, out, tta: bool = False, wei
     Returns:
         ``{fold: {"written", "skipped", "seconds"}}``.
     """
-    from cellkit.config import load_run_config
-
     if not run_dirs_by_fold:
         raise ValueError("predict_oof: no fold run directories given")
     weights_by_fold = weights_by_fold or {}
@@ -468,10 +413,11 @@ def predict_oof(run_dirs_by_fold: Mapping, data_dir, out, tta: bool = False, wei
         raise ValueError("predict_oof: an image is held out by more than one fold (folds files differ between runs)")
     results = {}
     for fold, (runs, images) in plans.items():
-        weights = [weights_by_fold.get(fold)] if len(runs) == 1 else None
-        predictor = load_ensemble(runs, weights, tta=tta, device=device, fusion=fusion, settings=settings)
-        source = {"fold": int(fold), "images": str(Path(data_dir).resolve() / "train")}
-        results[fold] = predict_images(predictor, images, out, source, progress=progress)
+        predictor = load_ensemble(runs, [weights_by_fold.get(fold)] if len(runs) == 1 else None, tta=tta,
+                                  device=device, fusion=fusion, settings=settings)
+        results[fold] = predict_images(predictor, images, out,
+                                       {"fold": int(fold), "images": str(Path(data_dir).resolve() / "train")},
+                                       progress=progress)
         del predictor
     return results
 
@@ -497,13 +443,6 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
         ValueError: fewer than two stores, other image sets, passes or detections per image (naming the stores), a
             store not made by NMS fusion.
     """
-    import time
-
-    from tqdm import tqdm
-
-    from cellkit import predictions
-    from cellkit.fusion import weighted_mask_fusion
-
     stores = [Path(s) for s in stores]
     if len(stores) < 2:
         raise ValueError("fuse: give at least two stores (--pred)")
@@ -515,34 +454,30 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
             raise ValueError(f"{store}: no inference signature in meta.json (made by an older cellkit?)")
         if sig["fusion"]["mode"] != "nms":
             raise ValueError(f"{store}: made with fusion {sig['fusion']['mode']!r}; fuse stores made with 'nms'")
-        diff = signature_difference({**sigs[0], "fusion": sig["fusion"]}, sig)
-        if diff:
+        if diff := signature_difference({**sigs[0], "fusion": sig["fusion"]}, sig):
             raise ValueError(f"{store}: predicted otherwise than {stores[0]} ({diff}: {stores[0].name} vs "
                              f"{store.name})")
         if these != ids[0]:
-            missing = sorted(set(ids[0]) ^ set(these))
-            raise ValueError(f"{store}: holds other images than {stores[0]} (e.g. {missing[:3]})")
+            raise ValueError(f"{store}: holds other images than {stores[0]} "
+                             f"(e.g. {sorted(set(ids[0]) ^ set(these))[:3]})")
     fusion = FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean")
     signature = {**sigs[0], "fusion": fusion.as_dict()}
     by_key: dict = {}
     for meta in metas:
         for src in meta.get("sources", []):
             key = (src.get("fold"), src.get("images") if src.get("fold") is None else None)
-            entry = by_key.setdefault(key, {"fold": src.get("fold"), "images": src.get("images"),
-                                            "n_images": src.get("n_images"), "members": []})
-            entry["members"] += src.get("members", [])
+            entry = {"fold": src.get("fold"), "images": src.get("images"), "n_images": src.get("n_images"),
+                     "members": []}
+            by_key.setdefault(key, entry)["members"] += src.get("members", [])
     out = Path(out)
     done = _existing_ids(out)
-    meta = None
     for src in by_key.values():
-        meta = _merge_meta(out, signature, src)
-        predictions.write_meta(out, meta)
+        predictions.write_meta(out, _merge_meta(out, signature, src))
     todo = [i for i in ids[0] if i not in done]
     _remove_stale_temporaries(out, todo)
-    max_dets = sigs[0].get("detections_per_image")
     start = time.perf_counter()
     for image_id in tqdm(todo, desc=f"fuse -> {out.name}", unit="img", disable=not progress):
         preds = [predictions.load(s / f"{image_id}.npz") for s in stores]
-        predictions.save(weighted_mask_fusion(preds, float(iou), max_dets), out)
+        predictions.save(weighted_mask_fusion(preds, float(iou), sigs[0].get("detections_per_image")), out)
     return {"written": len(todo), "skipped": len(ids[0]) - len(todo), "seconds": time.perf_counter() - start}
 

@@ -104,7 +104,7 @@ class InstancePredictions:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         self.mask_boxes = np.asarray(self.mask_boxes, dtype=np.int32).reshape(-1, 4)
-        self.masks = list(self.masks)
+        self.masks = [np.asarray(m) for m in self.masks]
         lengths = {"classes": len(self.classes), "scores": len(self.scores), "boxes": len(self.boxes),
                    "mask_boxes": len(self.mask_boxes), "masks": len(self.masks)}
         if len(set(lengths.values())) != 1:
@@ -117,11 +117,9 @@ class InstancePredictions:
         x0, y0, x1, y1 = self.mask_boxes.T
         bad = np.flatnonzero((x0 < 0) | (y0 < 0) | (x1 > self.width) | (y1 > self.height) | (x1 < x0) | (y1 < y0))
         if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{where}: instance {i}: mask_box {self.mask_boxes[i].tolist()} is not a window "
+            raise ValueError(f"{where}: instance {bad[0]}: mask_box {self.mask_boxes[bad[0]].tolist()} is not a window "
                              f"x0<=x1<={self.width}, y0<=y1<={self.height}")
         for i, m in enumerate(self.masks):
-            m = np.asarray(m)
             if m.dtype != np.uint8:
                 raise ValueError(f"{where}: instance {i}: mask dtype {m.dtype}, expected uint8 probability*255 "
                                  f"(use cellkit.predictions.quantize)")
@@ -129,7 +127,6 @@ class InstancePredictions:
             if m.shape != expected:
                 raise ValueError(f"{where}: instance {i}: mask shape {m.shape} != crop window "
                                  f"{self.mask_boxes[i].tolist()} (h, w) = {expected}")
-            self.masks[i] = m
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -212,18 +209,12 @@ def save(pred: InstancePredictions, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{pred.image_id}.npz"
-    if len(pred):
-        mask_data = np.concatenate([m.reshape(-1) for m in pred.masks])
-    else:
-        mask_data = np.zeros(0, dtype=np.uint8)
-    arrays = {
-        "format": np.array(FORMAT), "image_id": np.array(pred.image_id),
-        "shape": np.array([pred.height, pred.width], dtype=np.int64),
-        "classes": pred.classes, "scores": pred.scores, "boxes": pred.boxes, "mask_boxes": pred.mask_boxes,
-        "mask_data": mask_data.astype(np.uint8, copy=False),
-    }
+    mask_data = np.concatenate([np.zeros(0, dtype=np.uint8)] + [m.reshape(-1) for m in pred.masks])
     with atomic.atomic_path(path, suffix=".npz") as tmp:  # hidden name: skipped by readers while incomplete
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, format=np.array(FORMAT), image_id=np.array(pred.image_id),
+                            shape=np.array([pred.height, pred.width], dtype=np.int64), classes=pred.classes,
+                            scores=pred.scores, boxes=pred.boxes, mask_boxes=pred.mask_boxes,
+                            mask_data=mask_data.astype(np.uint8, copy=False))
     return path
 
 
@@ -242,8 +233,7 @@ def load(path) -> InstancePredictions:
         raise ValueError(f"{path}: not a cellkit predictions file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in _KEYS if k not in npz.files]
-            if missing:
+            if missing := [k for k in _KEYS if k not in npz.files]:
                 raise ValueError(f"missing keys {missing}")
             data = {k: npz[k] for k in _KEYS}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
@@ -260,9 +250,8 @@ def load(path) -> InstancePredictions:
             raise ValueError(f"mask_data must be 1-D uint8, got {buf.dtype} {buf.shape}")
         if (sizes < 0).any() or int(sizes.sum()) != buf.size:
             raise ValueError(f"mask_data holds {buf.size} values but the crop windows need {int(sizes.sum())}")
-        offsets = np.concatenate(([0], np.cumsum(sizes)))
-        masks = [buf[offsets[i]:offsets[i + 1]].reshape(int(b[3] - b[1]), int(b[2] - b[0]))
-                 for i, b in enumerate(mask_boxes)]
+        masks = [part.reshape(int(b[3] - b[1]), int(b[2] - b[0]))
+                 for part, b in zip(np.split(buf, np.cumsum(sizes)[:-1]), mask_boxes)]
         pred = InstancePredictions(str(data["image_id"]), height, width, data["classes"], data["scores"],
                                    data["boxes"], mask_boxes, masks)
     except ValueError as exc:
@@ -309,8 +298,7 @@ def iter_dir(directory, ids: Iterable[str] | None = None) -> Iterator[InstancePr
     listing = _listing(Path(directory))
     if ids is not None:
         wanted = sorted(set(ids))
-        missing = [i for i in wanted if i not in listing]
-        if missing:
+        if missing := [i for i in wanted if i not in listing]:
             raise ValueError(f"{directory}: no predictions for {len(missing)} requested image(s), e.g. "
                              f"{missing[:5]}")
         listing = {i: listing[i] for i in wanted}
@@ -328,9 +316,7 @@ def write_meta(directory, meta: dict) -> Path:
         raise ValueError(f"write_meta: meta must be a dict, got {type(meta).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {**meta}
-    meta.setdefault("cellkit_version", __version__)
-    return atomic.write_json(directory / META_NAME, meta, sort_keys=True)
+    return atomic.write_json(directory / META_NAME, {"cellkit_version": __version__, **meta}, sort_keys=True)
 
 
 def read_meta(directory) -> dict:
@@ -355,8 +341,7 @@ def store_signature(meta: Mapping) -> dict | None:
     if isinstance(meta.get("signature"), Mapping):
         return dict(meta["signature"])
     if isinstance(meta.get("tta"), Mapping):  # cellkit before the signature: TTA merged by NMS, one pass's score
-        tta = meta["tta"]
-        return {"passes": {k: tta.get(k) for k in ("min_sizes", "max_size", "flip", "n_passes")},
+        return {"passes": {k: meta["tta"].get(k) for k in ("min_sizes", "max_size", "flip", "n_passes")},
                 "fusion": {"mode": "nms", "iou": None, "score": "max"}, "detections_per_image": None}
     return None
 
@@ -379,8 +364,7 @@ def read_signature(path) -> tuple[dict | None, str]:
     if not isinstance(doc, Mapping):
         raise ValueError(f"{path}: expected a JSON object")
     if "thresholds" in doc:
-        sig = doc.get("inference")
-        return (dict(sig) if isinstance(sig, Mapping) else None), f"thresholds {path}"
+        return (dict(doc["inference"]) if isinstance(doc.get("inference"), Mapping) else None), f"thresholds {path}"
     return store_signature(doc), f"store meta {path}"
 
 
@@ -391,6 +375,14 @@ def _describe(part: str, value) -> str:
         return (f"passes min_sizes={list(value.get('min_sizes') or [])} max_size={value.get('max_size')} "
                 f"flip={value.get('flip')}")
     return f"fusion mode={value.get('mode')} iou={value.get('iou')} score={value.get('score')}"
+
+
+def _differ(x, y) -> bool:
+    if x is None or y is None:  # a legacy signature's unknown value matches anything
+        return False
+    if isinstance(x, float) or isinstance(y, float):
+        return abs(float(x) - float(y)) > 1e-9
+    return (list(x) if isinstance(x, (list, tuple)) else x) != (list(y) if isinstance(y, (list, tuple)) else y)
 
 
 def describe_signature(signature: Mapping) -> str:
@@ -410,17 +402,7 @@ def signature_difference(expected: Mapping | None, actual: Mapping | None) -> st
     diffs = []
     for part, keys in (("passes", ("min_sizes", "max_size", "flip")), ("fusion", ("mode", "iou", "score"))):
         a, b = expected.get(part) or {}, actual.get(part) or {}
-        differ = False
-        for k in keys:
-            x, y = a.get(k), b.get(k)
-            if x is None or y is None:
-                continue
-            if isinstance(x, float) or isinstance(y, float):
-                differ |= abs(float(x) - float(y)) > 1e-9
-            else:
-                differ |= (list(x) if isinstance(x, (list, tuple)) else x) != (list(y) if isinstance(y, (list, tuple))
-                                                                            else y)
-        if differ:
+        if any([_differ(a.get(k), b.get(k)) for k in keys]):  # every key compared
             diffs.append(f"{_describe(part, a)} vs {_describe(part, b)}")
     x, y = expected.get("detections_per_image"), actual.get("detections_per_image")
     if x is not None and y is not None and int(x) != int(y):

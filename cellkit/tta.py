@@ -12,9 +12,9 @@ rescaling and head switching :class:`CellTTA` inherits); what it produces and wh
    of boxes), with the fused score (mean over passes) instead of the kept pass's (``score="max"``: detectron2's);
    or weighted box fusion. With several models (a fold ensemble, :func:`predict_members`) every model's boxes of
    every pass are pooled first;
-3. the mask head (of every model) runs on the merged boxes under every augmentation, on the backbone features kept from step 1
-   (detectron2 recomputes them: twice the backbone cost), and the ``M x M`` box-relative mask probabilities are
-   averaged after undoing the flip (:func:`deaugment_masks`; a box-relative mask is scale-free);
+3. the mask head (of every model) runs on the merged boxes under every augmentation, on the backbone features kept
+   from step 1 (detectron2 recomputes them: twice the backbone cost), and the ``M x M`` box-relative mask
+   probabilities are averaged after undoing the flip (:func:`deaugment_masks`; a box-relative mask is scale-free);
 4. instead of :func:`~detectron2.modeling.postprocessing.detector_postprocess`, which pastes every mask into a
    full-size image and binarises it at 0.5, each averaged probability is pasted only into its own crop window
    (:func:`paste_crops`, the same bilinear sampling as detectron2's ``paste_masks_in_image``) and kept as a
@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from detectron2.structures import Boxes, Instances
+from fvcore.transforms import HFlipTransform
 
 from cellkit import CELL_TYPES
 from cellkit.compat import TTACompat
@@ -102,11 +103,10 @@ def tta_settings(cfg, tta: bool) -> TTASettings:
     """
     if tta:
         sizes, max_size, flip = tuple(cfg.TEST.AUG.MIN_SIZES), int(cfg.TEST.AUG.MAX_SIZE), bool(cfg.TEST.AUG.FLIP)
-        where = "TEST.AUG.MIN_SIZES / TEST.AUG.MAX_SIZE"
     else:
         sizes, max_size, flip = (int(cfg.INPUT.MIN_SIZE_TEST),), int(cfg.INPUT.MAX_SIZE_TEST), False
-        where = "INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST"
     if not sizes or any(int(s) <= 0 for s in sizes) or max_size <= 0:
+        where = "TEST.AUG.MIN_SIZES / TEST.AUG.MAX_SIZE" if tta else "INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST"
         raise ValueError(f"config {where} must be positive sizes, got {list(sizes)} / {max_size}")
     return TTASettings(tuple(int(s) for s in sizes), max_size, flip)
 
@@ -114,12 +114,6 @@ def tta_settings(cfg, tta: bool) -> TTASettings:
 # --------------------------------------------------------------------------------------------------------------
 # De-augmentation and box-cropped pasting (pure tensor functions)
 # --------------------------------------------------------------------------------------------------------------
-
-def _is_hflip(tfm) -> bool:
-    from fvcore.transforms import HFlipTransform
-
-    return any(isinstance(t, HFlipTransform) for t in getattr(tfm, "transforms", [tfm]))
-
 
 def deaugment_boxes(boxes: torch.Tensor, tfm) -> torch.Tensor:
     """Map boxes predicted on an augmented image back to the original image.
@@ -140,7 +134,8 @@ def deaugment_masks(masks: torch.Tensor, tfm) -> torch.Tensor:
 
     A box-relative mask is scale-invariant, so only a horizontal flip has to be undone (mirror along x).
     """
-    return masks.flip(dims=[3]) if _is_hflip(tfm) else masks
+    flipped = any(isinstance(t, HFlipTransform) for t in getattr(tfm, "transforms", [tfm]))
+    return masks.flip(dims=[3]) if flipped else masks
 
 
 def crop_windows(boxes: torch.Tensor, mask_size: int, height: int, width: int) -> torch.Tensor:
@@ -160,14 +155,11 @@ def crop_windows(boxes: torch.Tensor, mask_size: int, height: int, width: int) -
         int64 ``(N, 4)`` windows ``x0, y0, x1, y1`` (end exclusive), ``0 <= x0 <= x1 <= width`` (same for y).
     """
     boxes = boxes.float()
-    half_x = (boxes[:, 2] - boxes[:, 0]) / (2 * mask_size)
-    half_y = (boxes[:, 3] - boxes[:, 1]) / (2 * mask_size)
-    x0 = torch.floor(boxes[:, 0] - half_x).clamp(0, width)
-    y0 = torch.floor(boxes[:, 1] - half_y).clamp(0, height)
-    x1 = torch.ceil(boxes[:, 2] + half_x).clamp(0, width)
-    y1 = torch.ceil(boxes[:, 3] + half_y).clamp(0, height)
-    x1, y1 = torch.maximum(x1, x0), torch.maximum(y1, y0)
-    return torch.stack([x0, y0, x1, y1], dim=1).to(torch.int64)
+    half = (boxes[:, 2:] - boxes[:, :2]) / (2 * mask_size)  # (N, 2): half a mask cell along x and y
+    size = boxes.new_tensor([width, height])
+    start = torch.minimum(torch.floor(boxes[:, :2] - half).clamp(min=0), size)
+    end = torch.minimum(torch.ceil(boxes[:, 2:] + half).clamp(min=0), size)
+    return torch.cat([start, torch.maximum(end, start)], dim=1).to(torch.int64)
 
 
 def paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
@@ -204,16 +196,13 @@ def paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     order = torch.argsort(wh[:, 0] * wh[:, 1]).tolist()
     start = 0
     while start < n:
-        # grow the batch while (count x largest window) stays under the cap; windows are sorted by area
-        stop = start + 1
-        while stop < n:
-            hmax = int(wh[order[start:stop + 1], 1].max())
-            wmax = int(wh[order[start:stop + 1], 0].max())
-            if (stop + 1 - start) * hmax * wmax > chunk_pixels:
-                break
-            stop += 1
-        idx = order[start:stop]
-        _paste_batch(masks, boxes, windows, wh, idx, crops)
+        # the batch from ``start``: the longest run (at least one) whose count x largest window (height x width,
+        # running maxima over the windows in area order) stays under the cap; that product never decreases
+        rest = wh[order[start:]]
+        fits = (torch.arange(1, n - start + 1) * rest[:, 1].cummax(0).values * rest[:, 0].cummax(0).values
+                <= chunk_pixels)
+        stop = start + max(1, int(fits.sum()))
+        _paste_batch(masks, boxes, windows, wh, order[start:stop], crops)
         start = stop
     return windows.cpu().numpy().astype(np.int32), crops
 
@@ -229,14 +218,10 @@ def _paste_batch(masks, boxes, windows, wh, idx, crops) -> None:
         return
     b, w = boxes[sel], windows[sel].to(device)
     x0, y0, x1, y1 = (b[:, k:k + 1] for k in range(4))
-    img_x = w[:, 0:1].float() + torch.arange(wmax, device=device, dtype=torch.float32) + 0.5
-    img_y = w[:, 1:2].float() + torch.arange(hmax, device=device, dtype=torch.float32) + 0.5
-    img_x = (img_x - x0) / (x1 - x0) * 2 - 1
-    img_y = (img_y - y0) / (y1 - y0) * 2 - 1
-    k = len(idx)
-    grid = torch.stack([img_x[:, None, :].expand(k, hmax, wmax), img_y[:, :, None].expand(k, hmax, wmax)], dim=3)
-    sampled = F.grid_sample(masks[sel][:, None].float(), grid, align_corners=False)[:, 0]
-    q = quantize(sampled.cpu().numpy())
+    img_x = (w[:, 0:1].float() + torch.arange(wmax, device=device, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+    img_y = (w[:, 1:2].float() + torch.arange(hmax, device=device, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+    grid = torch.stack([img_x[:, None, :].expand(-1, hmax, wmax), img_y[:, :, None].expand(-1, hmax, wmax)], dim=3)
+    q = quantize(F.grid_sample(masks[sel][:, None].float(), grid, align_corners=False)[:, 0].cpu().numpy())
     for j, i in enumerate(idx):
         crops[i] = np.ascontiguousarray(q[j, : int(wh[i, 1]), : int(wh[i, 0])])
 
@@ -272,10 +257,8 @@ class CellTTA(TTACompat):
         if not cfg.MODEL.MASK_ON:
             raise ValueError("config MODEL.MASK_ON is False: predictions need a mask head")
         self.settings = settings if settings is not None else tta_settings(cfg, tta)
-        self.tta = self.settings.n_passes > 1 or (bool(tta) and settings is None)
-        mapper = DatasetMapperTTA(min_sizes=list(self.settings.min_sizes), max_size=self.settings.max_size,
-                                  flip=self.settings.flip)
-        super().__init__(cfg, model, tta_mapper=mapper, batch_size=1)
+        super().__init__(cfg, model, batch_size=1, tta_mapper=DatasetMapperTTA(
+            min_sizes=list(self.settings.min_sizes), max_size=self.settings.max_size, flip=self.settings.flip))
         self.model.eval()
         self.cache_features = cache_features
         self.fusion = (fusion or FusionSettings()).resolved(cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST)
@@ -318,11 +301,6 @@ class CellTTA(TTACompat):
         return predict_members([self], image, image_id, self.fusion)
 
     # -- internals -----------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def _features(self, aug_input):
         images = self.model.preprocess_image([aug_input])
         self.passes_run += 1
@@ -330,27 +308,22 @@ class CellTTA(TTACompat):
 
     def _detect(self, images, features, with_masks: bool) -> Instances:
         """Boxes (and, when ``with_masks``, ``M x M`` mask probabilities) of one augmented image."""
-        model = self.model
-        heads = contextlib.nullcontext() if with_masks else self.heads_off(["mask_on", "keypoint_on"])
-        with heads:
-            proposals, _ = model.proposal_generator(images, features, None)
-            results, _ = model.roi_heads(images, features, proposals, None)
+        with contextlib.nullcontext() if with_masks else self.heads_off(["mask_on", "keypoint_on"]):
+            proposals, _ = self.model.proposal_generator(images, features, None)
+            results, _ = self.model.roi_heads(images, features, proposals, None)
         return results[0]
 
     def _masks_for_boxes(self, images, features, instances: Instances) -> torch.Tensor:
         """``(N, 1, M, M)`` mask probabilities for given boxes/classes of one augmented image."""
-        out = self.model.roi_heads.forward_with_given_boxes(features, [instances.to(self.model.device)])
-        return out[0].pred_masks
+        return self.model.roi_heads.forward_with_given_boxes(features, [instances.to(self.model.device)])[0].pred_masks
 
     def _single_pass(self, inp):
         """The model's own boxes and masks from one forward pass (no merge)."""
         aug_inputs, tfms = self.augmented_inputs(inp)
-        images, features = self._features(aug_inputs[0])
-        res = self._detect(images, features, with_masks=True)
+        res = self._detect(*self._features(aug_inputs[0]), with_masks=True)
         boxes = deaugment_boxes(res.pred_boxes.tensor, tfms[0])
         keep = _valid(boxes, (inp["height"], inp["width"]))
-        masks = deaugment_masks(res.pred_masks, tfms[0])
-        return boxes[keep], res.scores[keep], res.pred_classes[keep], masks[keep]
+        return boxes[keep], res.scores[keep], res.pred_classes[keep], deaugment_masks(res.pred_masks, tfms[0])[keep]
 
     def _pass_boxes(self, inp):
         """Pass 1 of every augmentation: ``(aug_inputs, tfms, cached, [(boxes, scores, classes)] per pass)``."""
@@ -366,14 +339,13 @@ class CellTTA(TTACompat):
     def _pass_masks(self, aug_inputs, tfms, cached, merged: Instances) -> torch.Tensor:
         """Pass 2: the sum over this model's passes of ``(N, 1, M, M)`` mask probabilities on ``merged`` boxes."""
         aug_instances = self.rescale_boxes(aug_inputs, merged, tfms)
-        total = None
+        total = 0
         for k, (aug_input, inst, tfm) in enumerate(zip(aug_inputs, aug_instances, tfms)):
             images, features = cached[k] if self.cache_features else self._features(aug_input)
             if self.cache_features:
                 cached[k] = None  # free this pass's pyramid as soon as it is used
             # as detectron2's _reduce_pred_masks: box-relative masks are scale-free, only the flip is undone
-            pass_masks = deaugment_masks(self._masks_for_boxes(images, features, inst).float(), tfm)
-            total = pass_masks if total is None else total + pass_masks
+            total = total + deaugment_masks(self._masks_for_boxes(images, features, inst).float(), tfm)
         return total
 
 
@@ -382,17 +354,6 @@ def _valid(boxes: torch.Tensor, shape_hw) -> torch.Tensor:
     b = Boxes(boxes)
     b.clip(shape_hw)
     return b.nonempty()
-
-
-def _as_input(image: np.ndarray, image_id: str) -> dict:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3:
-        raise ValueError(f"image {image_id!r}: expected (H, W, C) or (H, W), got shape {image.shape}")
-    height, width = image.shape[:2]
-    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return {"image": tensor, "height": height, "width": width}
 
 
 def fused_boxes_and_masks(members: Sequence[CellTTA], inp: dict, fusion: FusionSettings):
@@ -418,30 +379,21 @@ def fused_boxes_and_masks(members: Sequence[CellTTA], inp: dict, fusion: FusionS
                              f"use fusion 'wmf'")
     if len(members) == 1 and lead.n_passes == 1:
         return lead._single_pass(inp)
-    n_groups = len(members) * lead.n_passes
-    runs, boxes, scores, classes, groups = [], [], [], [], []
-    for mi, member in enumerate(members):
-        aug_inputs, tfms, cached, found = member._pass_boxes(inp)
-        runs.append((aug_inputs, tfms, cached))
-        for pi, (b, s, c) in enumerate(found):
-            boxes.append(b)
-            scores.append(s)
-            classes.append(c)
-            groups.append(torch.full((len(b),), mi * lead.n_passes + pi, dtype=torch.int64, device=b.device))
+    runs = [member._pass_boxes(inp) for member in members]
+    found = [f for *_, passes in runs for f in passes]  # (boxes, scores, classes) of group g = member x passes + pass
+    groups = [torch.full((len(b),), g, dtype=torch.int64, device=b.device) for g, (b, _, _) in enumerate(found)]
+    boxes, scores, classes = (torch.cat(t) for t in zip(*found))
     merged_boxes, merged_scores, merged_classes = merge_boxes(
-        fusion, torch.cat(boxes), torch.cat(scores), torch.cat(classes), torch.cat(groups), n_groups, shape_hw,
+        fusion, boxes, scores, classes, torch.cat(groups), len(found), shape_hw,
         int(lead.cfg.TEST.DETECTIONS_PER_IMAGE))
     keep = _valid(merged_boxes, shape_hw)
     merged = Instances(shape_hw, pred_boxes=Boxes(merged_boxes[keep]), scores=merged_scores[keep],
                        pred_classes=merged_classes[keep])
     if len(merged) == 0:
-        empty = torch.zeros((0, 1, lead.mask_size, lead.mask_size), device=merged_boxes.device)
-        return merged.pred_boxes.tensor, merged.scores, merged.pred_classes, empty
-    masks = None
-    for member, (aug_inputs, tfms, cached) in zip(members, runs):
-        total = member._pass_masks(aug_inputs, tfms, cached, merged)
-        masks = total if masks is None else masks + total.to(masks.device)
-    masks = masks / n_groups
+        return (merged.pred_boxes.tensor, merged.scores, merged.pred_classes,
+                torch.zeros((0, 1, lead.mask_size, lead.mask_size), device=merged_boxes.device))
+    # the members' boxes were concatenated above, so every member's masks are on the same device
+    masks = sum(member._pass_masks(*run[:3], merged) for member, run in zip(members, runs)) / len(found)
     return merged.pred_boxes.tensor.float(), merged.scores, merged.pred_classes, masks
 
 
@@ -461,16 +413,20 @@ def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str
     if fusion.mode == "wmf":
         preds = [m.predict(image, image_id) for m in members]
         return weighted_mask_fusion(preds, fusion.iou, int(members[0].cfg.TEST.DETECTIONS_PER_IMAGE))
-    inp = _as_input(image, image_id)
-    height, width = inp["height"], inp["width"]
-    with members[0]._autocast():
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3:
+        raise ValueError(f"image {image_id!r}: expected (H, W, C) or (H, W), got shape {image.shape}")
+    height, width = image.shape[:2]
+    inp = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": height, "width": width}
+    with torch.autocast(device_type="cuda", dtype=torch.float16) if members[0].amp else contextlib.nullcontext():
         boxes, scores, classes, masks = fused_boxes_and_masks(members, inp, fusion)
     mask_boxes, crops = paste_crops(masks.float(), boxes, height, width)
-    order = np.argsort(-scores.float().cpu().numpy(), kind="stable")
+    scores = scores.float().cpu().numpy()
     classes = torch.zeros_like(classes) if members[0].one_class else classes
-    pred = InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores.float().cpu().numpy(),
-                               boxes.cpu().numpy(), mask_boxes, crops)
-    return pred.select(order)
+    return InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores, boxes.cpu().numpy(), mask_boxes,
+                               crops).select(np.argsort(-scores, kind="stable"))
 
 
 def check_num_classes(cfg) -> None:

@@ -65,11 +65,10 @@ def inference_options(args):
         if signature is None:
             raise CellkitError(f"--like {args.like}: the file holds no inference signature (made by an older "
                                f"cellkit?); give --tta/--fusion explicitly")
-        settings = TTASettings.from_dict(signature.get("passes") or {}, f"{where}: passes")
-        fusion = FusionSettings.from_dict(signature.get("fusion") or {}, f"{where}: fusion")
-        return settings, fusion, signature.get("detections_per_image")
-    fusion = FusionSettings(args.fusion or "nms", args.fusion_iou, args.fusion_score or "mean")
-    return None, fusion, None
+        return (TTASettings.from_dict(signature.get("passes") or {}, f"{where}: passes"),
+                FusionSettings.from_dict(signature.get("fusion") or {}, f"{where}: fusion"),
+                signature.get("detections_per_image"))
+    return None, FusionSettings(args.fusion or "nms", args.fusion_iou, args.fusion_score or "mean"), None
 
 
 def run(args) -> int:
@@ -100,10 +99,9 @@ def run(args) -> int:
             folds_csv = folds_csv or args.folds_csv or predict.run_folds_csv(run_dir, cfg, args.data)
     if args.images is not None:
         images = predict.list_images(args.images)
-        source_images = str(Path(args.images).resolve())
     else:
         images = predict.fold_images(args.data, args.fold, folds_csv)
-        source_images = str((Path(args.data) / "train").resolve())
+    source_images = str((Path(args.images) if args.images is not None else Path(args.data) / "train").resolve())
     ensemble = predict.load_ensemble(runs, [args.weights] if args.weights else None, tta=args.tta,
                                      device=args.device, fusion=fusion, settings=settings, detections=detections,
                                      cache_features=not args.low_memory)
@@ -113,7 +111,6 @@ def run(args) -> int:
           f"{sig['fusion']['score']}), {sig['detections_per_image']} detections/image")
     result = predict.predict_images(ensemble, images, args.out, {"fold": args.fold, "images": source_images},
                                     progress=not args.no_progress)
-    per_img = result["seconds"] / result["written"] if result["written"] else 0.0
     print(f"predict: {result['written']} image(s) written, {result['skipped']} already there, "
-          f"{per_img:.2f} s/img -> {args.out}")
+          f"{result['seconds'] / result['written'] if result['written'] else 0.0:.2f} s/img -> {args.out}")
     return 0
