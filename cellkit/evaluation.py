@@ -83,17 +83,15 @@ def cached_truth_rles(dataset_name: str, record: dict) -> list[str]:
 
 
 def summarize(rows: list[tuple]) -> dict:
-    """Aggregate per-image rows ``[(image_id, cell_type, precision (10,)[, kept masks]), ...]`` into the result
-    dict (``n_masks`` when every row has its count)."""
+    """Aggregate per-image rows ``[(image_id, cell_type, precision (10,), kept masks), ...]`` into the result dict."""
     if not rows:
         return {"mAP": float("nan"), "n_images": 0}
     prec = np.stack([r[2] for r in rows])
     res = {"mAP": float(prec.mean()), "AP50": float(prec[:, 0].mean()), "AP75": float(prec[:, 5].mean()),
            "n_images": len(rows)}
-    if all(len(r) > 3 for r in rows):
-        res["n_masks"] = int(sum(r[3] for r in rows))
+    res["n_masks"] = int(sum(r[3] for r in rows))
     by_type = defaultdict(list)
-    for _, cell_type, p, *_ in rows:
+    for _, cell_type, p, _ in rows:
         if cell_type:
             by_type[cell_type].append(p.mean())
     for cell_type in sorted(by_type, key=lambda c: (CELL_TYPES.index(c) if c in CELL_TYPES else 99, c)):
@@ -129,7 +127,7 @@ class CellkitEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self) -> None:
-        self._rows: list[tuple[str, str, np.ndarray]] = []
+        self._rows: list[tuple[str, str, np.ndarray, int]] = []
 
     def predictions(self, record: dict, output: dict) -> InstancePredictions:
         """One model output as InstancePredictions: ``output["predictions"]``, or detectron2 ``instances`` (on

@@ -31,7 +31,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from cellkit import CELL_TYPES, compat, gtmasks, rundir
+from cellkit import compat, gtmasks, rundir
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
 from cellkit.modeling import CellkitCheckpointer
@@ -283,7 +283,6 @@ class ValidationPredictor(torch.nn.Module):
     def __init__(self, cfg, model):
         super().__init__()
         self.predictor = CellTTA(cfg, model, tta=False)
-        self.predictor.one_class = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES) != len(CELL_TYPES)
         self.image_format = cfg.INPUT.FORMAT
 
     def forward(self, batched_inputs):

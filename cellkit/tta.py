@@ -270,9 +270,10 @@ class CellTTA(TTACompat):
         if self.amp and device.type != "cuda":
             raise ValueError("amp=True needs a CUDA model")
         self.passes_run = 0  # forward passes of the backbone since construction (for tests and benchmarks)
-        # every detection reported as class 0: a model whose classes are not the store's CELL_TYPES (LIVECell
-        # pretraining), validated class-agnostically (cellkit.train.ValidationPredictor)
-        self.one_class = False
+        # every detection reported as class 0 when the model's classes are not the store's CELL_TYPES (LIVECell
+        # pretraining, validated class-agnostically by cellkit.train.ValidationPredictor; `cellkit predict` refuses
+        # such a model first, check_num_classes)
+        self.one_class = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES) != len(CELL_TYPES)
 
     @property
     def n_passes(self) -> int:
