@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import HookBase
@@ -290,6 +290,10 @@ class ValidationPredictor(torch.nn.Module):
                                                        str(inp["image_id"]))} for inp in batched_inputs]
 
 
+def _record_as_is(record: dict) -> dict:  # a module-level function: loader workers may pickle the mapper
+    return record
+
+
 class StopTraining(BaseException):
     """Raised by :meth:`CellkitTrainer.before_step` after a hook called :meth:`CellkitTrainer.request_stop`: ends
     detectron2's train loop before the next iteration (a ``BaseException``: the loop logs no error for it, and its
@@ -333,6 +337,12 @@ class CellkitTrainer(DefaultTrainer):
                     int((factors != 1.0).sum()), d.EXTRA_DATA, d.EXTRA_WEIGHT, len(dicts))
         sampler = RepeatFactorTrainingSampler(factors, seed=None if cfg.SEED < 0 else cfg.SEED)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader handing out the dataset dicts as they are: :class:`ValidationPredictor` reads each
+        image from its ``file_name`` (the default mapper would decode and resize it for nothing)."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=_record_as_is)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
