@@ -178,9 +178,7 @@ def input_listing(root: Path, max_depth: int = MAX_SEARCH_DEPTH) -> list[tuple[P
 
 def _has(folder: Path, names: frozenset, marker: str) -> bool:
     """Whether ``folder`` (holding ``names``) matches the glob ``marker`` (one level, or a path glob)."""
-    if "/" in marker:
-        return next(iter(folder.glob(marker)), None) is not None
-    return bool(fnmatch.filter(names, marker))
+    return any(folder.glob(marker)) if "/" in marker else bool(fnmatch.filter(names, marker))
 
 
 def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
@@ -195,12 +193,8 @@ def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MA
     Returns:
         Matching folders, shallowest first, without duplicates.
     """
-    found: list[Path] = []
-    for root in roots:
-        for folder, names in input_listing(Path(root), max_depth):
-            if all(_has(folder, names, m) for m in markers) and folder not in found:
-                found.append(folder)
-    return found
+    return list(dict.fromkeys(folder for root in roots for folder, names in input_listing(Path(root), max_depth)
+                              if all(_has(folder, names, m) for m in markers)))
 
 
 def _pick(candidates: list[Path], what: str, roots: Sequence[Path], prefer: str | None) -> Path:
@@ -357,12 +351,8 @@ class LiveCell:
 
 def find_files(roots: Sequence[Path], pattern: str, max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
     """Files matching ``pattern`` in the folders under ``roots`` (breadth-first, sorted per folder)."""
-    found: list[Path] = []
-    for root in roots:
-        for folder, names in input_listing(Path(root), max_depth):
-            found += [folder / n for n in sorted(fnmatch.filter(names, pattern))
-                      if (folder / n).is_file() and folder / n not in found]
-    return found
+    return list(dict.fromkeys(folder / n for root in roots for folder, names in input_listing(Path(root), max_depth)
+                              for n in sorted(fnmatch.filter(names, pattern)) if (folder / n).is_file()))
 
 
 def resolve_livecell(dir_value: str, json_value: str, images_value: str, env: Environment) -> LiveCell | None:
@@ -483,12 +473,9 @@ def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> boo
     compiled at load time for any GPU of capability >= X.Y.
     """
     major, minor = capability
-    for arch in arch_list:
-        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
-        built = (int(match.group(2)), int(match.group(3))) if match else None
-        if built and built <= (major, minor) and (match.group(1) == "compute" or built[0] == major):
-            return True
-    return False
+    matches = (re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch) for arch in arch_list)
+    return any(m and (int(m[2]), int(m[3])) <= (major, minor) and (m[1] == "compute" or int(m[2]) == major)
+               for m in matches)
 
 
 def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
@@ -623,14 +610,11 @@ def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_d
     restored = []
     for name in names:
         target = Path(out_dir) / name
-        if rundir.last_checkpoint(target) is not None:
-            continue
-        source = next((d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name), None)
-        if source is None:
-            continue
-        checkpoint = rundir.copy_for_resume(source, target)
-        print(f"resuming {name} from {source} ({checkpoint})")
-        restored.append(target)
+        if rundir.last_checkpoint(target) is None:
+            source = next((d for d in find_dirs(roots, (rundir.LAST, rundir.CONFIG)) if d.name == name), None)
+            if source is not None:
+                print(f"resuming {name} from {source} ({rundir.copy_for_resume(source, target)})")
+                restored.append(target)
     return restored
 
 
