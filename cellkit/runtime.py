@@ -328,7 +328,7 @@ def resolve_artifact(value: str, env: Environment, parameter: str, default: Path
     if pattern is not None:
         try:
             found = find_dataset_dir(env.input_roots, pattern, prefer, exclude)
-            return found if folder or any(ch in pattern for ch in "*?[") else found / pattern
+            return found if folder or glob.has_magic(pattern) else found / pattern
         except FileNotFoundError as exc:
             reason = str(exc)
     else:
@@ -486,14 +486,13 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
     """
     capability = tuple(torch.cuda.get_device_capability(index))
     archs = list(torch.cuda.get_arch_list())
-    if not archs or arch_supported(capability, archs):
-        return
-    raise ValueError(
-        f"{parameter}: the GPU {torch.cuda.get_device_name(index)} (compute capability {capability[0]}."
-        f"{capability[1]}) is not supported by this torch {torch.__version__} (built for {', '.join(archs)}): the "
-        f"first CUDA operation would fail. Choose another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata "
-        f"machine_shape {DEFAULT_MACHINE_SHAPE!r}, `make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or "
-        f"DEVICE='cpu'")
+    if archs and not arch_supported(capability, archs):
+        raise ValueError(
+            f"{parameter}: the GPU {torch.cuda.get_device_name(index)} (compute capability {capability[0]}."
+            f"{capability[1]}) is not supported by this torch {torch.__version__} (built for {', '.join(archs)}): the "
+            f"first CUDA operation would fail. Choose another accelerator: on Kaggle 'GPU T4 x2' (kernel-metadata "
+            f"machine_shape {DEFAULT_MACHINE_SHAPE!r}, `make kernels MACHINE_SHAPE={DEFAULT_MACHINE_SHAPE}`), or "
+            f"DEVICE='cpu'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -665,7 +664,7 @@ def find_weights_runs(env: Environment, value: str = "", default: Sequence[Path]
         runs: list[Path] = []
         for item in [v.strip() for v in str(value).split(",") if v.strip()]:
             if glob.has_magic(item):
-                pattern = str(kaggle_path(os.path.expanduser(item)))
+                pattern = kaggle_path(os.path.expanduser(item))
                 bases = [""] if os.path.isabs(pattern) else [
                     str(Path.cwd()), *([str(env.project_root)] if env.project_root else []), *map(str, env.input_roots)]
                 matches = (sorted(Path(p).resolve() for p in glob.glob(os.path.join(base, pattern)) if rundir.is_run(p))
