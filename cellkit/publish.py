@@ -165,7 +165,7 @@ def kernel_metadata(name: str, owner: str, machine_shape: str = DEFAULT_MACHINE_
     """
     spec = KERNELS[name]
     kernel_id = f"{owner}/{slugify(spec.title)}"
-    meta = {
+    return {
         "id": kernel_id,
         "title": spec.title,
         "code_file": f"{name}.ipynb",
@@ -180,10 +180,8 @@ def kernel_metadata(name: str, owner: str, machine_shape: str = DEFAULT_MACHINE_
         "kernel_sources": [kernel_id] if (resume and spec.resumable) else [],
         "model_sources": [],
         "machine_shape": check_machine_shape(machine_shape),
+        **({"docker_image_pinning_type": "original"} if spec.pin_image else {}),  # the first run's image
     }
-    if spec.pin_image:
-        meta["docker_image_pinning_type"] = "original"
-    return meta
 
 
 def kernel_parameters(name: str, machine_shape: str = DEFAULT_MACHINE_SHAPE, num_gpus: int | None = None) -> dict:
@@ -415,12 +413,9 @@ def cv_document(run: Path) -> dict:
 
 def folds_table(folds: Sequence[Mapping]) -> str:
     """The weights dataset's README table of the folds: checkpoint, iteration, best validation mAP."""
-    lines = ["| fold | checkpoint | iteration | best validation mAP |", "|---:|---|---:|---:|"]
-    for f in folds:
-        best = f["best"]
-        lines.append(f"| {f['fold']} | {f['checkpoint']} | {f['iteration']} | "
-                     f"{'-' if best is None else f'{best[0]:.4f} (iteration {best[1]})'} |")
-    return "\n".join(lines)
+    rows = (f"| {f['fold']} | {f['checkpoint']} | {f['iteration']} | "
+            f"{'-' if f['best'] is None else '{:.4f} (iteration {})'.format(*f['best'])} |" for f in folds)
+    return "\n".join(["| fold | checkpoint | iteration | best validation mAP |", "|---:|---|---:|---:|", *rows])
 
 
 def build_weights(run: Path, out: Path, owner: str) -> Path:
@@ -454,8 +449,8 @@ def build_weights(run: Path, out: Path, owner: str) -> Path:
         for stale in target.glob("*.pth"):
             stale.unlink()
         shutil.copy2(fold_dir / rundir.CONFIG, target / rundir.CONFIG)
-        iteration = _model_only(checkpoint, target / rundir.BEST)
-        rows.append({"fold": int(fold_dir.name[4:]), "checkpoint": checkpoint.name, "iteration": iteration,
+        rows.append({"fold": int(fold_dir.name[4:]), "checkpoint": checkpoint.name,
+                     "iteration": _model_only(checkpoint, target / rundir.BEST),
                      "best": rundir.best_metric(fold_dir / rundir.METRICS)})
     shutil.copy2(run / "thresholds.json", out / "thresholds.json")
     atomic.write_json(out / "cv.json", doc)
