@@ -68,13 +68,9 @@ def train_args(device: str, iterations: int = 0, smoke: bool = False, weights: P
         smoke: add :data:`SMOKE_OVERRIDES`.
         weights: initial checkpoint, or None for the preset's (random init for the demo).
     """
-    args = ["--weights", str(weights)] if weights else []
-    args += ["MODEL.DEVICE", device]
-    if smoke:
-        args += list(SMOKE_OVERRIDES)
-    if iterations and int(iterations) > 0:
-        args += ["SOLVER.MAX_ITER", str(int(iterations))]
-    return args
+    return [*(["--weights", str(weights)] if weights else []), "MODEL.DEVICE", device,
+            *(SMOKE_OVERRIDES if smoke else ()),
+            *(["SOLVER.MAX_ITER", str(int(iterations))] if iterations and int(iterations) > 0 else [])]
 
 
 def parse_folds(value: str, folds_table) -> list[int]:
@@ -110,9 +106,8 @@ def failure_message(name: str, exc: Exception, executed: Path) -> str:
     """One-paragraph description of a papermill execution error: notebook, cell, exception, executed copy."""
     cell = getattr(exc, "exec_count", None)
     index = getattr(exc, "cell_index", None)
-    where = f"cell In [{cell}]" if cell is not None else "a cell"
-    if index is not None:
-        where += f" (cell {index + 1} of the executed copy)"
+    where = (f"cell In [{cell}]" if cell is not None else "a cell") + (
+        f" (cell {index + 1} of the executed copy)" if index is not None else "")
     source = (getattr(exc, "source", "") or "").strip().splitlines()
     first = f"; cell starts: {source[0][:100]!r}" if source else ""
     return (f"notebook {name}.ipynb failed at {where}: {getattr(exc, 'ename', type(exc).__name__)}: "

@@ -42,7 +42,7 @@ def _select(only: str, names) -> list[str]:
         match = [n for n in names if n == token or n.split("_", 1)[0] == token.zfill(2)]
         if not match:
             raise ValueError(f"--only: unknown notebook {token!r}; known: {', '.join(names)}")
-        chosen += [m for m in match if m not in chosen]
+        chosen += match
     return [n for n in names if n in chosen]
 
 
