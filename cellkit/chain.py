@@ -142,10 +142,10 @@ def run_notebook(name: str, params: Mapping[str, object], out_dir: Path, noteboo
         raise FileNotFoundError(f"notebook {source} not found")
     executed = Path(out_dir) / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
-    chosen = select_parameters(notebook_parameters(source), params)
     try:
-        pm.execute_notebook(str(source), str(executed), parameters=chosen, kernel_name=kernel_name,
-                            progress_bar=False, log_output=log_output, execution_timeout=timeout)
+        pm.execute_notebook(str(source), str(executed), kernel_name=kernel_name, progress_bar=False,
+                            parameters=select_parameters(notebook_parameters(source), params),
+                            log_output=log_output, execution_timeout=timeout)
     except PapermillExecutionError as exc:
         raise NotebookFailed(failure_message(name, exc, executed)) from None
     return executed

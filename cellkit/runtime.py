@@ -176,11 +176,6 @@ def input_listing(root: Path, max_depth: int = MAX_SEARCH_DEPTH) -> list[tuple[P
     return _LISTINGS[key]
 
 
-def _has(folder: Path, names: frozenset, marker: str) -> bool:
-    """Whether ``folder`` (holding ``names``) matches the glob ``marker`` (one level, or a path glob)."""
-    return any(folder.glob(marker)) if "/" in marker else bool(fnmatch.filter(names, marker))
-
-
 def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
     """Return the folders under ``roots`` that contain a match for every glob in ``markers``.
 
@@ -193,8 +188,10 @@ def find_dirs(roots: Sequence[Path], markers: Sequence[str], max_depth: int = MA
     Returns:
         Matching folders, shallowest first, without duplicates.
     """
-    return list(dict.fromkeys(folder for root in roots for folder, names in input_listing(Path(root), max_depth)
-                              if all(_has(folder, names, m) for m in markers)))
+    return list(dict.fromkeys(
+        folder for root in roots for folder, names in input_listing(Path(root), max_depth)
+        # a marker with a "/" is a path glob (looked up on disk), else a name glob matched against the listing
+        if all(any(folder.glob(m)) if "/" in m else fnmatch.filter(names, m) for m in markers)))
 
 
 def _pick(candidates: list[Path], what: str, roots: Sequence[Path], prefer: str | None) -> Path:
