@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from tqdm.auto import tqdm
 
-from cellkit import CELL_TYPES, rle
+from cellkit import CELL_TYPES, folds, rle
 
 __all__ = [
     "REQUIRED_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
@@ -91,8 +91,8 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     cached = _TABLES.get(key)
     if cached is not None:
         return cached.copy()
-    df = _read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
-                     {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
+    df = folds._read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
+                           {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
     df = df.reset_index(drop=True)
     df["id"] = df["id"].str.strip()
     _check_rows(path, df["id"] != "", lambda i: f"{path} line {_line(i)}: empty image id")
@@ -113,21 +113,6 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     df.attrs["path"] = str(path)
     _TABLES[key] = df
     return df.copy()
-
-
-def _read_table(path: Path, columns, dtype: dict, na_values: dict, empty: str, no_rows: str) -> pd.DataFrame:
-    """``pd.read_csv`` (only ``na_values`` are NaN) of a table that must have ``columns`` and a data row; else a
-    ValueError naming the file (``empty``, ``no_rows``: the message for no header, for no data row)."""
-    try:
-        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: {empty}") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise ValueError(f"{path}: {no_rows}")
-    return df
 
 
 def _file_key(path: Path) -> tuple:
@@ -350,11 +335,9 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
             raise ValueError(f"register_sartorius({name!r}): fold={fold} given without folds_csv")
         image_ids = list(dict.fromkeys(table["id"]))
     else:
-        from cellkit import folds as folds_mod
-
         if fold is None:
             raise ValueError(f"register_sartorius({name!r}): folds_csv given without fold")
-        image_ids = folds_mod.fold_ids(folds_mod.read_folds(folds_csv), fold, split)
+        image_ids = folds.fold_ids(folds.read_folds(folds_csv), fold, split)
         missing = sorted(set(image_ids) - set(table["id"]))
         if missing:
             raise ValueError(f"{folds_csv}: {len(missing)} id(s) not in {csv_path}, e.g. {missing[0]!r}")
