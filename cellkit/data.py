@@ -241,7 +241,10 @@ def load_sartorius_dicts(csv_path: str | os.PathLike, image_dir: str | os.PathLi
         dropped += n_empty
     if dropped:
         logger.warning("%s: dropped %d empty annotation(s)", csv_path, dropped)
-    return [_copy_record(_DICTS[(key, i)]) for i in image_ids]
+    records = [_DICTS[(key, i)] for i in image_ids]
+    # copies deep enough that mutating them (as mappers and filters do) cannot reach the cache
+    return [{**r, "annotations": [{**a, "bbox": list(a["bbox"]), "segmentation": dict(a["segmentation"])}
+                                  for a in r["annotations"]]} for r in records]
 
 
 def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path,
@@ -288,13 +291,6 @@ def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path
     ]
     return {"file_name": str(file_name), "image_id": image_id, "height": height, "width": width,
             "cell_type": str(columns["cell_type"][first]), "annotations": annotations}, len(rows) - len(kept)
-
-
-def _copy_record(record: dict) -> dict:
-    """A copy deep enough that mutating it (as mappers and filters do) cannot reach the cache."""
-    annotations = [{**a, "bbox": list(a["bbox"]), "segmentation": dict(a["segmentation"])}
-                   for a in record["annotations"]]
-    return {**record, "annotations": annotations}
 
 
 # --------------------------------------------------------------------------------------------------------- catalog
@@ -463,11 +459,9 @@ def exclusion_ids(path, known_ids, top: int = 0) -> list[str]:
         if scores.isna().any():
             bad = int(np.flatnonzero(scores.isna().to_numpy())[0])
             raise ValueError(f"{path} line {bad + 2}: score {frame['score'].iloc[bad]!r} is not a number")
-        ids = [str(i).strip() for i in frame["id"].to_numpy()[np.argsort(-scores.to_numpy(), kind="stable")][:top]]
-    elif frame is not None:
-        ids = [str(i).strip() for i in frame["id"]]
-    else:
-        ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        frame = frame.iloc[np.argsort(-scores.to_numpy(), kind="stable")[:top]]
+    ids = [str(i).strip() for i in frame["id"]] if frame is not None else [
+        line.split("#", 1)[0].strip() for line in text.splitlines()]
     ids = [i for i in dict.fromkeys(ids) if i]
     if not ids:
         raise ValueError(f"{path}: the exclusion file names no image id")
