@@ -190,7 +190,7 @@ class CropMasks:
             cost = torch.arange(1, len(hh) + 1, device=device) * hh * ww
             stop = start + max(1, int((cost <= _CHUNK_ELEMENTS).sum()))
             sel = order[start:stop]
-            padded = self._padded(sel, win[sel], heights[sel], widths[sel], first[sel], *self.image_size)
+            padded = self._padded(win[sel], heights[sel], widths[sel], first[sel], *self.image_size)
             members = torch.nonzero(torch.isin(inverse, sel), as_tuple=False).flatten()
             slot = torch.empty(len(uniq), dtype=torch.long, device=device)
             slot[sel] = torch.arange(len(sel), device=device)
@@ -202,7 +202,7 @@ class CropMasks:
             start = stop
         return out.to(out_device)
 
-    def _padded(self, sel, win, heights, widths, first, img_h: int, img_w: int) -> torch.Tensor:
+    def _padded(self, win, heights, widths, first, img_h: int, img_w: int) -> torch.Tensor:
         """float32 ``(K, hmax + 1, wmax + 1)`` of the selected crops, zero-padded; a crop ending at the image's
         right (bottom) edge gets its last column (row) repeated once, like ROIAlign's clamp at the image edge."""
         device = self.device
