@@ -218,9 +218,8 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
             path = data.find_image(image_dir, image_id)
         except FileNotFoundError as exc:
             problems.append(((str(csv_path), first), f"{csv_path} line {data._line(first)} (id {image_id}): {exc}"))
-            path = None
-        read = False
-        if path is not None:
+            path, read = None, False
+        else:
             keys[image_id] = [path.name] + (_stat_key(path) or []) + list(size)
             read = cache["images"].get(image_id) != keys[image_id]
             if not read:
