@@ -88,9 +88,8 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     key = _file_key(path)
-    cached = _TABLES.get(key)
-    if cached is not None:
-        return cached.copy()
+    if key in _TABLES:
+        return _TABLES[key].copy()
     df = folds._read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
                            {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
     df = df.reset_index(drop=True)
