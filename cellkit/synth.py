@@ -257,12 +257,10 @@ def label_rles(labels: np.ndarray) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- dataset
 def _image_ids(rng: np.random.Generator, n: int) -> list[str]:
-    ids: list[str] = []
+    ids: dict[str, None] = {}  # insertion-ordered; a repeat is drawn again
     while len(ids) < n:
-        candidate = rng.bytes(6).hex()
-        if candidate not in ids:
-            ids.append(candidate)
-    return ids
+        ids[rng.bytes(6).hex()] = None
+    return list(ids)
 
 
 def _plan(seed: int, n_images: int, n_test: int) -> tuple[list[dict], list[dict]]:
