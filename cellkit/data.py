@@ -325,13 +325,12 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
 
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     table = read_train_csv(csv_path)
+    if (fold is None) != (folds_csv is None):
+        given = f"fold={fold} given without folds_csv" if folds_csv is None else "folds_csv given without fold"
+        raise ValueError(f"register_sartorius({name!r}): {given}")
     if folds_csv is None:
-        if fold is not None:
-            raise ValueError(f"register_sartorius({name!r}): fold={fold} given without folds_csv")
         image_ids = list(dict.fromkeys(table["id"]))
     else:
-        if fold is None:
-            raise ValueError(f"register_sartorius({name!r}): folds_csv given without fold")
         image_ids = folds.fold_ids(folds.read_folds(folds_csv), fold, split)
         missing = sorted(set(image_ids) - set(table["id"]))
         if missing:
