@@ -350,7 +350,6 @@ def _livecell_annotation_problems(doc: dict, json_path: Path, images: dict, prob
     """Append each bad entry of a LIVECell json's ``annotations`` to ``problems`` (``((file, 1, index),
     message)``): not an object, an unknown ``image_id``, a bad polygon or bbox."""
     for k, ann in enumerate(doc["annotations"]):
-        where = f"{json_path} annotations[{k}]"
         if not isinstance(ann, dict):
             problem = "not an object"
         elif ann.get("image_id") not in images:
@@ -362,5 +361,5 @@ def _livecell_annotation_problems(doc: dict, json_path: Path, images: dict, prob
                     isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 problem = f"bbox must be 4 finite numbers, got {bbox!r}"
         if problem:
-            where += f" (id {ann.get('id')})" if isinstance(ann, dict) else ""
-            problems.append(((str(json_path), 1, k), f"{where}: {problem}"))
+            ident = f" (id {ann.get('id')})" if isinstance(ann, dict) else ""
+            problems.append(((str(json_path), 1, k), f"{json_path} annotations[{k}]{ident}: {problem}"))
