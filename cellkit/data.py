@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from tqdm.auto import tqdm
 
-from cellkit import CELL_TYPES, rle
+from cellkit import CELL_TYPES, folds, rle
 
 __all__ = [
     "REQUIRED_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
@@ -88,11 +88,10 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     key = _file_key(path)
-    cached = _TABLES.get(key)
-    if cached is not None:
-        return cached.copy()
-    df = _read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
-                     {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
+    if key in _TABLES:
+        return _TABLES[key].copy()
+    df = folds._read_table(path, REQUIRED_COLUMNS, {"id": str, "annotation": str, "cell_type": str, "sample_id": str},
+                           {"width": [""], "height": [""]}, "empty CSV (no header)", "no data rows (only a header)")
     df = df.reset_index(drop=True)
     df["id"] = df["id"].str.strip()
     _check_rows(path, df["id"] != "", lambda i: f"{path} line {_line(i)}: empty image id")
@@ -113,21 +112,6 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     df.attrs["path"] = str(path)
     _TABLES[key] = df
     return df.copy()
-
-
-def _read_table(path: Path, columns, dtype: dict, na_values: dict, empty: str, no_rows: str) -> pd.DataFrame:
-    """``pd.read_csv`` (only ``na_values`` are NaN) of a table that must have ``columns`` and a data row; else a
-    ValueError naming the file (``empty``, ``no_rows``: the message for no header, for no data row)."""
-    try:
-        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: {empty}") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise ValueError(f"{path}: {no_rows}")
-    return df
 
 
 def _file_key(path: Path) -> tuple:
@@ -256,7 +240,10 @@ def load_sartorius_dicts(csv_path: str | os.PathLike, image_dir: str | os.PathLi
         dropped += n_empty
     if dropped:
         logger.warning("%s: dropped %d empty annotation(s)", csv_path, dropped)
-    return [_copy_record(_DICTS[(key, i)]) for i in image_ids]
+    records = [_DICTS[(key, i)] for i in image_ids]
+    # copies deep enough that mutating them (as mappers and filters do) cannot reach the cache
+    return [{**r, "annotations": [{**a, "bbox": list(a["bbox"]), "segmentation": dict(a["segmentation"])}
+                                  for a in r["annotations"]]} for r in records]
 
 
 def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path,
@@ -305,13 +292,6 @@ def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path
             "cell_type": str(columns["cell_type"][first]), "annotations": annotations}, len(rows) - len(kept)
 
 
-def _copy_record(record: dict) -> dict:
-    """A copy deep enough that mutating it (as mappers and filters do) cannot reach the cache."""
-    annotations = [{**a, "bbox": list(a["bbox"]), "segmentation": dict(a["segmentation"])}
-                   for a in record["annotations"]]
-    return {**record, "annotations": annotations}
-
-
 # --------------------------------------------------------------------------------------------------------- catalog
 def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | os.PathLike,
                        folds_csv: str | os.PathLike | None = None, fold: int | None = None,
@@ -345,16 +325,13 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
 
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     table = read_train_csv(csv_path)
+    if (fold is None) != (folds_csv is None):
+        given = f"fold={fold} given without folds_csv" if folds_csv is None else "folds_csv given without fold"
+        raise ValueError(f"register_sartorius({name!r}): {given}")
     if folds_csv is None:
-        if fold is not None:
-            raise ValueError(f"register_sartorius({name!r}): fold={fold} given without folds_csv")
         image_ids = list(dict.fromkeys(table["id"]))
     else:
-        from cellkit import folds as folds_mod
-
-        if fold is None:
-            raise ValueError(f"register_sartorius({name!r}): folds_csv given without fold")
-        image_ids = folds_mod.fold_ids(folds_mod.read_folds(folds_csv), fold, split)
+        image_ids = folds.fold_ids(folds.read_folds(folds_csv), fold, split)
         missing = sorted(set(image_ids) - set(table["id"]))
         if missing:
             raise ValueError(f"{folds_csv}: {len(missing)} id(s) not in {csv_path}, e.g. {missing[0]!r}")
@@ -480,11 +457,9 @@ def exclusion_ids(path, known_ids, top: int = 0) -> list[str]:
         if scores.isna().any():
             bad = int(np.flatnonzero(scores.isna().to_numpy())[0])
             raise ValueError(f"{path} line {bad + 2}: score {frame['score'].iloc[bad]!r} is not a number")
-        ids = [str(i).strip() for i in frame["id"].to_numpy()[np.argsort(-scores.to_numpy(), kind="stable")][:top]]
-    elif frame is not None:
-        ids = [str(i).strip() for i in frame["id"]]
-    else:
-        ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        frame = frame.iloc[np.argsort(-scores.to_numpy(), kind="stable")[:top]]
+    ids = [str(i).strip() for i in frame["id"]] if frame is not None else [
+        line.split("#", 1)[0].strip() for line in text.splitlines()]
     ids = [i for i in dict.fromkeys(ids) if i]
     if not ids:
         raise ValueError(f"{path}: the exclusion file names no image id")

@@ -218,9 +218,8 @@ def check_sartorius(csv_path, image_dir, *, workers: int | None = None, max_prob
             path = data.find_image(image_dir, image_id)
         except FileNotFoundError as exc:
             problems.append(((str(csv_path), first), f"{csv_path} line {data._line(first)} (id {image_id}): {exc}"))
-            path = None
-        read = False
-        if path is not None:
+            path, read = None, False
+        else:
             keys[image_id] = [path.name] + (_stat_key(path) or []) + list(size)
             read = cache["images"].get(image_id) != keys[image_id]
             if not read:
@@ -351,7 +350,6 @@ def _livecell_annotation_problems(doc: dict, json_path: Path, images: dict, prob
     """Append each bad entry of a LIVECell json's ``annotations`` to ``problems`` (``((file, 1, index),
     message)``): not an object, an unknown ``image_id``, a bad polygon or bbox."""
     for k, ann in enumerate(doc["annotations"]):
-        where = f"{json_path} annotations[{k}]"
         if not isinstance(ann, dict):
             problem = "not an object"
         elif ann.get("image_id") not in images:
@@ -363,5 +361,5 @@ def _livecell_annotation_problems(doc: dict, json_path: Path, images: dict, prob
                     isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 problem = f"bbox must be 4 finite numbers, got {bbox!r}"
         if problem:
-            where += f" (id {ann.get('id')})" if isinstance(ann, dict) else ""
-            problems.append(((str(json_path), 1, k), f"{where}: {problem}"))
+            ident = f" (id {ann.get('id')})" if isinstance(ann, dict) else ""
+            problems.append(((str(json_path), 1, k), f"{json_path} annotations[{k}]{ident}: {problem}"))

@@ -76,16 +76,14 @@ class FakeSpec:
     class_confusion: float = 0.02
 
     def __post_init__(self):
-        for name in ("miss_rate", "dup_rate", "class_confusion"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"FakeSpec.{name} = {getattr(self, name)} is out of range [0, 1]")
-        for name in ("shift", "bias_std", "dup_shift", "fp_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FakeSpec.{name} = {getattr(self, name)} must be >= 0")
-        if not 0.0 < self.edge_level < 1.0:
-            raise ValueError(f"FakeSpec.edge_level = {self.edge_level} is out of range (0, 1)")
-        if self.edge_width <= 0:
-            raise ValueError(f"FakeSpec.edge_width = {self.edge_width} must be > 0")
+        for names, bad, rule in ((("miss_rate", "dup_rate", "class_confusion"), lambda v: not 0.0 <= v <= 1.0,
+                                  "is out of range [0, 1]"),
+                                 (("shift", "bias_std", "dup_shift", "fp_rate"), lambda v: v < 0, "must be >= 0"),
+                                 (("edge_level",), lambda v: not 0.0 < v < 1.0, "is out of range (0, 1)"),
+                                 (("edge_width",), lambda v: v <= 0, "must be > 0")):
+            for name in names:
+                if bad(getattr(self, name)):
+                    raise ValueError(f"FakeSpec.{name} = {getattr(self, name)} {rule}")
         for name, low, high in (("tp_score", 0.0, 1.0), ("fp_score", 0.0, 1.0), ("dup_score_factor", 0.0, 1.0),
                                 ("fp_area", 1.0, float("inf"))):
             lo, hi = getattr(self, name)

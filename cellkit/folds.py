@@ -96,6 +96,21 @@ def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
+def _read_table(path: Path, columns, dtype: dict, na_values: dict, empty: str, no_rows: str) -> pd.DataFrame:
+    """``pd.read_csv`` (only ``na_values`` are NaN) of a table that must have ``columns`` and a data row; else a
+    ValueError naming the file (``empty``, ``no_rows``: the message for no header, for no data row)."""
+    try:
+        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: {empty}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise ValueError(f"{path}: {no_rows}")
+    return df
+
+
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     """Read and validate a ``folds.csv``.
 
@@ -111,16 +126,8 @@ def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such folds file")
-    try:
-        df = pd.read_csv(path, dtype={"id": str, "cell_type": str, "sample_id": str}, keep_default_na=False,
-                         na_values={"fold": [""]})
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty folds file") from None
-    missing = [c for c in ("id", "fold") if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise ValueError(f"{path}: no data rows")
+    df = _read_table(path, ("id", "fold"), {"id": str, "cell_type": str, "sample_id": str}, {"fold": [""]},
+                     "empty folds file", "no data rows")
     fold = pd.to_numeric(df["fold"], errors="coerce")
     bad = np.flatnonzero(~(fold.notna() & (fold >= 0) & (fold == np.round(fold))).to_numpy())
     if bad.size:

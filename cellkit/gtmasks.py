@@ -190,7 +190,7 @@ class CropMasks:
             cost = torch.arange(1, len(hh) + 1, device=device) * hh * ww
             stop = start + max(1, int((cost <= _CHUNK_ELEMENTS).sum()))
             sel = order[start:stop]
-            padded = self._padded(sel, win[sel], heights[sel], widths[sel], first[sel], *self.image_size)
+            padded = self._padded(win[sel], heights[sel], widths[sel], first[sel], *self.image_size)
             members = torch.nonzero(torch.isin(inverse, sel), as_tuple=False).flatten()
             slot = torch.empty(len(uniq), dtype=torch.long, device=device)
             slot[sel] = torch.arange(len(sel), device=device)
@@ -202,7 +202,7 @@ class CropMasks:
             start = stop
         return out.to(out_device)
 
-    def _padded(self, sel, win, heights, widths, first, img_h: int, img_w: int) -> torch.Tensor:
+    def _padded(self, win, heights, widths, first, img_h: int, img_w: int) -> torch.Tensor:
         """float32 ``(K, hmax + 1, wmax + 1)`` of the selected crops, zero-padded; a crop ending at the image's
         right (bottom) edge gets its last column (row) repeated once, like ROIAlign's clamp at the image edge."""
         device = self.device
@@ -221,16 +221,6 @@ class CropMasks:
 
 
 # ------------------------------------------------------------------------------------------------ the mapper
-def _windows_after(transforms, boxes: np.ndarray, shape_hw: tuple[int, int], margin: int) -> np.ndarray:
-    """int64 ``(N, 4)`` windows of the transformed ``boxes`` plus ``margin``, clipped to the ``(H, W)`` image."""
-    hh, ww = shape_hw
-    moved = np.asarray(transforms.apply_box(boxes.astype(np.float64)), dtype=np.float64).reshape(-1, 4)
-    win = np.concatenate([np.floor(moved[:, :2]) - margin, np.ceil(moved[:, 2:]) + margin], axis=1)
-    win = np.clip(win, 0, [ww, hh, ww, hh]).astype(np.int64)
-    win[:, 2:] = np.maximum(win[:, 2:], win[:, :2])
-    return win
-
-
 def transform_annotation_masks(segmentations: Sequence, height: int, width: int, transforms,
                                margin: int = MARGIN) -> CropMasks:
     """Decode and transform the masks of one record into :class:`CropMasks` (exact, like one
@@ -267,8 +257,13 @@ def transform_annotation_masks(segmentations: Sequence, height: int, width: int,
             chunk[y0:y1, x0:x1, b] |= (decoded[y0:y1, x0:x1, j] & 1) << (7 - k)
         del decoded
         moved = np.ascontiguousarray(transforms.apply_segmentation(chunk))  # the same shape for every chunk
-        windows.append(_windows_after(transforms, src, moved.shape[:2], margin))
-        for j, (x0, y0, x1, y1) in enumerate(windows[-1]):
+        # each crop's window: its transformed box plus ``margin``, clipped to the transformed image
+        boxes = np.asarray(transforms.apply_box(src.astype(np.float64)), dtype=np.float64).reshape(-1, 4)
+        win = np.concatenate([np.floor(boxes[:, :2]) - margin, np.ceil(boxes[:, 2:]) + margin], axis=1)
+        win = np.clip(win, 0, [moved.shape[1], moved.shape[0]] * 2).astype(np.int64)
+        win[:, 2:] = np.maximum(win[:, 2:], win[:, :2])
+        windows.append(win)
+        for j, (x0, y0, x1, y1) in enumerate(win):
             b, k = divmod(j, 8)
             crops.append((moved[y0:y1, x0:x1, b] & (1 << (7 - k))) != 0)
     return CropMasks.from_crops(crops, np.concatenate(windows), moved.shape[:2])

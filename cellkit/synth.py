@@ -29,6 +29,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -75,10 +76,9 @@ def _place(mask: np.ndarray, cx: float, cy: float) -> Cell:  # the cell whose ca
     return Cell(int(round(cy)) - c, int(round(cx)) - c, mask)
 
 
-def _shsy5y(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
+def _shsy5y(rng: np.random.Generator, shape: tuple[int, int]) -> Iterator[Cell]:
     """Many small elongated cells (long axis 12-30 px) in loose clusters of similar orientation; some with a neurite."""
     height, width = shape
-    cells = []
     for _ in range(int(rng.integers(8, 16))):  # clusters
         ccx, ccy = rng.uniform(0, width), rng.uniform(0, height)
         spread = rng.uniform(25, 70)
@@ -92,14 +92,12 @@ def _shsy5y(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
             if neurite:
                 tip = np.array([c, c]) + _polar(a - 1, angle)
                 cv2.line(canvas, _pt(tip), _pt(tip + _polar(neurite, angle + rng.normal(0, 0.4))), 1, 2)
-            cells.append(_place(canvas, ccx + rng.normal(0, spread), ccy + rng.normal(0, spread)))
-    return cells
+            yield _place(canvas, ccx + rng.normal(0, spread), ccy + rng.normal(0, spread))
 
 
-def _astro(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
+def _astro(rng: np.random.Generator, shape: tuple[int, int]) -> Iterator[Cell]:
     """Large cells: an irregular body (radius 9-18 px) with 3-6 tapering, bending, sometimes forking processes."""
     height, width = shape
-    cells = []
     for _ in range(int(rng.integers(12, 30))):
         canvas, c = _canvas(95)
         centre = np.array([c, c], dtype=float)
@@ -107,8 +105,7 @@ def _astro(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
         cv2.ellipse(canvas, (c, c), (int(r1), int(r2)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
         for angle in np.linspace(0, 2 * np.pi, int(rng.integers(3, 7)), endpoint=False) + rng.uniform(0, 2 * np.pi):
             _branch(rng, canvas, centre, angle + rng.normal(0, 0.3), thickness=int(rng.integers(5, 8)), depth=0)
-        cells.append(_place(canvas, rng.uniform(0, width), rng.uniform(0, height)))
-    return cells
+        yield _place(canvas, rng.uniform(0, width), rng.uniform(0, height))
 
 
 def _branch(rng: np.random.Generator, canvas: np.ndarray, start: np.ndarray, angle: float, thickness: int,
@@ -125,10 +122,9 @@ def _branch(rng: np.random.Generator, canvas: np.ndarray, start: np.ndarray, ang
         point, angle, thickness = nxt, angle + rng.normal(0, 0.35), thickness - 1
 
 
-def _cort(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
+def _cort(rng: np.random.Generator, shape: tuple[int, int]) -> Iterator[Cell]:
     """Few round cells (radius 7-12 px, aspect 0.75-1), sometimes with one short process."""
     height, width = shape
-    cells = []
     for _ in range(int(rng.integers(15, 45))):
         r = rng.uniform(7, 12)
         canvas, c = _canvas(int(r) + 18)
@@ -138,8 +134,7 @@ def _cort(rng: np.random.Generator, shape: tuple[int, int]) -> list[Cell]:
         if rng.random() < 0.3:
             tip = np.array([c, c]) + _polar(r, angle)
             cv2.line(canvas, _pt(tip), _pt(tip + _polar(rng.uniform(6, 15), angle)), 1, 2)
-        cells.append(_place(canvas, rng.uniform(0, width), rng.uniform(0, height)))
-    return cells
+        yield _place(canvas, rng.uniform(0, width), rng.uniform(0, height))
 
 
 _MORPHOLOGIES = {"shsy5y": _shsy5y, "astro": _astro, "cort": _cort}
@@ -150,7 +145,7 @@ def cells_for(cell_type: str, rng: np.random.Generator, shape: tuple[int, int] =
     """Draw (unplaced, possibly overlapping) cells of one type."""
     if cell_type not in _MORPHOLOGIES:
         raise ValueError(f"unknown cell type {cell_type!r} (expected one of {', '.join(CELL_TYPES)})")
-    return _MORPHOLOGIES[cell_type](rng, shape)
+    return list(_MORPHOLOGIES[cell_type](rng, shape))
 
 
 # ------------------------------------------------------------------------------------------------- painting
@@ -262,12 +257,10 @@ def label_rles(labels: np.ndarray) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- dataset
 def _image_ids(rng: np.random.Generator, n: int) -> list[str]:
-    ids: list[str] = []
+    ids: dict[str, None] = {}  # insertion-ordered; a repeat is drawn again
     while len(ids) < n:
-        candidate = rng.bytes(6).hex()
-        if candidate not in ids:
-            ids.append(candidate)
-    return ids
+        ids[rng.bytes(6).hex()] = None
+    return list(ids)
 
 
 def _plan(seed: int, n_images: int, n_test: int) -> tuple[list[dict], list[dict]]:

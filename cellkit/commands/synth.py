@@ -21,8 +21,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     out = synth_dataset(args.out, args.images, seed=args.seed, n_test=args.test_images, force=args.force)
     train = pd.read_csv(out / "train.csv", usecols=["id", "cell_type"])
-    per_type = train.groupby("cell_type")["id"].agg(images="nunique", cells="size")
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s: {args.images} train images "
           f"({len(train)} cells), {args.test_images} test images")
-    print(per_type.to_string())
+    print(train.groupby("cell_type")["id"].agg(images="nunique", cells="size").to_string())
     return 0
