@@ -107,13 +107,10 @@ class CellkitEvaluator(DatasetEvaluator):
         if not records:
             raise ValueError(f"dataset {dataset_name!r} has no images to evaluate")
         self._records = {r["image_id"]: r for r in records}
-        classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", []))
-        self._competition_classes = classes == list(CELL_TYPES)
+        self._competition_classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", [])) == list(CELL_TYPES)
         self._thresholds = {c: {"score": float(score_threshold), "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
         postprocess.validate_thresholds(self._thresholds)
-        self._max_det = int(max_detections)
-        self._distributed = distributed
-        self._name = dataset_name
+        self._max_det, self._distributed, self._name = int(max_detections), distributed, dataset_name
         self.reset()
 
     def reset(self) -> None:
@@ -130,8 +127,7 @@ class CellkitEvaluator(DatasetEvaluator):
             pred = InstancePredictions.from_full_masks(
                 str(record["image_id"]), inst.pred_classes.numpy(), inst.scores.numpy(), boxes,
                 inst.pred_masks.numpy() if len(inst) else np.zeros((0, record["height"], record["width"]), bool))
-        order = np.argsort(-pred.scores.astype(np.float64), kind="stable")[: self._max_det]
-        pred = pred.select(order)
+        pred = pred.select(np.argsort(-pred.scores.astype(np.float64), kind="stable")[: self._max_det])
         if not self._competition_classes:
             pred.classes = np.zeros(len(pred), dtype=pred.classes.dtype)
         return pred
