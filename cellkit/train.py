@@ -132,21 +132,21 @@ class CellkitDatasetMapper(DatasetMapper):
 
 
 # ----------------------------------------------------------------------------------------------------- hooks
-class CellkitEvalHook(hooks.EvalHook):
+class _AfterCompletedTraining:
+    """Mixin of a hook whose ``after_train`` runs only when the run did not raise (``trainer.completed``)."""
+
+    def after_train(self):
+        if self.trainer.completed:
+            super().after_train()
+
+
+class CellkitEvalHook(_AfterCompletedTraining, hooks.EvalHook):
     """detectron2's ``EvalHook`` without the final evaluation of a run that raised (``trainer.completed``)."""
 
-    def after_train(self):
-        if self.trainer.completed:
-            super().after_train()
 
-
-class CellkitBestCheckpointer(hooks.BestCheckpointer):
+class CellkitBestCheckpointer(_AfterCompletedTraining, hooks.BestCheckpointer):
     """detectron2's ``BestCheckpointer`` whose best value survives ``--resume`` (saved in the training state), and
     without the final best check of a run that raised (``trainer.completed``)."""
-
-    def after_train(self):
-        if self.trainer.completed:
-            super().after_train()
 
     def state_dict(self):
         return {"best_metric": self.best_metric, "best_iter": self.best_iter}
@@ -240,8 +240,7 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     def prune(self) -> list[Path]:
         """Delete periodic checkpoints beyond the newest ``keep``; returns the deleted paths."""
-        deleted = rundir.prune_periodic(self.checkpointer.save_dir, self.keep)
-        if deleted:
+        if deleted := rundir.prune_periodic(self.checkpointer.save_dir, self.keep):
             logger.info("cellkit: removed %d old checkpoint(s) (CELLKIT.KEEP_CHECKPOINTS=%d): %s", len(deleted),
                         self.keep, ", ".join(p.name for p in deleted))
         return deleted
@@ -387,9 +386,9 @@ class CellkitTrainer(DefaultTrainer):
         if cfg.CELLKIT.TIME_BUDGET_MINUTES > 0:
             ret.insert(2, TimeBudget(cfg.CELLKIT.TIME_BUDGET_MINUTES))  # before evaluation: a last step ends cleanly
         if comm.is_main_process():
-            ret.append(CellkitPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
-                                                   cfg.CELLKIT.KEEP_CHECKPOINTS))
-            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD))
+            ret += [CellkitPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                cfg.CELLKIT.KEEP_CHECKPOINTS),
+                    hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD)]
         return ret
 
     def finished(self) -> str | None:
@@ -403,8 +402,7 @@ class CellkitTrainer(DefaultTrainer):
     def train(self):
         """Run training from ``self.start_iter`` (set by ``resume_or_load``); returns the last evaluation results
         (None when the run had already finished or stopped early)."""
-        done = self.finished()
-        if done:
+        if done := self.finished():
             logger.info("cellkit: %s %s; nothing to do", self.cfg.OUTPUT_DIR, done)
             return None
         try:
@@ -490,9 +488,8 @@ def _check_pretrain(d) -> dict:
     if comm.is_main_process():
         from cellkit import datacheck
 
-        for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
-            if path:
-                datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
+        for path in filter(None, (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON)):
+            datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
     return {"train": dict(json_path=d.LIVECELL_JSON, image_root=d.LIVECELL_IMAGES),
             "val": dict(json_path=d.LIVECELL_VAL_JSON, image_root=d.LIVECELL_IMAGES) if d.LIVECELL_VAL_JSON
             else None}
@@ -562,8 +559,7 @@ def _check_extra(cfg, table) -> dict | None:
         raise FileNotFoundError(f"extra data dir {root} (CELLKIT.DATA.EXTRA_DATA / --extra-data) needs train.csv and "
                                 f"train/ (the competition layout, as `cellkit pseudo` writes it)")
     extra = data.read_train_csv(csv_path)
-    common = sorted(set(extra["id"]) & set(table["id"]))
-    if common:
+    if common := sorted(set(extra["id"]) & set(table["id"])):
         raise ValueError(f"{csv_path}: image id {common[0]!r} is also in {Path(d.ROOT) / 'train.csv'} "
                          f"({len(common)} id(s) in both); extra data must be other images")
     if comm.is_main_process():
