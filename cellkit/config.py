@@ -249,8 +249,7 @@ def apply_overrides(cfg, overrides: Sequence[str]) -> None:
     if len(overrides) % 2:
         raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number of items: {overrides}")
     for key, value in zip(overrides[0::2], overrides[1::2]):
-        node = cfg
-        parts = key.split(".")
+        node, parts = cfg, key.split(".")
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
                 raise ValueError(f"unknown config key {key!r} (no section {part!r})")
@@ -328,10 +327,9 @@ def resolve_runtime(cfg, has_cuda: bool | None = None) -> list[str]:
     if not cfg.MODEL.WEIGHTS and norm:
         for section in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
             node = cfg.MODEL[section]
-            new = norm if node.NORM in ("", "FrozenBN", "BN", "SyncBN") else node.NORM  # FrozenBN / none -> norm
-            if new != node.NORM:
-                notes.append(f"random init: MODEL.{section}.NORM {node.NORM!r} -> {new!r} (CELLKIT.SCRATCH_NORM)")
-                node.NORM = new
+            if node.NORM in ("", "FrozenBN", "BN", "SyncBN") and node.NORM != norm:  # FrozenBN / none -> norm
+                notes.append(f"random init: MODEL.{section}.NORM {node.NORM!r} -> {norm!r} (CELLKIT.SCRATCH_NORM)")
+                node.NORM = norm
     if not cfg.MODEL.WEIGHTS and list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]:
         # unit std matches Caffe2 checkpoints only; from scratch, raw 0-255 inputs blow up the stem's gradients
         cfg.MODEL.PIXEL_STD = list(SCRATCH_PIXEL_STD)

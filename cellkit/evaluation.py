@@ -44,17 +44,10 @@ def truth_rles(record: dict) -> list[str]:
         One string per annotation, row-major as in the competition (empty annotations dropped).
     """
     h, w = int(record["height"]), int(record["width"])
-    out = []
-    for ann in record.get("annotations", []):
-        segm = ann["segmentation"]
-        if not isinstance(segm, dict):  # polygons: keep those with at least 3 points
-            segm = [p for p in segm if len(p) >= 6]
-            if not segm:
-                continue
-        s = rle.from_coco(rle.coco_segmentation(segm, h, w))
-        if s:
-            out.append(s)
-    return out
+    segms = [segm if isinstance(segm, dict) else [p for p in segm if len(p) >= 6]  # polygons: >= 3 points
+             for segm in (ann["segmentation"] for ann in record.get("annotations", []))]
+    rles = (rle.from_coco(rle.coco_segmentation(segm, h, w)) for segm in segms if isinstance(segm, dict) or segm)
+    return [s for s in rles if s]
 
 
 def _fingerprint(record: dict) -> tuple:
@@ -75,11 +68,9 @@ def cached_truth_rles(dataset_name: str, record: dict) -> list[str]:
     key = (str(dataset_name), str(record["image_id"]))
     fingerprint = _fingerprint(record)
     hit = _TRUTH_CACHE.get(key)
-    if hit is not None and hit[0] == fingerprint:
-        return hit[1]
-    rles = truth_rles(record)
-    _TRUTH_CACHE[key] = (fingerprint, rles)
-    return rles
+    if hit is None or hit[0] != fingerprint:
+        hit = _TRUTH_CACHE[key] = (fingerprint, truth_rles(record))
+    return hit[1]
 
 
 def summarize(rows: list[tuple]) -> dict:
@@ -88,8 +79,7 @@ def summarize(rows: list[tuple]) -> dict:
         return {"mAP": float("nan"), "n_images": 0}
     prec = np.stack([r[2] for r in rows])
     res = {"mAP": float(prec.mean()), "AP50": float(prec[:, 0].mean()), "AP75": float(prec[:, 5].mean()),
-           "n_images": len(rows)}
-    res["n_masks"] = int(sum(r[3] for r in rows))
+           "n_images": len(rows), "n_masks": int(sum(r[3] for r in rows))}
     by_type = defaultdict(list)
     for _, cell_type, p, _ in rows:
         if cell_type:
@@ -117,13 +107,10 @@ class CellkitEvaluator(DatasetEvaluator):
         if not records:
             raise ValueError(f"dataset {dataset_name!r} has no images to evaluate")
         self._records = {r["image_id"]: r for r in records}
-        classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", []))
-        self._competition_classes = classes == list(CELL_TYPES)
+        self._competition_classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", [])) == list(CELL_TYPES)
         self._thresholds = {c: {"score": float(score_threshold), "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
         postprocess.validate_thresholds(self._thresholds)
-        self._max_det = int(max_detections)
-        self._distributed = distributed
-        self._name = dataset_name
+        self._max_det, self._distributed, self._name = int(max_detections), distributed, dataset_name
         self.reset()
 
     def reset(self) -> None:
@@ -140,8 +127,7 @@ class CellkitEvaluator(DatasetEvaluator):
             pred = InstancePredictions.from_full_masks(
                 str(record["image_id"]), inst.pred_classes.numpy(), inst.scores.numpy(), boxes,
                 inst.pred_masks.numpy() if len(inst) else np.zeros((0, record["height"], record["width"]), bool))
-        order = np.argsort(-pred.scores.astype(np.float64), kind="stable")[: self._max_det]
-        pred = pred.select(order)
+        pred = pred.select(np.argsort(-pred.scores.astype(np.float64), kind="stable")[: self._max_det])
         if not self._competition_classes:
             pred.classes = np.zeros(len(pred), dtype=pred.classes.dtype)
         return pred
@@ -149,9 +135,8 @@ class CellkitEvaluator(DatasetEvaluator):
     def image_result(self, record: dict, pred: InstancePredictions) -> tuple[np.ndarray, int]:
         """``(precision per IoU threshold, float64 (10,); masks kept)`` of one image's predictions, post-processed
         by :func:`cellkit.postprocess.apply_predictions` and scored by :func:`cellkit.postprocess.score_kept`."""
-        shape = (int(record["height"]), int(record["width"]))
         kept = postprocess.apply_predictions(pred, self._thresholds)
-        truth = MaskRuns.from_rles(cached_truth_rles(self._name, record), shape)
+        truth = MaskRuns.from_rles(cached_truth_rles(self._name, record), (int(record["height"]), int(record["width"])))
         return postprocess.score_kept(kept, truth), len(kept)
 
     def process(self, inputs, outputs) -> None:

@@ -161,11 +161,9 @@ def _float32_forward(cls):
 if HAS_D2_C:
     from detectron2.layers import DeformConv as _D2DeformConv, ModulatedDeformConv as _D2ModulatedDeformConv
 
-    DeformConv = _float32_forward(_D2DeformConv)  # the compiled op
-    ModulatedDeformConv = _float32_forward(_D2ModulatedDeformConv)
+    DeformConv, ModulatedDeformConv = map(_float32_forward, (_D2DeformConv, _D2ModulatedDeformConv))  # compiled ops
 else:
-    DeformConv = TorchvisionDeformConv
-    ModulatedDeformConv = TorchvisionModulatedDeformConv
+    DeformConv, ModulatedDeformConv = TorchvisionDeformConv, TorchvisionModulatedDeformConv
 
 
 def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
@@ -176,15 +174,15 @@ def build_cellkit_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     ``DeformBottleneckBlock`` (same parameter names, so model-zoo dconv checkpoints load).
     """
     r = cfg.MODEL.RESNETS  # clear errors for the values detectron2's builder only asserts
-    if r.DEPTH not in (18, 34, 50, 101, 152):
-        raise ValueError(f"MODEL.RESNETS.DEPTH={r.DEPTH} is not one of [18, 34, 50, 101, 152]")
-    if r.RES5_DILATION not in (1, 2):
-        raise ValueError(f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION} must be 1 or 2")
-    if r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
-                                or r.NUM_GROUPS != 1):
-        raise ValueError(
-            "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no deformable stage"
-        )
+    for bad, message in (
+        (r.DEPTH not in (18, 34, 50, 101, 152), f"MODEL.RESNETS.DEPTH={r.DEPTH} is not one of [18, 34, 50, 101, 152]"),
+        (r.RES5_DILATION not in (1, 2), f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION} must be 1 or 2"),
+        (r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
+                                  or r.NUM_GROUPS != 1),
+         "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no deformable stage"),
+    ):
+        if bad:
+            raise ValueError(message)
     with resnet_deform_ops(DeformConv, ModulatedDeformConv):
         resnet = build_resnet_backbone(cfg, input_shape)
     if "CELLKIT" in cfg and cfg.CELLKIT.BACKBONE_CHECKPOINT:

@@ -61,14 +61,11 @@ def build_train_augmentations(cfg) -> list:
     ``ResizeShortestEdge`` (``INPUT.MIN_SIZE_TRAIN`` x ``MAX_SIZE_TRAIN``, ``MIN_SIZE_TRAIN_SAMPLING``).
     """
     a = cfg.CELLKIT.AUG
-    augs = []
-    if a.HFLIP_PROB > 0:
-        augs.append(T.RandomFlip(prob=a.HFLIP_PROB, horizontal=True, vertical=False))
-    if a.VFLIP_PROB > 0:
-        augs.append(T.RandomFlip(prob=a.VFLIP_PROB, horizontal=False, vertical=True))
+    augs = [T.RandomFlip(prob=prob, horizontal=horizontal, vertical=not horizontal)
+            for prob, horizontal in ((a.HFLIP_PROB, True), (a.VFLIP_PROB, False)) if prob > 0]
     if a.ROTATION > 0 and a.ROTATION_PROB > 0:
-        rot = T.RandomRotation([-a.ROTATION, a.ROTATION], expand=False, sample_style="range")
-        augs.append(T.RandomApply(rot, prob=a.ROTATION_PROB))
+        augs.append(T.RandomApply(T.RandomRotation([-a.ROTATION, a.ROTATION], expand=False, sample_style="range"),
+                                  prob=a.ROTATION_PROB))
     if a.BRIGHTNESS > 0 and a.BRIGHTNESS_PROB > 0:
         augs.append(T.RandomApply(T.RandomBrightness(1 - a.BRIGHTNESS, 1 + a.BRIGHTNESS), prob=a.BRIGHTNESS_PROB))
     augs.append(T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
@@ -116,10 +113,9 @@ class CellkitDatasetMapper(DatasetMapper):
         if masks.image_size != tuple(image_shape):
             raise ValueError(f"{dataset_dict.get('file_name')}: transformed masks {masks.image_size} do not match "
                              f"the transformed image {tuple(image_shape)}")
-        instances = Instances(image_shape)
-        instances.gt_boxes = masks.get_bounding_boxes()
-        instances.gt_classes = torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64)
-        instances.gt_masks = masks
+        instances = Instances(image_shape, gt_boxes=masks.get_bounding_boxes(),
+                              gt_classes=torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64),
+                              gt_masks=masks)
         dataset_dict["instances"] = instances[masks.nonempty()]  # tight boxes: empty mask <=> empty box
 
     def _transform_polygons(self, dataset_dict, transforms, image_shape):
@@ -136,21 +132,21 @@ class CellkitDatasetMapper(DatasetMapper):
 
 
 # ----------------------------------------------------------------------------------------------------- hooks
-class CellkitEvalHook(hooks.EvalHook):
+class _AfterCompletedTraining:
+    """Mixin of a hook whose ``after_train`` runs only when the run did not raise (``trainer.completed``)."""
+
+    def after_train(self):
+        if self.trainer.completed:
+            super().after_train()
+
+
+class CellkitEvalHook(_AfterCompletedTraining, hooks.EvalHook):
     """detectron2's ``EvalHook`` without the final evaluation of a run that raised (``trainer.completed``)."""
 
-    def after_train(self):
-        if self.trainer.completed:
-            super().after_train()
 
-
-class CellkitBestCheckpointer(hooks.BestCheckpointer):
+class CellkitBestCheckpointer(_AfterCompletedTraining, hooks.BestCheckpointer):
     """detectron2's ``BestCheckpointer`` whose best value survives ``--resume`` (saved in the training state), and
     without the final best check of a run that raised (``trainer.completed``)."""
-
-    def after_train(self):
-        if self.trainer.completed:
-            super().after_train()
 
     def state_dict(self):
         return {"best_metric": self.best_metric, "best_iter": self.best_iter}
@@ -169,9 +165,7 @@ class EarlyStopping(HookBase):
 
     def __init__(self, eval_period: int, metric: str, patience: int, min_delta: float = 0.0):
         self._period, self._metric, self._patience, self._min_delta = eval_period, metric, patience, min_delta
-        self.best = None
-        self.bad_evals = 0
-        self.stopped_at = None
+        self.load_state_dict({})  # no best yet, no bad evaluation, not stopped
 
     def state_dict(self):
         return {"best": self.best, "bad_evals": self.bad_evals, "stopped_at": self.stopped_at}
@@ -193,8 +187,7 @@ class EarlyStopping(HookBase):
                 else:
                     self.bad_evals += 1
                 stop = self.bad_evals >= self._patience
-        stop = comm.all_gather(stop)[0]
-        if stop:
+        if comm.all_gather(stop)[0]:
             self.stopped_at = self.trainer.iter
             logger.info("cellkit: early stopping at iteration %d: %s did not improve on %.4f for %d evaluations",
                         next_iter, self._metric, self.best, self.bad_evals)
@@ -214,8 +207,7 @@ class TimeBudget(HookBase):
         self._start = time.perf_counter()
 
     def after_step(self):
-        elapsed = time.perf_counter() - self._start
-        over = comm.all_gather(elapsed >= self._seconds)[0]
+        over = comm.all_gather(time.perf_counter() - self._start >= self._seconds)[0]
         if over and self.trainer.iter + 1 < self.trainer.max_iter:
             logger.info("cellkit: time budget of %.1f min reached after iteration %d of %d: finishing here",
                         self._seconds / 60, self.trainer.iter + 1, self.trainer.max_iter)
@@ -248,8 +240,7 @@ class CellkitPeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     def prune(self) -> list[Path]:
         """Delete periodic checkpoints beyond the newest ``keep``; returns the deleted paths."""
-        deleted = rundir.prune_periodic(self.checkpointer.save_dir, self.keep)
-        if deleted:
+        if deleted := rundir.prune_periodic(self.checkpointer.save_dir, self.keep):
             logger.info("cellkit: removed %d old checkpoint(s) (CELLKIT.KEEP_CHECKPOINTS=%d): %s", len(deleted),
                         self.keep, ", ".join(p.name for p in deleted))
         return deleted
@@ -395,9 +386,9 @@ class CellkitTrainer(DefaultTrainer):
         if cfg.CELLKIT.TIME_BUDGET_MINUTES > 0:
             ret.insert(2, TimeBudget(cfg.CELLKIT.TIME_BUDGET_MINUTES))  # before evaluation: a last step ends cleanly
         if comm.is_main_process():
-            ret.append(CellkitPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
-                                                   cfg.CELLKIT.KEEP_CHECKPOINTS))
-            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD))
+            ret += [CellkitPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                cfg.CELLKIT.KEEP_CHECKPOINTS),
+                    hooks.PeriodicWriter(self.build_writers(), period=cfg.CELLKIT.LOG_PERIOD)]
         return ret
 
     def finished(self) -> str | None:
@@ -411,8 +402,7 @@ class CellkitTrainer(DefaultTrainer):
     def train(self):
         """Run training from ``self.start_iter`` (set by ``resume_or_load``); returns the last evaluation results
         (None when the run had already finished or stopped early)."""
-        done = self.finished()
-        if done:
+        if done := self.finished():
             logger.info("cellkit: %s %s; nothing to do", self.cfg.OUTPUT_DIR, done)
             return None
         try:
@@ -427,13 +417,6 @@ class CellkitTrainer(DefaultTrainer):
 
 
 # ------------------------------------------------------------------------------------------------ data + config
-def _fold_image_ids(folds_csv: Path, fold: int) -> tuple[list, list]:
-    from cellkit import folds as folds_mod
-
-    table = folds_mod.read_folds(folds_csv)
-    return folds_mod.fold_ids(table, fold, "train"), folds_mod.fold_ids(table, fold, "val")
-
-
 def check_data(cfg) -> dict:
     """Validate the data named by ``cfg`` (before any work) and write ``folds.csv`` when it is absent.
 
@@ -470,19 +453,18 @@ def check_data(cfg) -> dict:
 
     root = Path(d.ROOT)
     csv_path, image_dir = root / "train.csv", root / "train"
-    if not root.is_dir():
-        raise FileNotFoundError(f"data dir {root} does not exist")
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"data dir {root} has no train.csv (expected the competition layout: train.csv, train/)")
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"data dir {root} has no train/ image folder")
+    for missing, problem in ((not root.is_dir(), "does not exist"),
+                             (not csv_path.is_file(), "has no train.csv (expected the competition layout: train.csv, "
+                                                      "train/)"),
+                             (not image_dir.is_dir(), "has no train/ image folder")):
+        if missing:
+            raise FileNotFoundError(f"data dir {root} {problem}")
     table = data.read_train_csv(csv_path)
     exclude = _exclusions(cfg, table)
     if comm.is_main_process():
         datacheck.check_sartorius(csv_path, image_dir)
     extra = _check_extra(cfg, table)
-    fold = int(d.FOLD)
-    if fold < 0:
+    if int(d.FOLD) < 0:
         if exclude and not set(table["id"]) - set(exclude):
             raise ValueError(f"{d.EXCLUDE}: excluding {len(exclude)} image(s) leaves no training image in {csv_path}")
         _log_exclusions(cfg, exclude, set(table["id"]), set())
@@ -506,9 +488,8 @@ def _check_pretrain(d) -> dict:
     if comm.is_main_process():
         from cellkit import datacheck
 
-        for path in (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON):
-            if path:
-                datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
+        for path in filter(None, (d.LIVECELL_JSON, d.LIVECELL_VAL_JSON)):
+            datacheck.check_livecell(path, d.LIVECELL_IMAGES, cell_line_classes=True)
     return {"train": dict(json_path=d.LIVECELL_JSON, image_root=d.LIVECELL_IMAGES),
             "val": dict(json_path=d.LIVECELL_VAL_JSON, image_root=d.LIVECELL_IMAGES) if d.LIVECELL_VAL_JSON
             else None}
@@ -532,12 +513,13 @@ def _fold_specs(cfg, table, csv_path: Path, image_dir: Path, exclude: tuple, ext
                                   folds_csv)
             logger.info("cellkit: wrote %s (%d folds, seed %d)", folds_csv, d.NUM_FOLDS, d.FOLD_SEED)
     try:
-        train_ids, val_ids = _fold_image_ids(folds_csv, fold)
+        assigned = folds_mod.read_folds(folds_csv)
+        train_ids, val_ids = (folds_mod.fold_ids(assigned, fold, split) for split in ("train", "val"))
     except ValueError as exc:
         raise ValueError(f"{folds_csv}: {exc}") from None
     if not val_ids:
-        folds_present = sorted(set(folds_mod.read_folds(folds_csv)["fold"].tolist()))
-        raise ValueError(f"fold {fold} has no images in {folds_csv} (folds there: {folds_present})")
+        raise ValueError(f"fold {fold} has no images in {folds_csv} (folds there: "
+                         f"{sorted(set(assigned['fold'].tolist()))})")
     if not train_ids:
         raise ValueError(f"holding out fold {fold} of {folds_csv} leaves no training image")
     if exclude and not set(train_ids) - set(exclude):
@@ -577,8 +559,7 @@ def _check_extra(cfg, table) -> dict | None:
         raise FileNotFoundError(f"extra data dir {root} (CELLKIT.DATA.EXTRA_DATA / --extra-data) needs train.csv and "
                                 f"train/ (the competition layout, as `cellkit pseudo` writes it)")
     extra = data.read_train_csv(csv_path)
-    common = sorted(set(extra["id"]) & set(table["id"]))
-    if common:
+    if common := sorted(set(extra["id"]) & set(table["id"])):
         raise ValueError(f"{csv_path}: image id {common[0]!r} is also in {Path(d.ROOT) / 'train.csv'} "
                          f"({len(common)} id(s) in both); extra data must be other images")
     if comm.is_main_process():
@@ -602,17 +583,16 @@ def _exclusions(cfg, table) -> tuple:
 def _log_exclusions(cfg, exclude: tuple, train_ids: set, val_ids: set) -> None:
     """Write ``OUTPUT_DIR/excluded_ids.txt`` (main process, atomically): every excluded id, and how many of them were
     in the training split (dropped) and in the validation fold (kept there). :func:`register_datasets` logs it."""
-    if not exclude:
+    if not exclude or not comm.is_main_process():
         return
+    from cellkit import atomic
+
     dropped = [i for i in exclude if i in train_ids]
     kept = [i for i in exclude if i in val_ids]
-    if comm.is_main_process():
-        from cellkit import atomic
-
-        header = (f"# images excluded from training by CELLKIT.DATA.EXCLUDE={cfg.CELLKIT.DATA.EXCLUDE}"
-                  + (f" (top {cfg.CELLKIT.DATA.EXCLUDE_TOP})" if cfg.CELLKIT.DATA.EXCLUDE_TOP else "")
-                  + f": {len(dropped)} dropped from training, {len(kept)} in the validation fold kept there\n")
-        atomic.write_text(Path(cfg.OUTPUT_DIR) / "excluded_ids.txt", header + "".join(f"{i}\n" for i in exclude))
+    header = (f"# images excluded from training by CELLKIT.DATA.EXCLUDE={cfg.CELLKIT.DATA.EXCLUDE}"
+              + (f" (top {cfg.CELLKIT.DATA.EXCLUDE_TOP})" if cfg.CELLKIT.DATA.EXCLUDE_TOP else "")
+              + f": {len(dropped)} dropped from training, {len(kept)} in the validation fold kept there\n")
+    atomic.write_text(Path(cfg.OUTPUT_DIR) / "excluded_ids.txt", header + "".join(f"{i}\n" for i in exclude))
 
 
 def register_datasets(cfg, specs: dict) -> None:
@@ -627,8 +607,7 @@ def register_datasets(cfg, specs: dict) -> None:
             data.register_livecell(name, spec["json_path"], spec["image_root"], cell_line_classes=True)
         else:
             data.register_sartorius(name, **spec)
-    exclude = specs["train"].get("exclude") or ()
-    if exclude:
+    if exclude := specs["train"].get("exclude") or ():
         from detectron2.data import MetadataCatalog
 
         meta = MetadataCatalog.get(TRAIN_NAME)
@@ -680,10 +659,8 @@ def setup_logging(cfg) -> None:
     """detectron2's and cellkit's loggers to stdout and ``OUTPUT_DIR/log.txt`` (rank-aware)."""
     from detectron2.utils.logger import setup_logger
 
-    rank = comm.get_rank()
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="cellkit", abbrev_name="cellkit")
+    for name in ("fvcore", "detectron2", "cellkit"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)  # abbreviated "d2", "cellkit"
 
 
 def train_worker(cfg, specs: dict, resume: bool = False):
@@ -700,8 +677,7 @@ def train_worker(cfg, specs: dict, resume: bool = False):
     out = Path(cfg.OUTPUT_DIR)
     main = comm.is_main_process()
     if main:
-        previous = failure_reason(out)
-        if previous:
+        if previous := failure_reason(out):
             logger.info("cellkit: the previous attempt in %s failed (%s); starting again", out, previous)
         rundir.clear_failed(out)
         if not (resume and rundir.last_checkpoint(out) is not None):

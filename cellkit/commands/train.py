@@ -120,8 +120,6 @@ def run(args) -> int:
     cfg, specs = prepare_config(build_config(args), resume=args.resume)
     if args.num_gpus > 1:
         launch(train_worker, args.num_gpus, dist_url="auto", args=(cfg, specs, args.resume))
-        return 0
-    results = train_worker(cfg, specs, args.resume)
-    if results:
+    elif results := train_worker(cfg, specs, args.resume):
         print(json.dumps({"out": cfg.OUTPUT_DIR, **results.get("cellkit", results)}))
     return 0
