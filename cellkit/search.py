@@ -36,6 +36,7 @@ once (a few hundred MiB for the 392 real images with realistic generated predict
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
@@ -140,11 +141,9 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
     extra_pix, extra_lab = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int32)]
     for k, idx in enumerate(truth_indices):
         taken = tmap[idx] >= 0
-        if taken.any():
-            extra_pix.append(idx[taken])
-            extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
-            idx = idx[~taken]
-        tmap[idx] = k
+        extra_pix.append(idx[taken])
+        extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
+        tmap[idx[~taken]] = k
     xp, xl = np.concatenate(extra_pix), np.concatenate(extra_lab)
     order = np.argsort(xp, kind="stable")
     xp, xl = xp[order], xl[order]
@@ -187,8 +186,7 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     # entries: crop pixels at or above the smallest pixel threshold
     sel = np.flatnonzero(data >= qthr.min())
     inst = owner[sel]
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    r, c = np.divmod(sel - offsets[inst], np.maximum(w[inst], 1))
+    r, c = np.divmod(sel - (np.cumsum(sizes) - sizes)[inst], np.maximum(w[inst], 1))  # position in the crop
     pix = (boxes[inst, 1] + r) * pred.width + boxes[inst, 0] + c
     q = data[sel]
     cls = pred.classes[alive].astype(np.int64)
@@ -375,8 +373,7 @@ def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndar
                     area_grid: np.ndarray, items) -> np.ndarray:
     """:func:`_scores_at`'s image score at every (score, min area) grid point, float64 ``(ns, na)``, from the
     ``(n, ns)`` residual areas and the (instance x truth) intersection items ``(keys, hi, weights)``."""
-    ns = area.shape[1]
-    na, nt, m_truth = len(area_grid), len(metric.THRESHOLDS), img.n_truth
+    ns, na, nt, m_truth = area.shape[1], len(area_grid), len(metric.THRESHOLDS), img.n_truth
     rows = np.flatnonzero(area.any(axis=1))
     min_area = np.maximum(np.where(swept[rows, None], area_grid[None, :], fixed_area[eff_class[rows]][:, None]), 1)
     kept_rows = area[rows, :, None] >= min_area[:, None, :]  # (R, ns, na)
@@ -455,15 +452,10 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
     Returns:
         float64 ``(len(candidates),)``; equal candidates are computed once.
     """
-    out = np.empty(len(candidates))
-    done: dict = {}
-    for k, (thresholds, options) in enumerate(candidates):
-        thresholds, options = pp.validate_thresholds(thresholds), pp.validate_options(options)
-        key = repr((thresholds, options))  # validated: keys in a fixed order
-        if key not in done:
-            done[key] = float(pp.score_predictions(pred, truth, thresholds, **options).mean())
-        out[k] = done[key]
-    return out
+    validated = [(pp.validate_thresholds(t), pp.validate_options(o)) for t, o in candidates]
+    unique = {repr(c): c for c in validated}  # validated: keys in a fixed order
+    done = {key: float(pp.score_predictions(pred, truth, t, **o).mean()) for key, (t, o) in unique.items()}
+    return np.array([done[repr(c)] for c in validated], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -651,10 +643,10 @@ class ThresholdSearch:
         """
         _sweepable(options)
         thresholds = pp.validate_thresholds(thresholds)
-        for name, t in thresholds.items():
-            for key in pp.THRESHOLD_KEYS:
-                if t[key] not in self.grid[key]:
-                    raise ValueError(f"class {name!r}: {key} = {t[key]} is not on the search grid")
+        off = [(name, key, t[key]) for name, t in thresholds.items() for key in pp.THRESHOLD_KEYS
+               if t[key] not in self.grid[key]]
+        if off:
+            raise ValueError("class {!r}: {} = {} is not on the search grid".format(*off[0]))
         return np.concatenate(self.pool.call("evaluate", thresholds, options))
 
     def exact(self, candidates) -> np.ndarray:
@@ -762,10 +754,7 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
         before = s.per_class(s.evaluate(pp.SEED_THRESHOLDS, pp.DEFAULT_OPTIONS))
         bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
         results = _optimise_option_sets(s, option_sets, max_rounds, bar)
-        best = results[0]
-        for r in results[1:]:
-            if r["mAP"] > best["mAP"] + 1e-12:
-                best = r
+        best = functools.reduce(lambda b, r: r if r["mAP"] > b["mAP"] + 1e-12 else b, results)  # ties: the first
         chosen, free_report, after = _free_dropped(s, best, try_free_dropped, bar)
         bar.close()
         search_doc = {
@@ -844,10 +833,8 @@ def _source_provenance(meta: dict) -> dict:
     sources = [{**m, "fold": src.get("fold")} for src in sources for m in (src.get("members") or [src])]
 
     def distinct(key):
-        values = []
-        for src in sources:
-            if src.get(key) is not None and src[key] not in values:
-                values.append(src[key])
+        found = [src[key] for src in sources if src.get(key) is not None]
+        values = [v for i, v in enumerate(found) if v not in found[:i]]  # first occurrences, in order
         return values[0] if len(values) == 1 else (values or None)
 
     return {"config": distinct("config"), "weights": distinct("weights"),
