@@ -118,13 +118,11 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
 def _cell(frame: pd.DataFrame, settings: Sequence[str], n_missing: int) -> dict:
     """``{"n_images": {column: n}, "n_truth_without_predictions": n_missing, "scores": {setting: {column: mean or
     None}}}`` of a group of images."""
-    n_images, scores = {}, {s: {} for s in settings}
-    for column in COLUMNS:
-        part = frame if column == "all" else frame[frame["cell_type"] == column]
-        n_images[column] = int(len(part))
-        for s in settings:
-            scores[s][column] = float(part[s].mean()) if len(part) else None
-    return {"n_images": n_images, "n_truth_without_predictions": n_missing, "scores": scores}
+    parts = {column: frame if column == "all" else frame[frame["cell_type"] == column] for column in COLUMNS}
+    return {"n_images": {column: int(len(part)) for column, part in parts.items()},
+            "n_truth_without_predictions": n_missing,
+            "scores": {s: {column: float(part[s].mean()) if len(part) else None for column, part in parts.items()}
+                       for s in settings}}
 
 
 def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_folds: Sequence[int],
@@ -292,8 +290,8 @@ def plot_cv(doc: Mapping, path) -> Path:
     from cellkit.viz import save_figure
 
     settings = list(doc.get("settings", SETTINGS))
-    panels = [(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
-    panels.append((f"all OOF images ({doc['overall']['n_images']['all']})", doc["overall"]))
+    panels = ([(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
+              + [(f"all OOF images ({doc['overall']['n_images']['all']})", doc["overall"])])
     ncols = min(3, len(panels))
     nrows = int(math.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
@@ -301,21 +299,17 @@ def plot_cv(doc: Mapping, path) -> Path:
     width = 0.8 / len(settings)
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
     top = max([v for _, e in panels for s in settings for v in e["scores"][s].values() if v is not None] + [0.01])
-    for k, (ax, (title, entry)) in enumerate(zip(axes.flat, panels)):
+    for ax, (title, entry) in zip(axes.flat, panels):
         for j, s in enumerate(settings):
             values = [entry["scores"][s][c] for c in COLUMNS]
             bars = ax.bar(x + (j - (len(settings) - 1) / 2) * width, [0.0 if v is None else v for v in values], width,
                           label=s, color=colors[j % len(colors)])
-            for bar, v in zip(bars, values):
-                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), "-" if v is None else f"{v:.3f}",
-                        ha="center", va="bottom", fontsize=7)
+            ax.bar_label(bars, ["-" if v is None else f"{v:.3f}" for v in values], fontsize=7)
         ax.set_xticks(x, [f"{c}\n({entry['n_images'][c]})" for c in COLUMNS], fontsize=8)
-        ax.set_ylim(0, top * 1.18)
+        ax.set(ylim=(0, top * 1.18), ylabel="mAP")
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("mAP")
         ax.grid(axis="y", alpha=0.3)
-        if k == 0:
-            ax.legend(fontsize=8, loc="upper left")
+    axes.flat[0].legend(fontsize=8, loc="upper left")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle("out-of-fold competition mAP: naive (seed 0.5 / 0.5 / 0) vs post-processed (thresholds.json)")
