@@ -275,18 +275,6 @@ def _owners(img: ImageData, alive: np.ndarray, eff_score: np.ndarray, blocks, ma
     return order, rank, owned
 
 
-def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_score, blocks_c, vote) -> _Fixed:
-    n = img.classes.size
-    alive = (eff_class != c) & (eff_score >= fixed_score[eff_class])
-    order, rank, owned = _owners(img, alive, eff_score, [b for b in range(_N_CLASSES) if b not in blocks_c],
-                                 mask_index, vote)
-    first = np.full(img.n_pixels, order.size, dtype=np.int32)
-    first[img.pix[owned]] = rank[img.inst[owned]]
-    o_inst = img.inst[owned].astype(np.int64)
-    pair_keys, pair_counts = _dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1))
-    return _Fixed(order, first, np.bincount(o_inst, minlength=n).astype(np.int64), pair_keys, pair_counts)
-
-
 def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray, carry: np.ndarray | None = None):
     """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices);
     with ``carry``, also ``(keys, carry)``: those per-entry values repeated in the same order."""
@@ -325,7 +313,15 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
     blocks_c = ([0, 1, 2] if img.vote == c else []) if (vote and img.vote >= 0) else [c]
     mask_index = np.array(mask_index, dtype=np.int64)
     eff_fixed = _effective_scores(img, rescore, mask_index[eff_class])
-    fixed = _fixed_state(img, eff_class, eff_fixed, c, mask_index, fixed_score, blocks_c, vote)
+    # ownership by the fixed instances alone, shared by every pixel threshold of class c
+    n = img.classes.size
+    order, rank, owned = _owners(img, (eff_class != c) & (eff_fixed >= fixed_score[eff_class]), eff_fixed,
+                                 [b for b in range(_N_CLASSES) if b not in blocks_c], mask_index, vote)
+    first = np.full(img.n_pixels, order.size, dtype=np.int32)
+    first[img.pix[owned]] = rank[img.inst[owned]]
+    o_inst = img.inst[owned].astype(np.int64)
+    fixed = _Fixed(order, first, np.bincount(o_inst, minlength=n).astype(np.int64),
+                   *_dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1)))
     out = np.empty((len(masks), len(score_grid), len(area_grid)))
     for j, m in enumerate(masks):
         mask_index[c] = m
@@ -641,7 +637,9 @@ class ThresholdSearch:
             ValueError: off-grid thresholds, or ``free_dropped`` set in ``options`` (the sweep cannot evaluate it:
                 use :meth:`exact`).
         """
-        _sweepable(options)
+        if options.get("free_dropped"):
+            raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
+                             "separate from the overlap removal); evaluate free_dropped=True with ThresholdSearch.exact")
         thresholds = pp.validate_thresholds(thresholds)
         off = [(name, key, t[key]) for name, t in thresholds.items() for key in pp.THRESHOLD_KEYS
                if t[key] not in self.grid[key]]
@@ -668,7 +666,6 @@ class ThresholdSearch:
             ``{"options", "thresholds", "mAP", "rounds", "curves", "image_scores"}``; ``curves[class]`` holds the
             mAP (over all images) against each threshold of that class with the others at their chosen values.
         """
-        _sweepable(options)
         options = {**options, "vote_min_score": self.vote_min_score}
         thr = {c: dict((init or pp.SEED_THRESHOLDS)[c]) for c in CELL_TYPES}
         offsets = np.cumsum([0] + [len(p) for p in self.pool.infos])
@@ -702,13 +699,6 @@ class ThresholdSearch:
         final = self.evaluate(thr, options)
         return {"options": {**options}, "thresholds": thr, "mAP": float(final.mean()), "rounds": rounds,
                 "curves": curves, "image_scores": final}
-
-
-def _sweepable(options: dict) -> None:
-    """Raise unless the sweep can evaluate ``options`` (``free_dropped`` off; see the module docstring)."""
-    if options.get("free_dropped"):
-        raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
-                         "separate from the overlap removal); evaluate free_dropped=True with ThresholdSearch.exact")
 
 
 def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, workers: int = 2,
