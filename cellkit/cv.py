@@ -90,12 +90,10 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
     ids = P.image_ids(pred_dir)  # raises on a missing, empty or foreign directory
     groups = truth.groupby(truth["id"].astype(str), sort=False)
     truth_ids = set(groups.groups)
-    unknown = [i for i in ids if i not in truth_ids]
-    if unknown:
+    if unknown := [i for i in ids if i not in truth_ids]:
         raise ValueError(f"{pred_dir}: predictions for {len(unknown)} image(s) the truth does not know, e.g. "
                          f"{unknown[0]!r} ({pred_dir / (unknown[0] + '.npz')})")
-    no_fold = [i for i in ids if i not in fold_of]
-    if no_fold:
+    if no_fold := [i for i in ids if i not in fold_of]:
         raise ValueError(f"{pred_dir}: predictions for {len(no_fold)} image(s) without a fold in the folds file, "
                          f"e.g. {no_fold[0]!r}")
     names = list(settings)
@@ -144,9 +142,8 @@ def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_
     missing_folds = list(missing_folds)
     per_fold = [{"fold": fold, **_cell(per_image[per_image["fold"] == fold], settings, missing_folds.count(fold))}
                 for fold in sorted(int(f) for f in per_image["fold"].unique())]
-    predicted = {row["fold"] for row in per_fold}
     return {"per_fold": per_fold, "overall": _cell(per_image, settings, len(missing_folds)),
-            "folds_without_predictions": sorted(int(f) for f in set(all_folds) - predicted)}
+            "folds_without_predictions": sorted(int(f) for f in set(all_folds) - {row["fold"] for row in per_fold})}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -266,8 +263,7 @@ def format_tables(doc: Mapping) -> str:
              f"scored 0)" + (f"; in predicted folds: {per_fold}" if per_fold else "")]
     if doc.get("folds_without_predictions"):
         lines.append(f"folds without predictions: {', '.join(map(str, doc['folds_without_predictions']))}")
-    post = doc.get("post_processing", {}).get("post-processed")
-    if post:
+    if post := doc.get("post_processing", {}).get("post-processed"):
         opts = post["options"]
         lines.append(f"post-processed: {post['source']} (image_class_vote={opts['image_class_vote']}, "
                      f"rescore={opts['rescore']}, free_dropped={opts['free_dropped']}); naive: score 0.5, mask 0.5, "

@@ -147,9 +147,7 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
     xp, xl = np.concatenate(extra_pix), np.concatenate(extra_lab)
     order = np.argsort(xp, kind="stable")
     xp, xl = xp[order], xl[order]
-    in_extra = np.zeros(n_pixels, dtype=bool)
-    in_extra[xp] = True
-    cand = np.flatnonzero(in_extra[pix])
+    cand = np.flatnonzero(np.isin(pix, xp, kind="table"))
     lo = np.searchsorted(xp, pix[cand], side="left")
     n = np.searchsorted(xp, pix[cand], side="right") - lo
     extra_truth = xl[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
@@ -195,11 +193,11 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     block = np.searchsorted(cls[inst], np.arange(_N_CLASSES + 1), side="left").astype(np.int64)
     prefix = np.array([np.searchsorted(-q[block[b]:block[b + 1]].astype(np.int64), -qthr, side="right")
                        for b in range(_N_CLASSES)], dtype=np.int64)  # -q is ascending in a block
-    tlab, extra_entry, extra_truth = _truth_labels(truth_indices, pix, pred.height * pred.width)
     return ImageData(pred.image_id, cell_type, len(truth_indices),
                      np.array([t.size for t in truth_indices], dtype=np.int64), cls, scores[alive],
-                     -1 if vote is None else vote, inst, pix, q, tlab, extra_entry, extra_truth, block, prefix,
-                     qsum, qcount, pred.height * pred.width)
+                     -1 if vote is None else vote, inst, pix, q,
+                     *_truth_labels(truth_indices, pix, pred.height * pred.width),  # tlab, extra_entry, extra_truth
+                     block, prefix, qsum, qcount, pred.height * pred.width)
 
 
 def effective(img: ImageData, vote: bool) -> np.ndarray:
@@ -599,8 +597,7 @@ class ThresholdSearch:
         self.vote_min_score = float(vote_min_score)
         ids = P.image_ids(self.pred_dir)  # raises on a missing, empty or foreign directory
         truth_ids = set(truth["id"].astype(str))
-        unknown = [i for i in ids if i not in truth_ids]
-        if unknown:
+        if unknown := [i for i in ids if i not in truth_ids]:
             raise ValueError(f"{self.pred_dir}: predictions for {len(unknown)} image(s) the truth does not know, "
                              f"e.g. {unknown[:5]}")
         self.missing = sorted(truth_ids - set(ids))
@@ -639,11 +636,11 @@ class ThresholdSearch:
         """
         if options.get("free_dropped"):
             raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
-                             "separate from the overlap removal); evaluate free_dropped=True with ThresholdSearch.exact")
+                             "separate from the overlap removal); evaluate free_dropped=True with "
+                             "ThresholdSearch.exact")
         thresholds = pp.validate_thresholds(thresholds)
-        off = [(name, key, t[key]) for name, t in thresholds.items() for key in pp.THRESHOLD_KEYS
-               if t[key] not in self.grid[key]]
-        if off:
+        if off := [(name, key, t[key]) for name, t in thresholds.items() for key in pp.THRESHOLD_KEYS
+                   if t[key] not in self.grid[key]]:
             raise ValueError("class {!r}: {} = {} is not on the search grid".format(*off[0]))
         return np.concatenate(self.pool.call("evaluate", thresholds, options))
 
@@ -692,8 +689,7 @@ class ThresholdSearch:
                 m, k, a = cur
                 curves[name] = {"score": total[m, :, a].tolist(), "mask": total[:, k, a].tolist(),
                                 "min_area": total[m, k, :].tolist()}
-                for i, res in swept.items():
-                    current[i] = res[m, k, a]
+                current[list(swept)] = [res[m, k, a] for res in swept.values()]
             if not changed or options["image_class_vote"] or not self.any_mixed:
                 break  # without images that mix classes the classes are independent: one round is exact
         final = self.evaluate(thr, options)
