@@ -105,8 +105,8 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
         if (pred.height, pred.width) != shape:
             raise ValueError(f"{pred_dir / (pred.image_id + '.npz')}: image size {pred.height}x{pred.width} differs "
                              f"from the truth's {shape[0]}x{shape[1]}")
-        truth_set = truth_mask_set(rows["annotation"].tolist(), shape, f"truth of image {pred.image_id}")
-        scores = exact_image_scores(pred, truth_set, candidates)
+        scores = exact_image_scores(pred, truth_mask_set(rows["annotation"].tolist(), shape,
+                                                         f"truth of image {pred.image_id}"), candidates)
         records.append((pred.image_id, str(rows["cell_type"].iat[0]), int(fold_of[pred.image_id]), *scores))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "fold", *names])
     per_image["fold"] = per_image["fold"].astype(np.int64)
