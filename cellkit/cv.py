@@ -90,12 +90,10 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
     ids = P.image_ids(pred_dir)  # raises on a missing, empty or foreign directory
     groups = truth.groupby(truth["id"].astype(str), sort=False)
     truth_ids = set(groups.groups)
-    unknown = [i for i in ids if i not in truth_ids]
-    if unknown:
+    if unknown := [i for i in ids if i not in truth_ids]:
         raise ValueError(f"{pred_dir}: predictions for {len(unknown)} image(s) the truth does not know, e.g. "
                          f"{unknown[0]!r} ({pred_dir / (unknown[0] + '.npz')})")
-    no_fold = [i for i in ids if i not in fold_of]
-    if no_fold:
+    if no_fold := [i for i in ids if i not in fold_of]:
         raise ValueError(f"{pred_dir}: predictions for {len(no_fold)} image(s) without a fold in the folds file, "
                          f"e.g. {no_fold[0]!r}")
     names = list(settings)
@@ -107,8 +105,8 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
         if (pred.height, pred.width) != shape:
             raise ValueError(f"{pred_dir / (pred.image_id + '.npz')}: image size {pred.height}x{pred.width} differs "
                              f"from the truth's {shape[0]}x{shape[1]}")
-        truth_set = truth_mask_set(rows["annotation"].tolist(), shape, f"truth of image {pred.image_id}")
-        scores = exact_image_scores(pred, truth_set, candidates)
+        scores = exact_image_scores(pred, truth_mask_set(rows["annotation"].tolist(), shape,
+                                                         f"truth of image {pred.image_id}"), candidates)
         records.append((pred.image_id, str(rows["cell_type"].iat[0]), int(fold_of[pred.image_id]), *scores))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "fold", *names])
     per_image["fold"] = per_image["fold"].astype(np.int64)
@@ -118,13 +116,11 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
 def _cell(frame: pd.DataFrame, settings: Sequence[str], n_missing: int) -> dict:
     """``{"n_images": {column: n}, "n_truth_without_predictions": n_missing, "scores": {setting: {column: mean or
     None}}}`` of a group of images."""
-    n_images, scores = {}, {s: {} for s in settings}
-    for column in COLUMNS:
-        part = frame if column == "all" else frame[frame["cell_type"] == column]
-        n_images[column] = int(len(part))
-        for s in settings:
-            scores[s][column] = float(part[s].mean()) if len(part) else None
-    return {"n_images": n_images, "n_truth_without_predictions": n_missing, "scores": scores}
+    parts = {column: frame if column == "all" else frame[frame["cell_type"] == column] for column in COLUMNS}
+    return {"n_images": {column: int(len(part)) for column, part in parts.items()},
+            "n_truth_without_predictions": n_missing,
+            "scores": {s: {column: float(part[s].mean()) if len(part) else None for column, part in parts.items()}
+                       for s in settings}}
 
 
 def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_folds: Sequence[int],
@@ -146,9 +142,8 @@ def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_
     missing_folds = list(missing_folds)
     per_fold = [{"fold": fold, **_cell(per_image[per_image["fold"] == fold], settings, missing_folds.count(fold))}
                 for fold in sorted(int(f) for f in per_image["fold"].unique())]
-    predicted = {row["fold"] for row in per_fold}
     return {"per_fold": per_fold, "overall": _cell(per_image, settings, len(missing_folds)),
-            "folds_without_predictions": sorted(int(f) for f in set(all_folds) - predicted)}
+            "folds_without_predictions": sorted(int(f) for f in set(all_folds) - {row["fold"] for row in per_fold})}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -268,8 +263,7 @@ def format_tables(doc: Mapping) -> str:
              f"scored 0)" + (f"; in predicted folds: {per_fold}" if per_fold else "")]
     if doc.get("folds_without_predictions"):
         lines.append(f"folds without predictions: {', '.join(map(str, doc['folds_without_predictions']))}")
-    post = doc.get("post_processing", {}).get("post-processed")
-    if post:
+    if post := doc.get("post_processing", {}).get("post-processed"):
         opts = post["options"]
         lines.append(f"post-processed: {post['source']} (image_class_vote={opts['image_class_vote']}, "
                      f"rescore={opts['rescore']}, free_dropped={opts['free_dropped']}); naive: score 0.5, mask 0.5, "
@@ -292,8 +286,8 @@ def plot_cv(doc: Mapping, path) -> Path:
     from cellkit.viz import save_figure
 
     settings = list(doc.get("settings", SETTINGS))
-    panels = [(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
-    panels.append((f"all OOF images ({doc['overall']['n_images']['all']})", doc["overall"]))
+    panels = ([(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
+              + [(f"all OOF images ({doc['overall']['n_images']['all']})", doc["overall"])])
     ncols = min(3, len(panels))
     nrows = int(math.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
@@ -301,21 +295,17 @@ def plot_cv(doc: Mapping, path) -> Path:
     width = 0.8 / len(settings)
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
     top = max([v for _, e in panels for s in settings for v in e["scores"][s].values() if v is not None] + [0.01])
-    for k, (ax, (title, entry)) in enumerate(zip(axes.flat, panels)):
+    for ax, (title, entry) in zip(axes.flat, panels):
         for j, s in enumerate(settings):
             values = [entry["scores"][s][c] for c in COLUMNS]
             bars = ax.bar(x + (j - (len(settings) - 1) / 2) * width, [0.0 if v is None else v for v in values], width,
                           label=s, color=colors[j % len(colors)])
-            for bar, v in zip(bars, values):
-                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), "-" if v is None else f"{v:.3f}",
-                        ha="center", va="bottom", fontsize=7)
+            ax.bar_label(bars, ["-" if v is None else f"{v:.3f}" for v in values], fontsize=7)
         ax.set_xticks(x, [f"{c}\n({entry['n_images'][c]})" for c in COLUMNS], fontsize=8)
-        ax.set_ylim(0, top * 1.18)
+        ax.set(ylim=(0, top * 1.18), ylabel="mAP")
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("mAP")
         ax.grid(axis="y", alpha=0.3)
-        if k == 0:
-            ax.legend(fontsize=8, loc="upper left")
+    axes.flat[0].legend(fontsize=8, loc="upper left")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle("out-of-fold competition mAP: naive (seed 0.5 / 0.5 / 0) vs post-processed (thresholds.json)")

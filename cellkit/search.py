@@ -36,6 +36,7 @@ once (a few hundred MiB for the 392 real images with realistic generated predict
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
@@ -140,17 +141,13 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
     extra_pix, extra_lab = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int32)]
     for k, idx in enumerate(truth_indices):
         taken = tmap[idx] >= 0
-        if taken.any():
-            extra_pix.append(idx[taken])
-            extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
-            idx = idx[~taken]
-        tmap[idx] = k
+        extra_pix.append(idx[taken])
+        extra_lab.append(np.full(int(taken.sum()), k, dtype=np.int32))
+        tmap[idx[~taken]] = k
     xp, xl = np.concatenate(extra_pix), np.concatenate(extra_lab)
     order = np.argsort(xp, kind="stable")
     xp, xl = xp[order], xl[order]
-    in_extra = np.zeros(n_pixels, dtype=bool)
-    in_extra[xp] = True
-    cand = np.flatnonzero(in_extra[pix])
+    cand = np.flatnonzero(np.isin(pix, xp, kind="table"))
     lo = np.searchsorted(xp, pix[cand], side="left")
     n = np.searchsorted(xp, pix[cand], side="right") - lo
     extra_truth = xl[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
@@ -187,8 +184,7 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     # entries: crop pixels at or above the smallest pixel threshold
     sel = np.flatnonzero(data >= qthr.min())
     inst = owner[sel]
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    r, c = np.divmod(sel - offsets[inst], np.maximum(w[inst], 1))
+    r, c = np.divmod(sel - (np.cumsum(sizes) - sizes)[inst], np.maximum(w[inst], 1))  # position in the crop
     pix = (boxes[inst, 1] + r) * pred.width + boxes[inst, 0] + c
     q = data[sel]
     cls = pred.classes[alive].astype(np.int64)
@@ -197,11 +193,11 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     block = np.searchsorted(cls[inst], np.arange(_N_CLASSES + 1), side="left").astype(np.int64)
     prefix = np.array([np.searchsorted(-q[block[b]:block[b + 1]].astype(np.int64), -qthr, side="right")
                        for b in range(_N_CLASSES)], dtype=np.int64)  # -q is ascending in a block
-    tlab, extra_entry, extra_truth = _truth_labels(truth_indices, pix, pred.height * pred.width)
     return ImageData(pred.image_id, cell_type, len(truth_indices),
                      np.array([t.size for t in truth_indices], dtype=np.int64), cls, scores[alive],
-                     -1 if vote is None else vote, inst, pix, q, tlab, extra_entry, extra_truth, block, prefix,
-                     qsum, qcount, pred.height * pred.width)
+                     -1 if vote is None else vote, inst, pix, q,
+                     *_truth_labels(truth_indices, pix, pred.height * pred.width),  # tlab, extra_entry, extra_truth
+                     block, prefix, qsum, qcount, pred.height * pred.width)
 
 
 def effective(img: ImageData, vote: bool) -> np.ndarray:
@@ -277,18 +273,6 @@ def _owners(img: ImageData, alive: np.ndarray, eff_score: np.ndarray, blocks, ma
     return order, rank, owned
 
 
-def _fixed_state(img: ImageData, eff_class, eff_score, c, mask_index, fixed_score, blocks_c, vote) -> _Fixed:
-    n = img.classes.size
-    alive = (eff_class != c) & (eff_score >= fixed_score[eff_class])
-    order, rank, owned = _owners(img, alive, eff_score, [b for b in range(_N_CLASSES) if b not in blocks_c],
-                                 mask_index, vote)
-    first = np.full(img.n_pixels, order.size, dtype=np.int32)
-    first[img.pix[owned]] = rank[img.inst[owned]]
-    o_inst = img.inst[owned].astype(np.int64)
-    pair_keys, pair_counts = _dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1))
-    return _Fixed(order, first, np.bincount(o_inst, minlength=n).astype(np.int64), pair_keys, pair_counts)
-
-
 def _truth_keys(img: ImageData, entries: np.ndarray, inst: np.ndarray, carry: np.ndarray | None = None):
     """``inst * M + truth`` for every (entry, covering truth) of the given owned entries (sorted entry indices);
     with ``carry``, also ``(keys, carry)``: those per-entry values repeated in the same order."""
@@ -327,7 +311,15 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
     blocks_c = ([0, 1, 2] if img.vote == c else []) if (vote and img.vote >= 0) else [c]
     mask_index = np.array(mask_index, dtype=np.int64)
     eff_fixed = _effective_scores(img, rescore, mask_index[eff_class])
-    fixed = _fixed_state(img, eff_class, eff_fixed, c, mask_index, fixed_score, blocks_c, vote)
+    # ownership by the fixed instances alone, shared by every pixel threshold of class c
+    n = img.classes.size
+    order, rank, owned = _owners(img, (eff_class != c) & (eff_fixed >= fixed_score[eff_class]), eff_fixed,
+                                 [b for b in range(_N_CLASSES) if b not in blocks_c], mask_index, vote)
+    first = np.full(img.n_pixels, order.size, dtype=np.int32)
+    first[img.pix[owned]] = rank[img.inst[owned]]
+    o_inst = img.inst[owned].astype(np.int64)
+    fixed = _Fixed(order, first, np.bincount(o_inst, minlength=n).astype(np.int64),
+                   *_dense_counts(_truth_keys(img, owned, o_inst), n * max(img.n_truth, 1)))
     out = np.empty((len(masks), len(score_grid), len(area_grid)))
     for j, m in enumerate(masks):
         mask_index[c] = m
@@ -375,8 +367,7 @@ def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndar
                     area_grid: np.ndarray, items) -> np.ndarray:
     """:func:`_scores_at`'s image score at every (score, min area) grid point, float64 ``(ns, na)``, from the
     ``(n, ns)`` residual areas and the (instance x truth) intersection items ``(keys, hi, weights)``."""
-    ns = area.shape[1]
-    na, nt, m_truth = len(area_grid), len(metric.THRESHOLDS), img.n_truth
+    ns, na, nt, m_truth = area.shape[1], len(area_grid), len(metric.THRESHOLDS), img.n_truth
     rows = np.flatnonzero(area.any(axis=1))
     min_area = np.maximum(np.where(swept[rows, None], area_grid[None, :], fixed_area[eff_class[rows]][:, None]), 1)
     kept_rows = area[rows, :, None] >= min_area[:, None, :]  # (R, ns, na)
@@ -455,15 +446,10 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
     Returns:
         float64 ``(len(candidates),)``; equal candidates are computed once.
     """
-    out = np.empty(len(candidates))
-    done: dict = {}
-    for k, (thresholds, options) in enumerate(candidates):
-        thresholds, options = pp.validate_thresholds(thresholds), pp.validate_options(options)
-        key = repr((thresholds, options))  # validated: keys in a fixed order
-        if key not in done:
-            done[key] = float(pp.score_predictions(pred, truth, thresholds, **options).mean())
-        out[k] = done[key]
-    return out
+    validated = [(pp.validate_thresholds(t), pp.validate_options(o)) for t, o in candidates]
+    unique = {repr(c): c for c in validated}  # validated: keys in a fixed order
+    done = {key: float(pp.score_predictions(pred, truth, t, **o).mean()) for key, (t, o) in unique.items()}
+    return np.array([done[repr(c)] for c in validated], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -611,8 +597,7 @@ class ThresholdSearch:
         self.vote_min_score = float(vote_min_score)
         ids = P.image_ids(self.pred_dir)  # raises on a missing, empty or foreign directory
         truth_ids = set(truth["id"].astype(str))
-        unknown = [i for i in ids if i not in truth_ids]
-        if unknown:
+        if unknown := [i for i in ids if i not in truth_ids]:
             raise ValueError(f"{self.pred_dir}: predictions for {len(unknown)} image(s) the truth does not know, "
                              f"e.g. {unknown[:5]}")
         self.missing = sorted(truth_ids - set(ids))
@@ -649,12 +634,14 @@ class ThresholdSearch:
             ValueError: off-grid thresholds, or ``free_dropped`` set in ``options`` (the sweep cannot evaluate it:
                 use :meth:`exact`).
         """
-        _sweepable(options)
+        if options.get("free_dropped"):
+            raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
+                             "separate from the overlap removal); evaluate free_dropped=True with "
+                             "ThresholdSearch.exact")
         thresholds = pp.validate_thresholds(thresholds)
-        for name, t in thresholds.items():
-            for key in pp.THRESHOLD_KEYS:
-                if t[key] not in self.grid[key]:
-                    raise ValueError(f"class {name!r}: {key} = {t[key]} is not on the search grid")
+        if off := [(name, key, t[key]) for name, t in thresholds.items() for key in pp.THRESHOLD_KEYS
+                   if t[key] not in self.grid[key]]:
+            raise ValueError("class {!r}: {} = {} is not on the search grid".format(*off[0]))
         return np.concatenate(self.pool.call("evaluate", thresholds, options))
 
     def exact(self, candidates) -> np.ndarray:
@@ -676,7 +663,6 @@ class ThresholdSearch:
             ``{"options", "thresholds", "mAP", "rounds", "curves", "image_scores"}``; ``curves[class]`` holds the
             mAP (over all images) against each threshold of that class with the others at their chosen values.
         """
-        _sweepable(options)
         options = {**options, "vote_min_score": self.vote_min_score}
         thr = {c: dict((init or pp.SEED_THRESHOLDS)[c]) for c in CELL_TYPES}
         offsets = np.cumsum([0] + [len(p) for p in self.pool.infos])
@@ -703,20 +689,12 @@ class ThresholdSearch:
                 m, k, a = cur
                 curves[name] = {"score": total[m, :, a].tolist(), "mask": total[:, k, a].tolist(),
                                 "min_area": total[m, k, :].tolist()}
-                for i, res in swept.items():
-                    current[i] = res[m, k, a]
+                current[list(swept)] = [res[m, k, a] for res in swept.values()]
             if not changed or options["image_class_vote"] or not self.any_mixed:
                 break  # without images that mix classes the classes are independent: one round is exact
         final = self.evaluate(thr, options)
         return {"options": {**options}, "thresholds": thr, "mAP": float(final.mean()), "rounds": rounds,
                 "curves": curves, "image_scores": final}
-
-
-def _sweepable(options: dict) -> None:
-    """Raise unless the sweep can evaluate ``options`` (``free_dropped`` off; see the module docstring)."""
-    if options.get("free_dropped"):
-        raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
-                         "separate from the overlap removal); evaluate free_dropped=True with ThresholdSearch.exact")
 
 
 def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, workers: int = 2,
@@ -762,10 +740,7 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
         before = s.per_class(s.evaluate(pp.SEED_THRESHOLDS, pp.DEFAULT_OPTIONS))
         bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
         results = _optimise_option_sets(s, option_sets, max_rounds, bar)
-        best = results[0]
-        for r in results[1:]:
-            if r["mAP"] > best["mAP"] + 1e-12:
-                best = r
+        best = functools.reduce(lambda b, r: r if r["mAP"] > b["mAP"] + 1e-12 else b, results)  # ties: the first
         chosen, free_report, after = _free_dropped(s, best, try_free_dropped, bar)
         bar.close()
         search_doc = {
@@ -844,10 +819,8 @@ def _source_provenance(meta: dict) -> dict:
     sources = [{**m, "fold": src.get("fold")} for src in sources for m in (src.get("members") or [src])]
 
     def distinct(key):
-        values = []
-        for src in sources:
-            if src.get(key) is not None and src[key] not in values:
-                values.append(src[key])
+        found = [src[key] for src in sources if src.get(key) is not None]
+        values = [v for i, v in enumerate(found) if v not in found[:i]]  # first occurrences, in order
         return values[0] if len(values) == 1 else (values or None)
 
     return {"config": distinct("config"), "weights": distinct("weights"),

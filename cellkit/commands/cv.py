@@ -27,14 +27,12 @@ def run(args) -> int:
     from cellkit import cv
 
     out = Path(args.out)
-    truth = Path(args.truth) if args.truth else Path(args.data) / "train.csv"
-    doc = cv.cv_report(Path(args.pred) if args.pred else out / "oof", truth,
-                       Path(args.thresholds) if args.thresholds else out / "thresholds.json",
-                       Path(args.folds) if args.folds else out / "folds.csv", progress=not args.no_progress)
+    doc = cv.cv_report(args.pred or out / "oof", args.truth or Path(args.data) / "train.csv",  # cv_report: Paths
+                       args.thresholds or out / "thresholds.json", args.folds or out / "folds.csv",
+                       progress=not args.no_progress)
     json_path, png_path = cv.write_report(doc, out)
     print(cv.format_tables(doc))
-    note = cv.search_mismatch(doc)
-    if note:
+    if note := cv.search_mismatch(doc):
         print(note)
     print(f"wrote {json_path} and {png_path}")
     return 0
