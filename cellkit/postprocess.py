@@ -241,8 +241,7 @@ def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray
             continue
         view = occupied[y0:y1, x0:x1]
         residual = b & ~view
-        area = int(np.count_nonzero(residual))
-        keep = area >= max(int(min_areas[i]), 1)
+        keep = int(np.count_nonzero(residual)) >= max(int(min_areas[i]), 1)
         if keep or not free_dropped:
             view |= residual  # the rest of b is occupied already
         if keep:
