@@ -201,8 +201,15 @@ def decode(rle: str, shape: tuple[int, int] = SHAPE) -> np.ndarray:
 
 def encode_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs of a 2-D mask, row-major: ``(starts, lengths)`` int64 with 0-indexed starts."""
-    padded = np.concatenate(([False], np.asarray(mask, dtype=bool).ravel(order="C"), [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1]).astype(np.int64, copy=False)  # each value change, 0-indexed
+    flat = np.asarray(mask, dtype=bool).ravel(order="C")
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # first pixel after each value change
+    if flat[0]:
+        edges = np.concatenate(([0], edges))
+    if flat[-1]:
+        edges = np.concatenate((edges, [flat.size]))
+    edges = edges.astype(np.int64, copy=False)
     return edges[0::2], edges[1::2] - edges[0::2]
 
 
