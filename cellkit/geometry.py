@@ -236,7 +236,8 @@ def overlapping_pairs(a: MaskRuns, b: MaskRuns | None = None
 
 def crops_runs(crops: Sequence[np.ndarray], windows: np.ndarray, width: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of many bool crops at once (one encoding pass over all of them, as :func:`crop_runs` gives each).
+    """Runs of many bool crops at once (one encoding pass over all of them, each as :func:`cellkit.rle.encode_runs`
+    gives it for the full mask).
 
     Args:
         crops: bool crops, ``crops[k]`` of window ``windows[k] = (x0, y0, x1, y1)``.

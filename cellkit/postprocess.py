@@ -39,6 +39,7 @@ report (metrics before/after, grid, provenance), which is kept as is.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ from cellkit.geometry import MaskRuns, crops_runs
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
     "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply_predictions",
-    "crop_runs", "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds",
+    "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds",
 ]
 
 THRESHOLD_KEYS = ("score", "mask", "min_area")
@@ -137,8 +138,7 @@ def validate_options(options, where: str = "options") -> dict:
         ValueError: an unknown key, a non-bool ``image_class_vote``/``rescore``/``free_dropped``, ``vote_min_score``
             outside [0, 1].
     """
-    if options is None:
-        options = {}
+    options = {} if options is None else options
     if not isinstance(options, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {type(options).__name__}")
     extra = [str(k) for k in options if k not in DEFAULT_OPTIONS]
@@ -160,9 +160,7 @@ def class_ids(classes) -> np.ndarray:
     """Cell-type names (or ids) -> int64 ids into CELL_TYPES; ValueError naming the first unknown one."""
     out = np.empty(len(classes), dtype=np.int64)
     for i, c in enumerate(classes):
-        if isinstance(c, str):
-            if c not in CELL_TYPES:
-                raise ValueError(f"instance {i}: unknown class {c!r} (expected {', '.join(CELL_TYPES)})")
+        if isinstance(c, str) and c in CELL_TYPES:
             out[i] = CELL_TYPES.index(c)
         elif isinstance(c, numbers.Integral) and 0 <= int(c) < len(CELL_TYPES):
             out[i] = int(c)
@@ -199,8 +197,7 @@ def vote_class(classes: np.ndarray, scores: np.ndarray, min_score: float = 0.5) 
         voters[:] = True
     counts = np.bincount(classes[voters], minlength=len(CELL_TYPES))
     sums = np.bincount(classes[voters], weights=scores[voters], minlength=len(CELL_TYPES))
-    best = max(range(len(counts)), key=lambda c: (counts[c], sums[c], -c))
-    return int(best)
+    return int(max(range(len(counts)), key=lambda c: (counts[c], sums[c], -c)))
 
 
 def effective_classes(classes: np.ndarray, scores: np.ndarray, image_class_vote: bool,
@@ -218,21 +215,6 @@ def binarize_table(mask_threshold: float) -> np.ndarray:
     ``q`` means ``float32(q) * float32(1/255)`` (as :meth:`InstancePredictions.prob`), compared with ``>=``.
     """
     return _PROB_TABLE >= np.float32(mask_threshold)
-
-
-def crop_runs(crop: np.ndarray, x0: int, y0: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of a bool crop placed at ``(x0, y0)`` in an image ``width`` pixels wide.
-
-    Returns:
-        ``(starts, lengths)`` int64, 0-indexed flat row-major starts in the image (as :func:`cellkit.rle.encode_runs`
-        gives for the full mask); a run never crosses a crop row.
-    """
-    h, w = crop.shape
-    padded = np.zeros((h, w + 1), dtype=bool)  # a False column ends every row's last run
-    padded[:, :w] = crop
-    starts, lengths = rle.encode_runs(padded)
-    row, col = np.divmod(starts, w + 1)
-    return (y0 + row) * int(width) + x0 + col, lengths
 
 
 def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray], shape: tuple[int, int],
@@ -259,8 +241,7 @@ def _resolve(order: np.ndarray, windows: np.ndarray, binary: Sequence[np.ndarray
             continue
         view = occupied[y0:y1, x0:x1]
         residual = b & ~view
-        area = int(np.count_nonzero(residual))
-        keep = area >= max(int(min_areas[i]), 1)
+        keep = int(np.count_nonzero(residual)) >= max(int(min_areas[i]), 1)
         if keep or not free_dropped:
             view |= residual  # the rest of b is occupied already
         if keep:
@@ -309,10 +290,7 @@ class KeptMasks:
     def rles(self) -> list[str]:
         """Competition RLE string (1-indexed, row-major) of each kept mask (one batched conversion)."""
         starts, lengths, counts = crops_runs(self.crops, self.mask_boxes, self.width)
-        pairs = np.empty(2 * starts.size, dtype=np.int64)
-        pairs[0::2] = starts + 1
-        pairs[1::2] = lengths
-        tokens = list(map(str, pairs.tolist()))
+        tokens = list(map(str, np.stack((starts + 1, lengths), axis=1).ravel().tolist()))  # start, length, ...
         bounds = 2 * np.concatenate(([0], np.cumsum(counts)))
         return [" ".join(tokens[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
@@ -340,10 +318,8 @@ def _pipeline(class_ids_: np.ndarray, scores: np.ndarray, windows: np.ndarray, b
     scores = np.asarray(scores, dtype=np.float64)
     eff = effective_classes(class_ids_, scores, options["image_class_vote"], options["vote_min_score"])
     binary = [binarize(i, mask_thr[eff[i]]) for i in range(len(eff))]
-    if options["rescore"]:
-        eff_scores = np.array([scores[i] * prob_mean(i, binary[i]) for i in range(len(eff))], dtype=np.float64)
-    else:
-        eff_scores = scores
+    eff_scores = (np.array([scores[i] * prob_mean(i, binary[i]) for i in range(len(eff))], dtype=np.float64)
+                  if options["rescore"] else scores)
     passed = np.flatnonzero(eff_scores >= score_thr[eff])
     order = passed[np.argsort(-eff_scores[passed], kind="stable")]
     kept, residuals = _resolve(order, windows, binary, shape, min_area[eff], options["free_dropped"])
@@ -369,20 +345,16 @@ def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, resco
     """
     options = {"image_class_vote": image_class_vote, "rescore": rescore, "vote_min_score": vote_min_score,
                "free_dropped": free_dropped}
-    tables = {}
-
+    table = functools.cache(binarize_table)  # one table per distinct mask threshold
     mask_of = {}
 
     def binarize(i, m):
         mask_of[i] = m
-        table = tables.get(m)
-        if table is None:
-            table = tables[m] = binarize_table(m)
-        return table[pred.masks[i]]
+        return table(m)[pred.masks[i]]
 
     def prob_mean(i, b):  # exact: integer sum of the kept uint8 values via a histogram
         hist = np.bincount(pred.masks[i].ravel(), minlength=256)
-        first = int(np.argmax(tables[mask_of[i]]))
+        first = int(np.argmax(table(mask_of[i])))
         n = int(hist[first:].sum())
         return float(hist[first:] @ _Q[first:]) / (255.0 * n) if n else 0.0
 
@@ -424,10 +396,8 @@ def _check_document(doc, where: str) -> dict:
                          f"{type(doc).__name__}")
     if "thresholds" not in doc:
         raise ValueError(f"{where}: missing key 'thresholds' (per-class score/mask/min_area)")
-    out = dict(doc)
-    out["thresholds"] = validate_thresholds(doc["thresholds"], f"{where}: thresholds")
-    out["options"] = validate_options(doc.get("options"), f"{where}: options")
-    return out
+    return {**doc, "thresholds": validate_thresholds(doc["thresholds"], f"{where}: thresholds"),
+            "options": validate_options(doc.get("options"), f"{where}: options")}
 
 
 def load_thresholds(path) -> dict:

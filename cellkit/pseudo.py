@@ -102,9 +102,8 @@ class ScreenSettings:
     min_mask_score: Mapping = field(default_factory=lambda: {c: 0.5 for c in CELL_TYPES})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "min_share", _unit(self.min_share, "screen: min_share"))
-        object.__setattr__(self, "min_mean_score", _per_class(self.min_mean_score, "screen: min_mean_score"))
-        object.__setattr__(self, "min_mask_score", _per_class(self.min_mask_score, "screen: min_mask_score"))
+        for name, check in (("min_share", _unit), ("min_mean_score", _per_class), ("min_mask_score", _per_class)):
+            object.__setattr__(self, name, check(getattr(self, name), f"screen: {name}"))
 
     def to_dict(self) -> dict:
         """JSON form: ``{"min_share": float, "min_mean_score": {class: float}, "min_mask_score": {class: float}}``."""
@@ -287,12 +286,6 @@ def _place_image(src: Path, folder: Path, link: bool) -> str:
     return "copy"
 
 
-def _csv_text(rows) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
-    return buf.getvalue()
-
-
 def summary_document(*, source: str, pred_dir, image_dir, thresholds_path, doc: Mapping, settings,
                      decisions: list[ImageDecision], placed: Mapping[str, str]) -> dict:
     """The ``pseudo.json`` document.
@@ -354,18 +347,13 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
     from cellkit import postprocess as pp
     from cellkit import predictions as P
     from cellkit.data import find_image
-    from cellkit.submission import image_sizes
+    from cellkit.submission import check_store_ids, image_sizes
 
     pred_dir, image_dir, out_dir = Path(pred_dir), Path(image_dir), Path(out_dir)
     doc = pp.load_thresholds(thresholds_path) if doc is None else doc
     ids = P.image_ids(pred_dir)
     sizes = image_sizes(image_dir)
-    unknown = sorted(set(ids) - set(sizes))
-    if unknown:
-        raise ValueError(f"{pred_dir}: predictions for {len(unknown)} image(s) not in {image_dir}, e.g. {unknown[:5]}")
-    missing = sorted(set(sizes) - set(ids))
-    if missing:
-        raise ValueError(f"{pred_dir}: no predictions for {len(missing)} image(s) of {image_dir}, e.g. {missing[:5]}")
+    check_store_ids(ids, sizes, pred_dir, image_dir)
     _check_out(out_dir, image_dir, pred_dir, overwrite)
     source = f"pseudo:{pred_dir}"
     decisions, rows = [], []
@@ -390,7 +378,9 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
             if stale.is_symlink() or stale.is_file():
                 stale.unlink()
     placed = {image_id: _place_image(find_image(image_dir, image_id), train_dir, link) for image_id in kept_ids}
-    atomic.write_text(out_dir / "train.csv", _csv_text(rows))
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
+    atomic.write_text(out_dir / "train.csv", buf.getvalue())
     summary = summary_document(source=source, pred_dir=pred_dir, image_dir=image_dir, thresholds_path=thresholds_path,
                                doc=doc, settings=settings, decisions=decisions, placed=placed)
     atomic.write_json(out_dir / SUMMARY_NAME, summary)

@@ -179,8 +179,6 @@ def runs_to_string(starts: np.ndarray, lengths: np.ndarray) -> str:
 def runs_to_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Flat 0-indexed row-major pixel indices covered by runs (sorted when the runs are), int64, shape ``(area,)``."""
     total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
     offsets = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
     return offsets + np.arange(total, dtype=np.int64)
 

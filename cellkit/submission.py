@@ -23,7 +23,7 @@ import numpy as np
 from cellkit import SHAPE, atomic, geometry, rle
 
 __all__ = [
-    "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes",
+    "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes", "check_store_ids",
     "SubmissionReport", "check_submission", "validate_submission",
 ]
 
@@ -175,6 +175,21 @@ def image_sizes(image_dir) -> dict[str, tuple[int, int]]:
     if not sizes:
         raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return sizes
+
+
+def check_store_ids(ids, sizes: Mapping, pred_dir, image_dir) -> None:
+    """Check that a predictions store (``pred_dir``, its image ids ``ids``) holds exactly the images of ``image_dir``
+    (``sizes``, from :func:`image_sizes`).
+
+    Raises:
+        ValueError: predictions of images not in ``image_dir``, or images without predictions (naming up to 5).
+    """
+    unknown = sorted(set(ids) - set(sizes))
+    if unknown:
+        raise ValueError(f"{pred_dir}: predictions for {len(unknown)} image(s) not in {image_dir}, e.g. {unknown[:5]}")
+    missing = sorted(set(sizes) - set(ids))
+    if missing:
+        raise ValueError(f"{pred_dir}: no predictions for {len(missing)} image(s) of {image_dir}, e.g. {missing[:5]}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ DataFrames; ``plot_*`` functions return a matplotlib ``Figure`` (shown inline by
 Masks travel as competition RLE strings (decoded with :mod:`cellkit.rle`) or boolean ``(H, W)`` arrays.
 """
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -236,18 +237,11 @@ def metric_columns(metrics: pd.DataFrame) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 def _plt():
     import matplotlib
-    if "MPLBACKEND" not in os.environ and not _in_notebook():
+    ipython = sys.modules.get("IPython")  # a running IPython shell (a notebook) has imported it
+    if "MPLBACKEND" not in os.environ and (ipython is None or ipython.get_ipython() is None):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None
-    except ImportError:
-        return False
 
 
 def _grid(panels: Sequence[tuple[str, np.ndarray]], ncols: int, size: float, pad: float, fontsize: float):
@@ -385,20 +379,17 @@ def plot_training_curves(metrics: pd.DataFrame | str | os.PathLike):
     plt = _plt()
     frame = metrics if isinstance(metrics, pd.DataFrame) else read_metrics(metrics)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
-    for col in loss_columns(frame):
-        series = frame[["iteration", col]].dropna()
-        left.plot(series["iteration"], series[col], label=col, lw=2.0 if col == "total_loss" else 1.0,
-                  marker="o" if len(series) < 20 else None, ms=3)
-    left.set(xlabel="iteration", title="training losses")
-    if loss_columns(frame):
-        left.legend(fontsize=7)
-    cols = metric_columns(frame)
-    for col in cols:
-        series = frame[["iteration", col]].dropna()
-        right.plot(series["iteration"], series[col], marker="o", label=col)
-    right.set(xlabel="iteration", title="validation metric" if cols else "validation metric (none recorded)")
-    if cols:
-        right.legend(fontsize=7)
+    metric_cols = metric_columns(frame)
+    right_title = "validation metric" if metric_cols else "validation metric (none recorded)"
+    for ax, cols, title in ((left, loss_columns(frame), "training losses"), (right, metric_cols, right_title)):
+        for col in cols:
+            series = frame[["iteration", col]].dropna()
+            style = ({"lw": 2.0 if col == "total_loss" else 1.0, "marker": "o" if len(series) < 20 else None, "ms": 3}
+                     if ax is left else {"marker": "o"})
+            ax.plot(series["iteration"], series[col], label=col, **style)
+        ax.set(xlabel="iteration", title=title)
+        if cols:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -61,45 +61,34 @@ def check_inference(pred_dir, thresholds_path, doc, allow: bool) -> list[str]:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from cellkit import CELL_TYPES
     from cellkit import postprocess as pp
     from cellkit import predictions as P
     from cellkit.cli import CellkitError
-    from cellkit.submission import image_sizes, validate_submission, write_submission
+    from cellkit.submission import check_store_ids, image_sizes, validate_submission, write_submission
 
     doc = pp.load_thresholds(args.thresholds)
     thresholds, options = doc["thresholds"], doc["options"]
     log = [f"thresholds from {args.thresholds}: options image_class_vote={options['image_class_vote']} "
            f"rescore={options['rescore']} vote_min_score={options['vote_min_score']} "
            f"free_dropped={options['free_dropped']}"]
-    for name in CELL_TYPES:
-        t = thresholds[name]
-        log.append(f"  {name:7} score >= {t['score']:.3f}  mask >= {t['mask']:.3f}  min_area {t['min_area']}")
+    log += [f"  {name:7} score >= {t['score']:.3f}  mask >= {t['mask']:.3f}  min_area {t['min_area']}"
+            for name, t in thresholds.items()]  # in CELL_TYPES order (validate_thresholds)
     log += check_inference(args.pred, args.thresholds, doc, args.allow_inference_mismatch)
     print("\n".join(log), file=sys.stderr)
     sizes = image_sizes(args.images)
     ids = P.image_ids(args.pred)
-    unknown = sorted(set(ids) - set(sizes))
-    if unknown:
-        raise CellkitError(f"{args.pred}: predictions for {len(unknown)} image(s) not in {args.images}, "
-                           f"e.g. {unknown[:5]}")
-    missing = sorted(set(sizes) - set(ids))
-    if missing:
-        raise CellkitError(f"{args.pred}: no predictions for {len(missing)} image(s) of {args.images}, "
-                           f"e.g. {missing[:5]}")
-    masks, n_kept = {}, 0
+    check_store_ids(ids, sizes, args.pred, args.images)
+    masks = {}
     for pred in tqdm(P.iter_dir(args.pred), total=len(ids), desc="submit", unit="image",
                      disable=args.no_progress):
         if (pred.height, pred.width) != sizes[pred.image_id]:
             raise CellkitError(f"{args.pred}/{pred.image_id}.npz: size {pred.height}x{pred.width} differs from the "
                                f"image's {sizes[pred.image_id][0]}x{sizes[pred.image_id][1]}")
-        kept = pp.apply_predictions(pred, thresholds, **options)
-        masks[pred.image_id] = kept.rles()
-        n_kept += len(kept)
+        masks[pred.image_id] = pp.apply_predictions(pred, thresholds, **options).rles()
     out = write_submission(masks, sorted(sizes), args.out, shape=sizes)
     problems = validate_submission(out, args.images)
     if problems:  # cannot happen for masks from apply_predictions; never hand in an invalid file silently
         raise CellkitError(f"{out}: written but invalid: {problems[0]} ({len(problems)} problem(s))")
-    print(f"wrote {out}: {n_kept} masks, {len(sizes)} images "
+    print(f"wrote {out}: {sum(map(len, masks.values()))} masks, {len(sizes)} images "
           f"({sum(not v for v in masks.values())} without cells); valid")
     return 0
