@@ -195,12 +195,9 @@ class InstancePredictions:
                                  f"mask 0 has {(height, width)}")
             height, width = q.shape
             rows, cols = np.flatnonzero(q.any(axis=1)), np.flatnonzero(q.any(axis=0))
-            if rows.size:
-                y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-                mask_boxes[i] = (x0, y0, x1, y1)
-                masks.append(np.ascontiguousarray(q[y0:y1, x0:x1]))
-            else:
-                masks.append(np.zeros((0, 0), dtype=np.uint8))
+            y0, y1, x0, x1 = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if rows.size else (0, 0, 0, 0)
+            mask_boxes[i] = (x0, y0, x1, y1)
+            masks.append(np.ascontiguousarray(q[y0:y1, x0:x1]))
         return cls(image_id, height, width, classes, scores, boxes, mask_boxes, masks)
 
 
