@@ -413,11 +413,8 @@ def predict_oof(run_dirs_by_fold: Mapping, data_dir, out, tta: bool = False, wei
     plans = {}
     for fold, runs in sorted(run_dirs_by_fold.items()):
         runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-        images = None
-        for run_dir in runs:
-            cfg, _ = check_run(run_dir, weights_by_fold.get(fold) if len(runs) == 1 else None, fold)
-            images = images or fold_images(data_dir, fold, run_folds_csv(run_dir, cfg, data_dir))
-        plans[fold] = (runs, images)
+        cfgs = [check_run(run_dir, weights_by_fold.get(fold) if len(runs) == 1 else None, fold)[0] for run_dir in runs]
+        plans[fold] = (runs, fold_images(data_dir, fold, run_folds_csv(runs[0], cfgs[0], data_dir)))
     ids = [i for _, images in plans.values() for i, _ in images]
     if len(ids) != len(set(ids)):
         raise ValueError("predict_oof: an image is held out by more than one fold (folds files differ between runs)")
@@ -470,8 +467,8 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
         if these != ids[0]:
             raise ValueError(f"{store}: holds other images than {stores[0]} "
                              f"(e.g. {sorted(set(ids[0]) ^ set(these))[:3]})")
-    fusion = FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean")
-    signature = {**sigs[0], "fusion": fusion.as_dict()}
+    signature = {**sigs[0],
+                 "fusion": FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean").as_dict()}
     by_key: dict = {}
     for meta in metas:
         for src in meta.get("sources", []):

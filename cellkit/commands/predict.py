@@ -86,13 +86,9 @@ def run(args) -> int:
         raise CellkitError(f"--weights names one checkpoint, but {len(runs)} runs were given")
     settings, fusion, detections = inference_options(args)
     # every input is checked before a model is built
-    folds_csv = None
-    for run_dir in runs:
-        cfg, _ = predict.check_run(run_dir, args.weights, args.fold)
-        if args.fold is not None:
-            folds_csv = folds_csv or args.folds_csv or predict.run_folds_csv(run_dir, cfg, args.data)
-    images = (predict.list_images(args.images) if args.images is not None
-              else predict.fold_images(args.data, args.fold, folds_csv))
+    cfgs = [predict.check_run(run_dir, args.weights, args.fold)[0] for run_dir in runs]
+    images = (predict.list_images(args.images) if args.images is not None else predict.fold_images(
+        args.data, args.fold, args.folds_csv or predict.run_folds_csv(runs[0], cfgs[0], args.data)))
     source_images = str((Path(args.images) if args.images is not None else Path(args.data) / "train").resolve())
     ensemble = predict.load_ensemble(runs, [args.weights] if args.weights else None, tta=args.tta,
                                      device=args.device, fusion=fusion, settings=settings, detections=detections,
