@@ -221,10 +221,8 @@ def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None
         return pooled
     wins = pooled.mask_boxes.astype(np.int64)
     fused = [_fuse_cluster(pooled, wins, cl, len(preds)) for cl in _clusters(pooled, member, wins, iou)]
-    classes, scores, boxes, windows, crops = zip(*fused)
-    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
-                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
-                                np.asarray(windows, np.int32).reshape(-1, 4), list(crops))
+    # the constructor coerces (classes, scores, boxes, windows, crops) to the stored dtypes
+    fused = InstancePredictions(first.image_id, first.height, first.width, *zip(*fused))
     return fused.select(np.argsort(-fused.scores, kind="stable")[: None if max_dets is None else int(max_dets)])
 
 

@@ -100,10 +100,9 @@ class InstancePredictions:
         self.height, self.width = int(self.height), int(self.width)
         if self.height < 1 or self.width < 1:
             raise ValueError(f"{where}: image size {self.height}x{self.width} must be positive")
-        self.classes = np.asarray(self.classes, dtype=np.int64).reshape(-1)
-        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
-        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
-        self.mask_boxes = np.asarray(self.mask_boxes, dtype=np.int32).reshape(-1, 4)
+        for name, dtype, shape in (("classes", np.int64, -1), ("scores", np.float32, -1),
+                                   ("boxes", np.float32, (-1, 4)), ("mask_boxes", np.int32, (-1, 4))):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=dtype).reshape(shape))
         self.masks = [np.asarray(m) for m in self.masks]
         lengths = {"classes": len(self.classes), "scores": len(self.scores), "boxes": len(self.boxes),
                    "mask_boxes": len(self.mask_boxes), "masks": len(self.masks)}

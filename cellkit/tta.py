@@ -409,8 +409,8 @@ def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str
     if not members:
         raise ValueError("predict_members: no members")
     if fusion.mode == "wmf":
-        preds = [m.predict(image, image_id) for m in members]
-        return weighted_mask_fusion(preds, fusion.iou, int(members[0].cfg.TEST.DETECTIONS_PER_IMAGE))
+        return weighted_mask_fusion([m.predict(image, image_id) for m in members], fusion.iou,
+                                    int(members[0].cfg.TEST.DETECTIONS_PER_IMAGE))
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
