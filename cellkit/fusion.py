@@ -117,8 +117,7 @@ def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     device = boxes.device
     num_classes = int(classes.max()) + 1 if len(classes) else 1
     scores_2d = torch.zeros(len(boxes), num_classes + 1, device=device)
-    if len(boxes):
-        scores_2d[torch.arange(len(boxes), device=device), classes.long()] = scores.float()
+    scores_2d[torch.arange(len(boxes), device=device), classes.long()] = scores.float()
     merged, kept = fast_rcnn_inference_single_image(boxes.float(), scores_2d, tuple(shape_hw), 1e-8, float(iou),
                                                     int(max_dets))
     out_boxes, out_scores, out_classes = (merged.pred_boxes.tensor.float(), merged.scores.float(),
@@ -162,9 +161,7 @@ def wbf_merge(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     g = groups.detach().cpu().numpy()
     valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
     selections = [(g == k) & valid for k in range(int(n_groups))]
-    boxes_list = [b[sel].tolist() for sel in selections]
-    scores_list = [s[sel].tolist() for sel in selections]
-    labels_list = [c[sel].tolist() for sel in selections]
+    boxes_list, scores_list, labels_list = ([x[sel].tolist() for sel in selections] for x in (b, s, c))
     if not any(len(x) for x in scores_list):
         return (torch.zeros((0, 4), device=device), torch.zeros((0,), device=device),
                 torch.zeros((0,), dtype=torch.int64, device=device))
@@ -224,10 +221,8 @@ def weighted_mask_fusion(preds: Sequence, iou: float = 0.5, max_dets: int | None
         return pooled
     wins = pooled.mask_boxes.astype(np.int64)
     fused = [_fuse_cluster(pooled, wins, cl, len(preds)) for cl in _clusters(pooled, member, wins, iou)]
-    classes, scores, boxes, windows, crops = zip(*fused)
-    fused = InstancePredictions(first.image_id, first.height, first.width, np.asarray(classes, np.int64),
-                                np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
-                                np.asarray(windows, np.int32).reshape(-1, 4), list(crops))
+    # the constructor coerces (classes, scores, boxes, windows, crops) to the stored dtypes
+    fused = InstancePredictions(first.image_id, first.height, first.width, *zip(*fused))
     return fused.select(np.argsort(-fused.scores, kind="stable")[: None if max_dets is None else int(max_dets)])
 
 
@@ -253,22 +248,18 @@ def _clusters(pooled, member: np.ndarray, wins: np.ndarray, iou: float) -> list[
     indptr = np.searchsorted(src[order], np.arange(len(binary) + 1))
     partner, pair_iou = partner[order], pair_iou[order]
     cluster_of_head = np.full(len(pooled), -1, dtype=np.int64)
-    clusters: list[list[int]] = []
-    members_in: list[set] = []
+    clusters: list[dict[int, int]] = []  # per cluster: member -> its instance, in joining order
     for i in np.argsort(-pooled.scores, kind="stable").tolist():
         found = cluster_of_head[partner[indptr[i]:indptr[i + 1]]]
         best, best_iou = -1, float(iou)
         for c, v in sorted(zip(found[found >= 0].tolist(), pair_iou[indptr[i]:indptr[i + 1]][found >= 0].tolist())):
-            if (v > best_iou or (v == best_iou and best < 0)) and member[i] not in members_in[c]:
+            if (v > best_iou or (v == best_iou and best < 0)) and int(member[i]) not in clusters[c]:
                 best, best_iou = c, v
         if best < 0:
-            cluster_of_head[i] = len(clusters)
-            clusters.append([i])
-            members_in.append({int(member[i])})
-        else:
-            clusters[best].append(i)
-            members_in[best].add(int(member[i]))
-    return clusters
+            best = cluster_of_head[i] = len(clusters)
+            clusters.append({})
+        clusters[best][int(member[i])] = i
+    return [list(cluster.values()) for cluster in clusters]
 
 
 def _fuse_cluster(pooled, wins: np.ndarray, cl: list[int], k: int):

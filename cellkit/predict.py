@@ -26,6 +26,7 @@ Stores of cellkit before the signature (``meta.json`` with ``"tta"``) read as NM
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import time
@@ -48,7 +49,7 @@ from cellkit.rundir import WEIGHT_NAMES, is_run, run_weights
 from cellkit.predictions import read_signature, signature_difference, store_signature
 from cellkit.tta import CellTTA, TTASettings, check_num_classes, predict_members, tta_settings
 
-__all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_images", "check_held_out",
+__all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_images", "check_held_out", "check_run",
            "run_folds_csv", "expand_runs", "sha256_file", "Ensemble", "load_ensemble", "store_signature",
            "read_signature", "signature_difference", "predict_images", "predict_oof", "fuse_stores", "read_image",
            "check_images"]
@@ -113,6 +114,31 @@ def check_held_out(cfg, fold: int, run_dir) -> None:
                          f"use the run that held out fold {fold}")
 
 
+def check_run(run_dir, weights=None, fold: int | None = None):
+    """A run's config and checkpoint (:func:`run_weights`), its inputs checked before any model is built.
+
+    Args:
+        run_dir: a ``cellkit train`` output directory.
+        weights: its checkpoint; None: the best/final one.
+        fold: when given, the run must have held this fold out (:func:`check_held_out`).
+
+    Returns:
+        ``(cfg, checkpoint path)``.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing run directory, config or checkpoint, a wrong class count, a run
+            that trained on ``fold``.
+    """
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: run directory {'' if fold is None else f'of fold {fold} '}does not exist")
+    cfg = load_run_config(run_dir)
+    check_num_classes(cfg)
+    weights = run_weights(run_dir, weights)
+    if fold is not None:
+        check_held_out(cfg, fold, run_dir)
+    return cfg, weights
+
+
 def run_folds_csv(run_dir, cfg, data_dir) -> Path | None:
     """The folds file a run was trained with: ``CELLKIT.DATA.FOLDS_CSV``, ``<run>/folds.csv``, ``<data>/folds.csv``."""
     candidates = [Path(cfg.CELLKIT.DATA.FOLDS_CSV)] if "CELLKIT" in cfg and cfg.CELLKIT.DATA.FOLDS_CSV else []
@@ -131,13 +157,10 @@ def expand_runs(patterns: Sequence[str]) -> list[Path]:
     """
     out: list[Path] = []
     for pattern in map(str, patterns):
-        if glob.has_magic(pattern):
-            found = sorted((Path(p) for p in glob.glob(pattern) if is_run(p)),
-                           key=lambda p: (len(p.name), p.name, str(p)))
-            if not found:
-                raise FileNotFoundError(f"--run {pattern!r}: matches no run directory (a folder with config.yaml)")
-        else:
-            found = [Path(pattern)]
+        found = (sorted((Path(p) for p in glob.glob(pattern) if is_run(p)), key=lambda p: (len(p.name), p.name, str(p)))
+                 if glob.has_magic(pattern) else [Path(pattern)])
+        if not found:
+            raise FileNotFoundError(f"--run {pattern!r}: matches no run directory (a folder with config.yaml)")
         for p in found:
             if p.resolve() not in {q.resolve() for q in out}:
                 out.append(p)
@@ -217,17 +240,11 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
         raise ValueError(f"load_ensemble: {len(weights)} weights for {len(run_dirs)} runs")
     plans = []
     for run_dir, w in zip(run_dirs, weights):
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"{run_dir}: run directory does not exist")
-        cfg = load_run_config(run_dir)
-        w = run_weights(run_dir, w)
-        check_num_classes(cfg)
-        if device:
-            cfg.MODEL.DEVICE = device
+        cfg, w = check_run(run_dir, w)
+        cfg.MODEL.DEVICE = device or cfg.MODEL.DEVICE
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             cfg.MODEL.DEVICE = "cpu"
-        if not cfg.MODEL.DEVICE.startswith("cuda"):
-            cfg.SOLVER.AMP.ENABLED = False
+        cfg.SOLVER.AMP.ENABLED = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE.startswith("cuda")
         if detections is not None:
             cfg.TEST.DETECTIONS_PER_IMAGE = int(detections)
         plans.append((run_dir, cfg, w, settings if settings is not None else tta_settings(cfg, tta)))
@@ -337,11 +354,9 @@ def _remove_stale_temporaries(out: Path, image_ids: Sequence[str]) -> None:
         for path in out.glob(f".{glob.escape(image_id)}.npz.*.npz"):
             path.unlink(missing_ok=True)
     for path in out.glob(".meta.json.*.tmp"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if time.time() - path.stat().st_mtime > 60:
                 path.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
 
 
 
@@ -398,16 +413,8 @@ def predict_oof(run_dirs_by_fold: Mapping, data_dir, out, tta: bool = False, wei
     plans = {}
     for fold, runs in sorted(run_dirs_by_fold.items()):
         runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-        images = None
-        for run_dir in runs:
-            if not Path(run_dir).is_dir():
-                raise FileNotFoundError(f"{run_dir}: run directory of fold {fold} does not exist")
-            cfg = load_run_config(run_dir)
-            check_num_classes(cfg)
-            check_held_out(cfg, fold, run_dir)
-            run_weights(run_dir, weights_by_fold.get(fold) if len(runs) == 1 else None)
-            images = images or fold_images(data_dir, fold, run_folds_csv(run_dir, cfg, data_dir))
-        plans[fold] = (runs, images)
+        cfgs = [check_run(run_dir, weights_by_fold.get(fold) if len(runs) == 1 else None, fold)[0] for run_dir in runs]
+        plans[fold] = (runs, fold_images(data_dir, fold, run_folds_csv(runs[0], cfgs[0], data_dir)))
     ids = [i for _, images in plans.values() for i, _ in images]
     if len(ids) != len(set(ids)):
         raise ValueError("predict_oof: an image is held out by more than one fold (folds files differ between runs)")
@@ -460,8 +467,8 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
         if these != ids[0]:
             raise ValueError(f"{store}: holds other images than {stores[0]} "
                              f"(e.g. {sorted(set(ids[0]) ^ set(these))[:3]})")
-    fusion = FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean")
-    signature = {**sigs[0], "fusion": fusion.as_dict()}
+    signature = {**sigs[0],
+                 "fusion": FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean").as_dict()}
     by_key: dict = {}
     for meta in metas:
         for src in meta.get("sources", []):

@@ -100,10 +100,9 @@ class InstancePredictions:
         self.height, self.width = int(self.height), int(self.width)
         if self.height < 1 or self.width < 1:
             raise ValueError(f"{where}: image size {self.height}x{self.width} must be positive")
-        self.classes = np.asarray(self.classes, dtype=np.int64).reshape(-1)
-        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
-        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
-        self.mask_boxes = np.asarray(self.mask_boxes, dtype=np.int32).reshape(-1, 4)
+        for name, dtype, shape in (("classes", np.int64, -1), ("scores", np.float32, -1),
+                                   ("boxes", np.float32, (-1, 4)), ("mask_boxes", np.int32, (-1, 4))):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=dtype).reshape(shape))
         self.masks = [np.asarray(m) for m in self.masks]
         lengths = {"classes": len(self.classes), "scores": len(self.scores), "boxes": len(self.boxes),
                    "mask_boxes": len(self.mask_boxes), "masks": len(self.masks)}
@@ -195,12 +194,9 @@ class InstancePredictions:
                                  f"mask 0 has {(height, width)}")
             height, width = q.shape
             rows, cols = np.flatnonzero(q.any(axis=1)), np.flatnonzero(q.any(axis=0))
-            if rows.size:
-                y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-                mask_boxes[i] = (x0, y0, x1, y1)
-                masks.append(np.ascontiguousarray(q[y0:y1, x0:x1]))
-            else:
-                masks.append(np.zeros((0, 0), dtype=np.uint8))
+            y0, y1, x0, x1 = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if rows.size else (0, 0, 0, 0)
+            mask_boxes[i] = (x0, y0, x1, y1)
+            masks.append(np.ascontiguousarray(q[y0:y1, x0:x1]))
         return cls(image_id, height, width, classes, scores, boxes, mask_boxes, masks)
 
 

@@ -190,8 +190,6 @@ def paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     boxes = boxes.float()
     windows = crop_windows(boxes, m, height, width)
     crops: list = [None] * n
-    if n == 0:
-        return np.zeros((0, 4), np.int32), []
     wh = (windows[:, 2:] - windows[:, :2]).cpu()
     order = torch.argsort(wh[:, 0] * wh[:, 1]).tolist()
     start = 0
@@ -342,9 +340,8 @@ class CellTTA(TTACompat):
         aug_instances = self.rescale_boxes(aug_inputs, merged, tfms)
         total = 0
         for k, (aug_input, inst, tfm) in enumerate(zip(aug_inputs, aug_instances, tfms)):
-            images, features = cached[k] if self.cache_features else self._features(aug_input)
-            if self.cache_features:
-                cached[k] = None  # free this pass's pyramid as soon as it is used
+            images, features = cached[k] or self._features(aug_input)  # None: not cached
+            cached[k] = None  # free this pass's pyramid as soon as it is used
             # as detectron2's _reduce_pred_masks: box-relative masks are scale-free, only the flip is undone
             total = total + deaugment_masks(self._masks_for_boxes(images, features, inst).float(), tfm)
         return total
@@ -412,8 +409,8 @@ def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str
     if not members:
         raise ValueError("predict_members: no members")
     if fusion.mode == "wmf":
-        preds = [m.predict(image, image_id) for m in members]
-        return weighted_mask_fusion(preds, fusion.iou, int(members[0].cfg.TEST.DETECTIONS_PER_IMAGE))
+        return weighted_mask_fusion([m.predict(image, image_id) for m in members], fusion.iou,
+                                    int(members[0].cfg.TEST.DETECTIONS_PER_IMAGE))
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)

@@ -75,7 +75,6 @@ def run(args) -> int:
     from pathlib import Path
 
     from cellkit.cli import CellkitError
-    from cellkit.config import load_run_config
     from cellkit import predict
 
     if (args.images is None) == (args.fold is None):
@@ -87,20 +86,9 @@ def run(args) -> int:
         raise CellkitError(f"--weights names one checkpoint, but {len(runs)} runs were given")
     settings, fusion, detections = inference_options(args)
     # every input is checked before a model is built
-    folds_csv = None
-    for run_dir in runs:
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"{run_dir}: run directory does not exist")
-        cfg = load_run_config(run_dir)
-        predict.check_num_classes(cfg)
-        predict.run_weights(run_dir, args.weights)
-        if args.fold is not None:
-            predict.check_held_out(cfg, args.fold, run_dir)
-            folds_csv = folds_csv or args.folds_csv or predict.run_folds_csv(run_dir, cfg, args.data)
-    if args.images is not None:
-        images = predict.list_images(args.images)
-    else:
-        images = predict.fold_images(args.data, args.fold, folds_csv)
+    cfgs = [predict.check_run(run_dir, args.weights, args.fold)[0] for run_dir in runs]
+    images = (predict.list_images(args.images) if args.images is not None else predict.fold_images(
+        args.data, args.fold, args.folds_csv or predict.run_folds_csv(runs[0], cfgs[0], args.data)))
     source_images = str((Path(args.images) if args.images is not None else Path(args.data) / "train").resolve())
     ensemble = predict.load_ensemble(runs, [args.weights] if args.weights else None, tta=args.tta,
                                      device=args.device, fusion=fusion, settings=settings, detections=detections,
