@@ -8,9 +8,9 @@ with out-of-fold predictions missed and spurious cells).
 
 __version__ = "0.1.0"
 
+#: (height, width) of every Sartorius image.
 SHAPE = (520, 704)
-"""(height, width) of every Sartorius image."""
 
+#: The competition's cell types, in category-id order (0, 1, 2).
 CELL_TYPES = ("shsy5y", "astro", "cort")
-"""The competition's cell types, in category-id order (0, 1, 2)."""
 

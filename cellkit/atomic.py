@@ -11,8 +11,6 @@ Conventions:
     - The target's directory must exist: creating it is the caller's decision.
     - The output gets the permissions a plain ``open(path, "w")`` gives (``0666 & ~umask``), not ``mkstemp``'s 0600.
 """
-from __future__ import annotations
-
 import json
 import os
 import tempfile

@@ -5,8 +5,6 @@ parameters a notebook does not declare are not passed to it), its executed copy 
 and artifacts pass between notebooks as files under ``OUT_DIR`` (folds.csv, fold runs, oof/, thresholds.json,
 submission.csv). A failing cell stops the chain with an error naming the notebook, the cell and the exception.
 """
-from __future__ import annotations
-
 import json
 import shlex
 import time
@@ -16,11 +14,11 @@ from typing import Mapping, Sequence
 from cellkit import atomic
 from cellkit.rundir import fold_runs  # noqa: F401  (the notebooks call chain.fold_runs)
 
+#: The chain, in order (file stems in ``notebooks/``).
 NOTEBOOKS = ("01_eda", "02_folds", "03_pretrain", "04_finetune", "05_threshold_search", "06_submission")
-"""The chain, in order (file stems in ``notebooks/``)."""
 
+#: The project's notebooks (the chain runs from a checkout: notebooks are not part of the installed package).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-"""The project's notebooks (the chain runs from a checkout: notebooks are not part of the installed package)."""
 
 class NotebookFailed(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the error."""
@@ -50,13 +48,13 @@ def command(*argv) -> None:
         raise RuntimeError(f"cellkit {words[0]} exited with code {code}")
 
 
+#: ``KEY VALUE`` config overrides of a smoke run (CI): 4 iterations on 256-pixel images.
 SMOKE_OVERRIDES = (
     "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "4",
     "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "352", "INPUT.MIN_SIZE_TEST", "256",
     "INPUT.MAX_SIZE_TEST", "352", "TEST.AUG.MIN_SIZES", "(256,)", "TEST.AUG.MAX_SIZE", "352",
     "TEST.DETECTIONS_PER_IMAGE", "100",
 )
-"""``KEY VALUE`` config overrides of a smoke run (CI): 4 iterations on 256-pixel images."""
 
 
 def train_args(device: str, iterations: int = 0, smoke: bool = False, weights: Path | None = None) -> list[str]:

@@ -4,8 +4,6 @@ Each command lives in ``cellkit/commands/<name>.py`` and defines ``add_arguments
 (the exit code); its one-line help is in :data:`COMMANDS`. Commands are imported only when used, so ``cellkit score``
 does not pay for importing torch.
 """
-from __future__ import annotations
-
 import argparse
 import importlib
 import sys

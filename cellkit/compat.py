@@ -16,8 +16,6 @@ detectron2 has no public hook for these; each is a small wrapper with a public n
   detectron2's own ``__init__`` builds the trainer, with a DDP wrapper that also runs CPU processes and cellkit's
   checkpointer.
 """
-from __future__ import annotations
-
 import contextlib
 import logging
 
@@ -31,23 +29,23 @@ __all__ = ["CHECKED_VERSION", "PRIVATE_SYMBOLS", "MODULE_GLOBALS", "Checkpointer
 
 logger = logging.getLogger("cellkit.modeling")
 
+#: The detectron2 distribution version (``importlib.metadata.version("detectron2")``) these wrappers were checked
+#: against.
 CHECKED_VERSION = "0.6+sal072"
-"""The detectron2 distribution version (``importlib.metadata.version("detectron2")``) these wrappers were checked
-against."""
 
+#: Private methods used here, by owner.
 PRIVATE_SYMBOLS = {
     "detectron2.checkpoint.DetectionCheckpointer": ("_load_file", "_load_model"),
     "detectron2.modeling.test_time_augmentation.GeneralizedRCNNWithTTA": (
         "_turn_off_roi_heads", "_get_augmented_inputs", "_rescale_detected_boxes"),
 }
-"""Private methods used here, by owner."""
 
+#: Module globals that a detectron2 function reads by name, swapped by :func:`resnet_deform_ops` and
+#: :func:`default_trainer_parts` for the duration of a call (``tests/test_compat.py`` checks they are still read).
 MODULE_GLOBALS = {
     "detectron2.modeling.backbone.resnet.DeformBottleneckBlock.__init__": ("DeformConv", "ModulatedDeformConv"),
     "detectron2.engine.defaults.DefaultTrainer.__init__": ("create_ddp_model", "DetectionCheckpointer"),
 }
-"""Module globals that a detectron2 function reads by name, swapped by :func:`resnet_deform_ops` and
-:func:`default_trainer_parts` for the duration of a call (``tests/test_compat.py`` checks they are still read)."""
 
 
 @contextlib.contextmanager

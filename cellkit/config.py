@@ -17,8 +17,6 @@ Presets:
 Every key that does not exist in detectron2's defaults or in :func:`add_cellkit_config` is an error (raised before
 any work starts), in the YAML files and in command-line ``KEY VALUE`` overrides alike.
 """
-from __future__ import annotations
-
 import logging
 import os
 import re
@@ -31,14 +29,14 @@ from cellkit import atomic, rundir
 
 logger = logging.getLogger(__name__)
 
+#: Folder of the preset YAML files shipped with the package.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-"""Folder of the preset YAML files shipped with the package."""
 
+#: Name of the resolved config saved into every run / prediction directory.
 CONFIG_FILE_NAME = rundir.CONFIG
-"""Name of the resolved config saved into every run / prediction directory."""
 
+#: Input std (BGR) used from random init in place of the Caffe2 checkpoints' unit std (ImageNet's, in 0-255).
 SCRATCH_PIXEL_STD = (57.375, 57.120, 58.395)
-"""Input std (BGR) used from random init in place of the Caffe2 checkpoints' unit std (ImageNet's, in 0-255)."""
 
 
 def add_cellkit_config(cfg) -> None:

@@ -12,8 +12,6 @@ Decoding is done once per image and process: the per-image dicts are cached (key
 modification time and by the image directory) and copies are handed out, so that registering five folds of the same
 CSV decodes each mask once.
 """
-from __future__ import annotations
-
 import glob
 import logging
 import os
@@ -36,19 +34,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Columns every competition-format train CSV has.
 REQUIRED_COLUMNS = ("id", "annotation", "width", "height", "cell_type")
-"""Columns every competition-format train CSV has."""
 
+#: Image file suffixes :func:`find_image` tries, in order.
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-"""Image file suffixes :func:`find_image` tries, in order."""
 
+#: PIL modes of 8-bit images cellkit reads (the competition's PNGs and LIVECell's TIFs are ``L``); any other mode
+#: (16-bit ``I;16``, 32-bit ``I``/``F``, ``CMYK``, ...) is an error, not a silent conversion.
 IMAGE_MODES = ("L", "P", "RGB", "RGBA", "LA")
-"""PIL modes of 8-bit images cellkit reads (the competition's PNGs and LIVECell's TIFs are ``L``); any other mode
-(16-bit ``I;16``, 32-bit ``I``/``F``, ``CMYK``, ...) is an error, not a silent conversion."""
 
+#: LIVECell's eight cell lines (category-id order when registering with ``cell_line_classes=True``); a LIVECell image
+#: file name starts with its cell line, e.g. ``A172_Phase_C7_1_00d20h00m_4.tif``.
 LIVECELL_CELL_LINES = ("A172", "BT474", "BV2", "Huh7", "MCF7", "SHSY5Y", "SkBr3", "SKOV3")
-"""LIVECell's eight cell lines (category-id order when registering with ``cell_line_classes=True``); a LIVECell image
-file name starts with its cell line, e.g. ``A172_Phase_C7_1_00d20h00m_4.tif``."""
 
 # Caches: CSV key -> validated frame; (CSV key, image dir, image id) -> dataset dict.
 _TABLES: dict[tuple, pd.DataFrame] = {}

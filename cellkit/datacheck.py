@@ -21,8 +21,6 @@ What passed is remembered in a cache outside the data (the real data may be read
 each file's resolved path, size and modification time. A second check of unchanged data only stats the files; a
 changed image (or CSV) is checked again. Failures are never remembered. An unwritable cache is skipped silently.
 """
-from __future__ import annotations
-
 import hashlib
 import json
 import logging
@@ -42,11 +40,11 @@ __all__ = ["CACHE_ENV", "MAX_PROBLEMS", "DataCheckError", "cache_dir", "check_sa
 
 logger = logging.getLogger(__name__)
 
+#: Environment variable naming the cache folder of the data check (tests point it at a temporary folder).
 CACHE_ENV = "CELLKIT_CACHE_DIR"
-"""Environment variable naming the cache folder of the data check (tests point it at a temporary folder)."""
 
+#: Problems listed in one :class:`DataCheckError` message by default (the total is always given).
 MAX_PROBLEMS = 30
-"""Problems listed in one :class:`DataCheckError` message by default (the total is always given)."""
 
 _CACHE_VERSION = 1
 

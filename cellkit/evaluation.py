@@ -13,8 +13,6 @@ Results (``DefaultTrainer.test`` -> ``EvalHook`` -> event storage, flattened as 
 (Sartorius dicts carry ``cell_type``), ``AP50``/``AP75`` (precision at IoU 0.5 / 0.75), ``n_images`` and
 ``n_masks`` (masks kept after post-processing, as many as the submission of the same predictions holds).
 """
-from __future__ import annotations
-
 import logging
 from collections import OrderedDict, defaultdict
 
@@ -29,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CellkitEvaluator", "truth_rles", "cached_truth_rles", "summarize"]
 
+#: (dataset name, image id) -> (fingerprint of the record's annotations, their competition RLEs): the ground truth
+#: is encoded once per process, not at every evaluation (each builds a new evaluator).
 _TRUTH_CACHE: dict[tuple[str, str], tuple[tuple, list[str]]] = {}
-"""(dataset name, image id) -> (fingerprint of the record's annotations, their competition RLEs): the ground truth
-is encoded once per process, not at every evaluation (each builds a new evaluator)."""
 
 
 def truth_rles(record: dict) -> list[str]:

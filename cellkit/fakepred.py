@@ -23,8 +23,6 @@ the smallest cell plants the best minimum area.
 Deterministic: image ``i`` uses ``numpy.random.default_rng([seed, crc32(image_id)])``, so an image's predictions do
 not depend on which other images are generated (and an interrupted run resumes by skipping written files).
 """
-from __future__ import annotations
-
 import dataclasses
 import json
 import zlib
@@ -92,6 +90,7 @@ class FakeSpec:
             object.__setattr__(self, name, (float(lo), float(hi)))
 
 
+#: Named sets of per-class specs.
 PRESETS = {
     # a detector of mixed quality, different per cell type, so that class-wise thresholds pay off: shsy5y cells are
     # small and crowded (fat masks, many false positives and duplicates), astro masks are soft and too thin,
@@ -108,7 +107,6 @@ PRESETS = {
     "clean": {c: FakeSpec(miss_rate=0.0, tp_score=(0.9, 1.0), shift=0.0, bias_std=0.0, dup_rate=0.0, fp_rate=0.0,
                           class_confusion=0.0) for c in CELL_TYPES},
 }
-"""Named sets of per-class specs."""
 
 
 def spec_for(preset: str = "realistic", **overrides) -> dict[str, FakeSpec]:

@@ -5,8 +5,6 @@ of one sample never straddle folds; when the column is absent, or empty for an i
 seeded. ``folds.csv`` has one row per image: ``id, cell_type, fold`` (+ ``sample_id`` when the CSV has it), sorted by
 id, so the same CSV, ``k`` and seed give the same file byte for byte.
 """
-from __future__ import annotations
-
 import os
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from cellkit import atomic
 
 __all__ = ["image_table", "make_folds", "write_folds", "read_folds", "fold_ids", "SPLITS"]
 
+#: ``train`` = the images of every other fold, ``val`` = the images of the fold.
 SPLITS = ("train", "val")
-"""``train`` = the images of every other fold, ``val`` = the images of the fold."""
 
 
 def image_table(train: pd.DataFrame, source: str = "train CSV") -> pd.DataFrame:

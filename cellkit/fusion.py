@@ -28,8 +28,6 @@ Two families of fusion, chosen by :class:`FusionSettings`:
 Conventions: boxes are XYXY float32 in original-image pixels; ``groups`` number the ``K x P`` (member, pass) sources
 of the pooled boxes ``0..n_groups-1``.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -44,14 +42,14 @@ from cellkit.predictions import InstancePredictions, quantize
 __all__ = ["MODES", "SCORE_MODES", "FusionSettings", "merge_boxes", "nms_merge", "wbf_merge",
            "weighted_mask_fusion"]
 
+#: Fusion modes: box-first NMS, box-first weighted box fusion, weighted mask fusion.
 MODES = ("nms", "wbf", "wmf")
-"""Fusion modes: box-first NMS, box-first weighted box fusion, weighted mask fusion."""
 
+#: Score of an NMS-merged box: fused over the groups (``mean``) or the kept box's own (``max``, detectron2's TTA).
 SCORE_MODES = ("mean", "max")
-"""Score of an NMS-merged box: fused over the groups (``mean``) or the kept box's own (``max``, detectron2's TTA)."""
 
+#: Default IoU per mode; ``None`` = the model's ``MODEL.ROI_HEADS.NMS_THRESH_TEST`` (resolved when loading).
 DEFAULT_IOU = {"nms": None, "wbf": 0.55, "wmf": 0.5}
-"""Default IoU per mode; ``None`` = the model's ``MODEL.ROI_HEADS.NMS_THRESH_TEST`` (resolved when loading)."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ image); the runs are the fastest of the three, IoUs identical (RESULTS.md "Mask 
 Conventions: flat pixel index = ``y * width + x`` (row-major); boxes are ``x0, y0, x1, y1`` pixels, end exclusive,
 all 0 for an empty mask. Numpy and :mod:`cellkit.rle` only.
 """
-from __future__ import annotations
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

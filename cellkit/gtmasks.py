@@ -14,8 +14,6 @@ peak memory is one 4-channel image, never a full image per cell.
 
 Conventions: images are ``(H, W)``; windows and boxes are XYXY in pixels with exclusive ends (``x1 = max x + 1``).
 """
-from __future__ import annotations
-
 from typing import Sequence
 
 import numpy as np
@@ -23,9 +21,9 @@ import torch
 
 __all__ = ["CropMasks", "transform_annotation_masks", "MARGIN"]
 
+#: Pixels of zeros kept around each crop (within the image): covers nearest-neighbour rounding and rotation, and
+#: makes :meth:`CropMasks.crop_and_resize` sample like ROIAlign on the full image (out-of-crop samples read 0).
 MARGIN = 3
-"""Pixels of zeros kept around each crop (within the image): covers nearest-neighbour rounding and rotation, and
-makes :meth:`CropMasks.crop_and_resize` sample like ROIAlign on the full image (out-of-crop samples read 0)."""
 
 _CHUNK_ELEMENTS = 1 << 23  # upper bound of crops x height x width gathered at once in CropMasks.crop_and_resize
 

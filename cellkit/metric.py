@@ -13,8 +13,6 @@ Speed and memory: an image's masks are parsed in one batch (:func:`cellkit.rle.p
 ``n_pred x n_truth x H x W``; only the non-zero IoU pairs are kept, and TP comes from a maximum bipartite matching on
 that sparse graph. :func:`score_frames` streams image by image, so peak memory is one image's masks.
 """
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +27,8 @@ from cellkit.geometry import MaskRuns
 __all__ = ["THRESHOLDS", "iou_from_indices", "precision_per_threshold", "score_sets", "score_image",
            "score_masks", "score_frames", "read_csv", "score_csv"]
 
+#: The ten IoU thresholds 0.50, 0.55, ..., 0.95 (float64, each the nearest double to its decimal).
 THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
-"""The ten IoU thresholds 0.50, 0.55, ..., 0.95 (float64, each the nearest double to its decimal)."""
 
 
 # ---------------------------------------------------------------------------------------------------------- images

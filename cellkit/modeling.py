@@ -14,8 +14,6 @@
 Offsets follow detectron2 / torchvision's layout: ``(N, 2 * deformable_groups * kh * kw, H_out, W_out)`` with
 (dy, dx) pairs per kernel position; the modulation mask is ``(N, deformable_groups * kh * kw, H_out, W_out)``.
 """
-from __future__ import annotations
-
 import importlib.util
 import logging
 import os
@@ -35,8 +33,8 @@ from cellkit.rundir import check_local_weights
 
 logger = logging.getLogger(__name__)
 
+#: Whether detectron2 was compiled with its C++/CUDA ops (a source build on Kaggle/Colab).
 HAS_D2_C = importlib.util.find_spec("detectron2._C") is not None
-"""Whether detectron2 was compiled with its C++/CUDA ops (a source build on Kaggle/Colab)."""
 
 
 def _norm_activation(x: torch.Tensor, norm, activation) -> torch.Tensor:  # after the conv, as detectron2's layers

@@ -37,8 +37,6 @@ Thresholds files (``thresholds.json``, written by ``python -m cellkit search``) 
 :func:`load_thresholds` / :func:`save_thresholds`; they hold ``"thresholds"`` and ``"options"`` plus the search's
 report (metrics before/after, grid, provenance), which is kept as is.
 """
-from __future__ import annotations
-
 import functools
 import math
 import numbers
@@ -57,18 +55,18 @@ __all__ = [
     "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds",
 ]
 
+#: Keys of each class's thresholds.
 THRESHOLD_KEYS = ("score", "mask", "min_area")
-"""Keys of each class's thresholds."""
 
+#: The seed's defaults, the "before" of the threshold search.
 SEED_THRESHOLDS = {c: {"score": 0.5, "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
-"""The seed's defaults, the "before" of the threshold search."""
 
+#: The seed's options: each instance's own class, no rescoring (``vote_min_score`` only matters with the vote), masks
+#: dropped for their area still take their pixels.
 DEFAULT_OPTIONS = {"image_class_vote": False, "rescore": False, "vote_min_score": 0.5, "free_dropped": False}
-"""The seed's options: each instance's own class, no rescoring (``vote_min_score`` only matters with the vote), masks
-dropped for their area still take their pixels."""
 
+#: The options that are true or false.
 BOOL_OPTIONS = ("image_class_vote", "rescore", "free_dropped")
-"""The options that are true or false."""
 
 _PROB_TABLE = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)  # uint8 q -> float32 probability
 _Q = np.arange(256, dtype=np.int64)

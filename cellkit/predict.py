@@ -24,8 +24,6 @@ ensemble's fused scores, which the thresholds were not fitted on: see the README
 folds) only with the same signature. ``cellkit predict --like thresholds.json`` predicts with a file's signature.
 Stores of cellkit before the signature (``meta.json`` with ``"tta"``) read as NMS with the ``max`` score.
 """
-from __future__ import annotations
-
 import contextlib
 import glob
 import hashlib
@@ -54,8 +52,8 @@ __all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_im
            "read_signature", "signature_difference", "predict_images", "predict_oof", "fuse_stores", "read_image",
            "check_images"]
 
+#: ``format`` of a store's ``meta.json`` written with an inference signature.
 META_FORMAT = "cellkit.predict/2"
-"""``format`` of a store's ``meta.json`` written with an inference signature."""
 
 def list_images(image_dir) -> list[tuple[str, Path]]:
     """``(image_id, path)`` of every image (:data:`cellkit.data.IMAGE_EXTENSIONS`) in ``image_dir``, sorted by id.

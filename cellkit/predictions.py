@@ -38,8 +38,6 @@ Size: an image with 500 instances whose crops are 20x20 to 60x60 (0.82 M crop pi
 smooth sigmoid-edged probabilities and 0.76 MB in the worst case of per-pixel noise in every crop (measured with
 ``tests/test_predictions.py::test_size_realistic``, which asserts the smooth case stays under 0.5 MB).
 """
-from __future__ import annotations
-
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +53,11 @@ __all__ = [
     "store_signature", "read_signature", "signature_difference", "describe_signature",
 ]
 
+#: Value of the ``format`` key of every predictions ``.npz``.
 FORMAT = "cellkit.predictions/1"
-"""Value of the ``format`` key of every predictions ``.npz``."""
 
+#: Name of the provenance file inside a predictions directory.
 META_NAME = "meta.json"
-"""Name of the provenance file inside a predictions directory."""
 
 _KEYS = ("format", "image_id", "shape", "classes", "scores", "boxes", "mask_boxes", "mask_data")
 

@@ -6,8 +6,6 @@ Kaggle parameters and metadata; ``cellkit kernels`` renders them for the user of
 ``pip install --no-index``; ``cellkit weights`` builds the weights dataset of a finished run (``make weights``).
 ``tests/test_rehearsal.py`` runs the rendered submission kernel offline on both.
 """
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -58,11 +56,11 @@ def resolve_owner(value: str | None = None, environ: Mapping[str, str] | None = 
     return owner
 
 
+#: GPUs per machine shape, for the training kernels' ``NUM_GPUS`` (a shape not listed: 1).
 MACHINE_GPUS = {"NvidiaTeslaT4": 2}
-"""GPUs per machine shape, for the training kernels' ``NUM_GPUS`` (a shape not listed: 1)."""
 
+#: Shapes cellkit refuses to render (the kaggle CLI only warns about them).
 RETIRED_MACHINE_SHAPES = {"NvidiaTeslaP100": "its sm_60 is not supported by the image's torch"}
-"""Shapes cellkit refuses to render (the kaggle CLI only warns about them)."""
 
 
 def check_machine_shape(shape: str) -> str:
@@ -110,9 +108,10 @@ class KernelSpec:
     resumable: bool = False
 
 
+#: Kaggle's limit on one GPU session (a code competition's submission run: 9 h).
 SESSION_MINUTES = 12 * 60
-"""Kaggle's limit on one GPU session (a code competition's submission run: 9 h)."""
 
+#: The kernels ``make kernels`` renders into ``kernels/<name>/``.
 KERNELS: dict[str, KernelSpec] = {
     "submission": KernelSpec(
         notebook="06_submission.ipynb",
@@ -143,7 +142,6 @@ KERNELS: dict[str, KernelSpec] = {
         resumable=True,
     ),
 }
-"""The kernels ``make kernels`` renders into ``kernels/<name>/``."""
 
 
 def slugify(title: str) -> str:
@@ -235,10 +233,10 @@ def render_kernel(name: str, notebooks_dir: Path, kernels_dir: Path, owner: str,
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets cellkit makes: metadata
 # ----------------------------------------------------------------------------------------------------------------
+#: Licence names ``dataset-metadata.json`` may carry (``kaggle datasets create`` wants exactly one).
 DATASET_LICENSES = ("CC0-1.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "CC-BY-4.0", "CC-BY-NC-4.0", "GPL-2.0",
                     "GPL-3.0", "LGPL-3.0", "AGPL-3.0", "ODbL-1.0", "DbCL-1.0", "Apache-2.0", "MIT", "BSD-3-Clause",
                     "other", "unknown")
-"""Licence names ``dataset-metadata.json`` may carry (``kaggle datasets create`` wants exactly one)."""
 
 
 def check_dataset_metadata(meta: Mapping) -> dict:
@@ -277,23 +275,22 @@ def write_dataset_metadata(folder: Path, meta: Mapping) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Offline wheels dataset
 # ----------------------------------------------------------------------------------------------------------------
+#: Pure-Python distributions Kaggle's image lacks (built or downloaded once with ``pip wheel --no-deps``):
+#: detectron2's, and those cellkit's fusion (``ensemble-boxes``) and annotation audit (``cleanlab``) import; their own
+#: dependencies (numpy, pandas, numba, scikit-learn, tqdm) are the image's.
+#:
+#: setuptools is not shipped: the image's (``>=70,<82``) still has ``pkg_resources``, which detectron2.model_zoo needs.
 PURE_PYTHON_WHEELS = ("fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime",
                       "portalocker", "termcolor", "tabulate", "cloudpickle", "ensemble-boxes", "cleanlab")
-"""Pure-Python distributions Kaggle's image lacks (built or downloaded once with ``pip wheel --no-deps``):
-detectron2's, and those cellkit's fusion (``ensemble-boxes``) and annotation audit (``cleanlab``) import; their own
-dependencies (numpy, pandas, numba, scikit-learn, tqdm) are the image's.
 
-setuptools is not shipped: the image's (``>=70,<82``) still has ``pkg_resources``, which detectron2.model_zoo needs.
-"""
-
+#: Compiled distributions, downloaded per Python version for Kaggle's platform.
 BINARY_WHEELS = ("pycocotools",)
-"""Compiled distributions, downloaded per Python version for Kaggle's platform."""
 
+#: Python versions the wheel set serves: Kaggle's image (3.12 since December 2025) and the next one (Colab's 3.13).
 KAGGLE_PYTHONS = ("3.12", "3.13")
-"""Python versions the wheel set serves: Kaggle's image (3.12 since December 2025) and the next one (Colab's 3.13)."""
 
+#: Kaggle's platform tag.
 KAGGLE_PLATFORM = "manylinux2014_x86_64"
-"""Kaggle's platform tag."""
 
 
 def pinned(dist: str) -> str:

@@ -6,8 +6,6 @@ Shapes are always ``(height, width)``, ``(520, 704)`` for Sartorius.
 
 Everything in cellkit that reads or writes a mask string goes through this module.
 """
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import numpy as np

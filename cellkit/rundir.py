@@ -12,8 +12,6 @@ A run directory (detectron2's ``OUTPUT_DIR``) holds:
 
 A folder of runs (``cellkit chain``'s output) holds one ``fold<K>/`` run per fold (:func:`fold_runs`).
 """
-from __future__ import annotations
-
 import datetime
 import json
 import logging
@@ -34,11 +32,11 @@ METRICS = "metrics.json"
 LAST = "last_checkpoint"
 BEST = "model_best.pth"
 FINAL = "model_final.pth"
+#: Checkpoints looked up in a run directory, in order, when no weights file is given.
 WEIGHT_NAMES = (BEST, FINAL)
-"""Checkpoints looked up in a run directory, in order, when no weights file is given."""
+#: Marker file a run directory gets when training raised: the error, the iteration and the traceback. Removed when
+#: the run is started (or resumed) again; a run with it has no ``model_final.pth`` from that attempt.
 FAILED = "FAILED"
-"""Marker file a run directory gets when training raised: the error, the iteration and the traceback. Removed when
-the run is started (or resumed) again; a run with it has no ``model_final.pth`` from that attempt."""
 PERIODIC_GLOB = "model_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pth"
 
 

@@ -16,8 +16,6 @@ Besides: notebook parameters to paths, preset and device checks, installing miss
 resuming an earlier session's runs (the run-directory files themselves: :mod:`cellkit.rundir`). The kernels and
 datasets cellkit publishes are :mod:`cellkit.publish`'s (never imported here).
 """
-from __future__ import annotations
-
 import fnmatch
 import glob
 import os
@@ -31,24 +29,23 @@ from typing import Mapping, Sequence
 from cellkit import rundir
 from cellkit.rundir import prune_checkpoints  # noqa: F401  (the training notebooks call runtime.prune_checkpoints)
 
+#: The competition's slug: its Kaggle mount folder name and the kernels' ``competition_sources``.
 COMPETITION = "sartorius-cell-instance-segmentation"
-"""The competition's slug: its Kaggle mount folder name and the kernels' ``competition_sources``."""
 
+#: Slug of the offline wheels dataset (``make wheels``).
 WHEELS_DATASET = "cellkit-wheels"
-"""Slug of the offline wheels dataset (``make wheels``)."""
 
+#: Slug of the dataset with trained fold models (``make weights``: ``fold<K>/`` + ``thresholds.json`` + ``cv.json``).
 WEIGHTS_DATASET = "cellkit-weights"
-"""Slug of the dataset with trained fold models (``make weights``: ``fold<K>/`` + ``thresholds.json`` + ``cv.json``)."""
 
+#: Slug of the dataset with starting weights: model-zoo COCO checkpoints and/or a LIVECell pretrain checkpoint.
 PRETRAINED_DATASET = "cellkit-pretrained"
-"""Slug of the dataset with starting weights: model-zoo COCO checkpoints and/or a LIVECell pretrain checkpoint."""
 
 
+#: How many folder levels below an input root the globs look.
+#:
+#: Kaggle nests models up to 6 levels deep: ``models/<owner>/<model>/<framework>/<variation>/<version>``.
 MAX_SEARCH_DEPTH = 6
-"""How many folder levels below an input root the globs look.
-
-Kaggle nests models up to 6 levels deep: ``models/<owner>/<model>/<framework>/<variation>/<version>``.
-"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,12 +79,12 @@ class Environment:
         return self.project_root / "runs" / "demo" if local else self.working_dir / "cellkit-run"
 
 
+#: Environment variable naming the folder that stands for ``/kaggle`` (the offline rehearsal's fake filesystem,
+#: ``tests/test_rehearsal.py``); unset on Kaggle itself.
 KAGGLE_ROOT_VARIABLE = "CELLKIT_KAGGLE_ROOT"
-"""Environment variable naming the folder that stands for ``/kaggle`` (the offline rehearsal's fake filesystem,
-``tests/test_rehearsal.py``); unset on Kaggle itself."""
 
+#: Variables Colab's runtime sets (any one of them means Colab, even where kagglehub mounted ``/kaggle/input``).
 COLAB_VARIABLES = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION", "COLAB_JUPYTER_IP")
-"""Variables Colab's runtime sets (any one of them means Colab, even where kagglehub mounted ``/kaggle/input``)."""
 
 
 def kaggle_root(environ: Mapping[str, str] | None = None) -> Path:
@@ -145,8 +142,8 @@ def detect_environment(root: Path | str | None = None, environ: Mapping[str, str
 # ----------------------------------------------------------------------------------------------------------------
 # Finding folders by content
 # ----------------------------------------------------------------------------------------------------------------
+#: Listings of Kaggle's read-only input mount, made once per session (see :func:`input_listing`).
 _LISTINGS: dict[tuple[str, int], list[tuple[Path, frozenset]]] = {}
-"""Listings of Kaggle's read-only input mount, made once per session (see :func:`input_listing`)."""
 
 
 def _scan(root: Path, max_depth: int) -> list[tuple[Path, frozenset]]:
@@ -495,6 +492,7 @@ def check_cuda_arch(torch, index: int = 0, parameter: str = "DEVICE") -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Installing what is missing (Kaggle offline wheels, Colab)
 # ----------------------------------------------------------------------------------------------------------------
+#: What the model stages import that Kaggle's or Colab's image may lack (import name -> distribution).
 RUNTIME_MODULES = {
     # import name -> distribution to install
     "detectron2": "detectron2",
@@ -509,7 +507,6 @@ RUNTIME_MODULES = {
     "cloudpickle": "cloudpickle",
     "portalocker": "portalocker",
 }
-"""What the model stages import that Kaggle's or Colab's image may lack (import name -> distribution)."""
 
 
 def missing_modules(modules: Mapping[str, str] = RUNTIME_MODULES) -> list[str]:
@@ -533,8 +530,8 @@ def pip_install_command(packages: Sequence[str], wheels_dir: Path | None = None,
     return cmd + list(packages)
 
 
+#: The checkout's detectron2 wheel builder (present when cellkit runs from a checkout or an editable install).
 DETECTRON2_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_detectron2_wheel.py"
-"""The checkout's detectron2 wheel builder (present when cellkit runs from a checkout or an editable install)."""
 
 
 def install_missing(env: Environment, wheels_dir: str = "", run: bool = True) -> list[str]:
@@ -579,8 +576,8 @@ def install_missing(env: Environment, wheels_dir: str = "", run: bool = True) ->
     return cmd
 
 
+#: Kaggle's "GPU T4 x2" (two 16 GB T4s, sm_75), the default GPU of today's image.
 DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"
-"""Kaggle's "GPU T4 x2" (two 16 GB T4s, sm_75), the default GPU of today's image."""
 
 def restore_runs(out_dir: Path, env: Environment, names: Sequence[str], resume_dir: str = "") -> list[Path]:
     """Copy the runs an earlier Kaggle session left (its output attached with ``kernel_sources``) into ``out_dir``,

@@ -34,8 +34,6 @@ minimum area without re-running post-processing:
 Work is sharded over processes by image (each holds its own images), so the peak memory is the entries of all images
 once (a few hundred MiB for the 392 real images with realistic generated predictions; see benchmarks/RESULTS.md).
 """
-from __future__ import annotations
-
 import functools
 import logging
 import multiprocessing as mp
@@ -55,20 +53,20 @@ __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_ima
 
 logger = logging.getLogger(__name__)
 
+#: The default search grid (the seed's defaults 0.5 / 0.5 / 0 are always added).
 DEFAULT_GRID = {
     "score": [round(0.1 + 0.05 * i, 2) for i in range(17)],             # 0.10, 0.15, ..., 0.90
     "mask": [round(0.3 + 0.05 * i, 2) for i in range(9)],               # 0.30, 0.35, ..., 0.70
     "min_area": [0, 10, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300],
 }
-"""The default search grid (the seed's defaults 0.5 / 0.5 / 0 are always added)."""
 
+#: The option sets tried, the seed's first (it wins ties).
 OPTION_SETS = [
     {"image_class_vote": False, "rescore": False},
     {"image_class_vote": False, "rescore": True},
     {"image_class_vote": True, "rescore": False},
     {"image_class_vote": True, "rescore": True},
 ]
-"""The option sets tried, the seed's first (it wins ties)."""
 
 _N_CLASSES = len(CELL_TYPES)
 

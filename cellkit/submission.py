@@ -9,8 +9,6 @@ Overlaps are found on runs, never on dense masks (:func:`overlapping_pairs`, by 
 Problem lines of :func:`validate_submission` name the CSV **line number, 1-based, counting the header as line 1**
 (the number an editor shows), then the image id, e.g. ``line 7: id 7ae19de7bc2a: bad RLE: ...``.
 """
-from __future__ import annotations
-
 import csv
 import io
 from collections import Counter
@@ -27,11 +25,11 @@ __all__ = [
     "SubmissionReport", "check_submission", "validate_submission",
 ]
 
+#: The submission's columns.
 HEADER = ("id", "predicted")
-"""The submission's columns."""
 
+#: Files of an image directory that count as images (their stem is the image id).
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-"""Files of an image directory that count as images (their stem is the image id)."""
 
 _UNBOUNDED = (1, 2 ** 62)  # shape for parsing an RLE's syntax without a bounds check
 

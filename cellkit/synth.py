@@ -22,8 +22,6 @@ Images are grouped in samples of 1-3 images of one type (``sample_id``), so fold
 samples cycle through the types, so any set of 3 or more images has all three.
 Everything is drawn from ``numpy.random.default_rng([seed, split, index])``: the same seed gives byte-identical files.
 """
-from __future__ import annotations
-
 import json
 import os
 import shutil
@@ -42,8 +40,8 @@ from cellkit import CELL_TYPES, SHAPE, rle
 __all__ = ["SYNTH_VERSION", "Cell", "cells_for", "paint", "render", "generate_image", "label_rles",
            "synth_dataset"]
 
+#: Bumped whenever the generator's output changes for a given seed.
 SYNTH_VERSION = 1
-"""Bumped whenever the generator's output changes for a given seed."""
 
 _TRAIN, _TEST = 0, 1  # split codes mixed into the per-image seeds
 

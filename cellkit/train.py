@@ -16,8 +16,6 @@ Hook order (after each step): LR scheduler, evaluation on the held-out fold, bes
 periodic checkpoint (so a checkpoint holds the evaluation of its own iteration) and the log writers (progress and
 ETA from detectron2's ``CommonMetricPrinter``).
 """
-from __future__ import annotations
-
 import logging
 import os
 import time
@@ -49,8 +47,8 @@ __all__ = [
 
 TRAIN_NAME = "cellkit_train"
 VAL_NAME = "cellkit_val"
+#: Dataset name of ``CELLKIT.DATA.EXTRA_DATA`` (e.g. pseudo-labels): a second entry of ``DATASETS.TRAIN`` only.
 EXTRA_NAME = "cellkit_extra"
-"""Dataset name of ``CELLKIT.DATA.EXTRA_DATA`` (e.g. pseudo-labels): a second entry of ``DATASETS.TRAIN`` only."""
 
 
 # ------------------------------------------------------------------------------------------------- augmentations

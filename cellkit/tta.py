@@ -32,8 +32,6 @@ Conventions: images are ``(H, W, C)`` uint8 arrays in ``cfg.INPUT.FORMAT`` chann
 :func:`detectron2.data.detection_utils.read_image` returns them); boxes are XYXY absolute pixels in the original
 image; a crop window ``x0, y0, x1, y1`` has an exclusive end.
 """
-from __future__ import annotations
-
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,6 +1,4 @@
 """``cellkit chain``: run the six notebooks in order with papermill (the main job, ``make demo``)."""
-from __future__ import annotations
-
 import argparse
 import logging
 import time

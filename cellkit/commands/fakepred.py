@@ -5,8 +5,6 @@ missed cells, duplicate detections and false positives (see :mod:`cellkit.fakepr
 post-processing and the threshold search before real out-of-fold predictions exist. Resumes by skipping written
 images.
 """
-from __future__ import annotations
-
 HELP = "generate realistic instance predictions from a train.csv (for developing post-processing)"
 
 

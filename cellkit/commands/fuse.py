@@ -4,8 +4,6 @@ Weighted mask fusion (:func:`cellkit.predict.fuse_stores`) of stores that differ
 images with the same passes: the same predictions as ``cellkit predict --run A --run B --fusion wmf``, from stores
 made separately. The fused store's inference signature has fusion ``wmf``.
 """
-from __future__ import annotations
-
 HELP = "fuse prediction stores of several models by weighted mask fusion into one store"
 
 

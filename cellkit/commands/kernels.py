@@ -3,8 +3,6 @@
 Renders ``kernels/<name>/`` (``kernel-metadata.json`` + the notebook with its Kaggle parameters) for the Kaggle user
 of :func:`cellkit.publish.resolve_owner` (``make kernels``).
 """
-from __future__ import annotations
-
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: its notebooks/ are rendered, into its kernels/

@@ -15,8 +15,6 @@ Writes one ``<id>.npz`` per image (see :mod:`cellkit.predictions`) plus ``meta.j
 :mod:`cellkit.predict`) into ``--out``; images already there are skipped, so an interrupted run resumes. Looping over
 folds with the same ``--out`` collects the out-of-fold predictions of every fold in one directory.
 """
-from __future__ import annotations
-
 HELP = "predict instance probabilities (one model or an ensemble, optionally with TTA) for images or a held-out fold"
 
 

@@ -1,6 +1,4 @@
 """``python -m cellkit score --truth TRUTH.csv --pred SUB.csv [--json]``: the competition metric of a submission."""
-from __future__ import annotations
-
 import argparse
 import json
 import sys

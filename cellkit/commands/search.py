@@ -6,8 +6,6 @@ exact re-evaluation of the winner; see :mod:`cellkit.search`). Writes
 ``thresholds.json`` (chosen values, options, metric before/after per class, the grid, provenance) and, next to it,
 a plot of the metric against each threshold per class (``--plot``, default ``<out stem>.png``).
 """
-from __future__ import annotations
-
 import logging
 
 HELP = "search per-class score/mask/min-area thresholds on out-of-fold predictions -> thresholds.json"

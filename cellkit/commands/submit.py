@@ -10,8 +10,6 @@ signature (passes, fusion, detections per image; :mod:`cellkit.predict`) must eq
 (the member count may differ). Otherwise nothing is written and the command exits with 2, naming what differs;
 ``--allow-inference-mismatch`` goes on with a warning.
 """
-from __future__ import annotations
-
 import sys
 
 HELP = "post-process test predictions with thresholds.json and write a valid submission.csv"

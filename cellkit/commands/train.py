@@ -20,8 +20,6 @@ audit (``--exclude AUDIT/audit.csv --exclude-top N``); the validation fold keeps
 different exclusions stay comparable. The excluded ids are logged with their count and written to
 ``OUT/excluded_ids.txt``.
 """
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path

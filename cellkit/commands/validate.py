@@ -5,8 +5,6 @@ Exit 0 with a one-line summary when the submission is valid; otherwise exit 1 wi
 and missing ids, bad RLE, runs out of the image's bounds, overlapping masks of one image (see
 :mod:`cellkit.submission`).
 """
-from __future__ import annotations
-
 import sys
 
 HELP = "check a submission.csv against a folder of test images"

@@ -3,8 +3,6 @@
 Builds the weights dataset the submission kernel attaches from a finished run (``make weights``,
 :func:`cellkit.publish.build_weights`).
 """
-from __future__ import annotations
-
 from pathlib import Path
 
 from cellkit.commands.kernels import OWNER_HELP, ROOT

@@ -3,8 +3,6 @@
 Builds the offline wheels dataset the kernels install from with ``pip install --no-index`` (``make wheels``,
 :func:`cellkit.publish.build_wheels`).
 """
-from __future__ import annotations
-
 from pathlib import Path
 
 from cellkit.commands.kernels import OWNER_HELP, ROOT
