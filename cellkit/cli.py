@@ -10,6 +10,8 @@ import sys
 
 COMMANDS = {
     "synth": "generate the synthetic competition-format demo dataset",
+    "import": "write a dataset (competition CSV, COCO json, per-instance mask folder) as the kit's layout + "
+              "dataset.json",
     "folds": "write folds.csv (StratifiedGroupKFold by cell type, grouped by sample_id)",
     "score": "score a submission CSV against a truth CSV with the competition metric",
     "validate": "check a submission.csv against a folder of test images",
@@ -29,6 +31,8 @@ COMMANDS = {
     "weights": "build the Kaggle weights dataset (fold models, thresholds.json, cv.json) from a finished run",
 }
 
+MODULES = {"import": "import_data"}  #: commands whose module is named otherwise (``import`` is a keyword)
+
 
 class CellkitError(Exception):
     """A user-facing error: printed as one line, exit code 2, no traceback."""
@@ -41,7 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(f"cellkit.commands.{name}")
+            module = importlib.import_module(f"cellkit.commands.{MODULES.get(name, name)}")
             module.add_arguments(p)
             p.set_defaults(handler=module)
     return parser

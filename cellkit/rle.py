@@ -14,7 +14,7 @@ from pycocotools import mask as mask_util
 from cellkit import SHAPE
 
 __all__ = ["parse", "parse_many", "MaskError", "runs_to_string", "runs_to_indices", "decode", "encode", "encode_runs",
-           "to_coco", "to_coco_many", "from_coco", "coco_segmentation", "area", "validate"]
+           "to_coco", "to_coco_many", "from_coco", "coco_segmentation", "area", "validate", "convert_order"]
 
 
 def parse(rle: str, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
@@ -303,3 +303,21 @@ def from_coco(coco_rle: dict) -> str:
     """Convert a COCO RLE (compressed or uncompressed counts) to a competition string."""
     h, w = coco_rle["size"]
     return encode(mask_util.decode(coco_segmentation(coco_rle, h, w)))
+
+
+def convert_order(rle: str, shape: tuple[int, int], source: str, target: str) -> str:
+    """Re-number a mask string's pixels between ``"row"``-major (``y * W + x``) and ``"column"``-major (``x * H + y``).
+
+    Args:
+        rle: 1-indexed mask string in ``source`` order (validated against ``shape``).
+        shape: ``(height, width)`` of the image.
+        source, target: ``"row"`` or ``"column"``.
+
+    Returns:
+        The same mask as a 1-indexed string in ``target`` order (``rle`` itself, validated, when they are equal).
+    """
+    height, width = (int(v) for v in shape)
+    if source == target:
+        return runs_to_string(*parse(rle, (height, width)))
+    mask = decode(rle, (width, height) if source == "column" else (height, width))
+    return encode(mask.T)
