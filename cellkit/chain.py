@@ -48,6 +48,28 @@ def command(*argv) -> None:
         raise RuntimeError(f"cellkit {words[0]} exited with code {code}")
 
 
+def import_source(fmt: str, source: str, data_dir: str, images: str = "", test_images: str = "",
+                  class_column: str = "cell_type", rle_order: str = "", group_pattern: str = "") -> Path:
+    """Notebook 01's ``SOURCE_*`` parameters: ``cellkit import`` of a dataset in its own format into ``DATA_DIR``,
+    skipped when ``DATA_DIR`` already holds an import's ``dataset.json`` (a re-run, or the next notebook).
+
+    Raises:
+        ValueError: naming ``DATA_DIR`` when it is empty (the import needs a folder to write).
+    """
+    from cellkit.schema import FILE_NAME
+
+    if not data_dir:
+        raise ValueError(f"SOURCE_FORMAT={fmt!r}: set DATA_DIR, the folder the import writes")
+    out = Path(data_dir)
+    if (out / FILE_NAME).is_file():
+        print(f"{out} holds an imported dataset ({FILE_NAME}): not imported again")
+        return out
+    flags = [("--images", images), ("--test-images", test_images), ("--rle-order", rle_order),
+             ("--group-pattern", group_pattern)] + ([("--class-column", class_column)] if fmt == "csv" else [])
+    command("import", fmt, *source.split(","), "--out", out, *[w for flag, v in flags if v for w in (flag, v)])
+    return out
+
+
 #: ``KEY VALUE`` config overrides of a smoke run (CI): 4 iterations on 256-pixel images.
 SMOKE_OVERRIDES = (
     "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "4",

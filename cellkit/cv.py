@@ -36,6 +36,7 @@ import pandas as pd
 from cellkit import CELL_TYPES, atomic
 from cellkit import postprocess as pp
 from cellkit import predictions as P
+from cellkit.schema import SARTORIUS, DatasetSchema
 
 __all__ = ["COLUMNS", "SETTINGS", "CV_JSON", "CV_PNG", "naive_setting", "score_images", "summarise", "cv_report",
            "search_mismatch", "format_tables", "plot_cv", "write_report"]
@@ -54,15 +55,15 @@ MISSING_POLICY = ("left out of the tables (not scored 0): an out-of-fold store c
                   "counted per fold and overall")
 
 
-def naive_setting() -> dict:
+def naive_setting(groups=CELL_TYPES) -> dict:
     """The ``naive`` post-processing: ``{"thresholds": seed thresholds, "options": seed options, "source"}``."""
-    return {"thresholds": pp.validate_thresholds(pp.SEED_THRESHOLDS), "options": pp.validate_options({}),
+    return {"thresholds": pp.seed_thresholds(groups), "options": pp.validate_options({}),
             "source": "seed defaults (cellkit.postprocess.SEED_THRESHOLDS, DEFAULT_OPTIONS)"}
 
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], settings: Mapping[str, Mapping],
-                 progress: bool = True) -> tuple[pd.DataFrame, list[str]]:
+                 progress: bool = True, schema: DatasetSchema = SARTORIUS) -> tuple[pd.DataFrame, list[str]]:
     """Score every image of a predictions store under each post-processing setting.
 
     Args:
@@ -71,11 +72,12 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
         fold_of: image id -> fold (from ``folds.csv``).
         settings: name -> ``{"thresholds", "options"}`` (e.g. ``{"naive": ..., "post-processed": ...}``).
         progress: tqdm bar on stderr.
+        schema: the dataset (its groups key the thresholds and the ``cell_type`` column).
 
     Returns:
         ``(per_image, missing)``: a DataFrame with one row per predicted image, sorted by id, columns ``id``,
-        ``cell_type`` (the truth's), ``fold`` (int64) and one float64 column per setting (the image score); and the
-        sorted ids of the truth's images without predictions.
+        ``cell_type`` (the image's group: Sartorius, its true cell type), ``fold`` (int64) and one float64 column
+        per setting (the image score); and the sorted ids of the truth's images without predictions.
 
     Raises:
         FileNotFoundError / ValueError: a missing, empty or foreign store; a prediction for an id the truth or
@@ -105,18 +107,19 @@ def score_images(pred_dir, truth: pd.DataFrame, fold_of: Mapping[str, int], sett
         if (pred.height, pred.width) != shape:
             raise ValueError(f"{pred_dir / (pred.image_id + '.npz')}: image size {pred.height}x{pred.width} differs "
                              f"from the truth's {shape[0]}x{shape[1]}")
-        scores = exact_image_scores(pred, truth_mask_set(rows["annotation"].tolist(), shape,
-                                                         f"truth of image {pred.image_id}"), candidates)
-        records.append((pred.image_id, str(rows["cell_type"].iat[0]), int(fold_of[pred.image_id]), *scores))
+        scores = exact_image_scores(pp.group_view(pred, schema), truth_mask_set(
+            rows["annotation"].tolist(), shape, f"truth of image {pred.image_id}"), candidates, schema.groups)
+        group = schema.image_group(pred.image_id, str(rows["cell_type"].iat[0]))
+        records.append((pred.image_id, group, int(fold_of[pred.image_id]), *scores))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "fold", *names])
     per_image["fold"] = per_image["fold"].astype(np.int64)
     return per_image, sorted(truth_ids - set(ids))
 
 
-def _cell(frame: pd.DataFrame, settings: Sequence[str], n_missing: int) -> dict:
+def _cell(frame: pd.DataFrame, settings: Sequence[str], n_missing: int, columns: Sequence[str]) -> dict:
     """``{"n_images": {column: n}, "n_truth_without_predictions": n_missing, "scores": {setting: {column: mean or
     None}}}`` of a group of images."""
-    parts = {column: frame if column == "all" else frame[frame["cell_type"] == column] for column in COLUMNS}
+    parts = {column: frame if column == "all" else frame[frame["cell_type"] == column] for column in columns}
     return {"n_images": {column: int(len(part)) for column, part in parts.items()},
             "n_truth_without_predictions": n_missing,
             "scores": {s: {column: float(part[s].mean()) if len(part) else None for column, part in parts.items()}
@@ -124,7 +127,7 @@ def _cell(frame: pd.DataFrame, settings: Sequence[str], n_missing: int) -> dict:
 
 
 def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_folds: Sequence[int],
-              settings: Sequence[str] = SETTINGS) -> dict:
+              settings: Sequence[str] = SETTINGS, columns: Sequence[str] = COLUMNS) -> dict:
     """The tables from per-image scores (pure).
 
     Args:
@@ -132,6 +135,7 @@ def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_
         missing_folds: the fold of each truth image without predictions (None when ``folds.csv`` lacks it).
         all_folds: every fold of ``folds.csv``.
         settings: the score columns, in table order.
+        columns: ``"all"`` and the groups (the tables' columns).
 
     Returns:
         ``{"per_fold": [{"fold", "n_images", "n_truth_without_predictions", "scores"}...] (folds with predictions,
@@ -140,9 +144,9 @@ def summarise(per_image: pd.DataFrame, missing_folds: Sequence[int | None], all_
         ``{setting: {column: mean image score or None for no image}}``.
     """
     missing_folds = list(missing_folds)
-    per_fold = [{"fold": fold, **_cell(per_image[per_image["fold"] == fold], settings, missing_folds.count(fold))}
-                for fold in sorted(int(f) for f in per_image["fold"].unique())]
-    return {"per_fold": per_fold, "overall": _cell(per_image, settings, len(missing_folds)),
+    per_fold = [{"fold": fold, **_cell(per_image[per_image["fold"] == fold], settings, missing_folds.count(fold),
+                                       columns)} for fold in sorted(int(f) for f in per_image["fold"].unique())]
+    return {"per_fold": per_fold, "overall": _cell(per_image, settings, len(missing_folds), columns),
             "folds_without_predictions": sorted(int(f) for f in set(all_folds) - {row["fold"] for row in per_fold})}
 
 
@@ -171,6 +175,7 @@ def cv_report(pred_dir, truth_csv, thresholds_path, folds_csv, progress: bool = 
     from cellkit import __version__
     from cellkit.data import read_train_csv
     from cellkit.folds import read_folds
+    from cellkit.search import store_schema
 
     pred_dir, truth_csv, thresholds_path, folds_csv = map(Path, (pred_dir, truth_csv, thresholds_path, folds_csv))
     if not truth_csv.is_file():
@@ -180,20 +185,23 @@ def cv_report(pred_dir, truth_csv, thresholds_path, folds_csv, progress: bool = 
     folds = read_folds(folds_csv)
     truth = read_train_csv(truth_csv)
     P.image_ids(pred_dir)  # a missing, empty or foreign store is the first error, before anything is scored
+    schema = store_schema(pred_dir)
+    doc = {**doc, "thresholds": pp.validate_thresholds(doc["thresholds"], str(thresholds_path), schema.groups)}
+    columns = ("all",) + schema.groups
     try:
         signature = P.read_meta(pred_dir).get("signature")
     except FileNotFoundError:
         signature = None
-    settings = {"naive": naive_setting(),
+    settings = {"naive": naive_setting(schema.groups),
                 "post-processed": {"thresholds": doc["thresholds"], "options": doc["options"],
                                    "source": str(thresholds_path)}}
     fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
-    per_image, missing = score_images(pred_dir, truth, fold_of, settings, progress)
-    tables = summarise(per_image, [fold_of.get(i) for i in missing], sorted(set(fold_of.values())), SETTINGS)
+    per_image, missing = score_images(pred_dir, truth, fold_of, settings, progress, schema)
+    tables = summarise(per_image, [fold_of.get(i) for i in missing], sorted(set(fold_of.values())), SETTINGS, columns)
     out = {
         "metric": "competition mAP (cellkit.metric): per image the mean precision over IoU thresholds 0.50..0.95; "
                   "a cell is the mean over its images (a class column: the images of that true cell type)",
-        "columns": list(COLUMNS),
+        "columns": list(columns),
         "settings": list(SETTINGS),
         **tables,
         "truth_without_predictions": {"n": len(missing), "ids": missing[:20], "policy": MISSING_POLICY},
@@ -239,9 +247,9 @@ def _markdown(header: list[str], rows: list[list[str]], align: list[str]) -> str
     return "\n".join([line(header), rule + "|", *(line(r) for r in rows)])
 
 
-def _rows(prefix: list[str], entry: Mapping, settings: Sequence[str]) -> list[list[str]]:
-    return ([prefix + ["images"] + [str(entry["n_images"][c]) for c in COLUMNS]]
-            + [prefix + [s] + [_fmt(entry["scores"][s][c]) for c in COLUMNS] for s in settings])
+def _rows(prefix: list[str], entry: Mapping, settings: Sequence[str], columns) -> list[list[str]]:
+    return ([prefix + ["images"] + [str(entry["n_images"][c]) for c in columns]]
+            + [prefix + [s] + [_fmt(entry["scores"][s][c]) for c in columns] for s in settings])
 
 
 def format_tables(doc: Mapping) -> str:
@@ -250,15 +258,16 @@ def format_tables(doc: Mapping) -> str:
     Table 1: per fold, an ``images`` row (count per column) then one row per setting; Table 2: the same over all
     out-of-fold images.
     """
-    settings = doc.get("settings", SETTINGS)
-    align = ["r", "l"] + ["r"] * len(COLUMNS)
-    rows = [row for entry in doc["per_fold"] for row in _rows([str(entry["fold"])], entry, settings)]
+    settings, columns = doc.get("settings", SETTINGS), doc.get("columns", COLUMNS)
+    align = ["r", "l"] + ["r"] * len(columns)
+    rows = [row for entry in doc["per_fold"] for row in _rows([str(entry["fold"])], entry, settings, columns)]
     per_fold = ", ".join(f"fold {e['fold']}: {e['n_truth_without_predictions']}" for e in doc["per_fold"]
                          if e["n_truth_without_predictions"])
     lines = ["Table 1: competition mAP per fold (out-of-fold images of each fold)", "",
-             _markdown(["fold", ""] + list(COLUMNS), rows, align), "",
+             _markdown(["fold", ""] + list(columns), rows, align), "",
              "Table 2: competition mAP over all out-of-fold images", "",
-             _markdown(["OOF images", ""] + list(COLUMNS), _rows(["all"], doc["overall"], settings), align), "",
+             _markdown(["OOF images", ""] + list(columns), _rows(["all"], doc["overall"], settings, columns), align),
+             "",
              f"truth images without predictions: {doc['overall']['n_truth_without_predictions']} (left out, not "
              f"scored 0)" + (f"; in predicted folds: {per_fold}" if per_fold else "")]
     if doc.get("folds_without_predictions"):
@@ -285,23 +294,23 @@ def plot_cv(doc: Mapping, path) -> Path:
 
     from cellkit.viz import save_figure
 
-    settings = list(doc.get("settings", SETTINGS))
+    settings, columns = list(doc.get("settings", SETTINGS)), list(doc.get("columns", COLUMNS))
     panels = ([(f"fold {e['fold']} ({e['n_images']['all']} images)", e) for e in doc["per_fold"]]
               + [(f"all OOF images ({doc['overall']['n_images']['all']})", doc["overall"])])
     ncols = min(3, len(panels))
     nrows = int(math.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
-    x = np.arange(len(COLUMNS))
+    x = np.arange(len(columns))
     width = 0.8 / len(settings)
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
     top = max([v for _, e in panels for s in settings for v in e["scores"][s].values() if v is not None] + [0.01])
     for ax, (title, entry) in zip(axes.flat, panels):
         for j, s in enumerate(settings):
-            values = [entry["scores"][s][c] for c in COLUMNS]
+            values = [entry["scores"][s][c] for c in columns]
             bars = ax.bar(x + (j - (len(settings) - 1) / 2) * width, [0.0 if v is None else v for v in values], width,
                           label=s, color=colors[j % len(colors)])
             ax.bar_label(bars, ["-" if v is None else f"{v:.3f}" for v in values], fontsize=7)
-        ax.set_xticks(x, [f"{c}\n({entry['n_images'][c]})" for c in COLUMNS], fontsize=8)
+        ax.set_xticks(x, [f"{c}\n({entry['n_images'][c]})" for c in columns], fontsize=8)
         ax.set(ylim=(0, top * 1.18), ylabel="mAP")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)

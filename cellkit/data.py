@@ -2,7 +2,8 @@
 
 ``read_train_csv`` validates the table; ``load_sartorius_dicts`` turns it into detectron2 dataset dicts (one per
 image: ``file_name, image_id, height, width, cell_type, annotations``; each annotation has an ``XYXY_ABS`` box from the
-mask extent, a COCO compressed RLE ``segmentation`` and a ``category_id`` indexing :data:`cellkit.CELL_TYPES`);
+mask extent, a COCO compressed RLE ``segmentation`` and a ``category_id`` indexing the dataset's classes: those of
+the ``dataset.json`` beside the CSV (:func:`cellkit.schema.schema_of`), else :data:`cellkit.CELL_TYPES`);
 ``register_sartorius`` and ``register_livecell`` put them into detectron2's ``DatasetCatalog``/``MetadataCatalog``,
 idempotently, so that a re-run notebook cell does not crash.
 
@@ -24,12 +25,13 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from tqdm.auto import tqdm
 
-from cellkit import CELL_TYPES, folds, rle
+from cellkit import folds, rle
+from cellkit.schema import schema_of
 
 __all__ = [
     "REQUIRED_COLUMNS", "IMAGE_EXTENSIONS", "LIVECELL_CELL_LINES",
     "read_train_csv", "find_image", "load_sartorius_dicts", "register_sartorius", "register_livecell",
-    "clear_cache", "IMAGE_MODES", "open_image", "read_image_array",
+    "clear_cache", "IMAGE_MODES", "open_image", "read_image_array", "SIXTEEN_BIT_MODES", "to_8bit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,9 +101,15 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
                     lambda i: f"{path} line {_line(i)}: {col} {str(df[col].iloc[i])!r} is not a positive integer")
         df[col] = values.astype(np.int64)
     df["cell_type"] = df["cell_type"].str.strip()
-    _check_rows(path, df["cell_type"].isin(CELL_TYPES),
+    schema = schema_of(path.parent)
+    _check_rows(path, df["cell_type"].isin(schema.classes),
                 lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): unknown cell type "
-                          f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(CELL_TYPES)})")
+                          f"{df['cell_type'].iloc[i]!r} (expected one of {', '.join(schema.classes)})")
+    if schema.size is not None:
+        _check_rows(path, (df["height"] == schema.size[0]) & (df["width"] == schema.size[1]),
+                    lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
+                              f"{df['height'].iloc[i]}, but {schema.name}'s dataset.json requires every image to be "
+                              f"{schema.size[1]}x{schema.size[0]}")
     first = df.groupby("id", sort=False)[["width", "height"]].transform("first")
     _check_rows(path, (first["width"] == df["width"]) & (first["height"] == df["height"]),
                 lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
@@ -160,12 +168,30 @@ def find_image(image_dir: str | os.PathLike, image_id: str) -> Path:
     raise FileNotFoundError(f"{image_dir}: no image for id {image_id!r} (tried {', '.join(IMAGE_EXTENSIONS)})")
 
 
-def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None):
+#: 16-bit grayscale PIL modes: read where test images are read (through :func:`to_8bit`); a training layout holds
+#: 8-bit images (``cellkit import`` converts 16-bit ones the same way)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def to_8bit(image):
+    """A PIL image as the model sees it: 8-bit images as they are; a 16-bit grayscale image stretched linearly so
+    that its 0.5th..99.5th percentiles span 0..255 (per image; the same for train images at import and test images
+    at prediction). Returns a PIL image."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    array = np.asarray(image).astype(np.float64)
+    lo, hi = np.percentile(array, (0.5, 99.5))
+    scaled = (array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None, sixteen_bit: bool = False):
     """Open and decode an image completely, so that a broken file fails here, naming it, not later.
 
     Args:
         path: the image file.
         size: expected ``(width, height)``; ``None`` accepts any size.
+        sixteen_bit: also accept :data:`SIXTEEN_BIT_MODES` (images to predict; :func:`to_8bit` reads them).
 
     Returns:
         A loaded ``PIL.Image.Image`` of a mode in :data:`IMAGE_MODES` (pixel data read; the file is closed).
@@ -183,8 +209,9 @@ def open_image(path: str | os.PathLike, size: tuple[int, int] | None = None):
             image.load()  # decodes every pixel: a truncated file raises OSError here
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: cannot read image ({exc})") from None
-    if image.mode not in IMAGE_MODES:
-        raise ValueError(f"{path}: image mode {image.mode!r} is not an 8-bit mode ({', '.join(IMAGE_MODES)})")
+    if image.mode not in IMAGE_MODES + (SIXTEEN_BIT_MODES if sixteen_bit else ()):
+        hint = "; `cellkit import` converts 16-bit images to 8-bit" if image.mode in SIXTEEN_BIT_MODES else ""
+        raise ValueError(f"{path}: image mode {image.mode!r} is not an 8-bit mode ({', '.join(IMAGE_MODES)}){hint}")
     if size is not None and tuple(image.size) != tuple(size):
         raise ValueError(f"{path}: image is {image.size[0]}x{image.size[1]} (WxH), expected {size[0]}x{size[1]}")
     return image
@@ -213,8 +240,8 @@ def load_sartorius_dicts(csv_path: str | os.PathLike, image_dir: str | os.PathLi
         One dict per image: ``file_name`` (str), ``image_id`` (str), ``height``, ``width`` (int), ``cell_type``
         (str), ``annotations``: list of ``{"bbox": [x0, y0, x1, y1] (float, XYXY_ABS, exclusive end), "bbox_mode":
         BoxMode.XYXY_ABS, "segmentation": {"size": [H, W], "counts": str} (COCO compressed RLE, column-major),
-        "category_id": int (index into CELL_TYPES), "iscrowd": 0}``, in CSV order. Rows with an empty annotation
-        are dropped (their count is logged). Fresh copies each call: callers may mutate them.
+        "category_id": int (index into the dataset's classes), "iscrowd": 0}``, in CSV order. Rows with an empty
+        annotation are dropped (their count is logged). Fresh copies each call: callers may mutate them.
 
     Raises:
         FileNotFoundError: missing CSV, image directory or image (naming the CSV line that needs it).
@@ -232,6 +259,7 @@ def load_sartorius_dicts(csv_path: str | os.PathLike, image_dir: str | os.PathLi
     todo = [i for i in image_ids if (key, i) not in _DICTS]
     dropped = 0
     columns = {c: table[c].to_numpy() for c in ("id", "annotation", "width", "height", "cell_type")}
+    columns["category_id"] = table["cell_type"].map(schema_of(csv_path.parent).classes.index).to_numpy()
     # a tqdm bar when there are many (decoding every real image takes seconds)
     for image_id in tqdm(todo, desc=f"decoding {csv_path.name}", unit="img", leave=False, disable=len(todo) < 50):
         _DICTS[(key, image_id)], n_empty = _image_dict(columns, rows_by_id[image_id], csv_path, Path(image_dir))
@@ -283,7 +311,7 @@ def _image_dict(columns: dict[str, np.ndarray], rows: np.ndarray, csv_path: Path
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     annotations = [
         {"bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "segmentation": seg,
-         "category_id": CELL_TYPES.index(columns["cell_type"][row]), "iscrowd": 0}
+         "category_id": int(columns["category_id"][row]), "iscrowd": 0}
         for box, seg, row in zip(boxes, segmentations, kept)
     ]
     return {"file_name": str(file_name), "image_id": image_id, "height": height, "width": width,
@@ -310,7 +338,7 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
             flagged, :func:`cellkit.audit.exclusion_ids`); each must be in the CSV. Ids of other splits are ignored.
 
     Returns:
-        ``name``. Its metadata: ``thing_classes`` = CELL_TYPES, ``evaluator_type="sartorius"``, ``csv_file``,
+        ``name``. Its metadata: ``thing_classes`` = the dataset's classes, ``evaluator_type="sartorius"``, ``csv_file``,
         ``image_root``, ``folds_csv``, ``fold``, ``split``, ``image_ids`` (tuple, without the excluded ones),
         ``excluded`` (tuple: the ids of ``exclude`` that were in this split and are left out).
 
@@ -349,7 +377,8 @@ def register_sartorius(name: str, csv_path: str | os.PathLike, image_dir: str | 
     MetadataCatalog.pop(name, None)
     DatasetCatalog.register(name, lambda: load_sartorius_dicts(csv_path, image_dir, ids))
     MetadataCatalog.get(name).set(
-        thing_classes=list(CELL_TYPES), evaluator_type="sartorius", csv_file=str(csv_path),
+        thing_classes=list(schema_of(Path(csv_path).parent).classes), evaluator_type="sartorius",
+        csv_file=str(csv_path),
         image_root=str(image_dir), folds_csv=None if folds_csv is None else str(folds_csv), fold=fold,
         split=split if folds_csv is not None else "all", image_ids=ids, excluded=excluded,
     )

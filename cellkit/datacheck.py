@@ -142,9 +142,10 @@ def run_parallel(fn, items: list, workers: int, desc: str, progress: bool, share
 
 def image_problem(task: tuple) -> str | None:
     """None when the image ``task[0]`` decodes completely (at ``task[1]`` = ``(width, height)`` unless None) with an
-    8-bit mode, else the problem (naming the file); module level: runs in worker processes."""
+    8-bit mode (or 16-bit grayscale when ``task[2]``), else the problem (naming the file); module level: runs in
+    worker processes."""
     try:
-        data.open_image(task[0], size=task[1])
+        data.open_image(task[0], size=task[1], sixteen_bit=task[2] if len(task) > 2 else False)
     except (ValueError, FileNotFoundError) as exc:
         return str(exc)
     return None

@@ -15,12 +15,14 @@ Results (``DefaultTrainer.test`` -> ``EvalHook`` -> event storage, flattened as 
 """
 import logging
 from collections import OrderedDict, defaultdict
+from pathlib import Path
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 
 from cellkit import CELL_TYPES, postprocess, rle
 from cellkit.geometry import MaskRuns
+from cellkit.schema import schema_of
 from cellkit.predictions import InstancePredictions
 
 logger = logging.getLogger(__name__)
@@ -105,9 +107,13 @@ class CellkitEvaluator(DatasetEvaluator):
         if not records:
             raise ValueError(f"dataset {dataset_name!r} has no images to evaluate")
         self._records = {r["image_id"]: r for r in records}
-        self._competition_classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", [])) == list(CELL_TYPES)
-        self._thresholds = {c: {"score": float(score_threshold), "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
-        postprocess.validate_thresholds(self._thresholds)
+        meta = MetadataCatalog.get(dataset_name)
+        # one threshold for every class (a class-agnostic score); rows carry the image's group
+        self._classes = tuple(meta.get("thing_classes", None) or CELL_TYPES)
+        self._schema = schema_of(Path(meta.csv_file).parent) if meta.get("csv_file", None) else None
+        self._thresholds = postprocess.validate_thresholds(
+            {c: {"score": float(score_threshold), "mask": 0.5, "min_area": 0} for c in self._classes},
+            groups=self._classes)
         self._max_det, self._distributed, self._name = int(max_detections), distributed, dataset_name
         self.reset()
 
@@ -126,14 +132,13 @@ class CellkitEvaluator(DatasetEvaluator):
                 str(record["image_id"]), inst.pred_classes.numpy(), inst.scores.numpy(), boxes,
                 inst.pred_masks.numpy() if len(inst) else np.zeros((0, record["height"], record["width"]), bool))
         pred = pred.select(np.argsort(-pred.scores.astype(np.float64), kind="stable")[: self._max_det])
-        if not self._competition_classes:
-            pred.classes = np.zeros(len(pred), dtype=pred.classes.dtype)
+        pred.classes = np.zeros(len(pred), dtype=pred.classes.dtype)  # class-agnostic (LIVECell's lines included)
         return pred
 
     def image_result(self, record: dict, pred: InstancePredictions) -> tuple[np.ndarray, int]:
         """``(precision per IoU threshold, float64 (10,); masks kept)`` of one image's predictions, post-processed
         by :func:`cellkit.postprocess.apply_predictions` and scored by :func:`cellkit.postprocess.score_kept`."""
-        kept = postprocess.apply_predictions(pred, self._thresholds)
+        kept = postprocess.apply_predictions(pred, self._thresholds, groups=self._classes)
         truth = MaskRuns.from_rles(cached_truth_rles(self._name, record), (int(record["height"]), int(record["width"])))
         return postprocess.score_kept(kept, truth), len(kept)
 
@@ -143,7 +148,10 @@ class CellkitEvaluator(DatasetEvaluator):
             if record is None:
                 raise KeyError(f"image {inp['image_id']!r} is not in dataset {self._name!r}")
             precision, n_kept = self.image_result(record, self.predictions(record, out))
-            self._rows.append((str(inp["image_id"]), str(record.get("cell_type", "")), precision, n_kept))
+            group = str(record.get("cell_type", ""))
+            if self._schema is not None and self._schema.group_by == "pattern":
+                group = self._schema.image_group(str(inp["image_id"]))
+            self._rows.append((str(inp["image_id"]), group, precision, n_kept))
 
     def evaluate(self):
         rows = self._rows

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from cellkit import atomic
+from cellkit.schema import SARTORIUS, DatasetSchema, schema_of
 
 __all__ = ["image_table", "make_folds", "write_folds", "read_folds", "fold_ids", "SPLITS"]
 
@@ -50,14 +51,17 @@ def image_table(train: pd.DataFrame, source: str = "train CSV") -> pd.DataFrame:
     return images
 
 
-def make_folds(train: pd.DataFrame, k: int = 5, seed: int = 0, source: str = "train CSV") -> pd.DataFrame:
-    """Assign every image of ``train`` to one of ``k`` folds.
+def make_folds(train: pd.DataFrame, k: int = 5, seed: int = 0, source: str = "train CSV",
+               schema: DatasetSchema | None = None) -> pd.DataFrame:
+    """Assign every image of ``train`` to one of ``k`` folds, stratified by the images' groups.
 
     Args:
         train: instance rows (``id``, ``cell_type``, optional ``sample_id``), as from ``read_train_csv``.
         k: number of folds, >= 2.
         seed: ``random_state`` of the shuffled ``StratifiedGroupKFold``.
         source: how to name the table in errors.
+        schema: the dataset (:mod:`cellkit.schema`; default the ``dataset.json`` beside the CSV ``train`` was read
+            from, else Sartorius): the strata are its groups (Sartorius: the cell types; LIVECell: the cell lines).
 
     Returns:
         DataFrame ``id, cell_type, fold[, sample_id]`` sorted by id; ``fold`` int64 in ``0..k-1``, every fold
@@ -77,7 +81,10 @@ def make_folds(train: pd.DataFrame, k: int = 5, seed: int = 0, source: str = "tr
         raise ValueError(f"{source}: cannot make k={k} folds from {n_groups} {unit}")
     splitter = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=int(seed))
     fold = np.full(len(images), -1, dtype=np.int64)
-    for i, (_, val) in enumerate(splitter.split(images["id"], images["cell_type"], images["group"])):
+    path = train.attrs.get("path")
+    schema = schema or (schema_of(Path(path).parent) if path else SARTORIUS)
+    strata = [schema.image_group(i, c) for i, c in zip(images["id"].astype(str), images["cell_type"])]
+    for i, (_, val) in enumerate(splitter.split(images["id"], strata, images["group"])):
         fold[val] = i
     sizes = np.bincount(fold, minlength=k)
     if (sizes == 0).any():

@@ -11,8 +11,9 @@ Three formats:
 The kit's layout, written into a new directory (built beside it and renamed into place, so nothing is half-written)::
 
     out/train.csv      id, annotation, width, height, cell_type   (row-major, 1-indexed; cell_type holds the class)
-    out/train/<id>.*   the images, copied as they are
-    out/test/<id>.*    test images (optional), copied
+    out/train/<id>.*   the images, copied as they are (16-bit ones as the 8-bit PNG the model reads,
+                       :func:`cellkit.data.to_8bit`)
+    out/test/<id>.*    test images (optional), copied the same way
     out/dataset.json   the schema (:mod:`cellkit.schema`): classes, groups, RLE order, submission columns, image
                        channels, bit depth and size
 
@@ -20,7 +21,6 @@ Checked before any file is written, each error naming the file and the row (CSV 
 file): a missing image, an annotation outside its image, an image whose size differs from the one required, a
 class listed with no annotation, an image id outside the group pattern.
 """
-from __future__ import annotations
 
 import json
 import os
@@ -36,11 +36,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cellkit import rle, schema as S
+from cellkit.data import SIXTEEN_BIT_MODES, to_8bit
 
 __all__ = ["import_csv", "import_coco", "import_masks", "image_format", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")  #: image files the importers look for, any case
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
 
 def image_format(path) -> tuple[tuple[int, int], int, int]:
@@ -53,7 +53,7 @@ def image_format(path) -> tuple[tuple[int, int], int, int]:
         mode, (width, height) = img.mode, img.size
     if mode in ("L", "P", "1"):
         return (height, width), 1, 8
-    if mode in _SIXTEEN_BIT:
+    if mode in SIXTEEN_BIT_MODES:
         return (height, width), 1, 16
     if mode in ("RGB", "RGBA"):
         return (height, width), 3, 8
@@ -91,6 +91,7 @@ def _names(given, found: Sequence[str], what: str, where: str) -> tuple[str, ...
 def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Path], schema: S.DatasetSchema) -> Path:
     """Write the layout into a temporary sibling of ``out``, then rename it into place."""
     out = Path(out)
+    rows = rows.assign(cell_type=rows["cell_type"].replace("", schema.classes[0]))  # an image without instances
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty (import writes a new dataset directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Pat
                 continue
             (tmp / split).mkdir()
             for image_id, src in tqdm(sorted(files.items()), desc=f"import {split}", unit="img", leave=False):
-                shutil.copyfile(src, tmp / split / f"{image_id}{src.suffix}")
+                _copy_image(src, tmp / split, image_id)
         rows.to_csv(tmp / "train.csv", index=False)
         S.save_schema(schema, tmp)
         os.chmod(tmp, 0o777 & ~_umask())
@@ -112,6 +113,17 @@ def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _copy_image(src: Path, folder: Path, image_id: str) -> None:
+    """An image into the layout: as it is, or, 16-bit, as the 8-bit PNG the model reads (:func:`cellkit.data.to_8bit`;
+    test images are read the same way at prediction)."""
+    with Image.open(src) as img:
+        sixteen = img.mode in SIXTEEN_BIT_MODES
+        if sixteen:
+            to_8bit(img).save(folder / f"{image_id}.png")
+    if not sixteen:
+        shutil.copyfile(src, folder / f"{image_id}{src.suffix}")
 
 
 def _umask() -> int:
@@ -152,7 +164,8 @@ def _schema(classes, rows: pd.DataFrame, image_ids, *, group_pattern, groups, wh
 
 
 def _table(records: list[tuple], shapes: dict[str, tuple[int, int]]) -> pd.DataFrame:
-    """The kit's train.csv rows (images without any instance get one row with an empty annotation)."""
+    """The kit's train.csv rows (an image without any instance gets one row with an empty annotation and, when
+    written, the first class)."""
     seen = {r[0] for r in records}
     records = records + [(i, "", "") for i in shapes if i not in seen]
     frame = pd.DataFrame(records, columns=["id", "annotation", "cell_type"])

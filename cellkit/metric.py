@@ -23,6 +23,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from cellkit import CELL_TYPES, SHAPE, geometry, rle
 from cellkit.geometry import MaskRuns
+from cellkit.schema import DatasetSchema, schema_of
 
 __all__ = ["THRESHOLDS", "iou_from_indices", "precision_per_threshold", "score_sets", "score_image",
            "score_masks", "score_frames", "read_csv", "score_csv"]
@@ -166,7 +167,7 @@ def _mask_set(frame: pd.DataFrame, column: str, positions: np.ndarray, shape: tu
 
 
 def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False, truth_name: str = "truth",
-                 pred_name: str = "predictions", row_label: str = "row") -> dict:
+                 pred_name: str = "predictions", row_label: str = "row", groups=CELL_TYPES) -> dict:
     """Score predictions against truth, image by image.
 
     Args:
@@ -177,6 +178,8 @@ def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False
         progress: show a tqdm bar on stderr.
         truth_name, pred_name, row_label: how error messages name the frames and their rows, e.g.
             ``"train.csv line 12, id 0a1b: RLE pair 3: ..."``.
+        groups: the ``per_class`` keys (the values of the truth's ``cell_type``: its classes, or the dataset's groups
+            written there, :func:`score_csv`).
 
     Returns:
         ``{"mAP": float, "per_class": {cell type: float or None}, "per_threshold": [10 floats], "n_images": int,
@@ -215,7 +218,7 @@ def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False
                         float(precision.mean()), t_set.n_nonempty, p_set.n_nonempty))
     per_image = pd.DataFrame.from_records(records, columns=["id", "cell_type", "score", "n_truth", "n_pred"])
     per_threshold = np.mean(per_threshold, axis=0) if per_threshold else np.full(len(THRESHOLDS), np.nan)
-    by_class = {cell_type: per_image.loc[per_image["cell_type"] == cell_type, "score"] for cell_type in CELL_TYPES}
+    by_class = {cell_type: per_image.loc[per_image["cell_type"] == cell_type, "score"] for cell_type in groups}
     return {
         "mAP": float(per_image["score"].mean()) if len(per_image) else float("nan"),
         "per_class": {cell_type: float(s.mean()) if len(s) else None for cell_type, s in by_class.items()},
@@ -249,7 +252,38 @@ def read_csv(path, role: str) -> pd.DataFrame:
     return frame
 
 
-def score_csv(truth_path, pred_path, progress: bool = False) -> dict:
-    """:func:`score_frames` on two CSV files; errors name the file and the CSV line."""
-    return score_frames(read_csv(truth_path, "truth"), read_csv(pred_path, "predictions"), progress=progress,
-                        truth_name=str(truth_path), pred_name=str(pred_path), row_label="line")
+def score_csv(truth_path, pred_path, progress: bool = False, schema: DatasetSchema | None = None) -> dict:
+    """:func:`score_frames` on two CSV files; errors name the file and the CSV line.
+
+    ``schema`` (default: the ``dataset.json`` beside the truth, else Sartorius) names the submission's columns, its
+    RLE order and the groups of ``per_class`` (with ``group_by="pattern"`` each image's from its id).
+    """
+    schema = schema or schema_of(Path(truth_path).parent)
+    truth, pred = read_csv(truth_path, "truth"), read_csv(pred_path, "predictions")
+    id_col, mask_col = schema.submission_columns
+    if (id_col, mask_col) != ("id", "predicted"):
+        if id_col not in pred.columns or mask_col not in pred.columns:
+            raise ValueError(f"{pred_path}: expected the columns {id_col}, {mask_col}; columns: {list(pred.columns)}")
+        pred = pred.rename(columns={id_col: "id", mask_col: "predicted"})
+    if schema.rle_order == "column":
+        pred = pred.assign(predicted=_row_major(truth, pred, str(pred_path)))
+    if schema.group_by == "pattern":
+        truth = truth.assign(cell_type=[schema.image_group(i) for i in truth["id"].astype(str)])
+    return score_frames(truth, pred, progress=progress, truth_name=str(truth_path), pred_name=str(pred_path),
+                        row_label="line", groups=schema.groups)
+
+
+def _row_major(truth: pd.DataFrame, pred: pd.DataFrame, where: str) -> list[str]:
+    """A column-major submission's mask strings, row-major (the image sizes from the truth)."""
+    first = truth.drop_duplicates("id").set_index(truth.drop_duplicates("id")["id"].astype(str))
+    out = []
+    for line, image_id, text in zip(pred.index, pred["id"].astype(str), pred["predicted"]):
+        if not str(text).strip() or image_id not in first.index:
+            out.append(text)  # empty, or an unknown id that score_frames names
+            continue
+        shape = (int(first.at[image_id, "height"]), int(first.at[image_id, "width"]))
+        try:
+            out.append(rle.convert_order(text, shape, "column", "row"))
+        except ValueError as exc:
+            raise ValueError(f"{where} line {line}, id {image_id}: {exc}") from None
+    return out

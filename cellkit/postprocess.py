@@ -37,6 +37,7 @@ Thresholds files (``thresholds.json``, written by ``python -m cellkit search``) 
 :func:`load_thresholds` / :func:`save_thresholds`; they hold ``"thresholds"`` and ``"options"`` plus the search's
 report (metrics before/after, grid, provenance), which is kept as is.
 """
+import dataclasses
 import functools
 import math
 import numbers
@@ -48,18 +49,25 @@ import numpy as np
 
 from cellkit import CELL_TYPES, atomic, metric, rle
 from cellkit.geometry import MaskRuns, crops_runs
+from cellkit.schema import SARTORIUS, DatasetSchema, from_dict
 
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
     "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply_predictions",
-    "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds",
+    "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds", "group_view",
+    "document_schema", "seed_thresholds",
 ]
 
 #: Keys of each class's thresholds.
 THRESHOLD_KEYS = ("score", "mask", "min_area")
 
-#: The seed's defaults, the "before" of the threshold search.
+#: The seed's defaults, the "before" of the threshold search (Sartorius; :func:`seed_thresholds` for any groups).
 SEED_THRESHOLDS = {c: {"score": 0.5, "mask": 0.5, "min_area": 0} for c in CELL_TYPES}
+
+
+def seed_thresholds(groups: Sequence[str] = CELL_TYPES) -> dict[str, dict]:
+    """The seed's defaults (score 0.5, mask 0.5, min_area 0) for every group, in order."""
+    return {g: {"score": 0.5, "mask": 0.5, "min_area": 0} for g in groups}
 
 #: The seed's options: each instance's own class, no rescoring (``vote_min_score`` only matters with the vote), masks
 #: dropped for their area still take their pixels.
@@ -79,17 +87,20 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def validate_thresholds(thresholds, where: str = "thresholds") -> dict[str, dict]:
+def validate_thresholds(thresholds, where: str = "thresholds", groups: Sequence[str] = CELL_TYPES
+                        ) -> dict[str, dict]:
     """Check per-class thresholds and return a normalised copy.
 
     Args:
-        thresholds: ``{cell type: {"score": float in [0, 1], "mask": float in (0, 1], "min_area": int >= 0}}``
-            with exactly the classes of :data:`cellkit.CELL_TYPES`. ``mask`` must be > 0 (a 0 threshold would keep
-            every pixel of the image). ``min_area`` may be a float with an integral value (JSON).
+        thresholds: ``{group: {"score": float in [0, 1], "mask": float in (0, 1], "min_area": int >= 0}}``
+            with exactly the ``groups``. ``mask`` must be > 0 (a 0 threshold would keep every pixel of the image).
+            ``min_area`` may be a float with an integral value (JSON).
         where: prefix of error messages (e.g. the file's path).
+        groups: the dataset's post-processing groups (:attr:`cellkit.schema.DatasetSchema.groups`); default the
+            Sartorius cell types.
 
     Returns:
-        ``{cell type: {"score": float, "mask": float, "min_area": int}}`` in CELL_TYPES order.
+        ``{group: {"score": float, "mask": float, "min_area": int}}`` in ``groups`` order.
 
     Raises:
         ValueError: naming the class and key: not a mapping, a missing or unknown class or key, a value that is not
@@ -97,13 +108,13 @@ def validate_thresholds(thresholds, where: str = "thresholds") -> dict[str, dict
     """
     if not isinstance(thresholds, Mapping):
         raise ValueError(f"{where}: expected a mapping of cell type -> thresholds, got {type(thresholds).__name__}")
-    unknown = [str(k) for k in thresholds if k not in CELL_TYPES]
+    unknown = [str(k) for k in thresholds if k not in groups]
     if unknown:
-        raise ValueError(f"{where}: unknown class {unknown[0]!r} (expected {', '.join(CELL_TYPES)})")
+        raise ValueError(f"{where}: unknown class {unknown[0]!r} (expected {', '.join(groups)})")
     out = {}
-    for name in CELL_TYPES:
+    for name in groups:
         if name not in thresholds:
-            raise ValueError(f"{where}: missing class {name!r} (every class of {', '.join(CELL_TYPES)} is needed)")
+            raise ValueError(f"{where}: missing class {name!r} (every class of {', '.join(groups)} is needed)")
         entry = thresholds[name]
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: class {name!r}: expected a mapping with keys {', '.join(THRESHOLD_KEYS)}, "
@@ -154,24 +165,41 @@ def validate_options(options, where: str = "options") -> dict:
     return out
 
 
-def class_ids(classes) -> np.ndarray:
-    """Cell-type names (or ids) -> int64 ids into CELL_TYPES; ValueError naming the first unknown one."""
+def class_ids(classes, names: Sequence[str] = CELL_TYPES) -> np.ndarray:
+    """Class names (or ids) -> int64 ids into ``names``; ValueError naming the first unknown one."""
     out = np.empty(len(classes), dtype=np.int64)
     for i, c in enumerate(classes):
-        if isinstance(c, str) and c in CELL_TYPES:
-            out[i] = CELL_TYPES.index(c)
-        elif isinstance(c, numbers.Integral) and 0 <= int(c) < len(CELL_TYPES):
+        if isinstance(c, str) and c in names:
+            out[i] = list(names).index(c)
+        elif isinstance(c, numbers.Integral) and 0 <= int(c) < len(names):
             out[i] = int(c)
         else:
-            raise ValueError(f"instance {i}: unknown class {c!r} (expected {', '.join(CELL_TYPES)})")
+            raise ValueError(f"instance {i}: unknown class {c!r} (expected {', '.join(names)})")
     return out
 
 
 def _per_class(thresholds: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(score, mask, min_area)`` arrays indexed by class id."""
-    return (np.array([thresholds[c]["score"] for c in CELL_TYPES], dtype=np.float64),
-            np.array([thresholds[c]["mask"] for c in CELL_TYPES], dtype=np.float64),
-            np.array([thresholds[c]["min_area"] for c in CELL_TYPES], dtype=np.int64))
+    """``(score, mask, min_area)`` arrays indexed by group id (``thresholds`` validated: in group order)."""
+    return tuple(np.array([t[key] for t in thresholds.values()], dtype=dtype)
+                 for key, dtype in (("score", np.float64), ("mask", np.float64), ("min_area", np.int64)))
+
+
+def group_view(pred, schema: DatasetSchema):
+    """``pred`` with its ``classes`` turned into group ids, the ids that thresholds are indexed by.
+
+    ``group_by="class"``: the classes as they are (checked against the schema's); ``"pattern"``: every instance takes
+    the group of the image, found in its id.
+
+    Raises:
+        ValueError: naming the image, for a class id outside the schema's classes or an id outside the pattern.
+    """
+    if len(pred.classes) and pred.classes.max() >= len(schema.classes):
+        raise ValueError(f"image {pred.image_id!r}: classes must be in 0..{len(schema.classes) - 1} "
+                         f"({', '.join(schema.classes)}), got {pred.classes.min()}..{pred.classes.max()}")
+    if schema.group_by == "class":
+        return pred
+    group = schema.groups.index(schema.image_group(pred.image_id))
+    return dataclasses.replace(pred, classes=np.full(len(pred.classes), group, dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -193,8 +221,8 @@ def vote_class(classes: np.ndarray, scores: np.ndarray, min_score: float = 0.5) 
     voters = scores >= min_score
     if not voters.any():
         voters[:] = True
-    counts = np.bincount(classes[voters], minlength=len(CELL_TYPES))
-    sums = np.bincount(classes[voters], weights=scores[voters], minlength=len(CELL_TYPES))
+    counts = np.bincount(classes[voters])
+    sums = np.bincount(classes[voters], weights=scores[voters])
     return int(max(range(len(counts)), key=lambda c: (counts[c], sums[c], -c)))
 
 
@@ -307,10 +335,10 @@ class KeptMasks:
 
 
 def _pipeline(class_ids_: np.ndarray, scores: np.ndarray, windows: np.ndarray, binarize, prob_mean,
-              shape: tuple[int, int], thresholds, options) -> tuple[list[int], list[np.ndarray], np.ndarray,
-                                                                   np.ndarray, list[np.ndarray]]:
+              shape: tuple[int, int], thresholds, options, groups=CELL_TYPES
+              ) -> tuple[list[int], list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray]]:
     """The four steps; ``binarize(i, m) -> bool crop`` and ``prob_mean(i, bool crop) -> float`` abstract the input."""
-    thresholds = validate_thresholds(thresholds)
+    thresholds = validate_thresholds(thresholds, groups=groups)
     options = validate_options(options)
     score_thr, mask_thr, min_area = _per_class(thresholds)
     scores = np.asarray(scores, dtype=np.float64)
@@ -326,12 +354,13 @@ def _pipeline(class_ids_: np.ndarray, scores: np.ndarray, windows: np.ndarray, b
 
 # -------------------------------------------------------------------------------------------------- public forms
 def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, rescore: bool = False,
-                      vote_min_score: float = 0.5, free_dropped: bool = False) -> KeptMasks:
+                      vote_min_score: float = 0.5, free_dropped: bool = False, groups=CELL_TYPES) -> KeptMasks:
     """Post-process one image's :class:`~cellkit.predictions.InstancePredictions` (the fast, box-cropped form).
 
     Args:
-        pred: the image's predictions (uint8 probability crops in integer windows).
-        thresholds: per-class thresholds (see :func:`validate_thresholds`).
+        pred: the image's predictions (uint8 probability crops in integer windows), classes as group ids
+            (:func:`group_view`).
+        thresholds: per-group thresholds (see :func:`validate_thresholds`); groups: their names, in id order.
         image_class_vote, rescore, vote_min_score, free_dropped: options (module docstring); the keywords of
             :data:`DEFAULT_OPTIONS`, so ``apply_predictions(pred, doc["thresholds"], **doc["options"])`` works.
 
@@ -358,7 +387,7 @@ def apply_predictions(pred, thresholds, *, image_class_vote: bool = False, resco
 
     windows = np.asarray(pred.mask_boxes, dtype=np.int64)
     kept, residuals, eff, eff_scores, _ = _pipeline(pred.classes, pred.scores, windows, binarize, prob_mean,
-                                                    (pred.height, pred.width), thresholds, options)
+                                                    (pred.height, pred.width), thresholds, options, groups)
     kept = np.asarray(kept, dtype=np.int64)
     return KeptMasks(pred.image_id, pred.height, pred.width, kept, eff[kept], eff_scores[kept],
                      windows[kept].astype(np.int32).reshape(-1, 4), residuals)
@@ -370,7 +399,7 @@ def score_kept(kept: KeptMasks, truth: MaskRuns) -> np.ndarray:
     return metric.score_sets(MaskRuns.from_crops(kept.crops, kept.mask_boxes, (kept.height, kept.width)), truth)
 
 
-def score_predictions(pred, truth: MaskRuns, thresholds, **options) -> np.ndarray:
+def score_predictions(pred, truth: MaskRuns, thresholds, groups=CELL_TYPES, **options) -> np.ndarray:
     """The competition metric of one image's predictions after post-processing: :func:`apply_predictions` then
     :func:`score_kept`, the one path that validation (:class:`cellkit.evaluation.CellkitEvaluator`), the threshold
     search's exact scores and ``cellkit submit`` + ``cellkit score`` share.
@@ -378,13 +407,13 @@ def score_predictions(pred, truth: MaskRuns, thresholds, **options) -> np.ndarra
     Args:
         pred: :class:`cellkit.predictions.InstancePredictions` of the image.
         truth: its true masks (:class:`cellkit.geometry.MaskRuns`).
-        thresholds: ``{class: {"score", "mask", "min_area"}}`` (:func:`validate_thresholds`).
+        thresholds: ``{group: {"score", "mask", "min_area"}}`` (:func:`validate_thresholds`); groups: their names.
         **options: keywords of :data:`DEFAULT_OPTIONS`.
 
     Returns:
         float64 ``(10,)``.
     """
-    return score_kept(apply_predictions(pred, thresholds, **options), truth)
+    return score_kept(apply_predictions(pred, thresholds, groups=groups, **options), truth)
 
 
 # ---------------------------------------------------------------------------------------------- thresholds.json
@@ -394,8 +423,15 @@ def _check_document(doc, where: str) -> dict:
                          f"{type(doc).__name__}")
     if "thresholds" not in doc:
         raise ValueError(f"{where}: missing key 'thresholds' (per-class score/mask/min_area)")
-    return {**doc, "thresholds": validate_thresholds(doc["thresholds"], f"{where}: thresholds"),
+    groups = document_schema(doc, where).groups
+    return {**doc, "thresholds": validate_thresholds(doc["thresholds"], f"{where}: thresholds", groups),
             "options": validate_options(doc.get("options"), f"{where}: options")}
+
+
+def document_schema(doc: Mapping, where: str = "thresholds") -> DatasetSchema:
+    """The dataset schema a ``thresholds.json`` (or a store's ``meta.json``) was made for: its ``"dataset"`` key,
+    absent for Sartorius (:data:`cellkit.schema.SARTORIUS`)."""
+    return from_dict(doc["dataset"], f"{where}: dataset") if "dataset" in doc else SARTORIUS
 
 
 def load_thresholds(path) -> dict:

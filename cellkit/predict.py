@@ -39,12 +39,14 @@ from tqdm import tqdm
 
 from cellkit import __version__, datacheck, predictions
 from cellkit.config import CONFIG_FILE_NAME, load_run_config
-from cellkit.data import IMAGE_EXTENSIONS, find_image, open_image
+from cellkit.data import IMAGE_EXTENSIONS, find_image, open_image, to_8bit
 from cellkit.folds import fold_ids, read_folds
 from cellkit.fusion import FusionSettings, weighted_mask_fusion
 from cellkit.modeling import load_model
 from cellkit.rundir import WEIGHT_NAMES, is_run, run_weights
+from cellkit.postprocess import document_schema
 from cellkit.predictions import read_signature, signature_difference, store_signature
+from cellkit.schema import SARTORIUS, DatasetSchema, schema_of
 from cellkit.tta import CellTTA, TTASettings, check_num_classes, predict_members, tta_settings
 
 __all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_images", "check_held_out", "check_run",
@@ -130,7 +132,7 @@ def check_run(run_dir, weights=None, fold: int | None = None):
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory {'' if fold is None else f'of fold {fold} '}does not exist")
     cfg = load_run_config(run_dir)
-    check_num_classes(cfg)
+    check_num_classes(cfg, schema_of(run_dir).classes)
     weights = run_weights(run_dir, weights)
     if fold is not None:
         check_held_out(cfg, fold, run_dir)
@@ -183,12 +185,14 @@ class Ensemble:
         members: loaded :class:`cellkit.tta.CellTTA` models with identical passes (one member: that model alone).
         fusion: :class:`cellkit.fusion.FusionSettings` (resolved).
         infos: per member ``{"run", "config", "weights", "sha256"}`` (provenance for ``meta.json``).
+        schema: the dataset the members were trained on (:mod:`cellkit.schema`; recorded in ``meta.json``).
     """
 
-    def __init__(self, members: Sequence[CellTTA], fusion: FusionSettings, infos: Sequence[dict]):
+    def __init__(self, members: Sequence[CellTTA], fusion: FusionSettings, infos: Sequence[dict],
+                 schema: DatasetSchema = SARTORIUS):
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        self.members, self.fusion, self.infos = list(members), fusion, list(infos)
+        self.members, self.fusion, self.infos, self.schema = list(members), fusion, list(infos), schema
         self.cfg = self.members[0].cfg
 
     @property
@@ -248,6 +252,9 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
         plans.append((run_dir, cfg, w, settings if settings is not None else tta_settings(cfg, tta)))
     lead_dir, lead, _, lead_settings = plans[0]
     for run_dir, cfg, _, s in plans[1:]:
+        if (other := schema_of(run_dir)) != schema_of(lead_dir):
+            raise ValueError(f"{run_dir}: trained on another dataset ({other.name}: classes {list(other.classes)}) "
+                             f"than {lead_dir} ({list(schema_of(lead_dir).classes)})")
         if s != lead_settings:
             raise ValueError(f"{run_dir}: its passes {s.as_dict()} differ from {lead_dir}'s {lead_settings.as_dict()} "
                              f"(TEST.AUG / INPUT.*_TEST); give the passes explicitly (--like)")
@@ -261,18 +268,25 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
                for _, cfg, w, s in plans]
     infos = [{"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
               "weights": str(Path(w).resolve()), "sha256": sha256_file(w)} for run_dir, _, w, _ in plans]
-    return Ensemble(members, fusion, infos)
+    return Ensemble(members, fusion, infos, schema_of(lead_dir))
 
 
-def _merge_meta(out: Path, signature: dict, source: dict) -> dict:
-    """``meta.json`` content after adding ``source``; refuses another signature, or another model set for a fold.
+def _merge_meta(out: Path, signature: dict, source: dict, schema: DatasetSchema = SARTORIUS) -> dict:
+    """``meta.json`` content after adding ``source``; refuses another signature or dataset, or another model set for
+    a fold.
 
-    A source with the same ``fold`` (or, without folds, the same ``images``) is replaced.
+    A source with the same ``fold`` (or, without folds, the same ``images``) is replaced. A dataset other than
+    Sartorius is recorded under ``"dataset"`` (:func:`cellkit.postprocess.document_schema` reads it).
     """
     meta = {"format": META_FORMAT, "signature": signature, "sources": [], "cellkit_version": __version__}
+    if schema != SARTORIUS:
+        meta["dataset"] = schema.to_dict()
     meta_path = out / predictions.META_NAME
     if meta_path.is_file():
         old = predictions.read_meta(out)
+        if document_schema(old, str(meta_path)) != schema:
+            raise ValueError(f"{meta_path}: the store holds predictions for another dataset "
+                             f"({document_schema(old, str(meta_path)).name}, not {schema.name}); use another --out")
         if "signature" not in old:
             raise ValueError(f"{meta_path}: the store was written by an older cellkit (no inference signature); "
                              f"use another --out")
@@ -316,9 +330,10 @@ def read_image(path, fmt: str) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: naming the file, when it is not an image, truncated or corrupt, or not 8-bit.
+        ValueError: naming the file, when it is not an image, truncated or corrupt, or neither 8-bit nor 16-bit
+            grayscale (which :func:`cellkit.data.to_8bit` reads).
     """
-    image = open_image(path)
+    image = to_8bit(open_image(path, sixteen_bit=True))
     try:
         array = convert_PIL_to_numpy(ImageOps.exif_transpose(image), fmt)
     except Exception as exc:  # a mode detectron2 cannot convert to fmt
@@ -336,7 +351,7 @@ def check_images(paths: Sequence[Path], workers: int | None = None, progress: bo
         ValueError: one :class:`cellkit.datacheck.DataCheckError` naming every unreadable, truncated or non-8-bit
             image (up to ``max_problems`` listed).
     """
-    results = datacheck.run_parallel(datacheck.image_problem, [(str(p), None) for p in paths],
+    results = datacheck.run_parallel(datacheck.image_problem, [(str(p), None, True) for p in paths],
                                       datacheck._workers(workers), "checking images", progress)
     if problems := [((str(p),), msg) for p, msg in zip(paths, results) if msg]:
         raise datacheck.DataCheckError(f"the {len(paths)} image(s) to predict", problems, max_problems,
@@ -375,7 +390,8 @@ def predict_images(predictor: Ensemble, images: Sequence[tuple[str, Path]], out,
     out = Path(out)
     done = _existing_ids(out)
     meta = _merge_meta(out, predictor.signature, {"fold": source.get("fold"), "images": source.get("images"),
-                                                  "n_images": len(images), "members": predictor.infos})
+                                                  "n_images": len(images), "members": predictor.infos},
+                       predictor.schema)
     todo = [(i, p) for i, p in images if i not in done]
     check_images([p for _, p in todo], progress=progress)  # before anything is written
     _remove_stale_temporaries(out, [i for i, _ in todo])
@@ -465,6 +481,8 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
         if these != ids[0]:
             raise ValueError(f"{store}: holds other images than {stores[0]} "
                              f"(e.g. {sorted(set(ids[0]) ^ set(these))[:3]})")
+        if document_schema(meta, str(store)) != document_schema(metas[0], str(stores[0])):
+            raise ValueError(f"{store}: predicted for another dataset than {stores[0]}")
     signature = {**sigs[0],
                  "fusion": FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean").as_dict()}
     by_key: dict = {}
@@ -477,7 +495,7 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
     out = Path(out)
     done = _existing_ids(out)
     for src in by_key.values():
-        predictions.write_meta(out, _merge_meta(out, signature, src))
+        predictions.write_meta(out, _merge_meta(out, signature, src, document_schema(metas[0], str(stores[0]))))
     todo = [i for i in ids[0] if i not in done]
     _remove_stale_temporaries(out, todo)
     start = time.perf_counter()

@@ -11,7 +11,7 @@ field            dtype, shape               meaning
 ``image_id``     str                        the image's id (file stem); also the ``.npz`` file stem
 ``height``       int                        image height H (rows, y)
 ``width``        int                        image width W (columns, x)
-``classes``      int64 ``(N,)``             index into :data:`cellkit.CELL_TYPES` (0 shsy5y, 1 astro, 2 cort)
+``classes``      int64 ``(N,)``             index into the dataset's classes (Sartorius: 0 shsy5y, 1 astro, 2 cort)
 ``scores``       float32 ``(N,)``           detection confidence in [0, 1]
 ``boxes``        float32 ``(N, 4)``         predicted box, XYXY absolute, original-image pixels (x along W)
 ``mask_boxes``   int32 ``(N, 4)``           integer crop window ``x0, y0, x1, y1`` of the mask, end exclusive,
@@ -45,7 +45,7 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from cellkit import CELL_TYPES, atomic
+from cellkit import atomic
 
 __all__ = [
     "FORMAT", "META_NAME", "InstancePredictions", "quantize",
@@ -106,9 +106,8 @@ class InstancePredictions:
                    "mask_boxes": len(self.mask_boxes), "masks": len(self.masks)}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"{where}: mismatched lengths {lengths}")
-        if len(self.classes) and (self.classes.min() < 0 or self.classes.max() >= len(CELL_TYPES)):
-            raise ValueError(f"{where}: classes must be in 0..{len(CELL_TYPES) - 1} (CELL_TYPES), "
-                             f"got {self.classes.min()}..{self.classes.max()}")
+        if len(self.classes) and self.classes.min() < 0:  # the upper bound is the dataset's (postprocess.group_view)
+            raise ValueError(f"{where}: classes must be >= 0, got {self.classes.min()}..{self.classes.max()}")
         if len(self.scores) and not np.all(np.isfinite(self.scores)):
             raise ValueError(f"{where}: scores contain NaN or inf")
         x0, y0, x1, y1 = self.mask_boxes.T
@@ -164,7 +163,7 @@ class InstancePredictions:
 
         Args:
             image_id: the image's id.
-            classes: int ``(N,)`` indices into CELL_TYPES.
+            classes: int ``(N,)`` indices into the dataset's classes.
             scores: float ``(N,)``.
             boxes: float ``(N, 4)`` XYXY absolute.
             probs: ``(N, H, W)`` float in [0, 1] or bool (anything indexable by instance that yields ``(H, W)``

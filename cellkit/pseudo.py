@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from cellkit import CELL_TYPES, atomic
+from cellkit.schema import SARTORIUS, DatasetSchema, save_schema
 
 __all__ = [
     "FORMAT", "SUMMARY_NAME", "CSV_COLUMNS", "REASONS", "ScreenSettings", "ImageDecision", "class_vote",
@@ -69,18 +70,18 @@ def _unit(value, where: str) -> float:
     return x
 
 
-def _per_class(value, where: str) -> dict[str, float]:
-    """A number for every class, or a mapping with every class of CELL_TYPES."""
+def _per_class(value, where: str, classes=CELL_TYPES) -> dict[str, float]:
+    """A number for every class, or a mapping with every class of ``classes``."""
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(CELL_TYPES))
+        unknown = sorted(set(value) - set(classes))
         if unknown:
-            raise ValueError(f"{where}: unknown class {unknown[0]!r} (expected {', '.join(CELL_TYPES)})")
-        missing = [c for c in CELL_TYPES if c not in value]
+            raise ValueError(f"{where}: unknown class {unknown[0]!r} (expected {', '.join(classes)})")
+        missing = [c for c in classes if c not in value]
         if missing:
-            raise ValueError(f"{where}: missing class {missing[0]!r} (every class of {', '.join(CELL_TYPES)} "
+            raise ValueError(f"{where}: missing class {missing[0]!r} (every class of {', '.join(classes)} "
                              f"is needed)")
-        return {c: _unit(value[c], f"{where}: class {c!r}") for c in CELL_TYPES}
-    return dict.fromkeys(CELL_TYPES, _unit(value, where))
+        return {c: _unit(value[c], f"{where}: class {c!r}") for c in classes}
+    return dict.fromkeys(classes, _unit(value, where))
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,21 @@ class ScreenSettings:
         min_mask_score: ``{cell type: s}``, minimal score of a kept mask in an image of that type (on top of the
             thresholds.json score threshold).
 
-    A number for ``min_mean_score`` / ``min_mask_score`` applies to every class. Values are validated on
-    construction (ValueError naming the setting and class).
+    A number for ``min_mean_score`` / ``min_mask_score`` applies to every class of ``classes`` (the dataset's,
+    default the Sartorius cell types). Values are validated on construction (ValueError naming the setting and
+    class).
     """
 
     min_share: float = 0.8
-    min_mean_score: Mapping = field(default_factory=lambda: {c: 0.6 for c in CELL_TYPES})
-    min_mask_score: Mapping = field(default_factory=lambda: {c: 0.5 for c in CELL_TYPES})
+    min_mean_score: Mapping | float = 0.6
+    min_mask_score: Mapping | float = 0.5
+    classes: tuple = CELL_TYPES
 
     def __post_init__(self) -> None:
-        for name, check in (("min_share", _unit), ("min_mean_score", _per_class), ("min_mask_score", _per_class)):
-            object.__setattr__(self, name, check(getattr(self, name), f"screen: {name}"))
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "min_share", _unit(self.min_share, "screen: min_share"))
+        for name in ("min_mean_score", "min_mask_score"):
+            object.__setattr__(self, name, _per_class(getattr(self, name), f"screen: {name}", self.classes))
 
     def to_dict(self) -> dict:
         """JSON form: ``{"min_share": float, "min_mean_score": {class: float}, "min_mask_score": {class: float}}``."""
@@ -146,7 +151,7 @@ class ImageDecision:
                 "n_detections": self.n_detections, "n_postprocessed": self.n_postprocessed, "n_masks": self.n_masks}
 
 
-def class_vote(classes, scores) -> tuple[int | None, float]:
+def class_vote(classes, scores, n_classes: int = len(CELL_TYPES)) -> tuple[int | None, float]:
     """The score-weighted class vote of an image's masks.
 
     Args:
@@ -163,17 +168,17 @@ def class_vote(classes, scores) -> tuple[int | None, float]:
         raise ValueError(f"class_vote: {classes.size} classes but {scores.size} scores")
     if classes.size == 0:
         return None, 0.0
-    sums = np.bincount(classes, weights=scores, minlength=len(CELL_TYPES))
+    sums = np.bincount(classes, weights=scores, minlength=n_classes)
     total = float(sums.sum())
     if total <= 0.0:  # every score 0: a plain count vote
-        sums = np.bincount(classes, minlength=len(CELL_TYPES)).astype(np.float64)
+        sums = np.bincount(classes, minlength=n_classes).astype(np.float64)
         total = float(sums.sum())
     winner = int(np.argmax(sums))  # first maximum: the lower id on ties
     return winner, float(sums[winner]) / total
 
 
 def screen_image(image_id: str, classes, scores, settings: ScreenSettings | None,
-                 n_detections: int | None = None) -> ImageDecision:
+                 n_detections: int | None = None, names=CELL_TYPES) -> ImageDecision:
     """Decide about one image from its post-processed masks (pure: numbers in, a decision out).
 
     Args:
@@ -182,6 +187,7 @@ def screen_image(image_id: str, classes, scores, settings: ScreenSettings | None
         scores: float ``(K,)`` their scores (as post-processing used them).
         settings: the screening, or None for none (only images without masks are dropped).
         n_detections: instances before post-processing (recorded only; default ``K``).
+        names: the class names the ids index (the dataset's; ``settings.classes`` when screening).
 
     Returns:
         The :class:`ImageDecision` (``keep`` indexes ``classes``/``scores``).
@@ -190,10 +196,11 @@ def screen_image(image_id: str, classes, scores, settings: ScreenSettings | None
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     k = int(classes.size)
     n_det = k if n_detections is None else int(n_detections)
-    winner, share = class_vote(classes, scores)
+    names = settings.classes if settings is not None else tuple(names)
+    winner, share = class_vote(classes, scores, len(names))
     if winner is None:
         return ImageDecision(image_id, False, "no_mask", None, 0.0, 0.0, n_det, 0, 0)
-    cell_type = CELL_TYPES[winner]
+    cell_type = names[winner]
     mean = float(scores.mean())
 
     def drop(reason):
@@ -212,7 +219,8 @@ def screen_image(image_id: str, classes, scores, settings: ScreenSettings | None
 
 
 def pseudo_label_image(pred, thresholds: Mapping, options: Mapping,
-                       settings: ScreenSettings | None) -> tuple[ImageDecision, list[str]]:
+                       settings: ScreenSettings | None, schema: DatasetSchema = SARTORIUS
+                       ) -> tuple[ImageDecision, list[str]]:
     """Post-process one image's predictions as ``submit`` does, then screen them.
 
     Args:
@@ -220,6 +228,7 @@ def pseudo_label_image(pred, thresholds: Mapping, options: Mapping,
         thresholds: per-class thresholds of thresholds.json (:func:`cellkit.postprocess.validate_thresholds`).
         options: post-processing options of thresholds.json.
         settings: screening, or None.
+        schema: the dataset (:mod:`cellkit.schema`): its groups key ``thresholds``, its classes name the vote.
 
     Returns:
         ``(decision, rles)``: the RLE strings (row-major, 1-indexed, descending score) of the kept masks, a subset
@@ -227,16 +236,17 @@ def pseudo_label_image(pred, thresholds: Mapping, options: Mapping,
     """
     from cellkit import postprocess as pp
 
-    kept = pp.apply_predictions(pred, thresholds, **options)
+    kept = pp.apply_predictions(pp.group_view(pred, schema), thresholds, groups=schema.groups, **options)
     own_classes = np.asarray(pred.classes, dtype=np.int64)[kept.indices]
-    decision = screen_image(pred.image_id, own_classes, kept.scores, settings, n_detections=len(pred))
+    decision = screen_image(pred.image_id, own_classes, kept.scores, settings, n_detections=len(pred),
+                            names=schema.classes)
     if not decision.kept:
         return decision, []
     rles = kept.rles()
     return decision, [rles[i] for i in decision.keep.tolist()]
 
 
-def parse_class_values(text: str, where: str) -> float | dict[str, float]:
+def parse_class_values(text: str, where: str, classes=CELL_TYPES) -> float | dict[str, float]:
     """Parse a class-wise CLI value: ``"0.6"`` (every class) or ``"shsy5y=0.5,astro=0.7,cort=0.6"`` (every class).
 
     Raises:
@@ -252,7 +262,7 @@ def parse_class_values(text: str, where: str) -> float | dict[str, float]:
         if not sep or not name.strip():
             raise ValueError(f"{where}: malformed item {item!r} (expected CLASS=VALUE, e.g. astro=0.7)")
         values[name.strip()] = value.strip()
-    return _per_class(values, where)
+    return _per_class(values, where, classes)
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -286,7 +296,7 @@ def _place_image(src: Path, folder: Path, link: bool) -> str:
     return "copy"
 
 
-def summary_document(*, source: str, pred_dir, image_dir, thresholds_path, doc: Mapping, settings,
+def summary_document(*, source: str, pred_dir, image_dir, thresholds_path, doc: Mapping, settings, classes=CELL_TYPES,
                      decisions: list[ImageDecision], placed: Mapping[str, str]) -> dict:
     """The ``pseudo.json`` document.
 
@@ -309,7 +319,7 @@ def summary_document(*, source: str, pred_dir, image_dir, thresholds_path, doc: 
         "counts": {"images": len(decisions), "kept": len(kept), "dropped": len(decisions) - len(kept),
                    "dropped_by_reason": by_reason, "masks": sum(d.n_masks for d in kept),
                    "masks_postprocessed": sum(d.n_postprocessed for d in decisions),
-                   "by_cell_type": {c: sum(1 for d in kept if d.cell_type == c) for c in CELL_TYPES},
+                   "by_cell_type": {c: sum(1 for d in kept if d.cell_type == c) for c in classes},
                    "linked": sum(1 for v in placed.values() if v == "link"),
                    "copied": sum(1 for v in placed.values() if v == "copy")},
         "images_detail": {d.image_id: d.to_dict() for d in sorted(decisions, key=lambda d: d.image_id)},
@@ -347,10 +357,16 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
     from cellkit import postprocess as pp
     from cellkit import predictions as P
     from cellkit.data import find_image
+    from cellkit.search import store_schema
     from cellkit.submission import check_store_ids, image_sizes
 
     pred_dir, image_dir, out_dir = Path(pred_dir), Path(image_dir), Path(out_dir)
     doc = pp.load_thresholds(thresholds_path) if doc is None else doc
+    schema = store_schema(pred_dir)
+    thresholds = pp.validate_thresholds(doc["thresholds"], str(thresholds_path), schema.groups)
+    if settings is not None and settings.classes != schema.classes:
+        raise ValueError(f"screen: settings for the classes {list(settings.classes)}, the store's dataset has "
+                         f"{list(schema.classes)}")
     ids = P.image_ids(pred_dir)
     sizes = image_sizes(image_dir)
     check_store_ids(ids, sizes, pred_dir, image_dir)
@@ -362,7 +378,7 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
         if (pred.height, pred.width) != (h, w):
             raise ValueError(f"{pred_dir}/{pred.image_id}.npz: size {pred.height}x{pred.width} differs from the "
                              f"image's {h}x{w}")
-        decision, rles = pseudo_label_image(pred, doc["thresholds"], doc["options"], settings)
+        decision, rles = pseudo_label_image(pred, thresholds, doc["options"], settings, schema)
         decisions.append(decision)
         rows += [(pred.image_id, r, w, h, decision.cell_type, source) for r in rles]
     kept_ids = [d.image_id for d in decisions if d.kept]
@@ -381,7 +397,9 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
     atomic.write_text(out_dir / "train.csv", buf.getvalue())
+    if schema != SARTORIUS:  # the folder is a dataset of the same classes (cellkit train --extra-data)
+        save_schema(schema, out_dir)
     summary = summary_document(source=source, pred_dir=pred_dir, image_dir=image_dir, thresholds_path=thresholds_path,
-                               doc=doc, settings=settings, decisions=decisions, placed=placed)
+                               doc=doc, settings=settings, classes=schema.classes, decisions=decisions, placed=placed)
     atomic.write_json(out_dir / SUMMARY_NAME, summary)
     return summary

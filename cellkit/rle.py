@@ -14,7 +14,8 @@ from pycocotools import mask as mask_util
 from cellkit import SHAPE
 
 __all__ = ["parse", "parse_many", "MaskError", "runs_to_string", "runs_to_indices", "decode", "encode", "encode_runs",
-           "to_coco", "to_coco_many", "from_coco", "coco_segmentation", "area", "validate", "convert_order"]
+           "to_coco", "to_coco_many", "from_coco", "coco_segmentation", "area", "validate", "convert_order",
+           "transpose_runs"]
 
 
 def parse(rle: str, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
@@ -305,6 +306,26 @@ def from_coco(coco_rle: dict) -> str:
     return encode(mask_util.decode(coco_segmentation(coco_rle, h, w)))
 
 
+def transpose_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of a mask's transpose: runs numbered row-major in an ``(H, W)`` image become its column-major runs
+    (and column-major runs, read with ``shape = (W, H)``, become row-major ones).
+
+    Args:
+        starts, lengths: 0-indexed sorted runs in an image of ``shape``.
+        shape: ``(rows, columns)`` of the numbering the runs use.
+
+    Returns:
+        ``(starts, lengths)`` int64, sorted, in the transposed numbering (``x * rows + y``).
+    """
+    rows, cols = (int(v) for v in shape)
+    y, x = np.divmod(runs_to_indices(np.asarray(starts, np.int64), np.asarray(lengths, np.int64)), cols)
+    idx = np.sort(x * rows + y)
+    if not idx.size:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    first = np.concatenate(([0], np.flatnonzero(np.diff(idx) != 1) + 1))
+    return idx[first], np.diff(np.append(first, idx.size)).astype(np.int64)
+
+
 def convert_order(rle: str, shape: tuple[int, int], source: str, target: str) -> str:
     """Re-number a mask string's pixels between ``"row"``-major (``y * W + x``) and ``"column"``-major (``x * H + y``).
 
@@ -317,7 +338,6 @@ def convert_order(rle: str, shape: tuple[int, int], source: str, target: str) ->
         The same mask as a 1-indexed string in ``target`` order (``rle`` itself, validated, when they are equal).
     """
     height, width = (int(v) for v in shape)
-    if source == target:
-        return runs_to_string(*parse(rle, (height, width)))
-    mask = decode(rle, (width, height) if source == "column" else (height, width))
-    return encode(mask.T)
+    numbering = (width, height) if source == "column" else (height, width)
+    runs = parse(rle, numbering)
+    return runs_to_string(*(runs if source == target else transpose_runs(*runs, numbering)))

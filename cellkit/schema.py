@@ -19,12 +19,11 @@ competition's files work as they are.
 - **submission_columns**: the submission's column names (``id``, ``predicted`` for Sartorius). Inside the kit the
   train CSV always has the columns ``id, annotation, width, height, cell_type`` (``cell_type`` holds the class).
 - **channels** (1 or 3) and **bit_depth** (8 or 16) of the images; **size** ``(H, W)`` when every image must have it
-  (Sartorius: 520x704), None when sizes may vary.
+  (None when sizes may vary, as for Sartorius, whose CSV gives each image's size).
 
 The schema is written once into a run (``dataset.json`` next to ``config.yaml``) and into ``thresholds.json`` and
 ``meta.json``; every later stage reads it there.
 """
-from __future__ import annotations
 
 import json
 import re
@@ -32,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cellkit import CELL_TYPES, SHAPE, atomic
+from cellkit import CELL_TYPES, atomic
 
 __all__ = ["DatasetSchema", "SARTORIUS", "FILE_NAME", "load_schema", "save_schema", "schema_of", "from_dict"]
 
@@ -145,7 +144,7 @@ def _names(values, key: str) -> tuple[str, ...]:
     return names
 
 
-SARTORIUS = DatasetSchema(classes=CELL_TYPES, size=SHAPE, name="sartorius")
+SARTORIUS = DatasetSchema(classes=CELL_TYPES, name="sartorius")
 """The Kaggle Sartorius competition: three cell types, class = group, row-major RLE, 8-bit grayscale."""
 
 

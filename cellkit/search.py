@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from cellkit import CELL_TYPES, __version__, metric, postprocess as pp, predictions as P, rle
+from cellkit.schema import SARTORIUS, DatasetSchema
 from cellkit.geometry import MaskRuns
 
 __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
@@ -67,8 +68,6 @@ OPTION_SETS = [
     {"image_class_vote": True, "rescore": False},
     {"image_class_vote": True, "rescore": True},
 ]
-
-_N_CLASSES = len(CELL_TYPES)
 
 
 def make_grid(score=None, mask=None, min_area=None) -> dict[str, list]:
@@ -153,11 +152,12 @@ def _truth_labels(truth_indices: list[np.ndarray], pix: np.ndarray, n_pixels: in
 
 
 def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], cell_type: str, grid: dict,
-                  vote_min_score: float = 0.5) -> ImageData:
+                  vote_min_score: float = 0.5, n_groups: int = len(CELL_TYPES)) -> ImageData:
     """Per-image precomputation for the search.
 
     Args:
-        pred: the image's predictions.
+        pred: the image's predictions, classes as group ids (:func:`cellkit.postprocess.group_view`).
+        n_groups: the number of groups (thresholds).
         truth_indices: sorted flat pixel indices of each true mask (empty masks excluded).
         cell_type: the image's true cell type.
         grid: the search grid (:func:`make_grid`).
@@ -188,9 +188,9 @@ def prepare_image(pred: P.InstancePredictions, truth_indices: list[np.ndarray], 
     cls = pred.classes[alive].astype(np.int64)
     order = np.lexsort((-q.astype(np.int64), cls[inst]))  # by class, then descending probability
     inst, pix, q = inst[order].astype(np.int32), pix[order].astype(np.int32), q[order]
-    block = np.searchsorted(cls[inst], np.arange(_N_CLASSES + 1), side="left").astype(np.int64)
+    block = np.searchsorted(cls[inst], np.arange(n_groups + 1), side="left").astype(np.int64)
     prefix = np.array([np.searchsorted(-q[block[b]:block[b + 1]].astype(np.int64), -qthr, side="right")
-                       for b in range(_N_CLASSES)], dtype=np.int64)  # -q is ascending in a block
+                       for b in range(n_groups)], dtype=np.int64)  # -q is ascending in a block
     return ImageData(pred.image_id, cell_type, len(truth_indices),
                      np.array([t.size for t in truth_indices], dtype=np.int64), cls, scores[alive],
                      -1 if vote is None else vote, inst, pix, q,
@@ -215,7 +215,7 @@ def _effective_scores(img: ImageData, rescore: bool, mask_of_instance: np.ndarra
 def _block_entries(img: ImageData, blocks, mask_index: np.ndarray, alive: np.ndarray, vote: bool) -> np.ndarray:
     """Indices of the entries of the given class blocks (own classes) kept at the pixel threshold of their
     effective class, of alive instances."""
-    block_mask = np.full(_N_CLASSES, mask_index[img.vote]) if (vote and img.vote >= 0) else mask_index
+    block_mask = np.full(len(img.block) - 1, mask_index[img.vote]) if (vote and img.vote >= 0) else mask_index
     parts = [np.arange(img.block[b], img.block[b] + img.prefix[b, block_mask[b]]) for b in blocks]
     idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     return idx if alive[np.isin(img.classes, blocks)].all() else idx[alive[img.inst[idx]]]
@@ -312,7 +312,7 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
     # ownership by the fixed instances alone, shared by every pixel threshold of class c
     n = img.classes.size
     order, rank, owned = _owners(img, (eff_class != c) & (eff_fixed >= fixed_score[eff_class]), eff_fixed,
-                                 [b for b in range(_N_CLASSES) if b not in blocks_c], mask_index, vote)
+                                 [b for b in range(len(img.block) - 1) if b not in blocks_c], mask_index, vote)
     first = np.full(img.n_pixels, order.size, dtype=np.int32)
     first[img.pix[owned]] = rank[img.inst[owned]]
     o_inst = img.inst[owned].astype(np.int64)
@@ -394,24 +394,24 @@ def _precision_grid(img, area: np.ndarray, swept: np.ndarray, eff_class: np.ndar
     return np.divide(tp, denom, out=np.ones_like(tp), where=denom > 0).mean(axis=2)  # precision, averaged over t
 
 
-def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, grid: dict, c: int = 0
-                 ) -> np.ndarray:
+def image_scores(img: ImageData, vote: bool, rescore: bool, thresholds: dict, grid: dict, c: int = 0,
+                 groups=CELL_TYPES) -> np.ndarray:
     """Image score at on-grid thresholds for every (score, min_area) of class ``c`` on the grid (tests, notebooks).
 
     Returns:
         float64 ``(len(grid["score"]), len(grid["min_area"]))``.
     """
-    mask_index, fixed_score, fixed_area = _threshold_arrays(thresholds, grid["mask"])
+    mask_index, fixed_score, fixed_area = _threshold_arrays(thresholds, grid["mask"], groups)
     return sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, [int(mask_index[c])],
                        np.asarray(grid["score"], dtype=np.float64), np.asarray(grid["min_area"], dtype=np.int64))[0]
 
 
-def _threshold_arrays(thr: dict, mask_grid: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per class: the index of its pixel threshold in ``mask_grid`` (int64), its score threshold (float64) and
-    minimum area (int64), each ``(3,)``."""
-    return (np.array([mask_grid.index(thr[name]["mask"]) for name in CELL_TYPES], dtype=np.int64),
-            np.array([thr[name]["score"] for name in CELL_TYPES], dtype=np.float64),
-            np.array([thr[name]["min_area"] for name in CELL_TYPES], dtype=np.int64))
+def _threshold_arrays(thr: dict, mask_grid: list, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: the index of its pixel threshold in ``mask_grid`` (int64), its score threshold (float64) and
+    minimum area (int64), each ``(n_groups,)``."""
+    return (np.array([mask_grid.index(thr[name]["mask"]) for name in groups], dtype=np.int64),
+            np.array([thr[name]["score"] for name in groups], dtype=np.float64),
+            np.array([thr[name]["min_area"] for name in groups], dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ exact evaluation
@@ -428,7 +428,7 @@ def truth_mask_set(annotations, shape: tuple[int, int], where: str = "truth") ->
         raise ValueError(f"{where}: annotation {exc.index}: {exc.problem}") from None
 
 
-def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates) -> np.ndarray:
+def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates, groups=CELL_TYPES) -> np.ndarray:
     """Image score of one image under each post-processing candidate, exactly as a submission would score.
 
     Each candidate ``(thresholds, options)`` goes through :func:`cellkit.postprocess.score_predictions` (the path of
@@ -436,17 +436,18 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
     the mean precision over the IoU thresholds 0.50..0.95 (1.0 with neither kept masks nor true masks).
 
     Args:
-        pred: the image's predictions.
+        pred: the image's predictions, classes as group ids (:func:`cellkit.postprocess.group_view`).
         truth: its true masks (:func:`truth_mask_set`).
         candidates: sequence of ``(thresholds, options)``; ``options`` are keywords of
             :data:`cellkit.postprocess.DEFAULT_OPTIONS` (absent ones take their defaults).
+        groups: the thresholds' groups, in id order.
 
     Returns:
         float64 ``(len(candidates),)``; equal candidates are computed once.
     """
-    validated = [(pp.validate_thresholds(t), pp.validate_options(o)) for t, o in candidates]
+    validated = [(pp.validate_thresholds(t, groups=groups), pp.validate_options(o)) for t, o in candidates]
     unique = {repr(c): c for c in validated}  # validated: keys in a fixed order
-    done = {key: float(pp.score_predictions(pred, truth, t, **o).mean()) for key, (t, o) in unique.items()}
+    done = {key: float(pp.score_predictions(pred, truth, t, groups, **o).mean()) for key, (t, o) in unique.items()}
     return np.array([done[repr(c)] for c in validated], dtype=np.float64)
 
 
@@ -454,20 +455,21 @@ def exact_image_scores(pred: P.InstancePredictions, truth: MaskRuns, candidates)
 class _Shard:
     """A set of images held by one process, answering sweep and evaluation requests.
 
-    ``truth_by_id``: ``{image id: (annotations, cell type, (H, W))}``.
+    ``truth_by_id``: ``{image id: (annotations, group, (H, W))}``; ``schema``: the dataset's
+    (:class:`cellkit.schema.DatasetSchema`: predicted classes become group ids).
     """
 
-    def __init__(self, pred_dir, ids, truth_by_id: dict, grid: dict, vote_min_score: float):
+    def __init__(self, pred_dir, ids, truth_by_id: dict, grid: dict, vote_min_score: float, schema):
         self.source = (pred_dir, ids, truth_by_id)  # to re-read the predictions for exact()
-        self.images = []
-        for pred in P.iter_dir(pred_dir, ids=ids):
+        self.schema, self.images = schema, []
+        for pred in map(functools.partial(pp.group_view, schema=schema), P.iter_dir(pred_dir, ids=ids)):
             annotations, cell_type, shape = truth_by_id[pred.image_id]
             if (pred.height, pred.width) != shape:
                 raise ValueError(f"{pred_dir}/{pred.image_id}.npz: image size {pred.height}x{pred.width} differs from "
                                  f"the truth's {shape[0]}x{shape[1]}")
             runs = [rle.parse(s, shape) for s in annotations]
             truth = [rle.runs_to_indices(starts, lengths) for starts, lengths in runs if lengths.size]
-            self.images.append(prepare_image(pred, truth, cell_type, grid, vote_min_score))
+            self.images.append(prepare_image(pred, truth, cell_type, grid, vote_min_score, len(schema.groups)))
         self.grid = grid
         self.score_grid = np.asarray(grid["score"], dtype=np.float64)
         self.area_grid = np.asarray(grid["min_area"], dtype=np.int64)
@@ -487,7 +489,7 @@ class _Shard:
     def sweep(self, c: int, thr: dict, options: dict) -> dict[int, np.ndarray]:
         """``{local image index: (n_mask, ns, na) scores}`` for the images with an instance of effective class c."""
         vote, rescore = options["image_class_vote"], options["rescore"]
-        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
+        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"], self.schema.groups)
         masks = list(range(len(self.grid["mask"])))
         out = {}
         for j, img in enumerate(self.images):
@@ -496,7 +498,7 @@ class _Shard:
                 continue
             # the result depends on the thresholds of the other classes present in the image only (none when the
             # image is pure), so it is reused while those stay the same
-            deps = tuple((b, tuple(sorted(thr[CELL_TYPES[b]].items()))) for b in np.unique(eff) if b != c)
+            deps = tuple((b, tuple(sorted(thr[self.schema.groups[b]].items()))) for b in np.unique(eff) if b != c)
             key = (j, c, rescore) if not deps else (j, c, rescore, vote)  # a pure image: own class == vote
             if key not in self.cache or self.cache[key][0] != deps:
                 self.cache[key] = (deps, sweep_image(img, vote, rescore, c, mask_index, fixed_score, fixed_area, masks,
@@ -506,7 +508,7 @@ class _Shard:
 
     def evaluate(self, thr: dict, options: dict) -> np.ndarray:
         """Image score of every image at the given on-grid thresholds, float64 ``(n_images,)``."""
-        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"])
+        mask_index, fixed_score, fixed_area = _threshold_arrays(thr, self.grid["mask"], self.schema.groups)
         return np.array([sweep_image(img, options["image_class_vote"], options["rescore"], 0, mask_index, fixed_score,
                                      fixed_area, [int(mask_index[0])], fixed_score[:1], fixed_area[:1])[0, 0, 0]
                          for img in self.images], dtype=np.float64)
@@ -521,8 +523,9 @@ class _Shard:
                 raise ValueError(f"{pred_dir}: image {pred.image_id} read where {self.images[j].image_id} was "
                                  f"expected (the store changed during the search)")
             annotations, _, shape = truth_by_id[pred.image_id]
-            out[j] = exact_image_scores(pred, truth_mask_set(annotations, shape, f"truth of image {pred.image_id}"),
-                                        candidates)
+            out[j] = exact_image_scores(pp.group_view(pred, self.schema),
+                                        truth_mask_set(annotations, shape, f"truth of image {pred.image_id}"),
+                                        candidates, self.schema.groups)
         return out
 
 
@@ -574,6 +577,14 @@ class _Pool:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def store_schema(pred_dir) -> DatasetSchema:
+    """The dataset a predictions store was made for (its ``meta.json``'s ``"dataset"``; Sartorius without one)."""
+    try:
+        return pp.document_schema(P.read_meta(pred_dir), str(Path(pred_dir) / P.META_NAME))
+    except FileNotFoundError:
+        return SARTORIUS
+
+
 class ThresholdSearch:
     """The search over one predictions directory and truth table; see :func:`search` for the usual entry point.
 
@@ -583,14 +594,18 @@ class ThresholdSearch:
         grid: :func:`make_grid` output.
         workers: processes (images are sharded over them).
         vote_min_score: confidence of a voting detection.
+        schema: the dataset (:mod:`cellkit.schema`); default the one the store's ``meta.json`` records.
 
     Raises:
         FileNotFoundError / ValueError: a missing, empty or foreign predictions directory, predictions for images
             the truth does not know, image sizes that disagree.
     """
 
-    def __init__(self, pred_dir, truth, grid: dict | None = None, workers: int = 2, vote_min_score: float = 0.5):
+    def __init__(self, pred_dir, truth, grid: dict | None = None, workers: int = 2, vote_min_score: float = 0.5,
+                 schema=None):
         self.pred_dir = Path(pred_dir)
+        self.schema = schema or store_schema(self.pred_dir)
+        self.groups = self.schema.groups
         self.grid = make_grid(**(grid or {}))
         self.vote_min_score = float(vote_min_score)
         ids = P.image_ids(self.pred_dir)  # raises on a missing, empty or foreign directory
@@ -602,11 +617,11 @@ class ThresholdSearch:
         if self.missing:
             logger.warning("%d truth image(s) have no predictions in %s and are left out of the search",
                            len(self.missing), self.pred_dir)
-        truth_by_id = {k: (g["annotation"].tolist(), str(g["cell_type"].iat[0]),
+        truth_by_id = {k: (g["annotation"].tolist(), self.schema.image_group(k, str(g["cell_type"].iat[0])),
                            (int(g["height"].iat[0]), int(g["width"].iat[0])))
                        for k, g in truth[truth["id"].isin(set(ids))].groupby("id", sort=False)}
         self.pool = _Pool(max(1, min(int(workers), len(ids))), self.pred_dir, ids, truth_by_id, self.grid,
-                          self.vote_min_score)
+                          self.vote_min_score, self.schema)
         self.info = [x for part in self.pool.infos for x in part]
         self.n_images = len(self.info)
         self.cell_types = np.array([x[1] for x in self.info])
@@ -636,7 +651,7 @@ class ThresholdSearch:
             raise ValueError("the threshold sweep evaluates free_dropped=False only (with it the area filter does not "
                              "separate from the overlap removal); evaluate free_dropped=True with "
                              "ThresholdSearch.exact")
-        thresholds = pp.validate_thresholds(thresholds)
+        thresholds = pp.validate_thresholds(thresholds, groups=self.groups)
         if off := [(name, key, t[key]) for name, t in thresholds.items() for key in pp.THRESHOLD_KEYS
                    if t[key] not in self.grid[key]]:
             raise ValueError("class {!r}: {} = {} is not on the search grid".format(*off[0]))
@@ -645,14 +660,15 @@ class ThresholdSearch:
     def exact(self, candidates) -> np.ndarray:
         """Exact image scores (:func:`exact_image_scores`, any thresholds and options), float64
         ``(n_images, len(candidates))`` in :attr:`info` order; one pass over the predictions store per worker."""
-        return np.concatenate(self.pool.call("exact", [(pp.validate_thresholds(t), pp.validate_options(o))
+        return np.concatenate(self.pool.call("exact", [(pp.validate_thresholds(t, groups=self.groups),
+                                                        pp.validate_options(o))
                                                        for t, o in candidates]), axis=0)
 
     def per_class(self, scores: np.ndarray) -> dict:
         """``{"mAP", "per_class"}`` from image scores (per class = mean over images of that true cell type)."""
         return {"mAP": float(scores.mean()),
                 "per_class": {c: (float(scores[self.cell_types == c].mean()) if (self.cell_types == c).any() else None)
-                              for c in CELL_TYPES}}
+                              for c in self.groups}}
 
     def optimise(self, options: dict, max_rounds: int = 3, progress=None, init: dict | None = None) -> dict:
         """Coordinate ascent over classes for one option set, from ``init`` (default: the seed's thresholds).
@@ -662,14 +678,14 @@ class ThresholdSearch:
             mAP (over all images) against each threshold of that class with the others at their chosen values.
         """
         options = {**options, "vote_min_score": self.vote_min_score}
-        thr = {c: dict((init or pp.SEED_THRESHOLDS)[c]) for c in CELL_TYPES}
+        thr = {c: dict((init or pp.seed_thresholds(self.groups))[c]) for c in self.groups}
         offsets = np.cumsum([0] + [len(p) for p in self.pool.infos])
         current = self.evaluate(thr, options)
         curves = {}
         rounds = 0
         for rounds in range(1, max_rounds + 1):
             changed = False
-            for ci, name in enumerate(CELL_TYPES):
+            for ci, name in enumerate(self.groups):
                 # {image index: (n_mask, ns, na) scores} of the images with an instance of the class
                 swept = {offsets[w] + j: res for w, part in enumerate(self.pool.call("sweep", ci, thr, options))
                          for j, res in part.items()}
@@ -735,8 +751,8 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
         logger.warning("%s has no meta.json: provenance unknown", pred_dir)
         meta = {}
     with ThresholdSearch(pred_dir, truth, grid, workers, vote_min_score) as s:
-        before = s.per_class(s.evaluate(pp.SEED_THRESHOLDS, pp.DEFAULT_OPTIONS))
-        bar = tqdm(total=len(option_sets) * len(CELL_TYPES), desc="search", unit="sweep", disable=not progress)
+        before = s.per_class(s.evaluate(pp.seed_thresholds(s.groups), pp.DEFAULT_OPTIONS))
+        bar = tqdm(total=len(option_sets) * len(s.groups), desc="search", unit="sweep", disable=not progress)
         results = _optimise_option_sets(s, option_sets, max_rounds, bar)
         best = functools.reduce(lambda b, r: r if r["mAP"] > b["mAP"] + 1e-12 else b, results)  # ties: the first
         chosen, free_report, after = _free_dropped(s, best, try_free_dropped, bar)
@@ -754,7 +770,8 @@ def search(pred_dir, truth_csv, *, grid: dict | None = None, option_sets=None, w
             "peak_rss_mb": round(s.peak_rss_mb(), 1),
         }
     search_doc["seconds"] = round(time.perf_counter() - start, 2)
-    return {
+    dataset = {} if s.schema == SARTORIUS else {"dataset": s.schema.to_dict()}
+    return {**dataset,
         "thresholds": best["thresholds"],
         "options": pp.validate_options({**best["options"], "free_dropped": bool(chosen)}),
         "metric": {"before": before, "after": after},
@@ -839,14 +856,15 @@ def plot_search(doc: dict, path) -> Path:
     from cellkit.viz import save_figure
 
     grid, curves = doc["search"]["grid"], doc["search"]["curves"]
-    fig, axes = plt.subplots(len(CELL_TYPES), 3, figsize=(12, 3.2 * len(CELL_TYPES)), squeeze=False)
-    for row, name in enumerate(CELL_TYPES):
+    groups = list(doc["thresholds"])
+    fig, axes = plt.subplots(len(groups), 3, figsize=(12, 3.2 * len(groups)), squeeze=False)
+    for row, name in enumerate(groups):
         for col, key in enumerate(("score", "mask", "min_area")):
             ax = axes[row][col]
             if name in curves:
                 ax.plot(grid[key], curves[name][key], marker="o", ms=3)
                 ax.axvline(doc["thresholds"][name][key], color="tab:red", ls="--", lw=1, label="chosen")
-                ax.axvline(pp.SEED_THRESHOLDS[name][key], color="tab:gray", ls=":", lw=1, label="seed")
+                ax.axvline(pp.seed_thresholds(groups)[name][key], color="tab:gray", ls=":", lw=1, label="seed")
             else:
                 ax.text(0.5, 0.5, "no detections of this class", ha="center", va="center", transform=ax.transAxes)
             ax.set(title=f"{name}: {key}", xlabel=key, ylabel="mAP")

@@ -3,6 +3,10 @@
 Format: a header ``id,predicted``, then one row per predicted cell: the image id (file stem of the test image) and
 its mask as a competition RLE string (see :mod:`cellkit.rle`: 1-indexed, row-major). An image without any cell is
 listed once with an empty ``predicted``. Masks of one image must not overlap, and every test image must be listed.
+Another dataset's submission (:mod:`cellkit.schema`) may name its two columns otherwise and number pixels
+column-major (``rle_order="column"``); writing and checking take both as arguments.
+
+:func:`write_coco_results` writes the same kept masks as a COCO results json, for scoring elsewhere.
 
 Overlaps are found on runs, never on dense masks (:func:`overlapping_pairs`, by :mod:`cellkit.geometry`).
 
@@ -22,7 +26,7 @@ from cellkit import SHAPE, atomic, geometry, rle
 
 __all__ = [
     "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes", "check_store_ids",
-    "SubmissionReport", "check_submission", "validate_submission",
+    "SubmissionReport", "check_submission", "validate_submission", "write_coco_results",
 ]
 
 #: The submission's columns.
@@ -95,7 +99,8 @@ def _as_mapping(rows_or_dict) -> dict[str, list]:
     return grouped
 
 
-def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) -> Path:
+def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE, header=HEADER,
+                     rle_order: str = "row") -> Path:
     """Check and write a submission CSV atomically.
 
     Args:
@@ -106,6 +111,8 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
             with an empty ``predicted``.
         path: the CSV to write (its directory must exist).
         shape: ``(height, width)`` of every image, or a mapping ``image_id -> (height, width)``.
+        header: the two column names; rle_order: ``"row"`` or ``"column"``, the written strings' pixel order (masks
+            given as strings are row-major).
 
     Returns:
         ``path`` as a Path.
@@ -126,7 +133,7 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
                          f"{unknown[:5]}")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(HEADER)
+    writer.writerow(header)
     for image_id in ids:
         image_shape = tuple(shape[image_id]) if isinstance(shape, Mapping) else tuple(shape)
         runs = [_mask_runs(m, image_shape, f"image {image_id} mask {i}")
@@ -139,6 +146,8 @@ def write_submission(rows_or_dict, image_ids: Iterable[str], path, shape=SHAPE) 
             raise ValueError(f"image {image_id}: masks {index[i]} and {index[j]} overlap by {n} pixels "
                              f"({len(pairs)} overlapping pair(s) in this image)")
         # an image without masks gets one row with an empty predicted
+        if rle_order == "column":
+            runs = [rle.transpose_runs(starts, lengths, image_shape) for starts, lengths in runs]
         writer.writerows([(image_id, rle.runs_to_string(starts, lengths)) for starts, lengths in runs]
                          or [(image_id, "")])
     return atomic.write_text(path, buf.getvalue())
@@ -167,7 +176,7 @@ def image_sizes(image_dir) -> dict[str, tuple[int, int]]:
             continue
         if p.stem in seen:
             raise ValueError(f"{image_dir}: two images with id {p.stem!r}: {seen[p.stem].name}, {p.name}")
-        width, height = open_image(p).size  # decoded completely: a truncated or 16-bit image is an error here
+        width, height = open_image(p, sixteen_bit=True).size  # decoded completely: a truncated image is an error
         seen[p.stem] = p
         sizes[p.stem] = (int(height), int(width))
     if not sizes:
@@ -205,8 +214,11 @@ class SubmissionReport:
         return not self.problems
 
 
-def check_submission(csv_path, image_dir) -> SubmissionReport:
+def check_submission(csv_path, image_dir, header=HEADER, rle_order: str = "row") -> SubmissionReport:
     """Validate a submission CSV against a directory of test images.
+
+    ``header`` and ``rle_order`` are the dataset's (:mod:`cellkit.schema`; default Sartorius': ``id,predicted``,
+    row-major).
 
     Checks, each reported as one line naming the 1-based CSV line (header = line 1) and the id: bad header, a
     row without exactly 2 fields, unknown id (no image of that id), bad RLE (the message of
@@ -221,12 +233,14 @@ def check_submission(csv_path, image_dir) -> SubmissionReport:
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: no such submission file")
     sizes = image_sizes(image_dir)
+    if rle_order == "column":  # column-major runs of an (H, W) image are row-major runs of its (W, H) transpose
+        sizes = {k: (w, h) for k, (h, w) in sizes.items()}
     report = SubmissionReport(n_images=len(sizes))
     runs_by_id: dict[str, list[tuple[int, tuple[np.ndarray, np.ndarray]]]] = {}
     listed: set[str] = set()
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            _check_rows(csv.reader(fh), sizes, report, runs_by_id, listed)
+            _check_rows(csv.reader(fh), sizes, report, runs_by_id, listed, tuple(header))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{csv_path}: not UTF-8 text ({exc})") from None
     for image_id, items in runs_by_id.items():
@@ -241,14 +255,14 @@ def check_submission(csv_path, image_dir) -> SubmissionReport:
     return report
 
 
-def _check_rows(reader, sizes, report: SubmissionReport, runs_by_id: dict, listed: set) -> None:
+def _check_rows(reader, sizes, report: SubmissionReport, runs_by_id: dict, listed: set, expected=HEADER) -> None:
     """Check the header and every data row; fill ``report``, ``runs_by_id`` (line, runs) and ``listed``."""
     header = next(reader, None)
     if header is None:
-        report.problems.append("line 1: bad header: the file is empty (expected 'id,predicted')")
+        report.problems.append(f"line 1: bad header: the file is empty (expected '{','.join(expected)}')")
         return
-    if [h.strip() for h in header] != list(HEADER):
-        report.problems.append(f"line 1: bad header {','.join(header)!r} (expected 'id,predicted')")
+    if [h.strip() for h in header] != list(expected):
+        report.problems.append(f"line 1: bad header {','.join(header)!r} (expected '{','.join(expected)}')")
         if len(header) != 2:
             return  # columns unknown: the rows cannot be interpreted
     for row in reader:
@@ -259,7 +273,8 @@ def _check_rows(reader, sizes, report: SubmissionReport, runs_by_id: dict, liste
         if len(row) != 2:
             if row[0].strip() in sizes:
                 listed.add(row[0].strip())  # listed, though unreadable: not also "missing"
-            report.problems.append(f"line {line}: id {row[0]}: expected 2 fields (id,predicted), got {len(row)}")
+            report.problems.append(f"line {line}: id {row[0]}: expected 2 fields ({','.join(expected)}), got "
+                                   f"{len(row)}")
             continue
         image_id, predicted = row[0].strip(), row[1]
         if image_id not in sizes:
@@ -291,10 +306,35 @@ def _check_rle(predicted: str, shape: tuple[int, int]) -> tuple[str | None, tupl
     return None, (starts, lengths)
 
 
-def validate_submission(csv_path, image_dir) -> list[str]:
+def validate_submission(csv_path, image_dir, header=HEADER, rle_order: str = "row") -> list[str]:
     """Problem lines of a submission CSV checked against a directory of test images; empty when valid.
 
     Each line names the 1-based CSV line number (the header is line 1; 0 for an image with no row) and the image
     id. See :func:`check_submission` for the checks and the errors raised.
     """
-    return check_submission(csv_path, image_dir).problems
+    return check_submission(csv_path, image_dir, header, rle_order).problems
+
+
+def write_coco_results(items: Iterable[tuple], path, image_ids: Mapping[str, int] | None = None) -> Path:
+    """Write kept masks as a COCO results json (``COCO.loadRes`` input), atomically.
+
+    Args:
+        items: ``(image id, KeptMasks, class ids)`` per image: the masks kept by
+            :func:`cellkit.postprocess.apply_predictions` and the detector's class id of each (written as
+            ``category_id = class + 1``, COCO's 1-based ids in the dataset's class order).
+        path: the json to write.
+        image_ids: image id -> COCO image id (e.g. from the dataset's own json); default: the id itself.
+
+    Returns:
+        ``path`` as a Path; the file is a list of ``{"image_id", "category_id", "segmentation" (compressed RLE,
+        ``counts`` as str), "score"}``.
+    """
+    import json
+
+    results = []
+    for image_id, kept, classes in items:
+        segms = rle.to_coco_many(kept.runs(), (kept.height, kept.width))
+        results += [{"image_id": image_ids[image_id] if image_ids else image_id, "category_id": int(c) + 1,
+                     "segmentation": segm, "score": round(float(score), 6)}
+                    for c, score, segm in zip(classes, kept.scores, segms)]
+    return atomic.write_text(path, json.dumps(results))

@@ -21,6 +21,14 @@ noise.
 Images are grouped in samples of 1-3 images of one type (``sample_id``), so fold grouping has something to group;
 samples cycle through the types, so any set of 3 or more images has all three.
 Everything is drawn from ``numpy.random.default_rng([seed, split, index])``: the same seed gives byte-identical files.
+
+Other shapes of data, for trying the kit on datasets that are not Sartorius (``cellkit synth --classes --size
+--channels --bit-depth --mask-folder``): any class names (class ``k`` is drawn with the ``k mod 3``-th look above),
+any image size, 3-channel images (the grey image tinted per channel), 16-bit images (the grey levels x 257), and the
+2018 Data Science Bowl's per-instance mask folder (``out/train/<id>/images/<id>.png``, ``out/train/<id>/masks/*.png``,
+``out/test/<id>/images/<id>.png``; no ``train.csv``) for ``cellkit import masks``. A set other than the default also
+gets a ``dataset.json`` (:mod:`cellkit.schema`); a 16-bit set is a source for ``cellkit import csv``, which converts
+its images to the 8-bit ones the model reads.
 """
 import json
 import os
@@ -35,7 +43,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from cellkit import CELL_TYPES, SHAPE, rle
+from cellkit import CELL_TYPES, SHAPE, rle, schema as S
 
 __all__ = ["SYNTH_VERSION", "Cell", "cells_for", "paint", "render", "generate_image", "label_rles",
            "synth_dataset"]
@@ -261,35 +269,57 @@ def _image_ids(rng: np.random.Generator, n: int) -> list[str]:
     return list(ids)
 
 
-def _plan(seed: int, n_images: int, n_test: int) -> tuple[list[dict], list[dict]]:
+def _plan(seed: int, n_images: int, n_test: int, classes=CELL_TYPES) -> tuple[list[dict], list[dict]]:
     """Ids, cell types, samples and styles of every train and test image (one generator for the whole plan)."""
     rng = np.random.default_rng([seed, 2])
     ids = _image_ids(rng, n_images + n_test)
-    first_type = int(rng.integers(len(CELL_TYPES)))
+    first_type = int(rng.integers(len(classes)))
     train, sample = [], 0
     while len(train) < n_images:
-        cell_type = CELL_TYPES[(first_type + sample) % len(CELL_TYPES)]
+        cell_type = classes[(first_type + sample) % len(classes)]
         style = _style(rng)
-        unseen_after = max(len(CELL_TYPES) - 1 - sample, 0)  # keep an image for each type still to come
+        unseen_after = max(len(classes) - 1 - sample, 0)  # keep an image for each type still to come
         for _ in range(max(1, min(int(rng.integers(1, 4)), n_images - len(train) - unseen_after))):
             train.append({"id": ids[len(train)], "cell_type": cell_type, "sample_id": f"sample_{sample:03d}",
                           "style": style})
         sample += 1
-    test = [{"id": ids[n_images + i], "cell_type": CELL_TYPES[(first_type + i) % len(CELL_TYPES)],
+    test = [{"id": ids[n_images + i], "cell_type": classes[(first_type + i) % len(classes)],
              "style": _style(rng)} for i in range(n_test)]
     return train, test
 
 
-def _write_split(entries: list[dict], split: int, seed: int, image_dir: Path, desc: str) -> list[dict]:
+def _looks(image: np.ndarray, channels: int, bit_depth: int) -> np.ndarray:
+    """A grey uint8 image in the set's format: tinted per channel (BGR, as cv2 writes) and/or 16-bit (x 257)."""
+    if channels == 3:
+        grey = image.astype(np.float32)
+        image = np.clip(np.rint(np.stack([grey * 1.1 - 12, grey, grey * 0.9 + 12], axis=2)), 0, 255).astype(np.uint8)
+    return image.astype(np.uint16) * 257 if bit_depth == 16 else image
+
+
+def _save(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"could not write {path}")
+
+
+def _write_split(entries: list[dict], split: int, seed: int, image_dir: Path, desc: str, classes=CELL_TYPES,
+                 shape=SHAPE, channels: int = 1, bit_depth: int = 8, mask_folder: bool = False) -> list[dict]:
     """Generate and save the images of one split; returns the CSV rows of their cells."""
     image_dir.mkdir(parents=True)
-    height, width = SHAPE
+    height, width = shape
     rows = []
     for index, entry in enumerate(tqdm(entries, desc=desc, unit="img", disable=len(entries) < 2)):
         rng = np.random.default_rng([seed, split, index])
-        image, labels = generate_image(entry["cell_type"], rng, entry["style"])
-        if not cv2.imwrite(str(image_dir / f"{entry['id']}.png"), image):
-            raise OSError(f"{image_dir}: could not write {entry['id']}.png")
+        look = CELL_TYPES[list(classes).index(entry["cell_type"]) % len(CELL_TYPES)]
+        image, labels = generate_image(look, rng, entry["style"], shape)
+        image = _looks(image, channels, bit_depth)
+        if mask_folder:
+            folder = image_dir / entry["id"]
+            _save(folder / "images" / f"{entry['id']}.png", image)
+            for label in range(1, int(labels.max()) + 1) if split == _TRAIN else ():
+                _save(folder / "masks" / f"{label:04d}.png", (labels == label).astype(np.uint8) * 255)
+        else:
+            _save(image_dir / f"{entry['id']}.png", image)
         rows += [{"id": entry["id"], "annotation": s, "width": width, "height": height,
                   "cell_type": entry["cell_type"], "sample_id": entry.get("sample_id")}  # test rows drop sample_id
                  for s in label_rles(labels)]
@@ -297,7 +327,8 @@ def _write_split(entries: list[dict], split: int, seed: int, image_dir: Path, de
 
 
 def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: int = 3,
-                  force: bool = False) -> Path:
+                  force: bool = False, classes=None, shape=SHAPE, channels: int = 1, bit_depth: int = 8,
+                  mask_folder: bool = False) -> Path:
     """Write a synthetic competition-format dataset to ``out`` (layout in the module docstring).
 
     Generated in a temporary sibling folder and renamed into place at the end, so ``out`` is never half-written.
@@ -307,16 +338,26 @@ def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: 
         n_images: train images (>= 1); n_test: test images (>= 0).
         seed: any int >= 0; equal seeds give byte-identical files.
         force: replace a non-empty ``out``.
+        classes: class names (default the three cell types); shape: ``(height, width)``; channels: 1 or 3;
+            bit_depth: 8 or 16; mask_folder: the per-instance mask folder instead of ``train.csv`` + ``train/``.
+            The defaults write the demo set, byte for byte as before these options.
 
     Returns:
         ``out`` as a Path.
 
     Raises:
-        ValueError: bad counts or seed; ``out`` is a file, or non-empty without ``force``.
+        ValueError: bad counts, seed, classes, size, channels or bit depth; ``out`` is a file, or non-empty without
+            ``force``.
     """
     out = Path(out)
     if n_images < 1 or n_test < 0 or seed < 0:
         raise ValueError(f"need --images >= 1, --test-images >= 0, --seed >= 0 (got {n_images}, {n_test}, {seed})")
+    default = classes is None and tuple(shape) == SHAPE and channels == 1 and bit_depth == 8 and not mask_folder
+    schema = S.DatasetSchema(classes=tuple(classes or CELL_TYPES), channels=channels, bit_depth=bit_depth,
+                             rle_order="column" if mask_folder else "row", name="synthetic",
+                             submission_columns=("ImageId", "EncodedPixels") if mask_folder else ("id", "predicted"))
+    if len(shape) != 2 or min(shape) < 64:
+        raise ValueError(f"--size {shape}: expected HEIGHTxWIDTH, each at least 64 pixels")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -326,16 +367,24 @@ def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        train, test = _plan(seed, n_images, n_test)
+        train, test = _plan(seed, n_images, n_test, schema.classes)
         columns = ["id", "annotation", "width", "height", "cell_type"]
-        pd.DataFrame(_write_split(train, _TRAIN, seed, tmp / "train", "synth train"),
-                     columns=columns + ["sample_id"]).to_csv(tmp / "train.csv", index=False, lineterminator="\n")
-        pd.DataFrame(_write_split(test, _TEST, seed, tmp / "test", "synth test"),
+        look = dict(classes=schema.classes, shape=tuple(shape), channels=channels, bit_depth=bit_depth,
+                    mask_folder=mask_folder)
+        train_rows = pd.DataFrame(_write_split(train, _TRAIN, seed, tmp / "train", "synth train", **look),
+                                  columns=columns + ["sample_id"])
+        if not mask_folder:
+            train_rows.to_csv(tmp / "train.csv", index=False, lineterminator="\n")
+        pd.DataFrame(_write_split(test, _TEST, seed, tmp / "test", "synth test", **look),
                      columns=columns).to_csv(tmp / "test_truth.csv", index=False, lineterminator="\n")
-        pd.DataFrame({"id": [e["id"] for e in test], "predicted": ""}).to_csv(
-            tmp / "sample_submission.csv", index=False, lineterminator="\n")
+        pd.DataFrame({name: [e["id"] for e in test] if k == 0 else "" for k, name in
+                      enumerate(schema.submission_columns)}).to_csv(tmp / "sample_submission.csv", index=False,
+                                                                    lineterminator="\n")
         meta = {"generator": "cellkit.synth", "version": SYNTH_VERSION, "seed": seed, "images": n_images,
-                "test_images": n_test, "shape": list(SHAPE)}
+                "test_images": n_test, "shape": list(shape)}
+        if not default:
+            meta.update(classes=list(schema.classes), channels=channels, bit_depth=bit_depth, mask_folder=mask_folder)
+            S.save_schema(schema, tmp)
         (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
         old = out.parent / f".{out.name}.old-{os.getpid()}"  # an existing out is moved aside, deleted after
         if out.exists():

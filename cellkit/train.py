@@ -29,7 +29,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from cellkit import compat, gtmasks, rundir
+from cellkit import compat, gtmasks, rundir, schema
 from cellkit.config import resolve_runtime, save_config
 from cellkit.evaluation import CellkitEvaluator
 from cellkit.modeling import CellkitCheckpointer
@@ -648,9 +648,23 @@ def prepare_config(cfg, *, resume: bool = False, has_cuda: bool | None = None):
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(LIVECELL_CELL_LINES):
             logger.info("cellkit: pretrain on LIVECell: MODEL.ROI_HEADS.NUM_CLASSES=%d", len(LIVECELL_CELL_LINES))
             cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(LIVECELL_CELL_LINES)
+    else:
+        _record_schema(cfg, out)
     resolve_runtime(cfg, has_cuda)
     cfg.freeze()
     return cfg, specs
+
+
+def _record_schema(cfg, out: Path) -> None:
+    """The data's classes decide ``MODEL.ROI_HEADS.NUM_CLASSES``; a dataset other than Sartorius is recorded in the
+    run (``dataset.json``, read by every later stage)."""
+    data_schema = schema.schema_of(cfg.CELLKIT.DATA.ROOT)
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(data_schema.classes):
+        logger.info("cellkit: %s's classes %s: MODEL.ROI_HEADS.NUM_CLASSES=%d", data_schema.name,
+                    list(data_schema.classes), len(data_schema.classes))
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(data_schema.classes)
+    if data_schema != schema.SARTORIUS and comm.is_main_process():
+        schema.save_schema(data_schema, out)
 
 
 def setup_logging(cfg) -> None:

@@ -266,10 +266,6 @@ class CellTTA(TTACompat):
         if self.amp and device.type != "cuda":
             raise ValueError("amp=True needs a CUDA model")
         self.passes_run = 0  # forward passes of the backbone since construction (for tests and benchmarks)
-        # every detection reported as class 0 when the model's classes are not the store's CELL_TYPES (LIVECell
-        # pretraining, validated class-agnostically by cellkit.train.ValidationPredictor; `cellkit predict` refuses
-        # such a model first, check_num_classes)
-        self.one_class = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES) != len(CELL_TYPES)
 
     @property
     def n_passes(self) -> int:
@@ -420,14 +416,14 @@ def predict_members(members: Sequence[CellTTA], image: np.ndarray, image_id: str
         boxes, scores, classes, masks = fused_boxes_and_masks(members, inp, fusion)
     mask_boxes, crops = paste_crops(masks.float(), boxes, height, width)
     scores = scores.float().cpu().numpy()
-    classes = torch.zeros_like(classes) if members[0].one_class else classes
     return InstancePredictions(image_id, height, width, classes.cpu().numpy(), scores, boxes.cpu().numpy(), mask_boxes,
                                crops).select(np.argsort(-scores, kind="stable"))
 
 
-def check_num_classes(cfg) -> None:
-    """Raise ValueError unless the model predicts exactly the competition's cell types (the store's classes)."""
+def check_num_classes(cfg, classes=CELL_TYPES) -> None:
+    """Raise ValueError unless the model predicts exactly the dataset's ``classes`` (the store's; default the
+    competition's cell types)."""
     n = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    if n != len(CELL_TYPES):
+    if n != len(classes):
         raise ValueError(f"config MODEL.ROI_HEADS.NUM_CLASSES is {n}; predictions are stored for the "
-                         f"{len(CELL_TYPES)} cell types {list(CELL_TYPES)}")
+                         f"{len(classes)} classes {list(classes)}")

@@ -106,9 +106,22 @@ EDA = notebook(
     "Images and cells per cell type, cell-area distributions, masks over images, and a label audit (suspicious "
     "annotations, the worst images).\n\n" + RUN_HINT.format(stem="01_eda"),
     [P_DATA, P_OUT, ("N_OVERLAYS", 2, "images per cell type drawn with their masks"),
-     ("N_AUDIT", 6, "most suspicious images of the label audit drawn with their flags"), P_SMOKE],
+     ("N_AUDIT", 6, "most suspicious images of the label audit drawn with their flags"), P_SMOKE,
+     ("SOURCE_FORMAT", "", "a dataset in its own format, imported into DATA_DIR first (cellkit import; once): csv, "
+                           "coco or masks; empty when DATA_DIR is in the kit's layout already"),
+     ("SOURCE", "", "that dataset: the CSV, the COCO json(s) comma-separated, or the mask folder"),
+     ("SOURCE_IMAGES", "", "its image folder (csv, coco)"),
+     ("SOURCE_TEST_IMAGES", "", "its test images (copied to DATA_DIR/test)"),
+     ("CLASS_COLUMN", "cell_type", "csv: the class column"),
+     ("RLE_ORDER", "", "row or column: the pixel order of its mask strings and submission; empty for the format's "
+                       "(masks: column, else row)"),
+     ("GROUP_PATTERN", "", "regex whose first group, found in the image id, is the image's group for thresholds and "
+                           "CV (LIVECell: ^([A-Za-z0-9]+)_); empty: the group is the class")],
     [
-        ("code", setup_cell('data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
+        ("code", setup_cell('if SOURCE_FORMAT:\n'
+                            '    chain.import_source(SOURCE_FORMAT, SOURCE, DATA_DIR, SOURCE_IMAGES, SOURCE_TEST_IMAGES,\n'
+                            '                        CLASS_COLUMN, RLE_ORDER, GROUP_PATTERN)\n'
+                            'data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
                             'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
                             'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),
         ("code", "from cellkit import data, viz\n\n"

@@ -379,8 +379,10 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{truth} line 3 (id img): bad annotation" in err
     assert not (tmp_path / "o").exists()
+    assert main(["audit", "--truth", str(truth), "--out", str(tmp_path / "o"), "--min-area", "nope=3"]) == 2
+    assert "--min-area: unknown class 'nope' (expected CELL_TYPE=PIXELS pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["audit", "--truth", str(truth), "--out", str(tmp_path / "o"), "--min-area", "nope=3"])
+        main(["audit", "--truth", str(truth), "--out", str(tmp_path / "o"), "--min-area", "astro"])
     assert "expected CELL_TYPE=PIXELS pairs" in capsys.readouterr().err
 
 

@@ -1,5 +1,4 @@
 """``cellkit import`` and the dataset schema: formats in, the kit's layout out, bad input named before any write."""
-from __future__ import annotations
 
 import json
 import subprocess

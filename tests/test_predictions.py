@@ -136,7 +136,7 @@ def test_quantize():
 
 @pytest.mark.parametrize("change, match", [
     (dict(scores=[0.5, 0.5]), "mismatched lengths"),
-    (dict(classes=[0, 1, 5]), "classes must be in"),
+    (dict(classes=[0, -1, 2]), "classes must be >= 0"),
     (dict(mask_boxes=[[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 51, 2]]), "instance 2: mask_box"),
     (dict(masks=[np.zeros((2, 2), np.uint8)] * 3), "instance 0: mask shape"),
     (dict(masks=[np.zeros((1, 1), np.float32)] * 3), "instance 0: mask dtype float32"),

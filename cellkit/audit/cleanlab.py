@@ -97,17 +97,20 @@ def cleanlab_format(images: Sequence[_CleanlabImage]) -> tuple[list[dict], list[
     Returns:
         ``(labels, predictions)``: ``labels[i] = {"bboxes": float (L, 4) XYXY, "labels": int (L,)}``;
         ``predictions[i][k]``: float ``(M_k, 5)`` rows ``[x1, y1, x2, y2, probability]`` of the predictions of class
-        ``k`` (one array per class of :data:`cellkit.CELL_TYPES`).
+        ``k`` (one array per class: the dataset's, at least the three of :data:`cellkit.CELL_TYPES`).
     """
     labels = [{"bboxes": np.asarray(im.label_boxes, dtype=np.float64).reshape(-1, 4),
                "labels": np.asarray(im.label_classes, dtype=np.int64)} for im in images]
+    # one array per class: at least the Sartorius three, more for a dataset with more classes
+    n_classes = max([len(CELL_TYPES)] + [int(np.max(c, initial=-1)) + 1 for im in images
+                                         for c in (im.label_classes, im.pred_classes)])
     predictions = []
     for im in images:
         boxes = np.asarray(im.pred_boxes, dtype=np.float64).reshape(-1, 4)
         probs = np.asarray(im.pred_probs, dtype=np.float64).reshape(-1, 1)
         classes = np.asarray(im.pred_classes, dtype=np.int64)
         predictions.append([np.concatenate([boxes[classes == k], probs[classes == k]], axis=1)
-                            for k in range(len(CELL_TYPES))])
+                            for k in range(n_classes)])
     return labels, predictions
 
 

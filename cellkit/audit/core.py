@@ -13,6 +13,7 @@ from cellkit.audit.cleanlab import add_cleanlab_columns
 from cellkit.audit.labels import ImageLabels, audit_labels
 from cellkit.audit.predictions import audit_predictions
 from cellkit.audit.report import AuditResult
+from cellkit.schema import SARTORIUS, DatasetSchema, schema_of
 from cellkit.audit.spec import (IMAGE_COLUMNS, INSTANCE_COLUMNS, KINDS, RATE_KINDS, AuditSpec, apply_baselines,
                                 image_score)
 
@@ -89,11 +90,13 @@ def audit(truth, pred_dir=None, thresholds=None, spec: AuditSpec | None = None, 
     if unknown:
         raise ValueError(f"{where}: {len(unknown)} image id(s) to audit are not in it, e.g. {unknown[0]!r}")
     listing = _prediction_paths(pred_dir, groups, ids, where)
-    thr = ({c: dict(v) for c, v in postprocess.SEED_THRESHOLDS.items()} if thresholds is None
+    schema = schema_of(Path(source).parent) if source else SARTORIUS
+    thr = (postprocess.seed_thresholds(schema.groups) if thresholds is None
            else postprocess.load_thresholds(thresholds)["thresholds"])
     columns = {c: table[c].to_numpy() for c in ("id", "annotation", "width", "height", "cell_type")}
     rows_index = table.index.to_numpy()
-    done = [_audit_image(image_id, groups[image_id], columns, rows_index, listing.get(image_id), thr, spec, where)
+    done = [_audit_image(image_id, groups[image_id], columns, rows_index, listing.get(image_id), thr, spec, where,
+                         schema)
             for image_id in tqdm(ids, desc="audit", unit="img", disable=not progress, leave=False)]
     images, instances = _tables([record for record, _, _ in done], [x for _, found, _ in done for x in found],
                                 {k: cl for k, (_, _, cl) in enumerate(done) if cl is not None}, spec)
@@ -108,14 +111,14 @@ def audit(truth, pred_dir=None, thresholds=None, spec: AuditSpec | None = None, 
 
 
 def _audit_image(image_id: str, positions: np.ndarray, columns: dict, rows_index: np.ndarray, pred_path,
-                 thresholds: dict, spec: AuditSpec, where: str):
+                 thresholds: dict, spec: AuditSpec, where: str, schema: DatasetSchema = SARTORIUS):
     """One image's record, its instance records and its cleanlab boxes (None without predictions)."""
     first = positions[0]
     cell_type = str(columns["cell_type"][first])
     shape = (int(columns["height"][first]), int(columns["width"][first]))
     image = ImageLabels.parse(image_id, cell_type, rows_index[positions], list(columns["annotation"][positions]),
                               shape, where)
-    counts = audit_labels(image, spec.min_area[cell_type], spec.duplicate_iou, spec.overlap_ios)
+    counts = audit_labels(image, spec.tiny_area(cell_type), spec.duplicate_iou, spec.overlap_ios)
     label_score, _ = image_score(counts, spec.weights)
     record = {"id": image_id, "cell_type": cell_type, "score": label_score, "label_score": label_score,
               "pred_score": np.nan, "flags": "", "n_rows": int(len(positions)), **counts, "has_pred": False,
@@ -125,7 +128,8 @@ def _audit_image(image_id: str, positions: np.ndarray, columns: dict, rows_index
               "cleanlab_swap": np.nan}
     if pred_path is None:
         return record, image.instances, None
-    found, cl = audit_predictions(image, pred_path, thresholds[cell_type], spec, where)
+    found, cl = audit_predictions(image, pred_path, thresholds[schema.image_group(image_id, cell_type)], spec, where,
+                                  schema.class_id(cell_type, where))
     return {**record, **found}, image.instances, cl
 
 

@@ -111,7 +111,8 @@ def _coverage(preds: MaskRuns, labels: MaskRuns) -> np.ndarray:
 
 
 
-def audit_predictions(image: ImageLabels, pred_path, thresholds: dict, spec: AuditSpec, where: str
+def audit_predictions(image: ImageLabels, pred_path, thresholds: dict, spec: AuditSpec, where: str,
+                      label_class: int | None = None
                       ) -> tuple[dict, _CleanlabImage]:
     """Flag the image's missed, spurious and misplaced annotations (:func:`prediction_flags`) into
     ``image.instances``.
@@ -122,6 +123,8 @@ def audit_predictions(image: ImageLabels, pred_path, thresholds: dict, spec: Aud
         thresholds: the cell type's ``score``, ``mask`` and ``min_area`` thresholds
             (:func:`cellkit.postprocess.load_thresholds`).
         spec: the audit's thresholds.
+        label_class: the class id of the image's annotations (default: its cell type's index in the Sartorius
+            classes).
         where: the train CSV, for the error message.
 
     Returns:
@@ -156,6 +159,7 @@ def audit_predictions(image: ImageLabels, pred_path, thresholds: dict, spec: Aud
               **{f"{k}_fraction": v[0] for k, v in image_fractions({"n_labels": n_labels, **counts}).items()},
               "mean_best_iou": float(pf.label_best_iou[nonempty].mean()) if nonempty.any() else np.nan}
     return record, _CleanlabImage(labels.boxes[nonempty].astype(np.float64),
-                                  np.full(n_labels, CELL_TYPES.index(image.cell_type), dtype=np.int64),
+                                  np.full(n_labels, CELL_TYPES.index(image.cell_type) if label_class is None
+                                          else label_class, dtype=np.int64),
                                   pred.boxes.astype(np.float64), pred.classes.astype(np.int64),
                                   pred.scores.astype(np.float64))

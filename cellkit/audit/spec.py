@@ -61,7 +61,8 @@ class AuditSpec:
     Attributes:
         duplicate_iou: mask IoU at or above which two annotations are duplicates.
         overlap_ios: intersection over the smaller mask at or above which two annotations overlap heavily.
-        min_area: per cell type, a non-empty annotation with fewer pixels is tiny.
+        min_area: per cell type, a non-empty annotation with fewer pixels is tiny; the three Sartorius cell types
+            must be given, another dataset's classes may be (a class without an entry takes the smallest value).
         match_iou: a prediction and an annotation match when their IoU is at least this.
         misplaced_iou: an unmatched annotation whose best IoU is at least this is ``misplaced``, else ``spurious``.
         missed_coverage: an unmatched confident prediction is ``missed`` when less than this fraction of its pixels
@@ -103,7 +104,11 @@ class AuditSpec:
              f"AuditSpec.weights: unknown key {unknown[0]!r} (expected {', '.join(DEFAULT_WEIGHTS)})")) if bad]
         if problems:
             raise ValueError(problems[0])
-        object.__setattr__(self, "min_area", {c: int(self.min_area[c]) for c in CELL_TYPES})
+        object.__setattr__(self, "min_area", {c: int(self.min_area[c]) for c in (*CELL_TYPES, *self.min_area)})
+
+    def tiny_area(self, cell_type: str) -> int:
+        """The ``min_area`` of a class (the smallest of :attr:`min_area` for a class without an entry)."""
+        return self.min_area.get(cell_type, min(self.min_area.values()))
         object.__setattr__(self, "weights", {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in self.weights.items()}})
 
 

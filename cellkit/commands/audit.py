@@ -15,16 +15,13 @@ HELP = "flag suspicious annotations (duplicates, overlaps, tiny; missed/spurious
 
 
 def _min_areas(text: str) -> dict[str, int]:
-    """``"shsy5y=30,astro=80,cort=40"`` (any subset) -> ``{cell type: int}``."""
-    from cellkit import CELL_TYPES
-
+    """``"shsy5y=30,astro=80,cort=40"`` (any subset; another dataset's class names too) -> ``{cell type: int}``."""
     out = {}
     for part in (p for p in text.split(",") if p.strip()):
         name, sep, value = part.partition("=")
         name = name.strip()
-        if not sep or name not in CELL_TYPES:
-            raise argparse.ArgumentTypeError(f"expected CELL_TYPE=PIXELS pairs of {', '.join(CELL_TYPES)}, "
-                                             f"got {part!r}")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected CELL_TYPE=PIXELS pairs (e.g. shsy5y=30), got {part!r}")
         try:
             out[name] = int(value)
         except ValueError:
@@ -55,8 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from cellkit import audit
+    from pathlib import Path
 
+    from cellkit import CELL_TYPES, audit
+    from cellkit.schema import schema_of
+
+    classes = set(CELL_TYPES) | set(schema_of(Path(args.truth).parent).classes)
+    if unknown := sorted(set(args.min_area or {}) - classes):
+        raise ValueError(f"--min-area: unknown class {unknown[0]!r} (expected CELL_TYPE=PIXELS pairs of "
+                         f"{', '.join(sorted(classes))})")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec = audit.AuditSpec(duplicate_iou=args.duplicate_iou, overlap_ios=args.overlap_ios,
                            min_area={**audit.DEFAULT_MIN_AREA, **(args.min_area or {})}, match_iou=args.match_iou,

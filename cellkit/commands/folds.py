@@ -12,12 +12,19 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from cellkit import CELL_TYPES, data
-    from cellkit.folds import make_folds, write_folds
+    from pathlib import Path
 
-    folds = make_folds(data.read_train_csv(args.train_csv), k=args.k, seed=args.seed, source=str(args.train_csv))
+    from cellkit import data
+    from cellkit.folds import make_folds, write_folds
+    from cellkit.schema import schema_of
+
+    schema = schema_of(Path(args.train_csv).parent)
+    folds = make_folds(data.read_train_csv(args.train_csv), k=args.k, seed=args.seed, source=str(args.train_csv),
+                       schema=schema)
     path = write_folds(folds, args.out)
-    table = pd.crosstab(folds["fold"], folds["cell_type"]).reindex(columns=list(CELL_TYPES), fill_value=0)
+    groups = [schema.image_group(i, c) for i, c in zip(folds["id"].astype(str), folds["cell_type"])]
+    table = pd.crosstab(folds["fold"], pd.Series(groups, name="cell_type", index=folds.index)).reindex(
+        columns=list(schema.groups), fill_value=0)
     table["images"] = table.sum(axis=1)
     print(f"wrote {path}: {len(folds)} images in {args.k} folds (seed {args.seed})")
     print(table.to_string())

@@ -30,9 +30,9 @@ def add_arguments(parser) -> None:
                              "are still dropped)")
     parser.add_argument("--min-share", type=float, default=d.min_share, metavar="S",
                         help=f"keep an image when its cell type's score-weighted vote share >= S (default {d.min_share})")
-    parser.add_argument("--min-mean-score", default=str(d.min_mean_score["shsy5y"]), metavar="V",
+    parser.add_argument("--min-mean-score", default=str(d.min_mean_score[d.classes[0]]), metavar="V",
                         help=f"keep an image when its masks' mean score >= V: {_CLASSWISE} (default %(default)s)")
-    parser.add_argument("--min-mask-score", default=str(d.min_mask_score["shsy5y"]), metavar="V",
+    parser.add_argument("--min-mask-score", default=str(d.min_mask_score[d.classes[0]]), metavar="V",
                         help=f"keep a mask when its score >= V (on top of thresholds.json): {_CLASSWISE} "
                              f"(default %(default)s)")
     parser.add_argument("--copy", action="store_true", help="copy the images instead of symlinking them")
@@ -47,12 +47,14 @@ def run(args) -> int:
     from cellkit import postprocess as pp
     from cellkit import pseudo
     from cellkit.commands.submit import check_inference
+    from cellkit.search import store_schema
 
     doc = pp.load_thresholds(args.thresholds)
+    classes = store_schema(args.pred).classes
     settings = None if args.no_screen else pseudo.ScreenSettings(
         min_share=args.min_share,
-        min_mean_score=pseudo.parse_class_values(args.min_mean_score, "--min-mean-score"),
-        min_mask_score=pseudo.parse_class_values(args.min_mask_score, "--min-mask-score"))
+        min_mean_score=pseudo.parse_class_values(args.min_mean_score, "--min-mean-score", classes),
+        min_mask_score=pseudo.parse_class_values(args.min_mask_score, "--min-mask-score", classes), classes=classes)
     log = check_inference(args.pred, args.thresholds, doc, args.allow_inference_mismatch)
     log.append("screening: off (--no-screen)" if settings is None else f"screening: {settings.to_dict()}")
     print("\n".join(log), file=sys.stderr)

@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cellkit import CELL_TYPES, postprocess as pp, search as S
+    from cellkit import postprocess as pp, search as S
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grid = {"score": args.score_grid, "mask": args.mask_grid, "min_area": args.min_area_grid}
@@ -59,8 +59,7 @@ def run(args) -> int:
     before, after = doc["metric"]["before"], doc["metric"]["after"]
     fmt = lambda v: f"{v:7.4f}" if v is not None else "      -"
     print(f"{'class':8} {'score':>6} {'mask':>6} {'min_area':>8}   {'before':>7} {'after':>7}")
-    for name in CELL_TYPES:
-        t = doc["thresholds"][name]
+    for name, t in doc["thresholds"].items():
         print(f"{name:8} {t['score']:6.2f} {t['mask']:6.2f} {t['min_area']:8d}   "
               f"{fmt(before['per_class'][name])} {fmt(after['per_class'][name])}")
     print(f"{'mAP':8} {'':6} {'':6} {'':8}   {before['mAP']:7.4f} {after['mAP']:7.4f}")
