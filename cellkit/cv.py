@@ -36,7 +36,7 @@ import pandas as pd
 from cellkit import CELL_TYPES, atomic
 from cellkit import postprocess as pp
 from cellkit import predictions as P
-from cellkit.schema import SARTORIUS, DatasetSchema
+from cellkit.schema import SARTORIUS, DatasetSchema, schema_of
 
 __all__ = ["COLUMNS", "SETTINGS", "CV_JSON", "CV_PNG", "naive_setting", "score_images", "summarise", "cv_report",
            "search_mismatch", "format_tables", "plot_cv", "write_report"]
@@ -175,7 +175,6 @@ def cv_report(pred_dir, truth_csv, thresholds_path, folds_csv, progress: bool = 
     from cellkit import __version__
     from cellkit.data import read_train_csv
     from cellkit.folds import read_folds
-    from cellkit.search import store_schema
 
     pred_dir, truth_csv, thresholds_path, folds_csv = map(Path, (pred_dir, truth_csv, thresholds_path, folds_csv))
     if not truth_csv.is_file():
@@ -185,7 +184,7 @@ def cv_report(pred_dir, truth_csv, thresholds_path, folds_csv, progress: bool = 
     folds = read_folds(folds_csv)
     truth = read_train_csv(truth_csv)
     P.image_ids(pred_dir)  # a missing, empty or foreign store is the first error, before anything is scored
-    schema = store_schema(pred_dir)
+    schema = schema_of(pred_dir)
     doc = {**doc, "thresholds": pp.validate_thresholds(doc["thresholds"], str(thresholds_path), schema.groups)}
     columns = ("all",) + schema.groups
     try:

@@ -228,12 +228,14 @@ def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, progress: bool = False
     }
 
 
-def read_csv(path, role: str) -> pd.DataFrame:
+def read_csv(path, role: str, columns: tuple[str, str] = ("id", "predicted")) -> pd.DataFrame:
     """Read a truth or submission CSV for scoring: ids as str, empty masks as ``""``, index = CSV line number.
 
     Args:
         path: the CSV file.
         role: ``"truth"`` or ``"predictions"``, only for messages.
+        columns: the file's id and mask-string columns when they are named otherwise (a dataset's submission,
+            :mod:`cellkit.schema`): renamed to ``id`` and ``predicted``.
 
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable CSV or no ``id`` column, naming the file.
@@ -242,10 +244,14 @@ def read_csv(path, role: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{role} file not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values={"width": [""],
-                                                                                        "height": [""]})
+        frame = pd.read_csv(path, dtype={columns[0]: str}, keep_default_na=False, na_values={"width": [""],
+                                                                                              "height": [""]})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read as CSV: {exc}") from None
+    if tuple(columns) != ("id", "predicted"):
+        if columns[0] not in frame.columns or columns[1] not in frame.columns:
+            raise ValueError(f"{path}: expected the columns {columns[0]}, {columns[1]}; columns: {list(frame.columns)}")
+        frame = frame.rename(columns={columns[0]: "id", columns[1]: "predicted"})
     if "id" not in frame.columns:
         raise ValueError(f"{path}: no 'id' column; columns: {list(frame.columns)}")
     frame.index = pd.RangeIndex(2, len(frame) + 2, name="line")  # line 1 is the header
@@ -259,12 +265,7 @@ def score_csv(truth_path, pred_path, progress: bool = False, schema: DatasetSche
     RLE order and the groups of ``per_class`` (with ``group_by="pattern"`` each image's from its id).
     """
     schema = schema or schema_of(Path(truth_path).parent)
-    truth, pred = read_csv(truth_path, "truth"), read_csv(pred_path, "predictions")
-    id_col, mask_col = schema.submission_columns
-    if (id_col, mask_col) != ("id", "predicted"):
-        if id_col not in pred.columns or mask_col not in pred.columns:
-            raise ValueError(f"{pred_path}: expected the columns {id_col}, {mask_col}; columns: {list(pred.columns)}")
-        pred = pred.rename(columns={id_col: "id", mask_col: "predicted"})
+    truth, pred = read_csv(truth_path, "truth"), read_csv(pred_path, "predictions", schema.submission_columns)
     if schema.rle_order == "column":
         pred = pred.assign(predicted=_row_major(truth, pred, str(pred_path)))
     if schema.group_by == "pattern":

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from cellkit import CELL_TYPES, atomic
-from cellkit.schema import SARTORIUS, DatasetSchema, save_schema
+from cellkit.schema import SARTORIUS, DatasetSchema, save_schema, schema_of
 
 __all__ = [
     "FORMAT", "SUMMARY_NAME", "CSV_COLUMNS", "REASONS", "ScreenSettings", "ImageDecision", "class_vote",
@@ -357,12 +357,11 @@ def write_pseudo_labels(pred_dir, thresholds_path, image_dir, out_dir, settings:
     from cellkit import postprocess as pp
     from cellkit import predictions as P
     from cellkit.data import find_image
-    from cellkit.search import store_schema
     from cellkit.submission import check_store_ids, image_sizes
 
     pred_dir, image_dir, out_dir = Path(pred_dir), Path(image_dir), Path(out_dir)
     doc = pp.load_thresholds(thresholds_path) if doc is None else doc
-    schema = store_schema(pred_dir)
+    schema = schema_of(pred_dir)
     thresholds = pp.validate_thresholds(doc["thresholds"], str(thresholds_path), schema.groups)
     if settings is not None and settings.classes != schema.classes:
         raise ValueError(f"screen: settings for the classes {list(settings.classes)}, the store's dataset has "

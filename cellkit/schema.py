@@ -182,7 +182,19 @@ def save_schema(schema: DatasetSchema, directory) -> Path:
     return atomic.write_bytes(Path(directory) / FILE_NAME, text.encode())
 
 
-def schema_of(directory) -> DatasetSchema:
-    """The schema of a dataset or run directory: its ``dataset.json``, else :data:`SARTORIUS`."""
-    path = Path(directory) / FILE_NAME
-    return load_schema(path) if path.is_file() else SARTORIUS
+def schema_of(path) -> DatasetSchema:
+    """The schema recorded at ``path``, else :data:`SARTORIUS`: a dataset or run directory's ``dataset.json``, a
+    prediction store's ``meta.json`` (the store directory or the file), a ``thresholds.json`` (their ``"dataset"``
+    key), or a ``dataset.json`` itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((p for p in (path / FILE_NAME, path / "meta.json") if p.is_file()), path / FILE_NAME)
+    if not path.is_file():
+        return SARTORIUS
+    if path.name == FILE_NAME:
+        return load_schema(path)
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return from_dict(doc["dataset"], f"{path}: dataset") if isinstance(doc, dict) and "dataset" in doc else SARTORIUS

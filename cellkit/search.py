@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from cellkit import CELL_TYPES, __version__, metric, postprocess as pp, predictions as P, rle
-from cellkit.schema import SARTORIUS, DatasetSchema
+from cellkit.schema import SARTORIUS, schema_of
 from cellkit.geometry import MaskRuns
 
 __all__ = ["DEFAULT_GRID", "OPTION_SETS", "make_grid", "ImageData", "prepare_image", "image_scores",
@@ -106,7 +106,7 @@ class ImageData:
         inst, pix: int32 ``(L,)`` entry instance and flat row-major pixel; ``q``: uint8 ``(L,)`` probability x 255.
         tlab: int32 ``(L,)`` first true mask covering the entry's pixel (-1 none); ``extra_entry``/``extra_truth``:
             further true masks at entries whose pixel lies in several (true masks may overlap).
-        block: int64 ``(4,)`` entry offsets of the class blocks; ``prefix``: int64 ``(3, n_mask)``.
+        block: int64 ``(n_groups + 1,)`` entry offsets of the class blocks; ``prefix``: int64 ``(n_groups, n_mask)``.
         qsum, qcount: float64 / int64 ``(n_mask, N)`` sum of q and count over the pixels kept at each grid pixel
             threshold (for rescoring; exactly as :func:`cellkit.postprocess.apply_predictions` computes them).
         n_pixels: H x W.
@@ -295,8 +295,9 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
         img: the image's data.
         vote: image-class vote (else each instance's own class).
         rescore: score = score x mean kept probability.
-        mask_index: int ``(3,)`` index into the pixel-threshold grid of each class (class c's is ignored).
-        fixed_score, fixed_area: ``(3,)`` score threshold and minimum area of each class (class c's are ignored).
+        mask_index: int ``(n_groups,)`` index into the pixel-threshold grid of each class (class c's is ignored).
+        fixed_score, fixed_area: ``(n_groups,)`` score threshold and minimum area of each class (class c's are
+            ignored).
         c: the swept class id.
         masks: indices into the pixel-threshold grid to evaluate for class c.
         score_grid: float64 ``(ns,)`` ascending score thresholds; area_grid: int64 ``(na,)`` minimum areas.
@@ -306,7 +307,7 @@ def sweep_image(img: ImageData, vote: bool, rescore: bool, c: int, mask_index: n
         that :func:`cellkit.postprocess.apply_predictions` keeps.
     """
     eff_class = effective(img, vote)
-    blocks_c = ([0, 1, 2] if img.vote == c else []) if (vote and img.vote >= 0) else [c]
+    blocks_c = (list(range(len(img.block) - 1)) if img.vote == c else []) if (vote and img.vote >= 0) else [c]
     mask_index = np.array(mask_index, dtype=np.int64)
     eff_fixed = _effective_scores(img, rescore, mask_index[eff_class])
     # ownership by the fixed instances alone, shared by every pixel threshold of class c
@@ -577,14 +578,6 @@ class _Pool:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def store_schema(pred_dir) -> DatasetSchema:
-    """The dataset a predictions store was made for (its ``meta.json``'s ``"dataset"``; Sartorius without one)."""
-    try:
-        return pp.document_schema(P.read_meta(pred_dir), str(Path(pred_dir) / P.META_NAME))
-    except FileNotFoundError:
-        return SARTORIUS
-
-
 class ThresholdSearch:
     """The search over one predictions directory and truth table; see :func:`search` for the usual entry point.
 
@@ -604,7 +597,7 @@ class ThresholdSearch:
     def __init__(self, pred_dir, truth, grid: dict | None = None, workers: int = 2, vote_min_score: float = 0.5,
                  schema=None):
         self.pred_dir = Path(pred_dir)
-        self.schema = schema or store_schema(self.pred_dir)
+        self.schema = schema or schema_of(self.pred_dir)
         self.groups = self.schema.groups
         self.grid = make_grid(**(grid or {}))
         self.vote_min_score = float(vote_min_score)

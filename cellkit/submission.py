@@ -26,7 +26,7 @@ from cellkit import SHAPE, atomic, geometry, rle
 
 __all__ = [
     "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes", "check_store_ids",
-    "SubmissionReport", "check_submission", "validate_submission", "write_coco_results",
+    "SubmissionReport", "check_submission", "validate_submission", "write_coco_results", "read_submission",
 ]
 
 #: The submission's columns.
@@ -313,6 +313,20 @@ def validate_submission(csv_path, image_dir, header=HEADER, rle_order: str = "ro
     id. See :func:`check_submission` for the checks and the errors raised.
     """
     return check_submission(csv_path, image_dir, header, rle_order).problems
+
+
+def read_submission(csv_path, image_dir, header=HEADER, rle_order: str = "row"):
+    """A submission as the kit's tools read it: a DataFrame ``id, predicted`` of row-major strings (a column-major
+    one converted with each image's size from ``image_dir``), empty ``predicted`` kept as ``""``."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False).rename(
+        columns={header[0]: "id", header[1]: "predicted"})
+    if rle_order == "column":
+        sizes = image_sizes(image_dir)
+        frame["predicted"] = [rle.convert_order(m, sizes[i], "column", "row") if m else m
+                              for i, m in zip(frame["id"], frame["predicted"])]
+    return frame
 
 
 def write_coco_results(items: Iterable[tuple], path, image_ids: Mapping[str, int] | None = None) -> Path:

@@ -361,11 +361,14 @@ SUBMISSION = notebook(
         ("code", "submission_csv = out_dir / \"submission.csv\"\n"
                  "command(\"submit\", \"--pred\", pred_dir, \"--thresholds\", thresholds,\n"
                  "        \"--images\", data_dir / \"test\", \"--out\", submission_csv)\n"
-                 "command(\"validate\", submission_csv, \"--images\", data_dir / \"test\")"),
+                 "command(\"validate\", submission_csv, \"--images\", data_dir / \"test\", \"--dataset\", pred_dir)"),
         ("md", "## Predicted masks over the test images"),
-        ("code", "import pandas as pd\n"
-                 "from cellkit import viz\n\n"
-                 "submission = pd.read_csv(submission_csv, keep_default_na=False)\n"
+        ("code", "from cellkit import viz\n"
+                 "from cellkit.schema import schema_of\n"
+                 "from cellkit.submission import read_submission\n\n"
+                 "schema = schema_of(pred_dir)  # the dataset's columns and RLE order\n"
+                 "submission = read_submission(submission_csv, data_dir / \"test\", schema.submission_columns, "
+                 "schema.rle_order)\n"
                  "ids = sorted(submission[\"id\"].unique())[: 1 if SMOKE else N_OVERLAYS]\n"
                  "viz.save_figure(viz.plot_rle_overlays(submission, data_dir / \"test\", ids, column=\"predicted\"),\n"
                  "                out_dir / \"submission.png\")\n"

@@ -47,10 +47,10 @@ def run(args) -> int:
     from cellkit import postprocess as pp
     from cellkit import pseudo
     from cellkit.commands.submit import check_inference
-    from cellkit.search import store_schema
+    from cellkit.schema import schema_of
 
     doc = pp.load_thresholds(args.thresholds)
-    classes = store_schema(args.pred).classes
+    classes = schema_of(args.pred).classes
     settings = None if args.no_screen else pseudo.ScreenSettings(
         min_share=args.min_share,
         min_mean_score=pseudo.parse_class_values(args.min_mean_score, "--min-mean-score", classes),

@@ -67,12 +67,12 @@ def run(args) -> int:
     from cellkit import postprocess as pp
     from cellkit import predictions as P
     from cellkit.cli import CellkitError
-    from cellkit.search import store_schema
+    from cellkit.schema import schema_of
     from cellkit.submission import (check_store_ids, image_sizes, validate_submission, write_coco_results,
                                     write_submission)
 
     doc = pp.load_thresholds(args.thresholds)
-    schema = store_schema(args.pred)
+    schema = schema_of(args.pred)
     thresholds, options = pp.validate_thresholds(doc["thresholds"], args.thresholds, schema.groups), doc["options"]
     log = [f"thresholds from {args.thresholds}: options image_class_vote={options['image_class_vote']} "
            f"rescore={options['rescore']} vote_min_score={options['vote_min_score']} "

@@ -14,12 +14,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("submission", help="the submission CSV (columns id,predicted)")
     parser.add_argument("--images", required=True, metavar="DIR",
                         help="folder of the test images (png/tif/jpg; ids are file stems, sizes from headers)")
+    parser.add_argument("--dataset", metavar="PATH",
+                        help="where the dataset's schema is recorded (its columns and RLE order): a dataset or run "
+                             "directory, a prediction store or a thresholds.json (default: the folder holding "
+                             "--images; Sartorius without a record)")
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from cellkit.schema import schema_of
     from cellkit.submission import check_submission
 
-    report = check_submission(args.submission, args.images)
+    schema = schema_of(args.dataset or Path(args.images).resolve().parent)
+    report = check_submission(args.submission, args.images, schema.submission_columns, schema.rle_order)
     if report.problems:
         for line in report.problems:
             print(f"{args.submission}: {line}")
