@@ -108,8 +108,8 @@ def read_train_csv(path: str | os.PathLike) -> pd.DataFrame:
     if schema.size is not None:
         _check_rows(path, (df["height"] == schema.size[0]) & (df["width"] == schema.size[1]),
                     lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"
-                              f"{df['height'].iloc[i]}, but {schema.name}'s dataset.json requires every image to be "
-                              f"{schema.size[1]}x{schema.size[0]}")
+                              f"{df['height'].iloc[i]}, but {path.parent / 'dataset.json'} requires every image "
+                              f"to be {schema.size[1]}x{schema.size[0]}")
     first = df.groupby("id", sort=False)[["width", "height"]].transform("first")
     _check_rows(path, (first["width"] == df["width"]) & (first["height"] == df["height"]),
                 lambda i: f"{path} line {_line(i)} (id {df['id'].iloc[i]}): size {df['width'].iloc[i]}x"

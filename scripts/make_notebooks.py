@@ -119,8 +119,8 @@ EDA = notebook(
                            "CV (LIVECell: ^([A-Za-z0-9]+)_); empty: the group is the class")],
     [
         ("code", setup_cell('if SOURCE_FORMAT:\n'
-                            '    chain.import_source(SOURCE_FORMAT, SOURCE, DATA_DIR, SOURCE_IMAGES, SOURCE_TEST_IMAGES,\n'
-                            '                        CLASS_COLUMN, RLE_ORDER, GROUP_PATTERN)\n'
+                            '    chain.import_source(SOURCE_FORMAT, SOURCE, DATA_DIR, SOURCE_IMAGES,\n'
+                            '                        SOURCE_TEST_IMAGES, CLASS_COLUMN, RLE_ORDER, GROUP_PATTERN)\n'
                             'data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
                             'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
                             'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),

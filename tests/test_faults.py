@@ -483,7 +483,25 @@ def test_train_refuses_bad_input_before_work(kind, data, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())  # nothing written at all
 
 
-@pytest.mark.parametrize("kind", ["truncated image", "not an image", "16-bit image"])
+def test_16_bit_images_are_predicted_as_8_bit_and_refused_for_training_and_eda(run, data, tmp_path, capsys):
+    """A 16-bit test image is read as the model reads every 16-bit image (``data.to_8bit``); the training layout and
+    the EDA refuse it, naming the file and how to convert it (``cellkit import``)."""
+    from cellkit import viz
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    named, text = _break("16-bit image", root)
+    store = tmp_path / "store"
+    assert _main(["predict", "--run", run, "--images", root / "train", "--out", store, "--no-progress"]) == 0
+    assert (store / "img002.npz").is_file()
+    sub = tmp_path / "sub.csv"
+    pd.DataFrame({"id": [f"img{i:03d}" for i in range(6)], "predicted": ""}).to_csv(sub, index=False)
+    assert _main(["validate", sub, "--images", root / "train"]) == 0
+    with pytest.raises(ValueError, match=re.escape(text) + ".*cellkit import` converts 16-bit images"):
+        viz.read_image(named)
+
+
+@pytest.mark.parametrize("kind", ["truncated image", "not an image"])
 def test_image_readers_name_the_broken_file(kind, run, data, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(data, root)
@@ -514,9 +532,8 @@ def test_image_readers_name_the_broken_file(kind, run, data, tmp_path, capsys):
     resolve_runtime(cfg, has_cuda=False)
     mapper = ck_train.CellkitDatasetMapper(cfg, is_train=True)
     record = {"file_name": named, "image_id": "img002", "height": SIZE, "width": SIZE, "annotations": []}
-    if kind != "16-bit image":  # detectron2 converts other modes; the data check refuses them before training
-        with pytest.raises(ValueError, match="cannot read image"):
-            mapper(record)
+    with pytest.raises(ValueError, match="cannot read image"):
+        mapper(record)
 
 
 def test_data_check_is_remembered_and_redone_for_a_changed_file(data, tmp_path):

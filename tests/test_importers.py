@@ -188,3 +188,43 @@ def test_import_command_line(tmp_path):
                           "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out2")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "labels.csv: no column 'id'" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ errors before any work
+def test_a_fixed_size_is_checked_when_the_data_is_read(tmp_path):
+    from cellkit import data
+
+    _csv_dataset(tmp_path, order="row")
+    I.import_csv(tmp_path / "labels.csv", tmp_path / "img", tmp_path / "out", class_column="kind",
+                 id_column="ImageId", annotation_column="Pixels")
+    schema = S.schema_of(tmp_path / "out")
+    S.save_schema(S.from_dict({**schema.to_dict(), "size": [40, 60]}), tmp_path / "out")  # a rule b1 breaks
+    with pytest.raises(ValueError, match=r"train.csv line \d+ \(id b1\): size 30x50, but .*dataset.json "
+                                         r"requires every image to be 60x40"):
+        data.read_train_csv(tmp_path / "out" / "train.csv")
+
+
+def test_thresholds_without_a_group_of_the_store_are_refused(tmp_path):
+    from cellkit import postprocess as pp
+
+    schema = S.DatasetSchema(classes=("cell",), groups=("A", "B"), group_by="pattern", group_pattern="^([AB])_")
+    doc = {"thresholds": {"A": {"score": 0.5, "mask": 0.5, "min_area": 0}}, "dataset": schema.to_dict()}
+    (tmp_path / "thresholds.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"thresholds.json: thresholds: missing class 'B' \(every class of A, B"):
+        pp.load_thresholds(tmp_path / "thresholds.json")
+    with pytest.raises(ValueError, match="missing class 'B'"):
+        pp.validate_thresholds(doc["thresholds"], "thresholds.json", schema.groups)
+
+
+def test_group_view_maps_classes_to_groups():
+    from cellkit import postprocess as pp
+    from cellkit.predictions import InstancePredictions
+
+    masks = [np.full((2, 2), 255, np.uint8)] * 2
+    pred = InstancePredictions("B_1", 8, 8, [0, 0], [0.9, 0.8], [[0, 0, 2, 2]] * 2, [[0, 0, 2, 2]] * 2, masks)
+    schema = S.DatasetSchema(classes=("cell",), groups=("A", "B"), group_by="pattern", group_pattern="^([AB])_")
+    assert pp.group_view(pred, schema).classes.tolist() == [1, 1]
+    assert pp.group_view(pred, S.SARTORIUS) is pred
+    wrong = InstancePredictions("x", 8, 8, [0, 5], [0.9, 0.8], [[0, 0, 2, 2]] * 2, [[0, 0, 2, 2]] * 2, masks)
+    with pytest.raises(ValueError, match=r"image 'x': classes must be in 0..2 \(shsy5y, astro, cort\), got 0..5"):
+        pp.group_view(wrong, S.SARTORIUS)
