@@ -33,7 +33,7 @@ print("thresholds per cell line:", {g: t for g, t in thr["thresholds"].items()})
 print("search mAP before/after:", round(thr["metric"]["before"]["mAP"], 4), round(thr["metric"]["after"]["mAP"], 4))
 from cellkit.cv import format_tables
 print(format_tables(json.loads((run / "cv.json").read_text())))
-for k in sorted(p.name for p in run.glob("fold*")):
+for k in sorted(p.name for p in run.glob("fold[0-9]*") if p.is_dir()):
     rows = [json.loads(l) for l in (run / k / "metrics.json").read_text().splitlines() if "cellkit/mAP" in l]
     print(k, "val mAP", rows[-1]["cellkit/mAP"] if rows else None)
 EOF

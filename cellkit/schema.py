@@ -122,6 +122,13 @@ class DatasetSchema:
                              f"the groups {', '.join(self.groups)}")
         return match.group(1)
 
+    def group_frame(self, frame):
+        """A table of rows ``id, ..., cell_type`` (pandas) with ``cell_type`` holding each row's group: the table
+        itself for ``group_by="class"``, else a copy (the EDA's plots and counts per group)."""
+        if self.group_by == "class":
+            return frame
+        return frame.assign(cell_type=[self.image_group(i) for i in frame["id"].astype(str)])
+
     def to_dict(self) -> dict:
         """The JSON form (:func:`from_dict` reads it back)."""
         out = asdict(self)

@@ -124,18 +124,20 @@ EDA = notebook(
                             'data_dir = runtime.resolve_data_dir(DATA_DIR, env)\n'
                             'out_dir = runtime.resolve_out_dir(OUT_DIR, env)\n'
                             'print(f"{env.kind} run | data: {data_dir} | artifacts: {out_dir}")')),
-        ("code", "from cellkit import data, viz\n\n"
+        ("code", "from cellkit import data, viz\n"
+                 "from cellkit.schema import schema_of\n\n"
                  "train = data.read_train_csv(data_dir / \"train.csv\")\n"
-                 "viz.type_counts(train)"),
+                 "by_group = schema_of(data_dir).group_frame(train)  # Sartorius: the cell types\n"
+                 "viz.type_counts(by_group)"),
         ("md", "## Images and cells per type\nshsy5y images are crowded with small cells, astro cells are large "
                "and branched, cort cells few and round."),
-        ("code", "viz.save_figure(viz.plot_type_counts(train), out_dir / \"eda\" / \"counts.png\")"),
+        ("code", "viz.save_figure(viz.plot_type_counts(by_group), out_dir / \"eda\" / \"counts.png\")"),
         ("md", "## Cell areas per type"),
-        ("code", "areas = viz.cell_areas(train)\n"
+        ("code", "areas = viz.cell_areas(by_group)\n"
                  "viz.save_figure(viz.plot_area_distributions(areas), out_dir / \"eda\" / \"areas.png\")\n"
                  "areas.groupby(\"cell_type\")[\"area\"].describe()"),
         ("md", "## Masks over images"),
-        ("code", "ids = viz.sample_images(train, per_type=1 if SMOKE else N_OVERLAYS, seed=0)\n"
+        ("code", "ids = viz.sample_images(by_group, per_type=1 if SMOKE else N_OVERLAYS, seed=0)\n"
                  "viz.save_figure(viz.plot_rle_overlays(train, data_dir / \"train\", ids), "
                  "out_dir / \"eda\" / \"overlays.png\")"),
         ("md", "## Label audit\nNear-duplicate annotations (mask IoU >= 0.9), heavy overlaps (>= half of the smaller "
