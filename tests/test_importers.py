@@ -228,3 +228,23 @@ def test_group_view_maps_classes_to_groups():
     wrong = InstancePredictions("x", 8, 8, [0, 5], [0.9, 0.8], [[0, 0, 2, 2]] * 2, [[0, 0, 2, 2]] * 2, masks)
     with pytest.raises(ValueError, match=r"image 'x': classes must be in 0..2 \(shsy5y, astro, cort\), got 0..5"):
         pp.group_view(wrong, S.SARTORIUS)
+
+
+def test_coco_results_json_holds_the_kept_masks(tmp_path):
+    from pycocotools import mask as mask_util
+
+    from cellkit import postprocess as pp
+    from cellkit.predictions import InstancePredictions
+    from cellkit.submission import write_coco_results
+
+    probs = np.zeros((2, 20, 30), np.float32)
+    probs[0, 2:8, 3:12] = 0.9
+    probs[1, 10:18, 15:25] = 0.8
+    pred = InstancePredictions.from_full_masks("img", [1, 0], [0.9, 0.7], [[3, 2, 12, 8], [15, 10, 25, 18]], probs)
+    kept = pp.apply_predictions(pred, pp.seed_thresholds())
+    write_coco_results([("img", kept, pred.classes[kept.indices])], tmp_path / "results.json", {"img": 7})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["image_id"], r["category_id"], r["score"]) for r in results] == [(7, 2, 0.9), (7, 1, 0.7)]
+    for r, full in zip(results, kept.full_masks()):
+        assert np.array_equal(mask_util.decode({**r["segmentation"], "counts": r["segmentation"]["counts"]}) > 0,
+                              full)
