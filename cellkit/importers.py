@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,11 +35,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cellkit import rle, schema as S
-from cellkit.data import SIXTEEN_BIT_MODES, to_8bit
+from cellkit.data import IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, to_8bit
 
-__all__ = ["import_csv", "import_coco", "import_masks", "image_format", "IMAGE_SUFFIXES"]
-
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")  #: image files the importers look for, any case
+__all__ = ["import_csv", "import_coco", "import_masks", "image_format"]
 
 
 def image_format(path) -> tuple[tuple[int, int], int, int]:
@@ -69,7 +66,7 @@ def _find_images(directory: Path) -> dict[str, Path]:
     for path in sorted(directory.iterdir()):
         if path.is_dir() and (path / "images").is_dir():
             found.update({k: v for k, v in _find_images(path / "images").items() if k == path.name})
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in found:
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.stem not in found:
             found[path.stem] = path
     return found
 
@@ -95,7 +92,9 @@ def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Pat
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty (import writes a new dataset directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = out.parent / f".{out.name}.import-{os.getpid()}"  # as synth's: mkdir gives it the umask's permissions
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         for split, files in (("train", images), ("test", test)):
             if not files:
@@ -105,7 +104,6 @@ def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Pat
                 _copy_image(src, tmp / split, image_id)
         rows.to_csv(tmp / "train.csv", index=False)
         S.save_schema(schema, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -124,12 +122,6 @@ def _copy_image(src: Path, folder: Path, image_id: str) -> None:
             to_8bit(img).save(folder / f"{image_id}.png")
     if not sixteen:
         shutil.copyfile(src, folder / f"{image_id}{src.suffix}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _survey(images: dict[str, Path], size, where: str) -> dict:
@@ -350,7 +342,7 @@ def import_masks(root, out, *, class_name: str = "cell", rle_order: str = "colum
     for image_id in tqdm(used, desc="read masks", leave=False):
         shape = survey["shapes"][image_id]
         for path in sorted((root / image_id / "masks").glob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             mask = np.asarray(Image.open(path))
             mask = mask.any(axis=2) if mask.ndim == 3 else mask != 0

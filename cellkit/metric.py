@@ -26,7 +26,7 @@ from cellkit.geometry import MaskRuns
 from cellkit.schema import DatasetSchema, schema_of
 
 __all__ = ["THRESHOLDS", "iou_from_indices", "precision_per_threshold", "score_sets", "score_image",
-           "score_masks", "score_frames", "read_csv", "score_csv"]
+           "score_masks", "score_frames", "read_csv", "score_csv", "column_to_row"]
 
 #: The ten IoU thresholds 0.50, 0.55, ..., 0.95 (float64, each the nearest double to its decimal).
 THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
@@ -267,22 +267,29 @@ def score_csv(truth_path, pred_path, progress: bool = False, schema: DatasetSche
     schema = schema or schema_of(Path(truth_path).parent)
     truth, pred = read_csv(truth_path, "truth"), read_csv(pred_path, "predictions", schema.submission_columns)
     if schema.rle_order == "column":
-        pred = pred.assign(predicted=_row_major(truth, pred, str(pred_path)))
+        first = truth.drop_duplicates("id")
+        sizes = dict(zip(first["id"].astype(str), zip(first["height"].astype(int), first["width"].astype(int))))
+        pred = pred.assign(predicted=column_to_row(pred, sizes, str(pred_path)))
     if schema.group_by == "pattern":
         truth = truth.assign(cell_type=[schema.image_group(i) for i in truth["id"].astype(str)])
     return score_frames(truth, pred, progress=progress, truth_name=str(truth_path), pred_name=str(pred_path),
                         row_label="line", groups=schema.groups)
 
 
-def _row_major(truth: pd.DataFrame, pred: pd.DataFrame, where: str) -> list[str]:
-    """A column-major submission's mask strings, row-major (the image sizes from the truth)."""
-    first = truth.drop_duplicates("id").set_index(truth.drop_duplicates("id")["id"].astype(str))
+def column_to_row(pred: pd.DataFrame, sizes, where: str) -> list[str]:
+    """A column-major submission's mask strings (``pred``: ``id, predicted``, index = line labels), row-major.
+
+    Args:
+        sizes: image id -> ``(height, width)``; an id without a size (which scoring names) and an empty string are
+            passed through.
+        where: how errors name the file (``"<where> line <label>, id <id>: ..."``).
+    """
     out = []
     for line, image_id, text in zip(pred.index, pred["id"].astype(str), pred["predicted"]):
-        if not str(text).strip() or image_id not in first.index:
-            out.append(text)  # empty, or an unknown id that score_frames names
+        shape = sizes.get(image_id)
+        if not str(text).strip() or shape is None:
+            out.append(text)
             continue
-        shape = (int(first.at[image_id, "height"]), int(first.at[image_id, "width"]))
         try:
             out.append(rle.convert_order(text, shape, "column", "row"))
         except ValueError as exc:

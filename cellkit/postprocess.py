@@ -49,13 +49,13 @@ import numpy as np
 
 from cellkit import CELL_TYPES, atomic, metric, rle
 from cellkit.geometry import MaskRuns, crops_runs
-from cellkit.schema import SARTORIUS, DatasetSchema, from_dict
+from cellkit.schema import DatasetSchema, recorded_schema
 
 __all__ = [
     "THRESHOLD_KEYS", "SEED_THRESHOLDS", "DEFAULT_OPTIONS", "BOOL_OPTIONS", "validate_thresholds", "validate_options",
     "class_ids", "vote_class", "effective_classes", "binarize_table", "KeptMasks", "apply_predictions",
     "crops_runs", "score_kept", "score_predictions", "load_thresholds", "save_thresholds", "group_view",
-    "document_schema", "seed_thresholds",
+    "seed_thresholds",
 ]
 
 #: Keys of each class's thresholds.
@@ -423,15 +423,10 @@ def _check_document(doc, where: str) -> dict:
                          f"{type(doc).__name__}")
     if "thresholds" not in doc:
         raise ValueError(f"{where}: missing key 'thresholds' (per-class score/mask/min_area)")
-    groups = document_schema(doc, where).groups
+    groups = recorded_schema(doc, where).groups
     return {**doc, "thresholds": validate_thresholds(doc["thresholds"], f"{where}: thresholds", groups),
             "options": validate_options(doc.get("options"), f"{where}: options")}
 
-
-def document_schema(doc: Mapping, where: str = "thresholds") -> DatasetSchema:
-    """The dataset schema a ``thresholds.json`` (or a store's ``meta.json``) was made for: its ``"dataset"`` key,
-    absent for Sartorius (:data:`cellkit.schema.SARTORIUS`)."""
-    return from_dict(doc["dataset"], f"{where}: dataset") if "dataset" in doc else SARTORIUS
 
 
 def load_thresholds(path) -> dict:

@@ -44,9 +44,8 @@ from cellkit.folds import fold_ids, read_folds
 from cellkit.fusion import FusionSettings, weighted_mask_fusion
 from cellkit.modeling import load_model
 from cellkit.rundir import WEIGHT_NAMES, is_run, run_weights
-from cellkit.postprocess import document_schema
 from cellkit.predictions import read_signature, signature_difference, store_signature
-from cellkit.schema import SARTORIUS, DatasetSchema, schema_of
+from cellkit.schema import SARTORIUS, DatasetSchema, recorded_schema, schema_of
 from cellkit.tta import CellTTA, TTASettings, check_num_classes, predict_members, tta_settings
 
 __all__ = ["META_FORMAT", "WEIGHT_NAMES", "run_weights", "list_images", "fold_images", "check_held_out", "check_run",
@@ -251,10 +250,11 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
             cfg.TEST.DETECTIONS_PER_IMAGE = int(detections)
         plans.append((run_dir, cfg, w, settings if settings is not None else tta_settings(cfg, tta)))
     lead_dir, lead, _, lead_settings = plans[0]
+    lead_schema = schema_of(lead_dir)
     for run_dir, cfg, _, s in plans[1:]:
-        if (other := schema_of(run_dir)) != schema_of(lead_dir):
+        if (other := schema_of(run_dir)) != lead_schema:
             raise ValueError(f"{run_dir}: trained on another dataset ({other.name}: classes {list(other.classes)}) "
-                             f"than {lead_dir} ({list(schema_of(lead_dir).classes)})")
+                             f"than {lead_dir} ({list(lead_schema.classes)})")
         if s != lead_settings:
             raise ValueError(f"{run_dir}: its passes {s.as_dict()} differ from {lead_dir}'s {lead_settings.as_dict()} "
                              f"(TEST.AUG / INPUT.*_TEST); give the passes explicitly (--like)")
@@ -268,7 +268,7 @@ def load_ensemble(run_dirs: Sequence, weights: Sequence | None = None, tta: bool
                for _, cfg, w, s in plans]
     infos = [{"run": str(run_dir.resolve()), "config": str((run_dir / CONFIG_FILE_NAME).resolve()),
               "weights": str(Path(w).resolve()), "sha256": sha256_file(w)} for run_dir, _, w, _ in plans]
-    return Ensemble(members, fusion, infos, schema_of(lead_dir))
+    return Ensemble(members, fusion, infos, lead_schema)
 
 
 def _merge_meta(out: Path, signature: dict, source: dict, schema: DatasetSchema = SARTORIUS) -> dict:
@@ -276,7 +276,7 @@ def _merge_meta(out: Path, signature: dict, source: dict, schema: DatasetSchema 
     a fold.
 
     A source with the same ``fold`` (or, without folds, the same ``images``) is replaced. A dataset other than
-    Sartorius is recorded under ``"dataset"`` (:func:`cellkit.postprocess.document_schema` reads it).
+    Sartorius is recorded under ``"dataset"`` (:func:`cellkit.schema.recorded_schema` reads it).
     """
     meta = {"format": META_FORMAT, "signature": signature, "sources": [], "cellkit_version": __version__}
     if schema != SARTORIUS:
@@ -284,9 +284,9 @@ def _merge_meta(out: Path, signature: dict, source: dict, schema: DatasetSchema 
     meta_path = out / predictions.META_NAME
     if meta_path.is_file():
         old = predictions.read_meta(out)
-        if document_schema(old, str(meta_path)) != schema:
+        if (held := recorded_schema(old, str(meta_path))) != schema:
             raise ValueError(f"{meta_path}: the store holds predictions for another dataset "
-                             f"({document_schema(old, str(meta_path)).name}, not {schema.name}); use another --out")
+                             f"({held.name}, not {schema.name}); use another --out")
         if "signature" not in old:
             raise ValueError(f"{meta_path}: the store was written by an older cellkit (no inference signature); "
                              f"use another --out")
@@ -481,7 +481,7 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
         if these != ids[0]:
             raise ValueError(f"{store}: holds other images than {stores[0]} "
                              f"(e.g. {sorted(set(ids[0]) ^ set(these))[:3]})")
-        if document_schema(meta, str(store)) != document_schema(metas[0], str(stores[0])):
+        if recorded_schema(meta, str(store)) != recorded_schema(metas[0], str(stores[0])):
             raise ValueError(f"{store}: predicted for another dataset than {stores[0]}")
     signature = {**sigs[0],
                  "fusion": FusionSettings("wmf", float(iou), sigs[0]["fusion"].get("score") or "mean").as_dict()}
@@ -495,7 +495,7 @@ def fuse_stores(stores: Sequence, out, iou: float = 0.5, progress: bool = True) 
     out = Path(out)
     done = _existing_ids(out)
     for src in by_key.values():
-        predictions.write_meta(out, _merge_meta(out, signature, src, document_schema(metas[0], str(stores[0]))))
+        predictions.write_meta(out, _merge_meta(out, signature, src, recorded_schema(metas[0], str(stores[0]))))
     todo = [i for i in ids[0] if i not in done]
     _remove_stale_temporaries(out, todo)
     start = time.perf_counter()

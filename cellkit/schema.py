@@ -33,7 +33,8 @@ from pathlib import Path
 
 from cellkit import CELL_TYPES, atomic
 
-__all__ = ["DatasetSchema", "SARTORIUS", "FILE_NAME", "load_schema", "save_schema", "schema_of", "from_dict"]
+__all__ = ["DatasetSchema", "SARTORIUS", "FILE_NAME", "load_schema", "save_schema", "schema_of", "from_dict",
+           "recorded_schema"]
 
 FILE_NAME = "dataset.json"  #: the schema's file in a dataset directory and in a run directory
 GROUP_BY = ("class", "pattern")  #: where an image's group comes from
@@ -189,6 +190,12 @@ def save_schema(schema: DatasetSchema, directory) -> Path:
     return atomic.write_bytes(Path(directory) / FILE_NAME, text.encode())
 
 
+def recorded_schema(doc, where: str) -> DatasetSchema:
+    """The schema a ``thresholds.json`` or a store's ``meta.json`` (as a dict) records under ``"dataset"``;
+    :data:`SARTORIUS` when it records none."""
+    return from_dict(doc["dataset"], f"{where}: dataset") if isinstance(doc, dict) and "dataset" in doc else SARTORIUS
+
+
 def schema_of(path) -> DatasetSchema:
     """The schema recorded at ``path``, else :data:`SARTORIUS`: a dataset or run directory's ``dataset.json``, a
     prediction store's ``meta.json`` (the store directory or the file), a ``thresholds.json`` (their ``"dataset"``
@@ -204,4 +211,4 @@ def schema_of(path) -> DatasetSchema:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return from_dict(doc["dataset"], f"{path}: dataset") if isinstance(doc, dict) and "dataset" in doc else SARTORIUS
+    return recorded_schema(doc, str(path))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cellkit import SHAPE, atomic, geometry, rle
+from cellkit.metric import column_to_row
 
 __all__ = [
     "HEADER", "IMAGE_SUFFIXES", "write_submission", "overlapping_pairs", "image_sizes", "check_store_ids",
@@ -322,10 +323,9 @@ def read_submission(csv_path, image_dir, header=HEADER, rle_order: str = "row"):
 
     frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False).rename(
         columns={header[0]: "id", header[1]: "predicted"})
-    if rle_order == "column":
-        sizes = image_sizes(image_dir)
-        frame["predicted"] = [rle.convert_order(m, sizes[i], "column", "row") if m else m
-                              for i, m in zip(frame["id"], frame["predicted"])]
+    if rle_order == "column":  # errors name the CSV line (the header is line 1)
+        frame["predicted"] = column_to_row(frame.set_axis(pd.RangeIndex(2, len(frame) + 2)), image_sizes(image_dir),
+                                           str(csv_path))
     return frame
 
 

@@ -1,7 +1,8 @@
 """``cellkit import {csv,coco,masks} SOURCE ... --out DIR``: a dataset in its own format -> the kit's layout."""
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """``"520x704"`` -> ``(520, 704)`` (HEIGHTxWIDTH; an argparse type, shared by ``cellkit synth``)."""
     import argparse
 
     try:
@@ -38,7 +39,7 @@ def add_arguments(parser) -> None:
                         help="regex whose first capture group, searched in the image id, is the image's group "
                              "(LIVECell: '^([A-Za-z0-9]+)_'); default: the group is the class")
     parser.add_argument("--groups", type=_names, help="comma-separated group names in order (default: found, sorted)")
-    parser.add_argument("--size", type=_size, help="HEIGHTxWIDTH every image must have (default: sizes may vary)")
+    parser.add_argument("--size", type=parse_size, help="HEIGHTxWIDTH every image must have (default: sizes may vary)")
     parser.add_argument("--submission-columns", type=_names,
                         help="the submission's two columns (default id,predicted; masks: ImageId,EncodedPixels)")
     parser.add_argument("--name", default="dataset", help="the dataset's name, recorded in dataset.json")
