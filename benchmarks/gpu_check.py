@@ -100,7 +100,7 @@ def step_tta(run: Path, images: Path, smoke: bool, n_images: int) -> dict:
     out = run.parent / "tta_store"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    predictor.predict(predict.read_image(listed[0][1], cfg.INPUT.FORMAT), listed[0][0])  # warm-up (cudnn, allocator)
+        predictor.predict(predict.read_image(listed[0][1], cfg.INPUT.FORMAT), listed[0][0])  # warm-up: cudnn, allocator
     res = predict.predict_images(predictor, listed, out, {"fold": None, "images": str(images)}, progress=False)
     from cellkit import predictions
 

@@ -629,11 +629,12 @@ class SessionClock:
 
     def train_args(self, min_minutes: float = 1.0) -> list[str] | None:
         """``CELLKIT.TIME_BUDGET_MINUTES <left>`` for the next ``cellkit train``; ``[]`` when unlimited; None when
-        less than ``min_minutes`` are left (the run is left for the next session)."""
+        less than ``min_minutes``, or a tenth of the budget when that is less, are left (the run is left for the
+        next session; a budget under ten minutes is thus honoured too, where a fixed minute would train nothing)."""
         left = self.left()
         if left is None:
             return []
-        if left < min_minutes:
+        if left < min(min_minutes, self.budget / 10):
             return None
         return ["CELLKIT.TIME_BUDGET_MINUTES", f"{left:.2f}"]
 

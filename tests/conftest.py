@@ -14,6 +14,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``make test``), each worker's torch, and every process it starts, gets its share of the
+    cores (``OMP_NUM_THREADS``, unless set): two workers each running torch on all cores are slower than one. Runs
+    at import, before any test module imports torch."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+
+
+_share_the_cores()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding a ``slow`` test run first (stable: the order within a file is kept), so that pytest-xdist's
+    ``--dist loadfile --no-loadscope-reorder`` starts the long files early and the many short ones fill the gaps."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def real_data_root() -> Path:
     """Where the real data should be: ``$CELLKIT_REAL_DATA`` or ``<repo>/../shared/data`` (may not exist)."""
     env = os.environ.get("CELLKIT_REAL_DATA")

@@ -448,6 +448,11 @@ def test_session_clock():
     assert clock.train_args() is None                                   # under a minute left: next session
     now[0] = 10 * 60
     assert clock.spent()
+    short = runtime.SessionClock(0.5, clock=lambda: now[0])             # a budget under ten minutes: a tenth of it
+    now[0] += 0.4 * 60
+    assert short.train_args() == ["CELLKIT.TIME_BUDGET_MINUTES", "0.10"]
+    now[0] += 0.06 * 60
+    assert short.train_args() is None and not short.spent()
     assert runtime.SessionClock(0).train_args() == [] and not runtime.SessionClock(0).spent()
     with pytest.raises(ValueError, match="TIME_BUDGET_MINUTES=-1"):
         runtime.SessionClock(-1)

@@ -3,6 +3,7 @@ next session, given the first one's output (``RESUME_DIR``; on Kaggle found amon
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +38,14 @@ def test_time_budget_stops_and_the_next_session_resumes(tmp_path):
     first, second = tmp_path / "session1", tmp_path / "session2"
     common = dict(DATA_DIR=data, PRESET="demo", FOLDS="0", K=2, DEVICE="cpu")
 
-    # Session 1: far more iterations than 1.2 minutes allow: training stops at the budget, no OOF for the fold.
-    papermill(tmp_path / "s1.ipynb", OUT_DIR=first, ITERATIONS=100000, TIME_BUDGET_MINUTES=1.2, **common)
+    # Session 1: far more iterations than 0.4 minutes allow: training stops at the budget, no OOF for the fold.
+    papermill(tmp_path / "s1.ipynb", OUT_DIR=first, ITERATIONS=100000, TIME_BUDGET_MINUTES=0.4, **common)
     log = printed(tmp_path / "s1.ipynb")
     assert "time budget spent during fold 0: it resumes in the next session" in log
     run = first / "fold0"
     checkpoint = (run / "last_checkpoint").read_text().strip()
     assert (run / checkpoint).is_file() and not (first / "oof").exists()
-    assert "time budget of 1." in (run / "log.txt").read_text()                 # the trainer's clean stop
+    assert re.search(r"time budget of 0\.\d min reached", (run / "log.txt").read_text())  # the trainer's clean stop
     assert {p.name for p in run.glob("model_*.pth")} <= {checkpoint, "model_best.pth", "model_final.pth"}
 
     # Session 2: a fresh output dir with session 1's output attached; fewer iterations than reached: finished.
