@@ -18,15 +18,11 @@ $(PY):
 $(D2_WHEEL):
 	$(PYTHON) scripts/build_detectron2_wheel.py --out wheels --cache wheels/.cache
 
-# pip byte-compiles what it installs one file after another (torch alone: half of its install time); --no-compile
-# and one `compileall` on every core afterwards make the same .pyc files (compileall's exit code is ignored, as pip
-# ignores a file that does not compile).
 $(VENV)/.installed: $(PY) $(D2_WHEEL) requirements.txt pyproject.toml
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install --no-compile $(TORCH_SPEC)
-	$(PIP) install --no-compile -r requirements.txt
-	$(PIP) install --no-compile --no-deps $(D2_WHEEL)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps $(D2_WHEEL)
 	$(PIP) install --no-deps -e .
-	-$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") >/dev/null
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,7 +32,7 @@ install: $(VENV)/.installed
 TEST_WORKERS ?= 2
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 # Main job: the six notebooks (papermill) on the synthetic data with the `demo` preset -> $(OUT)/submission.csv and
 # the CV score. `make demo DATA=../shared/data/sartorius` runs the same chain on a competition-layout folder.
