@@ -18,11 +18,18 @@ $(PY):
 $(D2_WHEEL):
 	$(PYTHON) scripts/build_detectron2_wheel.py --out wheels --cache wheels/.cache
 
+# The packages go in with uv, a pip-compatible installer: it unpacks torch and its CUDA wheels (~4 GB) in parallel,
+# 23 s against pip's 99 s here (RESULTS.md). uv reads no pip configuration: scripts/uv_env.py hands pip's indexes,
+# find-links, constraints and CA bundle on to it. INSTALLER=pip installs with pip itself.
+INSTALLER ?= uv
+INSTALL = $(if $(filter pip,$(INSTALLER)),$(PIP) install,env $(shell $(PYTHON) scripts/uv_env.py) $(VENV)/bin/uv pip install --python $(PY))
+
 $(VENV)/.installed: $(PY) $(D2_WHEEL) requirements.txt pyproject.toml
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
-	$(PIP) install -r requirements.txt
-	$(PIP) install --no-deps $(D2_WHEEL)
-	$(PIP) install --no-deps -e .
+	$(if $(filter pip,$(INSTALLER)),,$(PIP) install -q uv)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(INSTALL) $(TORCH_SPEC)
+	$(INSTALL) -r requirements.txt
+	$(INSTALL) --no-deps $(D2_WHEEL)
+	$(INSTALL) --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed

@@ -28,11 +28,11 @@ sys.path.insert(0, str(REPO))
 
 PAPER_SIZE = ("(1100,)", "1490")
 SMOKE = {
-    "size": ("(128,)", "160"),
-    "test": ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160", "TEST.AUG.MIN_SIZES", "(128, 112)",
-             "TEST.AUG.MAX_SIZE", "160"],
-    "small": ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "200",
-              "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "DATALOADER.NUM_WORKERS", "0"],
+    "size": ("(64,)", "96"),
+    "test": ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "TEST.AUG.MIN_SIZES", "(64, 56)",
+             "TEST.AUG.MAX_SIZE", "96"],
+    "small": ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "60",
+              "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "DATALOADER.NUM_WORKERS", "0"],
     "detections": 50,
 }
 
