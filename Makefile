@@ -18,11 +18,12 @@ $(PY):
 $(D2_WHEEL):
 	$(PYTHON) scripts/build_detectron2_wheel.py --out wheels --cache wheels/.cache
 
-# The packages go in with uv, a pip-compatible installer: it unpacks torch and its CUDA wheels (~4 GB) in parallel,
-# 23 s against pip's 99 s here (RESULTS.md). uv reads no pip configuration: scripts/uv_env.py hands pip's indexes,
-# find-links, constraints and CA bundle on to it. INSTALLER=pip installs with pip itself.
+# The packages go in with uv, a pip-compatible installer: it unpacks torch and its CUDA wheels (~4 GB) in parallel
+# (RESULTS.md: install times). It byte-compiles them as pip does (a process that may not write __pycache__, as under
+# PYTHONDONTWRITEBYTECODE, would compile every module it imports again). uv reads no pip configuration:
+# scripts/uv_env.py hands pip's indexes, find-links, constraints and CA bundle on to it. INSTALLER=pip uses pip.
 INSTALLER ?= uv
-INSTALL = $(if $(filter pip,$(INSTALLER)),$(PIP) install,env $(shell $(PYTHON) scripts/uv_env.py) $(VENV)/bin/uv pip install --python $(PY))
+INSTALL = $(if $(filter pip,$(INSTALLER)),$(PIP) install,env $(shell $(PYTHON) scripts/uv_env.py) $(VENV)/bin/uv pip install --compile-bytecode --python $(PY))
 
 $(VENV)/.installed: $(PY) $(D2_WHEEL) requirements.txt pyproject.toml
 	$(if $(filter pip,$(INSTALLER)),,$(PIP) install -q uv)

@@ -13,12 +13,13 @@ Conventions:
 """
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "read_json"]
+__all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "read_json"]
 
 
 @contextmanager
@@ -52,6 +53,36 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, tag: str) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path``; on success it takes the place of ``path``, on any exception it is
+    removed (a folder's :func:`atomic_path`).
+
+    The folder is ``<parent>/.<name>.<tag>-<pid>`` (made by ``mkdir``: the umask's permissions; the parent is created
+    when missing). An existing ``path`` is renamed aside to ``.<name>.old-<pid>`` and deleted once the new folder is in
+    place, so a reader finds the previous folder or the complete new one, never a half-written one. Whether an
+    existing ``path`` may be replaced is the caller's decision.
+
+    Args:
+        path: the folder to write.
+        tag: names the temporary folder after its writer (e.g. ``"synth"``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{tag}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -22,7 +22,6 @@ file): a missing image, an annotation outside its image, an image whose size dif
 class listed with no annotation, an image id outside the group pattern.
 """
 
-import json
 import os
 import re
 import shutil
@@ -34,7 +33,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cellkit import rle, schema as S
+from cellkit import atomic, rle, schema as S
 from cellkit.data import IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, to_8bit
 
 __all__ = ["import_csv", "import_coco", "import_masks", "image_format"]
@@ -85,17 +84,18 @@ def _names(given, found: Sequence[str], what: str, where: str) -> tuple[str, ...
     return given
 
 
-def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Path], schema: S.DatasetSchema) -> Path:
-    """Write the layout into a temporary sibling of ``out``, then rename it into place."""
+def _write(out, records: list[tuple], shapes: dict[str, tuple[int, int]], images: dict[str, Path], test_images,
+           classes, submission_columns, **fields) -> S.DatasetSchema:
+    """The import's rows (:func:`_table`), test images and checked schema (:func:`_schema`, ``fields`` its keywords);
+    the layout written into a temporary sibling of ``out``, then renamed into place. Returns the schema."""
+    rows = _table(records, shapes)
+    test = _find_images(Path(test_images)) if test_images else {}
+    schema = _schema(classes, rows, list(images) + list(test), submission_columns=tuple(submission_columns), **fields)
     out = Path(out)
     rows = rows.assign(cell_type=rows["cell_type"].replace("", schema.classes[0]))  # an image without instances
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty (import writes a new dataset directory)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.import-{os.getpid()}"  # as synth's: mkdir gives it the umask's permissions
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out, "import") as tmp:  # an empty out is replaced
         for split, files in (("train", images), ("test", test)):
             if not files:
                 continue
@@ -104,13 +104,7 @@ def _write(out, rows: pd.DataFrame, images: dict[str, Path], test: dict[str, Pat
                 _copy_image(src, tmp / split, image_id)
         rows.to_csv(tmp / "train.csv", index=False)
         S.save_schema(schema, tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return schema
 
 
 def _copy_image(src: Path, folder: Path, image_id: str) -> None:
@@ -210,14 +204,9 @@ def import_csv(csv_path, images, out, *, class_column: str = "cell_type", id_col
         if mask and not cls:
             raise ValueError(f"{csv_path}: line {i + 2}: empty class")
         records.append((image_id, mask, cls))
-    rows = _table(records, survey["shapes"])
-    test = _find_images(Path(test_images)) if test_images else {}
-    where = str(csv_path)
-    schema = _schema(classes, rows, list(used) + list(test), group_pattern=group_pattern, groups=groups, where=where,
-                     rle_order=rle_order, submission_columns=tuple(submission_columns),
-                     channels=survey["channels"], bit_depth=survey["bit_depth"], size=size, name=name)
-    _write(out, rows, used, test, schema)
-    return schema
+    return _write(out, records, survey["shapes"], used, test_images, classes, submission_columns,
+                  group_pattern=group_pattern, groups=groups, where=str(csv_path), rle_order=rle_order,
+                  channels=survey["channels"], bit_depth=survey["bit_depth"], size=size, name=name)
 
 
 def _coco_mask(ann: dict, shape: tuple[int, int], where: str) -> str:
@@ -239,10 +228,7 @@ def _coco_mask(ann: dict, shape: tuple[int, int], where: str) -> str:
 
 
 def _read_coco(json_path: Path) -> dict:
-    try:
-        doc = json.loads(json_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{json_path}: not valid JSON ({exc})") from None
+    doc = S.load_json(json_path)
     for key in ("images", "annotations", "categories"):
         if key not in doc:
             raise ValueError(f"{json_path}: no {key!r} (a COCO json has images, annotations, categories)")
@@ -306,13 +292,9 @@ def import_coco(json_paths, images, out, *, group_pattern=None, groups=None, siz
         channels.add(survey["channels"])
         depths.add(survey["bit_depth"])
         records += part_records
-    rows = _table(records, shapes)
-    test = _find_images(Path(test_images)) if test_images else {}
-    schema = _schema(categories, rows, list(used) + list(test), group_pattern=group_pattern, groups=groups,
-                     where=str(paths[0]), rle_order=rle_order, submission_columns=tuple(submission_columns),
-                     channels=max(channels), bit_depth=max(depths), size=size, name=name)
-    _write(out, rows, used, test, schema)
-    return schema
+    return _write(out, records, shapes, used, test_images, categories, submission_columns, group_pattern=group_pattern,
+                  groups=groups, where=str(paths[0]), rle_order=rle_order, channels=max(channels),
+                  bit_depth=max(depths), size=size, name=name)
 
 
 def import_masks(root, out, *, class_name: str = "cell", rle_order: str = "column", size=None, test_images=None,
@@ -352,10 +334,6 @@ def import_masks(root, out, *, class_name: str = "cell", rle_order: str = "colum
             if not mask.any():
                 raise ValueError(f"{path}: the mask holds no pixel")
             records.append((image_id, rle.encode(mask), class_name))
-    rows = _table(records, survey["shapes"])
-    test = _find_images(Path(test_images)) if test_images else {}
-    schema = _schema((class_name,), rows, [], group_pattern=None, groups=None, where=str(root), rle_order=rle_order,
-                     submission_columns=tuple(submission_columns), channels=survey["channels"],
-                     bit_depth=survey["bit_depth"], size=size, name=name)
-    _write(out, rows, used, test, schema)
-    return schema
+    return _write(out, records, survey["shapes"], used, test_images, (class_name,), submission_columns,
+                  group_pattern=None, groups=None, where=str(root), rle_order=rle_order, channels=survey["channels"],
+                  bit_depth=survey["bit_depth"], size=size, name=name)

@@ -34,7 +34,7 @@ from pathlib import Path
 from cellkit import CELL_TYPES, atomic
 
 __all__ = ["DatasetSchema", "SARTORIUS", "FILE_NAME", "load_schema", "save_schema", "schema_of", "from_dict",
-           "recorded_schema"]
+           "recorded_schema", "load_json"]
 
 FILE_NAME = "dataset.json"  #: the schema's file in a dataset directory and in a run directory
 GROUP_BY = ("class", "pattern")  #: where an image's group comes from
@@ -132,11 +132,8 @@ class DatasetSchema:
 
     def to_dict(self) -> dict:
         """The JSON form (:func:`from_dict` reads it back)."""
-        out = asdict(self)
-        out["classes"], out["groups"] = list(self.classes), list(self.groups)
-        out["submission_columns"] = list(self.submission_columns)
-        out["size"] = list(self.size) if self.size else None
-        return out
+        return {**asdict(self), "classes": list(self.classes), "groups": list(self.groups),
+                "submission_columns": list(self.submission_columns), "size": list(self.size) if self.size else None}
 
 
 def _names(values, key: str) -> tuple[str, ...]:
@@ -177,17 +174,24 @@ def load_schema(path) -> DatasetSchema:
     path = Path(path)
     if path.is_dir():
         path = path / FILE_NAME
+    return from_dict(load_json(path), str(path))
+
+
+def load_json(path: Path):
+    """The content of a JSON file (a ``dataset.json``, a COCO json, a run's record).
+
+    Raises:
+        ValueError: ``"<path>: not valid JSON (...)"`` for unparsable text.
+    """
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return from_dict(doc, str(path))
 
 
 def save_schema(schema: DatasetSchema, directory) -> Path:
     """Write ``<directory>/dataset.json`` atomically; returns its path."""
-    text = json.dumps(schema.to_dict(), indent=2) + "\n"
-    return atomic.write_bytes(Path(directory) / FILE_NAME, text.encode())
+    return atomic.write_json(Path(directory) / FILE_NAME, schema.to_dict())
 
 
 def recorded_schema(doc, where: str) -> DatasetSchema:
@@ -207,8 +211,4 @@ def schema_of(path) -> DatasetSchema:
         return SARTORIUS
     if path.name == FILE_NAME:
         return load_schema(path)
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return recorded_schema(doc, str(path))
+    return recorded_schema(load_json(path), str(path))

@@ -30,9 +30,7 @@ any image size, 3-channel images (the grey image tinted per channel), 16-bit ima
 gets a ``dataset.json`` (:mod:`cellkit.schema`); a 16-bit set is a source for ``cellkit import csv``, which converts
 its images to the 8-bit ones the model reads.
 """
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,7 +41,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from cellkit import CELL_TYPES, SHAPE, rle, schema as S
+from cellkit import CELL_TYPES, SHAPE, atomic, rle, schema as S
 
 __all__ = ["SYNTH_VERSION", "Cell", "cells_for", "paint", "render", "generate_image", "label_rles",
            "synth_dataset"]
@@ -362,11 +360,7 @@ def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: 
         raise ValueError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"{out}: folder is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.synth-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out, "synth") as tmp:
         train, test = _plan(seed, n_images, n_test, schema.classes)
         columns = ["id", "annotation", "width", "height", "cell_type"]
         look = dict(classes=schema.classes, shape=tuple(shape), channels=channels, bit_depth=bit_depth,
@@ -385,13 +379,6 @@ def synth_dataset(out: str | os.PathLike, n_images: int, seed: int = 0, n_test: 
         if not default:
             meta.update(classes=list(schema.classes), channels=channels, bit_depth=bit_depth, mask_folder=mask_folder)
             S.save_schema(schema, tmp)
-        (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"  # an existing out is moved aside, deleted after
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.write_json(tmp / "synth.json", meta)
     return out
 

@@ -34,7 +34,6 @@ image; a crop window ``x0, y0, x1, y1`` has an exclusive end.
 """
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -133,6 +133,12 @@ def test_audit_spec_rejects_bad_values():
         A.AuditSpec(weights={"nope": 1.0})
 
 
+def test_audit_spec_completes_its_weights_with_the_defaults():
+    spec = A.AuditSpec(weights={"missed": 2})
+    assert spec.weights == {**A.DEFAULT_WEIGHTS, "missed": 2.0} and isinstance(spec.weights["missed"], float)
+    assert A.AuditSpec().weights == A.DEFAULT_WEIGHTS
+
+
 # ------------------------------------------------------------------------------------------------ prediction flags
 def _prediction_case():
     """Labels: 0 matched exactly, 1 shifted 4 px off its cell (misplaced, IoU 1/3), 2 without prediction (spurious).

@@ -105,11 +105,11 @@ class AuditSpec:
         if problems:
             raise ValueError(problems[0])
         object.__setattr__(self, "min_area", {c: int(self.min_area[c]) for c in (*CELL_TYPES, *self.min_area)})
+        object.__setattr__(self, "weights", {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in self.weights.items()}})
 
     def tiny_area(self, cell_type: str) -> int:
         """The ``min_area`` of a class (the smallest of :attr:`min_area` for a class without an entry)."""
         return self.min_area.get(cell_type, min(self.min_area.values()))
-        object.__setattr__(self, "weights", {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in self.weights.items()}})
 
 
 def image_fractions(counts: Mapping[str, float]) -> dict[str, tuple[float, float]]:
