@@ -48,7 +48,8 @@ def test_time_budget_stops_and_the_next_session_resumes(tmp_path):
     assert re.search(r"time budget of 0\.\d min reached", (run / "log.txt").read_text())  # the trainer's clean stop
     assert {p.name for p in run.glob("model_*.pth")} <= {checkpoint, "model_best.pth", "model_final.pth"}
 
-    # Session 2: a fresh output dir with session 1's output attached; fewer iterations than reached: finished.
+    # Session 2: a fresh output dir with session 1's output attached and 2 iterations in all: it resumes from
+    # session 1's checkpoint, finishes the fold and predicts it.
     papermill(tmp_path / "s2.ipynb", OUT_DIR=second, ITERATIONS=2, RESUME_DIR=first, **common)
     log = printed(tmp_path / "s2.ipynb")
     assert f"resuming fold0 from {run}" in log
