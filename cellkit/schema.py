@@ -34,7 +34,7 @@ from pathlib import Path
 from cellkit import CELL_TYPES, atomic
 
 __all__ = ["DatasetSchema", "SARTORIUS", "FILE_NAME", "load_schema", "save_schema", "schema_of", "from_dict",
-           "recorded_schema", "load_json"]
+           "recorded_schema"]
 
 FILE_NAME = "dataset.json"  #: the schema's file in a dataset directory and in a run directory
 GROUP_BY = ("class", "pattern")  #: where an image's group comes from
@@ -178,7 +178,9 @@ def load_schema(path) -> DatasetSchema:
 
 
 def load_json(path: Path):
-    """The content of a JSON file (a ``dataset.json``, a COCO json, a run's record).
+    """The content of a JSON file (a ``dataset.json``, a COCO json, a run's record), for this module and
+    :mod:`cellkit.importers`; :func:`cellkit.atomic.read_json` words its error "invalid JSON", these files' errors
+    keep their own wording.
 
     Raises:
         ValueError: ``"<path>: not valid JSON (...)"`` for unparsable text.
